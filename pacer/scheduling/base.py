@@ -1,0 +1,265 @@
+"""The shared scheduling loop and the plan it produces; policies override a few hooks.
+
+The scheduler is pure: it is given `now`, never reads a clock, never touches tensors. Each
+iteration it decides how many tokens every request gets (prefill, chunk and decode are all "n
+tokens for request R"), reserves their KV blocks, and after the executor ran, folds the sampled
+tokens back in (`update`). The real engine and the simulator drive the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pacer.config import SchedulerConfig
+from pacer.kv import KVCacheManager
+from pacer.request import FinishReason, Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """The plan for one iteration.
+
+    Requests are in batch order (decodes first, then prefill chunks). Their `block_ids` are the
+    block tables the executor reads and writes; `num_computed_tokens` is where each one's new
+    tokens start (the scheduler advances it only in `update`, after the executor ran).
+    """
+
+    requests: list[Request] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    total_num_scheduled_tokens: int = 0
+    # Preempted this iteration: their KV is gone, the executor drops any state it keeps for them.
+    preempted_ids: list[str] = field(default_factory=list)
+    # Finished or aborted since the previous plan, for the same reason.
+    finished_ids: list[str] = field(default_factory=list)
+    # What the latency model expected this iteration to take (None without one); the executor's
+    # measured time comes back in ModelOutput.elapsed_s, so prediction error is easy to log.
+    predicted_s: float | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+    def samples(self, request: Request) -> bool:
+        """Does this iteration reach the request's last token, so that a new token is sampled?"""
+        return request.num_computed_tokens + self.num_scheduled_tokens[request.request_id] == request.num_tokens
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probability of the sampled token and, if asked for, the top-k alternatives."""
+
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class ModelOutput:
+    """What an executor returns: one sampled token per request that reached its last token."""
+
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+class Scheduler:
+    """Continuous batching with a per-iteration token budget.
+
+    Invariants: a request is in exactly one of `waiting` (no KV blocks) or `running` (blocks for
+    all its computed tokens); a step never schedules more than `token_budget` tokens or more than
+    `max_num_seqs` requests. When KV runs out the newest running request is preempted by
+    recompute: it frees its blocks and goes back to the head of the queue, outputs kept.
+
+    Policies override the hooks: `prefill_order`, `chunk_tokens`, `prefill_first`.
+    """
+
+    # May a prompt be split over several iterations (Sarathi-Serve's chunked prefill)?
+    chunked_prefill: ClassVar[bool] = True
+    # Do waiting prompts run before, and instead of, the decodes (vLLM v0's prefill-first)?
+    prefill_first: ClassVar[bool] = False
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 eos_token_id: int | None = None) -> None:
+        self.kv = kv
+        self.max_num_seqs = config.max_num_seqs
+        self.max_model_len = max_model_len
+        self.token_budget = config.max_num_batched_tokens or self.default_token_budget(max_model_len)
+        self.eos_token_id = eos_token_id
+        # A request alone must always fit, so preemption can never cycle on one request.
+        self.max_request_tokens = min(max_model_len, kv.capacity_tokens)
+        if not self.chunked_prefill:
+            self.max_request_tokens = min(self.max_request_tokens, self.token_budget)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+
+    # ---- policy hooks -------------------------------------------------------------------------
+
+    @classmethod
+    def default_token_budget(cls, max_model_len: int) -> int:
+        return 512 if cls.chunked_prefill else max(max_model_len, 2048)
+
+    def prefill_order(self, waiting: Iterable[Request], now: float) -> Iterable[Request]:
+        """The order in which waiting requests are admitted; first come, first served by default."""
+        return waiting
+
+    def chunk_tokens(self, request: Request, budget: int, now: float) -> int:
+        """How many of the request's uncomputed tokens to run now, given `budget` tokens left."""
+        remaining = request.num_uncomputed_tokens
+        if self.chunked_prefill:
+            return min(remaining, budget)
+        return remaining if remaining <= budget else 0
+
+    # ---- requests in and out ------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a request; refuse at once (ValueError) one that could never be served."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        num_prompt = request.num_prompt_tokens
+        wanted = num_prompt + (request.sampling.max_tokens or 1)
+        if wanted > self.max_request_tokens:
+            raise ValueError(
+                f"request {request.request_id}: {num_prompt} prompt tokens + "
+                f"{request.sampling.max_tokens or 1} output tokens exceed the "
+                f"{self._limit_name()} of {self.max_request_tokens} tokens")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> Request | None:
+        """End a request wherever it is and free its blocks; unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+            self.kv.free(request)
+        else:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self._finished_ids.append(request_id)
+        return request
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one iteration ------------------------------------------------------------------------
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        plan = SchedulerOutput()
+        if self.prefill_first:
+            self._schedule_waiting(plan, now)
+            if plan.is_empty:
+                self._schedule_running(plan, now)
+        else:
+            self._schedule_running(plan, now)
+            if not plan.preempted_ids:  # KV is short: don't admit what would be preempted next
+                self._schedule_waiting(plan, now)
+        if not plan.is_empty:  # an empty plan is not executed: keep the ids for the next one
+            plan.finished_ids, self._finished_ids = self._finished_ids, []
+        return plan
+
+    def _schedule_running(self, plan: SchedulerOutput, now: float) -> None:
+        """Running decodes first (they never wait for a prefill), then ongoing prefill chunks."""
+        for decodes in (True, False):
+            for request in list(self.running):
+                if request.is_prefilling == decodes or request.status is not RequestStatus.RUNNING:
+                    continue
+                n = self.chunk_tokens(request, self.token_budget - plan.total_num_scheduled_tokens, now)
+                if n > 0 and self._reserve(request, n, plan):
+                    self._add_to_plan(plan, request, n)
+
+    def _schedule_waiting(self, plan: SchedulerOutput, now: float) -> None:
+        """Admit waiting requests in policy order while the batch, the budget and free KV allow."""
+        for request in list(self.prefill_order(self.waiting, now)):
+            if len(self.running) >= self.max_num_seqs:
+                return
+            n = self.chunk_tokens(request, self.token_budget - plan.total_num_scheduled_tokens, now)
+            if n == 0 or not self.kv.can_allocate(request, n):
+                return  # keep the order: no overtaking the head of the queue
+            self.kv.allocate(request, n)
+            self.waiting.remove(request)
+            self.running.append(request)
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_s is None:
+                request.first_scheduled_s = now
+            self._add_to_plan(plan, request, n)
+
+    def _reserve(self, request: Request, n: int, plan: SchedulerOutput) -> bool:
+        """Allocate KV for n more tokens, preempting the newest requests if needed.
+
+        Returns False if `request` itself had to be preempted.
+        """
+        while not self.kv.can_allocate(request, n):
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is request:
+                return False
+        self.kv.allocate(request, n)
+        return True
+
+    def _preempt(self, request: Request, plan: SchedulerOutput) -> None:
+        """Preempt by recompute: drop the KV, keep the tokens, requeue at the head."""
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        if request.request_id in plan.num_scheduled_tokens:
+            plan.requests.remove(request)
+            plan.total_num_scheduled_tokens -= plan.num_scheduled_tokens.pop(request.request_id)
+        plan.preempted_ids.append(request.request_id)
+
+    @staticmethod
+    def _add_to_plan(plan: SchedulerOutput, request: Request, n: int) -> None:
+        plan.requests.append(request)
+        plan.num_scheduled_tokens[request.request_id] = n
+        plan.total_num_scheduled_tokens += n
+
+    # ---- after the executor -------------------------------------------------------------------
+
+    def update(self, plan: SchedulerOutput, output: ModelOutput, now: float) -> list[Request]:
+        """Advance counters, append sampled tokens, finish requests that hit a stop condition."""
+        finished = []
+        for request in plan.requests:
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += plan.num_scheduled_tokens[request.request_id]
+            token = output.sampled_token_ids.get(request.request_id)
+            if token is None:
+                continue  # a prefill chunk that did not reach the end of the prompt
+            request.token_ids.append(token)
+            if request.first_token_s is None:
+                request.first_token_s = now
+            request.last_token_s = now
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self.finish(request.request_id, reason)
+                finished.append(request)
+        return finished
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        sampling = request.sampling
+        if (token == self.eos_token_id and not sampling.ignore_eos) or token in sampling.stop_token_ids:
+            return FinishReason.STOP
+        max_tokens = sampling.max_tokens or math.inf
+        if request.num_output_tokens >= max_tokens or request.num_tokens >= self.max_request_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _limit_name(self) -> str:
+        if self.max_request_tokens == self.max_model_len:
+            return "context length"
+        if self.max_request_tokens == self.kv.capacity_tokens:
+            return "KV cache capacity"
+        return "token budget of this non-chunking scheduler"

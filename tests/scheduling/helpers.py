@@ -1,0 +1,45 @@
+"""Build a real scheduler on a small block pool and feed it fabricated model outputs."""
+
+from __future__ import annotations
+
+from pacer.config import SchedulerConfig
+from pacer.kv import KVCacheManager
+from pacer.request import Request, SamplingParams
+from pacer.scheduling import ModelOutput, Scheduler, SchedulerOutput, scheduler_class
+
+EOS = 2
+
+
+def make_scheduler(policy: str = "sarathi", num_blocks: int = 64, block_size: int = 4, budget: int | None = 16,
+                   max_num_seqs: int = 8, max_model_len: int = 256) -> Scheduler:
+    config = SchedulerConfig(scheduler=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    return scheduler_class(policy)(config, KVCacheManager(num_blocks, block_size), max_model_len, eos_token_id=EOS)
+
+
+def make_request(rid: str, prompt_len: int, max_tokens: int = 4, arrival_s: float = 0.0, **sampling) -> Request:
+    return Request(rid, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens=max_tokens, **sampling),
+                   arrival_s=arrival_s)
+
+
+def fake_output(plan: SchedulerOutput, token: int = 7) -> ModelOutput:
+    """Every request that reaches its last token samples `token`."""
+    return ModelOutput({r.request_id: token for r in plan.requests if plan.samples(r)})
+
+
+def check_invariants(scheduler: Scheduler) -> None:
+    kv = scheduler.kv
+    in_use = sum(len(r.block_ids) for r in scheduler.running)
+    assert kv.pool.num_free + in_use == kv.num_blocks, "leaked or double-counted KV blocks"
+    assert all(not r.block_ids for r in scheduler.waiting), "a waiting request holds blocks"
+    assert len(scheduler.running) <= scheduler.max_num_seqs
+    for r in scheduler.running:
+        assert len(r.block_ids) * kv.block_size >= r.num_computed_tokens
+
+
+def step(scheduler: Scheduler, now: float = 0.0, token: int = 7) -> tuple[SchedulerOutput, list[Request]]:
+    plan = scheduler.schedule(now)
+    assert plan.total_num_scheduled_tokens <= scheduler.token_budget
+    assert plan.total_num_scheduled_tokens == sum(plan.num_scheduled_tokens.values())
+    finished = scheduler.update(plan, fake_output(plan, token), now)
+    check_invariants(scheduler)
+    return plan, finished

@@ -1,0 +1,149 @@
+"""Scheduler behaviour per policy: add, schedule, assert. No model, no torch."""
+
+from __future__ import annotations
+
+import pytest
+
+from pacer.request import FinishReason, RequestStatus
+from pacer.scheduling import SCHEDULERS, scheduler_class
+from tests.scheduling.helpers import EOS, make_request, make_scheduler, step
+
+
+def test_registry_lists_policies_and_rejects_unknown():
+    assert {"fcfs", "orca", "sarathi"} <= set(SCHEDULERS)
+    with pytest.raises(ValueError, match="known: fcfs, orca"):
+        scheduler_class("nope")
+
+
+def test_sarathi_chunks_prompt_to_budget_and_decodes_go_first():
+    s = make_scheduler("sarathi", budget=16)
+    s.add(make_request("a", 4, max_tokens=10))
+    plan, _ = step(s)
+    assert plan.num_scheduled_tokens == {"a": 4}  # whole short prompt, one token sampled
+    s.add(make_request("b", 40))
+    plan, _ = step(s)
+    assert [r.request_id for r in plan.requests] == ["a", "b"]
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 15}  # decode first, then a chunk filling the budget
+    plan, _ = step(s)
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 15}
+    plan, _ = step(s)
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 10}  # the last chunk, which samples
+    assert s.requests["b"].num_output_tokens == 1
+
+
+def test_fcfs_runs_whole_prompts_and_pauses_decodes():
+    s = make_scheduler("fcfs", budget=None)
+    s.add(make_request("a", 4, max_tokens=10))
+    step(s)
+    s.add(make_request("b", 40))
+    plan, _ = step(s)
+    assert plan.num_scheduled_tokens == {"b": 40}  # prefill only: a's decode stalls
+    plan, _ = step(s)
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 1}
+
+
+def test_orca_mixes_whole_prompts_with_decodes_under_batch_cap():
+    s = make_scheduler("orca", budget=None, max_num_seqs=2)
+    s.add(make_request("a", 4, max_tokens=10))
+    step(s)
+    s.add(make_request("b", 40))
+    s.add(make_request("c", 3))
+    plan, _ = step(s)
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 40}  # c waits: batch cap of 2
+    assert [r.request_id for r in s.waiting] == ["c"]
+
+
+def test_non_chunking_policy_never_splits_a_prompt():
+    s = make_scheduler("orca", budget=16)
+    s.add(make_request("a", 10))
+    s.add(make_request("b", 10))
+    plan, _ = step(s)
+    assert plan.num_scheduled_tokens == {"a": 10}  # b does not fit the rest of the budget whole
+
+
+def test_stops_on_eos_max_tokens_and_stop_token_ids():
+    s = make_scheduler()
+    s.add(make_request("eos", 3, max_tokens=10))
+    _, finished = step(s, token=EOS)
+    assert [r.finish_reason for r in finished] == [FinishReason.STOP]
+    s.add(make_request("ignore", 3, max_tokens=2, ignore_eos=True))
+    step(s, token=EOS)
+    _, finished = step(s, token=EOS)
+    assert finished[0].finish_reason is FinishReason.LENGTH and finished[0].num_output_tokens == 2
+    s.add(make_request("stopid", 3, max_tokens=10, stop_token_ids=[7]))
+    _, finished = step(s, token=7)
+    assert finished[0].finish_reason is FinishReason.STOP
+    assert s.kv.num_free_blocks == s.kv.num_blocks and not s.has_unfinished
+
+
+def test_context_length_ends_a_request_without_max_tokens():
+    s = make_scheduler(max_model_len=8)
+    s.add(make_request("a", 5, max_tokens=None))
+    outputs = 0
+    while s.has_unfinished:
+        _, finished = step(s)
+        outputs += 1
+    assert finished[0].finish_reason is FinishReason.LENGTH and finished[0].num_tokens == 8
+
+
+@pytest.mark.parametrize("prompt_len,max_tokens,match", [(300, 1, "context length"), (250, 10, "context length")])
+def test_refuses_requests_longer_than_the_context(prompt_len, max_tokens, match):
+    s = make_scheduler(max_model_len=256)
+    with pytest.raises(ValueError, match=match):
+        s.add(make_request("a", prompt_len, max_tokens=max_tokens))
+    assert not s.has_unfinished
+
+
+def test_refuses_requests_larger_than_the_kv_cache():
+    s = make_scheduler(num_blocks=4, block_size=4)  # 16 tokens of KV
+    with pytest.raises(ValueError, match="KV cache capacity of 16"):
+        s.add(make_request("a", 15, max_tokens=2))
+    s.add(make_request("b", 15, max_tokens=1))
+
+
+def test_duplicate_request_id_is_refused():
+    s = make_scheduler()
+    s.add(make_request("a", 3))
+    with pytest.raises(ValueError, match="already in use"):
+        s.add(make_request("a", 3))
+
+
+def test_preempts_newest_by_recompute_when_kv_runs_out():
+    s = make_scheduler("sarathi", num_blocks=6, block_size=4, budget=64)  # 24 tokens of KV
+    s.add(make_request("old", 8, max_tokens=12))
+    s.add(make_request("new", 8, max_tokens=12))
+    step(s)  # both prefilled: 2 + 2 blocks, 2 free
+    for _ in range(8):
+        plan, _ = step(s)
+        if plan.preempted_ids:
+            break
+    assert plan.preempted_ids == ["new"]
+    new = s.requests["new"]
+    assert new.status is RequestStatus.WAITING and new.num_computed_tokens == 0 and new.num_preemptions == 1
+    assert new.num_output_tokens > 0  # outputs are kept and recomputed later
+    while s.has_unfinished:
+        step(s)
+    assert s.num_preemptions >= 1 and s.kv.num_free_blocks == s.kv.num_blocks
+
+
+def test_abort_frees_blocks_and_is_reported_once_to_the_executor():
+    s = make_scheduler()
+    s.add(make_request("a", 10, max_tokens=50))
+    s.add(make_request("b", 10, max_tokens=50))
+    step(s)
+    assert s.finish("a") is not None
+    assert s.finish("a") is None  # unknown now: ignored
+    plan, _ = step(s)
+    assert plan.finished_ids == ["a"]
+    plan, _ = step(s)
+    assert plan.finished_ids == []
+    s.finish("b")
+    assert s.kv.num_free_blocks == s.kv.num_blocks
+
+
+def test_scheduling_delay_is_stamped_at_first_chunk():
+    s = make_scheduler(budget=4)
+    s.add(make_request("a", 10))
+    step(s, now=1.5)
+    step(s, now=2.0)
+    assert s.requests["a"].first_scheduled_s == 1.5
