@@ -26,6 +26,7 @@ class SamplingParams:
     """How to pick the next token and when to stop. Validated here so every entry point agrees."""
 
     max_tokens: int | None = 16  # None: up to the context (or KV) limit
+    min_tokens: int = 0  # EOS and stop token ids are masked until this many tokens were generated
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
@@ -42,6 +43,8 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

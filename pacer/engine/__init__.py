@@ -1,0 +1,1 @@
+"""The engine loop and its collaborators (detokenizer, executor protocol)."""

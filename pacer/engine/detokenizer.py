@@ -1,0 +1,103 @@
+"""Incremental detokenization and stop strings: token ids in, text deltas out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pacer.request import FinishReason, Request, RequestOutput
+from pacer.scheduling import ModelOutput, SchedulerOutput
+
+# How many tokens before the new ones are decoded with them, so that merges across the boundary
+# (spaces, multi-byte characters) come out as the tokenizer would print the whole sequence.
+_CONTEXT_TOKENS = 5
+
+
+class TextDecoder(Protocol):
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+@dataclass
+class _Stream:
+    prefix_offset: int  # token_ids[prefix_offset:read_offset] was decoded last time as context
+    read_offset: int
+    text: str = ""  # all output text so far (stop string cut off)
+    num_sent_chars: int = 0
+    num_sent_tokens: int = 0
+    logprobs: list = field(default_factory=list)
+
+
+class Detokenizer:
+    """Turns each step's sampled tokens into text deltas, vLLM-style (prefix/read offsets).
+
+    While a request has stop strings, the last `len(longest stop) - 1` characters are held back
+    so that a stop string is never partly streamed; the stop string itself is never returned.
+    Without a tokenizer (the simulator) only token ids flow.
+    """
+
+    def __init__(self, tokenizer: TextDecoder | None) -> None:
+        self.tokenizer = tokenizer
+        self._streams: dict[str, _Stream] = {}
+
+    def outputs(self, plan: SchedulerOutput, result: ModelOutput, finished: list[Request]) -> list[RequestOutput]:
+        done = {r.request_id for r in finished}
+        outputs = []
+        for request in plan.requests:
+            rid = request.request_id
+            if rid not in result.sampled_token_ids and rid not in done:
+                continue
+            stream = self._streams.get(rid)
+            if stream is None:
+                offset = request.num_prompt_tokens
+                stream = self._streams[rid] = _Stream(max(0, offset - _CONTEXT_TOKENS), offset)
+            if rid in result.logprobs:
+                stream.logprobs.append(result.logprobs[rid])
+            if self._decode(request, stream):
+                request.finish_reason = FinishReason.STOP
+                done.add(rid)
+            outputs.append(self._emit(request, stream, finished=rid in done))
+        return outputs
+
+    def abort(self, request: Request) -> RequestOutput:
+        stream = self._streams.get(request.request_id) or _Stream(request.num_tokens, request.num_tokens)
+        return self._emit(request, stream, finished=True)
+
+    def _decode(self, request: Request, stream: _Stream) -> bool:
+        """Extend stream.text with the request's new tokens; True if a stop string was hit."""
+        if self.tokenizer is None:
+            return False
+        ids, skip = request.token_ids, request.sampling.skip_special_tokens
+        prefix = self.tokenizer.decode(ids[stream.prefix_offset:stream.read_offset], skip_special_tokens=skip)
+        full = self.tokenizer.decode(ids[stream.prefix_offset:], skip_special_tokens=skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return False  # an incomplete UTF-8 sequence: wait for the next token
+        old_len = len(stream.text)
+        stream.text += full[len(prefix):]
+        stream.prefix_offset, stream.read_offset = stream.read_offset, len(ids)
+        stops = request.sampling.stop
+        if stops:
+            start = max(0, old_len - max(map(len, stops)) + 1)
+            hits = [i for i in (stream.text.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                stream.text = stream.text[:min(hits)]
+                return True
+        return False
+
+    def _emit(self, request: Request, stream: _Stream, finished: bool) -> RequestOutput:
+        stops = request.sampling.stop
+        holdback = 0 if finished or not stops else max(map(len, stops)) - 1
+        end = max(stream.num_sent_chars, len(stream.text) - holdback)
+        output = RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=request.output_token_ids[stream.num_sent_tokens:],
+            new_text=stream.text[stream.num_sent_chars:end],
+            finished=finished,
+            finish_reason=request.finish_reason if finished else None,
+            new_logprobs=stream.logprobs,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+        )
+        stream.num_sent_chars, stream.num_sent_tokens, stream.logprobs = end, request.num_output_tokens, []
+        if finished:
+            self._streams.pop(request.request_id, None)
+        return output

@@ -1,0 +1,330 @@
+"""Paged attention over a block-pooled KV cache: a plain-torch reference path that runs on any
+device, and a fused C++ decode kernel for CPU that reads K/V where they lie in the pool."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+# Set to 1 to skip building/using the C++ kernel (the reference path is used instead).
+NO_KERNEL_ENV = "PACER_NO_CPP_KERNEL"
+
+
+@dataclass
+class KVCache:
+    """Per-layer K and V block pools (contiguous, one dtype):
+
+        k[layer]: [num_blocks, num_kv_heads, head_dim, block_size]  (each block's tile transposed)
+        v[layer]: [num_blocks, num_kv_heads, block_size, head_dim]
+
+    Token p of a request lives at offset p % block_size of block block_table[p // block_size].
+    One (block, kv head) is a contiguous tile: the decode kernel streams it, computing a block's
+    scores as vectors over its tokens from the transposed K tile and the weighted sum along
+    head_dim from V rows; the prefill gather copies tiles whole.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.v[0].shape[2]
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        """Bytes one block takes across all layers, K and V: the unit the engine sizes the pool in."""
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+
+def allocate_kv_cache(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> KVCache:
+    # One torch.empty: on CPU the OS commits pages on first touch, so an unused pool costs nothing.
+    pool = torch.empty((num_layers, 2, num_blocks * num_kv_heads * block_size * head_dim), dtype=dtype, device=device)
+    return KVCache(
+        k=[pool[i, 0].view(num_blocks, num_kv_heads, head_dim, block_size) for i in range(num_layers)],
+        v=[pool[i, 1].view(num_blocks, num_kv_heads, block_size, head_dim) for i in range(num_layers)],
+    )
+
+
+@dataclass
+class PrefillChunk:
+    """The tokens of one request that are not a single-token decode."""
+
+    start: int  # index of the chunk's first token in the flat batch
+    num_tokens: int
+    num_cached: int  # tokens of this request already in the cache before this chunk
+    block_ids: torch.Tensor  # [ceil((num_cached + num_tokens) / block_size)] int64: the blocks it reads
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the model runner, shared by all layers.
+
+    The flat batch is the num_decode_tokens decode tokens (one per request, query length 1), then
+    each prefill chunk's tokens contiguously, in the order of `prefills`.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int32, padded with block 0
+    decode_context_lens: torch.Tensor  # [num_decodes] int32: context length including the new token
+    prefills: list[PrefillChunk]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        block_size: int,
+        decode: Sequence[tuple[Sequence[int], int]] = (),
+        prefill: Sequence[tuple[Sequence[int], int, int]] = (),
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """decode: (block_ids, context_len including the new token) per decode request;
+        prefill: (block_ids, num_cached, num_new) per prefill chunk. Tokens are laid out in that order."""
+        slots: list[int] = []
+        for block_ids, context_len in decode:
+            _check_fits(block_ids, context_len, block_size)
+            pos = context_len - 1
+            slots.append(block_ids[pos // block_size] * block_size + pos % block_size)
+        max_blocks = max((len(b) for b, _ in decode), default=0)
+        tables = [list(b) + [0] * (max_blocks - len(b)) for b, _ in decode]
+
+        chunks = []
+        for block_ids, num_cached, num_new in prefill:
+            if num_new < 1 or num_cached < 0:
+                raise ValueError(f"prefill chunk needs num_new >= 1 and num_cached >= 0, got {num_new}, {num_cached}")
+            end = num_cached + num_new
+            _check_fits(block_ids, end, block_size)
+            used = block_ids[: -(-end // block_size)]
+            chunks.append(
+                PrefillChunk(len(slots), num_new, num_cached, torch.tensor(used, dtype=torch.int64, device=device))
+            )
+            slots.extend(used[p // block_size] * block_size + p % block_size for p in range(num_cached, end))
+
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            num_decode_tokens=len(decode),
+            decode_block_tables=torch.tensor(tables, dtype=torch.int32, device=device).view(len(decode), max_blocks),
+            decode_context_lens=torch.tensor([c for _, c in decode], dtype=torch.int32, device=device),
+            prefills=chunks,
+        )
+
+
+def _check_fits(block_ids: Sequence[int], num_tokens: int, block_size: int) -> None:
+    if num_tokens < 1 or len(block_ids) * block_size < num_tokens:
+        raise ValueError(f"{num_tokens} tokens do not fit {len(block_ids)} blocks of {block_size}")
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write the new tokens' k, v into layer `layer` of the cache (in place), then causal attention
+    of each new token over its request's cached context and itself.
+
+    q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] (after RoPE; any strides with
+    head_dim contiguous). Returns [T, num_heads, head_dim] in q's dtype.
+    GQA: query head h reads kv head h // (num_heads // num_kv_heads).
+    Decodes go to the C++ kernel on CPU when it is available, otherwise to the reference path.
+    """
+    k_cache, v_cache = cache.k[layer], cache.v[layer]
+    ops = _kernel_ops() if _kernel_applies(q, k_cache, v_cache) else None
+    if ops is None:
+        return _reference(q, k, v, k_cache, v_cache, meta, scale)
+    ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = torch.empty_like(q)
+    n = meta.num_decode_tokens
+    if n:
+        ops.decode(q[:n], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, out[:n])
+    _prefill_attention(q, k, v, k_cache, v_cache, meta, scale, out)
+    return out
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """paged_attention in plain torch (any device): gathers each request's blocks into dense K/V."""
+    return _reference(q, k, v, cache.k[layer], cache.v[layer], meta, scale)
+
+
+def _reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = torch.empty_like(q)
+    n = meta.num_decode_tokens
+    if n:
+        out[:n] = _decode_reference(q[:n], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+    _prefill_attention(q, k, v, k_cache, v_cache, meta, scale, out)
+    return out
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Each new token's [num_kv_heads, head_dim] k and v into its slot, in torch (any device)."""
+    block_size = v_cache.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, :, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
+
+
+def gather_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first num_tokens tokens of one request as dense [num_kv_heads, num_tokens, head_dim] k, v."""
+    num_kv_heads, head_dim = v_cache.shape[1], v_cache.shape[3]
+    k = k_cache[block_ids].permute(1, 0, 3, 2).reshape(num_kv_heads, -1, head_dim)
+    v = v_cache[block_ids].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)
+    return k[:, :num_tokens], v[:, :num_tokens]
+
+
+def _decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    # All decodes at once: gather padded [B, KV, S, hd], mask the padding, fp32 softmax.
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = v_cache.shape[1]
+    tables = block_tables.long()
+    kd = k_cache[tables].permute(0, 2, 1, 4, 3).reshape(num_seqs, num_kv_heads, -1, head_dim).float()
+    vd = v_cache[tables].transpose(1, 2).reshape(num_seqs, num_kv_heads, -1, head_dim).float()
+    qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
+    scores = (qg @ kd.transpose(-1, -2)) * scale  # [B, KV, group, S]
+    pad = torch.arange(kd.shape[2], device=q.device) >= context_lens.to(q.device).long()[:, None]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vd
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def _prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Per chunk: SDPA over the fresh k/v (no earlier context, is_causal) or over the request's blocks
+    gathered once (earlier context, causal mask aligned bottom-right). Prefill is compute bound."""
+    for c in meta.prefills:
+        rows = slice(c.start, c.start + c.num_tokens)
+        qc = q[rows].transpose(0, 1)  # [H, n, hd]
+        if c.num_cached == 0:
+            kc, vc, mask = k[rows].transpose(0, 1), v[rows].transpose(0, 1), None
+        else:
+            total = c.num_cached + c.num_tokens
+            kc, vc = gather_kv(k_cache, v_cache, c.block_ids, total)
+            mask = torch.ones(c.num_tokens, total, dtype=torch.bool, device=q.device).tril(c.num_cached)
+        out[rows] = _sdpa(qc, kc, vc, mask, scale).transpose(0, 1)
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    # q: [H, n, hd]; k, v: [KV, S, hd]. Query head h reads kv head h // group.
+    group = q.shape[0] // k.shape[0]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+
+
+def _kernel_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and k_cache.dtype == q.dtype
+        and os.environ.get(NO_KERNEL_ENV, "0") in ("", "0")
+    )
+
+
+class _KernelLoader:
+    """Builds the C++ kernel on first use, once per process, thread-safe. A failed build logs one
+    warning and leaves the reference path in charge."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tried = False
+        self._ops: object | None = None
+
+    def get(self) -> object | None:
+        if not self._tried:
+            with self._lock:
+                if not self._tried:
+                    self._ops = self._build()
+                    self._tried = True
+        return self._ops
+
+    @staticmethod
+    def _build() -> object | None:
+        from torch.utils import cpp_extension
+
+        source = Path(__file__).with_name("attention_cpu.cpp")
+        flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fopenmp"]
+        try:
+            cpp_extension.load(
+                name="pacer_attention_cpu",
+                sources=[str(source)],
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+            )
+            return torch.ops.pacer_attention
+        except Exception as e:  # noqa: BLE001 - any build failure means: use the reference path
+            logger.warning("paged attention C++ kernel unavailable, using the torch reference path: %s", e)
+            return None
+
+
+_loader = _KernelLoader()
+
+
+def _kernel_ops() -> object | None:
+    return _loader.get()

@@ -1,0 +1,419 @@
+// Fused paged decode attention for CPU: reads K/V blocks where they lie in the pool (no gather).
+//
+// Built lazily by pacer/model/attention.py (torch.utils.cpp_extension.load); registers
+// torch.ops.pacer_attention.{write_kv, decode}. Light headers only (no torch/extension.h) so the
+// one-time build stays short.
+//
+// Pool layout per layer (contiguous):
+//   K: [num_blocks, num_kv_heads, head_dim, block_size]  transposed tile: scores of a block's
+//      tokens come out as vectors over tokens, no horizontal sums
+//   V: [num_blocks, num_kv_heads, block_size, head_dim]  rows: the weighted sum runs along head_dim
+//
+// Vector code uses GCC vector extensions (portable: lowered to whatever -march offers) on the
+// common shapes; everything else runs a plain loop version that gcc autovectorizes.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+inline float to_float(float x) { return x; }
+
+inline float to_float(bf16 x) {
+  // bf16 is the top half of an fp32: a shift (vpmovzxwd + vpslld when vectorized).
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline void store(float x, float* out) { *out = x; }
+
+inline void store(float x, bf16* out) {
+  // Round to nearest even (finite inputs: attention outputs are finite).
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  out->x = static_cast<uint16_t>(bits >> 16);
+}
+
+// 16 consecutive elements as fp32 lanes.
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline f32x16 load16(const bf16* p) {
+  u16x16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  // Spelled out lane by lane: gcc 12 turns this into one vpmovzxwd, __builtin_convertvector into four ops.
+  u32x16 wide = {raw[0], raw[1], raw[2],  raw[3],  raw[4],  raw[5],  raw[6],  raw[7],
+                 raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15]};
+  wide <<= 16;
+  f32x16 v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+// exp(x) for x <= 0, 16 lanes at a time (std::exp is a libm call per element).
+// Cephes-style: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial; relative error ~2e-7.
+// Lanes below -87 (incl. -inf) give 0.
+inline f32x16 exp_nonpositive(f32x16 x) {
+  typedef int32_t i32x16 __attribute__((vector_size(64)));
+  const f32x16 in_range = x > -87.0f ? f32x16{} + 1.0f : f32x16{};
+  x = x > -87.0f ? x : f32x16{} - 87.0f;
+  // n = round(x / ln2) by the 1.5 * 2^23 trick (exact without -ffast-math)
+  const f32x16 n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const f32x16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  f32x16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
+  f32x16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale * in_range;
+}
+
+// In place over n (a multiple of 16) scores: s -> exp(s - max); returns 1 / sum.
+inline float softmax(float* s, int64_t n) {
+  f32x16 m = f32x16{} - INFINITY;
+  for (int64_t i = 0; i < n; i += 16) {
+    const f32x16 x = load16(s + i);
+    m = x > m ? x : m;
+  }
+  float max = -INFINITY;
+  for (int j = 0; j < 16; ++j) max = std::max(max, m[j]);
+  f32x16 sum = {};
+  for (int64_t i = 0; i < n; i += 16) {
+    const f32x16 p = exp_nonpositive(load16(s + i) - max);
+    std::memcpy(s + i, &p, sizeof(p));
+    sum += p;
+  }
+  float total = 0.0f;
+  for (int j = 0; j < 16; ++j) total += sum[j];
+  return 1.0f / total;
+}
+
+struct Shape {
+  int64_t num_blocks, num_kv_heads, block_size, head_dim, group;
+  int64_t k_tile() const { return head_dim * block_size; }
+};
+
+struct Scratch {
+  std::vector<float> q, scores, acc;
+};
+
+// One request's decode for one kv head: the group's query heads together, so each K/V element is
+// loaded once. Two passes (scores from K, weighted sum of V) around an exact softmax; K and V are
+// each read once. kGroup/kHeadDim > 0 select the vector-extension code for that shape.
+template <typename T, int kGroup, int kHeadDim>
+class DecodeTask {
+ public:
+  DecodeTask(const Shape& s, const T* k_pool, const T* v_pool, float scale)
+      : s_(s), k_pool_(k_pool), v_pool_(v_pool), scale_(scale) {}
+
+  void operator()(const T* q, int64_t q_head_stride, const int32_t* table, int64_t kv_head,
+                  int64_t context_len, T* out, int64_t out_head_stride, Scratch& scratch) const {
+    const int64_t group = kGroup > 0 ? kGroup : s_.group;
+    const int64_t hd = kHeadDim > 0 ? kHeadDim : s_.head_dim;
+    const int64_t bs = s_.block_size;
+    const int64_t num_ctx_blocks = (context_len + bs - 1) / bs;
+    const int64_t stride = (num_ctx_blocks * bs + 15) / 16 * 16;  // scores row: whole blocks, 16-lane chunks
+    scratch.q.resize(group * hd);
+    scratch.scores.resize(group * stride);
+    scratch.acc.resize(group * hd);
+    float* qf = scratch.q.data();
+    float* scores = scratch.scores.data();  // [group, stride]
+    float* acc = scratch.acc.data();        // [group, hd]
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t d = 0; d < hd; ++d) qf[g * hd + d] = to_float(q[g * q_head_stride + d]) * scale_;
+
+    for (int64_t b = 0; b < num_ctx_blocks; ++b) {
+      if (b + 1 < num_ctx_blocks) prefetch_tile(k_pool_, table[b + 1], kv_head, s_.k_tile());
+      const T* kt = tile(k_pool_, table, b, kv_head, s_.k_tile());
+      if (kGroup > 0 && bs % 16 == 0)
+        scores_fixed(qf, kt, scores + b * bs, stride);
+      else
+        scores_loop(qf, kt, scores + b * bs, stride, group, hd);
+    }
+
+    float inv_sum[kGroup > 0 ? kGroup : 1];
+    std::vector<float> inv_heap(kGroup > 0 ? 0 : group);
+    float* inv = kGroup > 0 ? inv_sum : inv_heap.data();
+    for (int64_t g = 0; g < group; ++g) {
+      std::fill(scores + g * stride + context_len, scores + (g + 1) * stride, -INFINITY);  // past the context
+      inv[g] = softmax(scores + g * stride, stride);
+    }
+
+    if (kGroup > 0)
+      values_fixed(scores, stride, table, kv_head, context_len, acc);
+    else
+      values_loop(scores, stride, table, kv_head, context_len, acc, group, hd);
+
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t d = 0; d < hd; ++d) store(acc[g * hd + d] * inv[g], out + g * out_head_stride + d);
+  }
+
+ private:
+  const T* tile(const T* pool, const int32_t* table, int64_t b, int64_t kv_head, int64_t size) const {
+    const int64_t block = table[b];
+    TORCH_CHECK(block >= 0 && block < s_.num_blocks, "block id ", block, " out of range [0, ", s_.num_blocks, ")");
+    return pool + (block * s_.num_kv_heads + kv_head) * size;
+  }
+
+  // Blocks lie anywhere in the pool, so the hardware prefetcher cannot guess the next tile; ask for
+  // it while the current one is computed.
+  void prefetch_tile(const T* pool, int64_t block, int64_t kv_head, int64_t size) const {
+    if (block < 0 || block >= s_.num_blocks) return;  // reported by tile() when it gets there
+    const char* p = reinterpret_cast<const char*>(pool + (block * s_.num_kv_heads + kv_head) * size);
+    for (int64_t i = 0; i < size * static_cast<int64_t>(sizeof(T)); i += 64) __builtin_prefetch(p + i);
+  }
+
+  // scores[g][t] = q_g . k_t for the 16-token column groups of one K tile [hd, bs], bs % 16 == 0.
+  // Tokens past the context in the last block get scores too (from whatever the slot holds);
+  // they are overwritten with -inf before the softmax.
+  void scores_fixed(const float* qf, const T* kt, float* scores, int64_t stride) const {
+    const int64_t bs = s_.block_size;
+    for (int64_t c = 0; c < bs; c += 16) {
+      // Four accumulators per query head: the FMA chains along head_dim would otherwise wait on
+      // each other's latency (4 cycles) rather than on the FMA units.
+      f32x16 a[4][kGroup] = {};
+#pragma GCC unroll 2
+      for (int64_t d = 0; d < kHeadDim; d += 4) {
+        f32x16 k[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) k[i] = load16(kt + (d + i) * bs + c);
+#pragma GCC unroll 8
+        for (int g = 0; g < kGroup; ++g)
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) a[i][g] += qf[g * kHeadDim + d + i] * k[i];
+      }
+#pragma GCC unroll 8
+      for (int g = 0; g < kGroup; ++g) {
+        const f32x16 sum = (a[0][g] + a[1][g]) + (a[2][g] + a[3][g]);
+        std::memcpy(scores + g * stride + c, &sum, sizeof(sum));
+      }
+    }
+  }
+
+  void scores_loop(const float* qf, const T* kt, float* scores, int64_t stride, int64_t group, int64_t hd) const {
+    const int64_t bs = s_.block_size;
+    for (int64_t g = 0; g < group; ++g) {
+      float* sg = scores + g * stride;
+      for (int64_t t = 0; t < bs; ++t) sg[t] = 0.0f;
+      for (int64_t d = 0; d < hd; ++d) {
+        const float qd = qf[g * hd + d];
+        const T* kd = kt + d * bs;
+#pragma omp simd
+        for (int64_t t = 0; t < bs; ++t) sg[t] += qd * to_float(kd[t]);
+      }
+    }
+  }
+
+  // acc[g] = sum_t p[g][t] v_t, the group's accumulators held in vector registers.
+  void values_fixed(const float* p, int64_t stride, const int32_t* table, int64_t kv_head, int64_t context_len,
+                    float* acc) const {
+    constexpr int kVecs = kHeadDim / 16;
+    const int64_t bs = s_.block_size;
+    f32x16 a[kGroup][kVecs] = {};
+    for (int64_t pos = 0, b = 0; pos < context_len; pos += bs, ++b) {
+      if (pos + bs < context_len) prefetch_tile(v_pool_, table[b + 1], kv_head, bs * kHeadDim);
+      const T* vt = tile(v_pool_, table, b, kv_head, bs * kHeadDim);
+      const int64_t n = std::min(bs, context_len - pos);
+      for (int64_t t = 0; t < n; ++t) {
+        f32x16 v[kVecs];
+#pragma GCC unroll 8
+        for (int j = 0; j < kVecs; ++j) v[j] = load16(vt + t * kHeadDim + j * 16);
+#pragma GCC unroll 8
+        for (int g = 0; g < kGroup; ++g) {
+          const float pg = p[g * stride + pos + t];
+#pragma GCC unroll 8
+          for (int j = 0; j < kVecs; ++j) a[g][j] += pg * v[j];
+        }
+      }
+    }
+    for (int g = 0; g < kGroup; ++g)
+      for (int j = 0; j < kVecs; ++j) std::memcpy(acc + g * kHeadDim + j * 16, &a[g][j], sizeof(f32x16));
+  }
+
+  void values_loop(const float* p, int64_t stride, const int32_t* table, int64_t kv_head, int64_t context_len,
+                   float* acc, int64_t group, int64_t hd) const {
+    const int64_t bs = s_.block_size;
+    for (int64_t i = 0; i < group * hd; ++i) acc[i] = 0.0f;
+    for (int64_t pos = 0, b = 0; pos < context_len; pos += bs, ++b) {
+      const T* vt = tile(v_pool_, table, b, kv_head, bs * hd);
+      const int64_t n = std::min(bs, context_len - pos);
+      for (int64_t t = 0; t < n; ++t) {
+        for (int64_t g = 0; g < group; ++g) {
+          const float pg = p[g * stride + pos + t];
+          float* ag = acc + g * hd;
+#pragma omp simd
+          for (int64_t d = 0; d < hd; ++d) ag[d] += pg * to_float(vt[t * hd + d]);
+        }
+      }
+    }
+  }
+
+  Shape s_;
+  const T* k_pool_;
+  const T* v_pool_;
+  float scale_;
+};
+
+template <typename T, int kGroup, int kHeadDim>
+void decode_all(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, at::Tensor& out) {
+  const Shape shape{k_pool.size(0), k_pool.size(1), k_pool.size(3), k_pool.size(2), q.size(1) / k_pool.size(1)};
+  const DecodeTask<T, kGroup, kHeadDim> task(shape, k_pool.const_data_ptr<T>(), v_pool.const_data_ptr<T>(),
+                                             static_cast<float>(scale));
+  const int64_t num_seqs = q.size(0), max_blocks = block_tables.size(1), kv_heads = shape.num_kv_heads;
+  const T* qp = q.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  const int32_t* tables = block_tables.const_data_ptr<int32_t>();
+  const int32_t* lens = context_lens.const_data_ptr<int32_t>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
+  for (int64_t i = 0; i < num_seqs; ++i)
+    TORCH_CHECK(lens[i] >= 1 && lens[i] <= max_blocks * shape.block_size, "context length ", lens[i],
+                " of decode ", i, " does not fit its block table");
+
+  // Tasks (request, kv head) from an atomic counter: context lengths differ, and a static split
+  // would leave one thread idle at the end of every layer.
+  const int64_t num_tasks = num_seqs * kv_heads;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
+    thread_local Scratch scratch;
+    for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) {
+      const int64_t r = i / kv_heads, h = i % kv_heads;
+      task(qp + r * qs0 + h * shape.group * qs1, qs1, tables + r * max_blocks, h, lens[r],
+           op + r * os0 + h * shape.group * os1, os1, scratch);
+    }
+  });
+}
+
+void check_pools(const at::Tensor& k_pool, const at::Tensor& v_pool) {
+  TORCH_CHECK(k_pool.dim() == 4 && v_pool.dim() == 4 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  k_pool.size(0) == v_pool.size(0) && k_pool.size(1) == v_pool.size(1) &&
+                  k_pool.size(2) == v_pool.size(3) && k_pool.size(3) == v_pool.size(2) &&
+                  k_pool.scalar_type() == v_pool.scalar_type(),
+              "pools must be contiguous K [num_blocks, num_kv_heads, head_dim, block_size] and "
+              "V [num_blocks, num_kv_heads, block_size, head_dim] of one dtype");
+  TORCH_CHECK(k_pool.device().is_cpu(), "K/V pools must be on the CPU");
+}
+
+template <typename T>
+void decode_dispatch(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                     const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, at::Tensor& out) {
+  const int64_t group = q.size(1) / k_pool.size(1), head_dim = q.size(2);
+  if (head_dim == 64 && group == 3)  // SmolLM2-135M/360M
+    decode_all<T, 3, 64>(q, k_pool, v_pool, block_tables, context_lens, scale, out);
+  else if (head_dim == 64 && group == 1)  // SmolLM2-1.7B
+    decode_all<T, 1, 64>(q, k_pool, v_pool, block_tables, context_lens, scale, out);
+  else
+    decode_all<T, 0, 0>(q, k_pool, v_pool, block_tables, context_lens, scale, out);
+}
+
+// out[i] = attention of q[i] (one new token per request) over its request's context.
+// q, out: [num_seqs, num_heads, head_dim], head_dim contiguous; block_tables: [num_seqs, max_blocks]
+// int32; context_lens: [num_seqs] int32 including the new token (already written to the pool).
+void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, at::Tensor out) {
+  check_pools(k_pool, v_pool);
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && out.dim() == 3 && out.stride(2) == 1 && q.sizes() == out.sizes(),
+              "q and out must be [num_seqs, num_heads, head_dim], head_dim contiguous");
+  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "q, out and the pools must share a dtype");
+  TORCH_CHECK(q.size(2) == v_pool.size(3) && q.size(1) % k_pool.size(1) == 0,
+              "head_dim must match and num_heads be a multiple of num_kv_heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
+                  block_tables.dim() == 2 && block_tables.is_contiguous() && context_lens.is_contiguous() &&
+                  block_tables.size(0) == q.size(0) && context_lens.size(0) == q.size(0),
+              "block_tables [num_seqs, max_blocks] and context_lens [num_seqs] must be contiguous int32");
+  if (q.size(0) == 0) return;
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return decode_dispatch<float>(q, k_pool, v_pool, block_tables, context_lens, scale, out);
+    case at::kBFloat16:
+      return decode_dispatch<bf16>(q, k_pool, v_pool, block_tables, context_lens, scale, out);
+    default:
+      TORCH_CHECK(false, "paged decode supports float32 and bfloat16, got ", q.scalar_type());
+  }
+}
+
+template <typename T>
+void write_typed(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at::Tensor& v_pool,
+                 const int64_t* slots) {
+  const int64_t kv_heads = k_pool.size(1), hd = k_pool.size(2), bs = k_pool.size(3);
+  const int64_t num_slots = k_pool.size(0) * bs;
+  const T* ks = k.const_data_ptr<T>();
+  const T* vs = v.const_data_ptr<T>();
+  T* kd = k_pool.mutable_data_ptr<T>();
+  T* vd = v_pool.mutable_data_ptr<T>();
+  for (int64_t i = 0; i < k.size(0); ++i) {
+    const int64_t slot = slots[i];
+    TORCH_CHECK(slot >= 0 && slot < num_slots, "slot ", slot, " of token ", i, " out of range [0, ", num_slots, ")");
+    const int64_t block = slot / bs, offset = slot % bs;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const T* kr = ks + i * k.stride(0) + h * k.stride(1);
+      T* kcol = kd + (block * kv_heads + h) * hd * bs + offset;  // K tile is [hd, bs]: a column
+      for (int64_t d = 0; d < hd; ++d) kcol[d * bs] = kr[d];
+      std::memcpy(vd + ((block * kv_heads + h) * bs + offset) * hd, vs + i * v.stride(0) + h * v.stride(1),
+                  hd * sizeof(T));
+    }
+  }
+}
+
+// Writes each new token's k, v at its slot. k, v: [num_tokens, num_kv_heads, head_dim] (head_dim
+// contiguous); slot_mapping: [num_tokens] int64.
+void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_pool, at::Tensor v_pool,
+              const at::Tensor& slot_mapping) {
+  check_pools(k_pool, v_pool);
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.size(1) == k_pool.size(1) && k.size(2) == k_pool.size(2) &&
+                  k.stride(2) == 1 && v.stride(2) == 1,
+              "k, v must be [num_tokens, num_kv_heads, head_dim] matching the pools, head_dim contiguous");
+  TORCH_CHECK(k.scalar_type() == k_pool.scalar_type() && v.scalar_type() == k_pool.scalar_type(),
+              "k, v and the pools must share a dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.is_contiguous() &&
+                  slot_mapping.size(0) == k.size(0),
+              "slot_mapping must be contiguous int64 [num_tokens]");
+  const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
+  switch (k.scalar_type()) {
+    case at::kFloat:
+      return write_typed<float>(k, v, k_pool, v_pool, slots);
+    case at::kBFloat16:
+      return write_typed<bf16>(k, v, k_pool, v_pool, slots);
+    default:
+      TORCH_CHECK(false, "write_kv supports float32 and bfloat16, got ", k.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pacer_attention, m) {
+  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slot_mapping) -> ()");
+  m.def(
+      "decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor context_lens, float scale, "
+      "Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pacer_attention, CPU, m) {
+  m.impl("write_kv", &write_kv);
+  m.impl("decode", &decode);
+}

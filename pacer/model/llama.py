@@ -1,0 +1,143 @@
+"""The Llama architecture (SmolLM2 is one) over a flattened batch of tokens and a paged KV cache.
+
+One forward pass takes T tokens from many requests (decode tokens and prefill chunks mixed, no
+padding), writes their K/V into the paged cache and returns logits only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pacer.model.attention import AttentionMetadata, KVCache, paged_attention
+from pacer.model.config import LlamaConfig
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the rotate-half convention (HF Llama), cos/sin tabulated once in fp32."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+        super().__init__()
+        self.head_dim, self.theta, self.max_positions = head_dim, theta, max_positions
+        self.reset(None)
+
+    def reset(self, device: torch.device | None) -> None:
+        """(Re)compute the tables, e.g. after the model was built on the meta device."""
+        hd = self.head_dim
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
+        positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(positions, inv_freq)  # [P, hd/2]
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim] -> same shape, rotated by each token's position."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, hd/2]
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        # q, k and v in one matmul: [(H + 2 KV) * hd, D]
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                                  bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor, cache: KVCache,
+                layer: int, meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk = rope(qkv[:, : self.num_heads + self.num_kv_heads], positions)  # q and k rotated together
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads:]
+        out = paged_attention(q, k, v, cache, layer, meta, self.scale)  # [T, H, hd]
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor, cache: KVCache,
+                layer: int, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, positions, cache, layer, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                          bias=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T]; logits_indices: [S] rows of the batch that sample -> [S, V] fp32."""
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rope, positions, cache, i, meta)
+        x = self.norm(x[logits_indices])  # only the rows that sample pay for the norm and the head
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load HF-named tensors, fusing q/k/v and gate/up into the packed projections."""
+        params = dict(self.named_parameters())
+        for name, tensor in _packed(weights, self.config):
+            if name not in params:
+                raise ValueError(f"unexpected weight {name!r} for {type(self).__name__}")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+            params.pop(name)
+        if params:
+            raise ValueError(f"checkpoint is missing weights: {', '.join(sorted(params)[:5])}")
+
+
+def _packed(weights: dict[str, torch.Tensor], config: LlamaConfig):
+    """Yield (our parameter name, tensor) from HF Llama names."""
+    for name, tensor in weights.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        short = name.removeprefix("model.")
+        if any(part in short for part in (".k_proj.", ".v_proj.", ".up_proj.")):
+            continue  # consumed with their q_proj / gate_proj partner
+        if ".q_proj." in short:
+            prefix = name.replace("q_proj.weight", "")
+            yield short.replace("q_proj", "qkv_proj"), torch.cat(
+                [weights[prefix + p + "_proj.weight"] for p in "qkv"])
+        elif ".gate_proj." in short:
+            prefix = name.replace("gate_proj.weight", "")
+            yield short.replace("gate_proj", "gate_up_proj"), torch.cat(
+                [weights[prefix + p + "_proj.weight"] for p in ("gate", "up")])
+        else:
+            yield short, tensor

@@ -1,0 +1,134 @@
+"""ModelRunner, the real Executor: plan -> input tensors -> forward -> sample."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from pacer.config import CacheConfig, ModelConfig, parse_bytes
+from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache
+from pacer.model.llama import LlamaModel
+from pacer.model.sampler import sample
+from pacer.model.weights import Checkpoint
+from pacer.request import Request
+from pacer.scheduling import ModelOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ModelRunner:
+    """Owns the weights, the physical KV cache and per-request sampling generators.
+
+    Tokens with query length 1 (decodes, and 1-token chunks) go first in the flattened batch so
+    the attention kernel sees them as one group; prefill chunks follow.
+    """
+
+    def __init__(self, model: LlamaModel, cache: KVCache, block_size: int, device: torch.device,
+                 seed: int = 0, eos_token_id: int | None = None) -> None:
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.cache = cache
+        self.block_size = block_size
+        self.device = device
+        self.generator = torch.Generator(device).manual_seed(seed)  # for requests without a seed
+        self._generators: dict[str, torch.Generator] = {}
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, model_config: ModelConfig, cache_config: CacheConfig) -> ModelRunner:
+        device = torch.device(model_config.device)
+        dtype = DTYPES[model_config.dtype]
+        if model_config.threads is not None and device.type == "cpu":
+            torch.set_num_threads(model_config.threads)
+        config = checkpoint.config
+        with torch.device("meta"):
+            model = LlamaModel(config)
+        model = model.to_empty(device=device).to(dtype)
+        model.rope.reset(device)
+        model.load_weights(checkpoint.weights)
+        model.eval()
+        num_blocks = cache_config.num_blocks or cls.num_blocks_for(cache_config, config, dtype)
+        cache = allocate_kv_cache(config.num_layers, num_blocks, cache_config.block_size, config.num_kv_heads,
+                                  config.head_dim, dtype, device)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s)", num_blocks,
+                    cache_config.block_size, num_blocks * cache_config.block_size,
+                    num_blocks * cls.block_bytes(cache_config, config, dtype) / 2**30, model_config.dtype)
+        return cls(model, cache, cache_config.block_size, device, seed=model_config.seed,
+                   eos_token_id=checkpoint.tokenizer.eos_token_id)
+
+    @staticmethod
+    def block_bytes(cache_config: CacheConfig, config, dtype: torch.dtype) -> int:
+        return KVCache.bytes_per_block(config.num_layers, cache_config.block_size, config.num_kv_heads,
+                                       config.head_dim, dtype)
+
+    @classmethod
+    def num_blocks_for(cls, cache_config: CacheConfig, config, dtype: torch.dtype) -> int:
+        num_blocks = parse_bytes(cache_config.kv_cache_memory) // cls.block_bytes(cache_config, config, dtype)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {cache_config.kv_cache_memory} holds no KV block "
+                             f"({cls.block_bytes(cache_config, config, dtype)} bytes each)")
+        return num_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return self.cache.num_blocks
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> ModelOutput:
+        start = time.perf_counter()
+        for rid in plan.finished_ids:
+            self._generators.pop(rid, None)
+        counts = plan.num_scheduled_tokens
+        batch = sorted(plan.requests, key=lambda r: counts[r.request_id] != 1)  # stable: decodes first
+        input_ids: list[int] = []
+        positions: list[int] = []
+        decode, prefill, sampling = [], [], []
+        for r in batch:
+            n, start_pos = counts[r.request_id], r.num_computed_tokens
+            input_ids += r.token_ids[start_pos:start_pos + n]
+            positions += range(start_pos, start_pos + n)
+            if n == 1:
+                decode.append((r.block_ids, start_pos + 1))
+            else:
+                prefill.append((r.block_ids, start_pos, n))
+            if plan.samples(r):
+                sampling.append((len(input_ids) - 1, r))
+        meta = AttentionMetadata.build(self.block_size, decode, prefill, self.device)
+        to = dict(device=self.device, dtype=torch.long)
+        sampled: dict[str, int] = {}
+        logprobs = {}
+        logits_indices = torch.tensor([i for i, _ in sampling], **to)
+        logits = self.model(torch.tensor(input_ids, **to), torch.tensor(positions, **to), self.cache, meta,
+                            logits_indices)
+        if sampling:
+            requests = [r for _, r in sampling]
+            self._mask_stops_before_min_tokens(logits, requests)
+            tokens, token_logprobs = sample(logits, [r.sampling for r in requests],
+                                            [self._generator(r) for r in requests])
+            for r, token, lp in zip(requests, tokens, token_logprobs):
+                sampled[r.request_id] = token
+                if lp is not None:
+                    logprobs[r.request_id] = lp
+        return ModelOutput(sampled, logprobs, elapsed_s=time.perf_counter() - start)
+
+    def _mask_stops_before_min_tokens(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        for row, r in enumerate(requests):
+            if r.num_output_tokens < r.sampling.min_tokens:
+                banned = list(r.sampling.stop_token_ids)
+                if self.eos_token_id is not None:
+                    banned.append(self.eos_token_id)
+                logits[row, banned] = -torch.inf
+
+    def _generator(self, request: Request) -> torch.Generator | None:
+        if request.sampling.greedy:
+            return None
+        if request.sampling.seed is None:
+            return self.generator
+        generator = self._generators.get(request.request_id)
+        if generator is None:
+            generator = self._generators[request.request_id] = torch.Generator(self.device).manual_seed(
+                request.sampling.seed)
+        return generator

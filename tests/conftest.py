@@ -1,0 +1,18 @@
+"""Shared fixtures: a tiny random-weight Llama for fast engine tests, the real SmolLM2 for integration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REFERENCE = SHARED / "reference" / "smollm2_greedy.json"
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict:
+    if not REFERENCE.exists():
+        pytest.skip(f"shared reference not found at {REFERENCE}")
+    return json.loads(REFERENCE.read_text())

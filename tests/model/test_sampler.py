@@ -1,0 +1,43 @@
+"""Sampling filters: greedy, top-k, top-p, min-p, seeds."""
+
+from __future__ import annotations
+
+import torch
+
+from pacer.model.sampler import sample
+from pacer.request import SamplingParams
+
+
+def draw(logits, params, n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [sample(logits[None], [params], [g])[0][0] for _ in range(n)]
+
+
+LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+
+
+def test_greedy_and_top_k_1_pick_the_argmax():
+    assert sample(LOGITS[None], [SamplingParams(temperature=0)], [None])[0] == [0]
+    assert set(draw(LOGITS, SamplingParams(temperature=1.0, top_k=1), n=50)) == {0}
+
+
+def test_top_k_top_p_min_p_restrict_the_support():
+    assert set(draw(LOGITS, SamplingParams(top_k=2))) == {0, 1}
+    assert set(draw(LOGITS, SamplingParams(top_p=0.7))) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(draw(LOGITS, SamplingParams(top_p=0.5))) == {0}
+    assert set(draw(LOGITS, SamplingParams(min_p=0.25))) == {0, 1, 2}  # 0.15 >= 0.125 > 0.05
+
+
+def test_unfiltered_sampling_follows_the_distribution():
+    counts = torch.bincount(torch.tensor(draw(LOGITS, SamplingParams(), n=4000)), minlength=4) / 4000
+    assert torch.allclose(counts, LOGITS.exp(), atol=0.03)
+
+
+def test_same_seed_same_tokens():
+    assert draw(LOGITS, SamplingParams(), n=20, seed=5) == draw(LOGITS, SamplingParams(), n=20, seed=5)
+
+
+def test_nucleus_wider_than_the_candidate_set_falls_back_to_a_full_sort():
+    flat = torch.zeros(5000)  # uniform: top_p 0.9 keeps 4500 tokens, more than the 1024 candidates
+    tokens = draw(flat, SamplingParams(top_p=0.9), n=300)
+    assert max(tokens) > 1024

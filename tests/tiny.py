@@ -1,0 +1,47 @@
+"""A tiny random-weight model of the real architecture, and an engine around it (no tokenizer)."""
+
+from __future__ import annotations
+
+import torch
+
+from pacer.config import SchedulerConfig
+from pacer.engine.detokenizer import Detokenizer
+from pacer.engine.engine import Engine
+from pacer.kv import KVCacheManager
+from pacer.model.attention import allocate_kv_cache
+from pacer.model.config import LlamaConfig
+from pacer.model.llama import LlamaModel
+from pacer.model.runner import ModelRunner
+from pacer.scheduling import scheduler_class
+
+TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512,
+                   bos_token_id=1, eos_token_id=2)
+
+
+def tiny_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaModel:
+    torch.manual_seed(seed)
+    model = LlamaModel(TINY).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights than nn's default: sharper, more varied logits
+            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.8, 1.2)
+    model.rope.reset(None)
+    return model.eval()
+
+
+def tiny_runner(num_blocks: int = 64, block_size: int = 4, dtype: torch.dtype = torch.float32,
+                model: LlamaModel | None = None) -> ModelRunner:
+    model = model or tiny_model(dtype)
+    dtype = model.embed_tokens.weight.dtype
+    cache = allocate_kv_cache(TINY.num_layers, num_blocks, block_size, TINY.num_kv_heads, TINY.head_dim, dtype,
+                              torch.device("cpu"))
+    return ModelRunner(model, cache, block_size, torch.device("cpu"))
+
+
+def tiny_engine(policy: str = "sarathi", num_blocks: int = 64, block_size: int = 4, budget: int | None = 16,
+                max_num_seqs: int = 8, model: LlamaModel | None = None) -> Engine:
+    runner = tiny_runner(num_blocks, block_size, model=model)
+    config = SchedulerConfig(scheduler=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    scheduler = scheduler_class(policy)(config, KVCacheManager(num_blocks, block_size),
+                                        TINY.max_position_embeddings, eos_token_id=TINY.eos_token_id)
+    return Engine(scheduler, runner, Detokenizer(None))
