@@ -112,6 +112,10 @@ inline float softmax(float* s, int64_t n) {
   return 1.0f / total;
 }
 
+// Below this many (context token, kv head) pairs a decode call runs on one thread: ~50 us of work
+// on this class of CPU, where waking the OpenMP team would eat most of the gain.
+constexpr int64_t kMinParallelTokenHeads = 4096;
+
 struct Shape {
   int64_t num_blocks, num_kv_heads, block_size, head_dim, group;
   int64_t k_tile() const { return head_dim * block_size; }
@@ -147,7 +151,6 @@ class DecodeTask {
       for (int64_t d = 0; d < hd; ++d) qf[g * hd + d] = to_float(q[g * q_head_stride + d]) * scale_;
 
     for (int64_t b = 0; b < num_ctx_blocks; ++b) {
-      if (b + 1 < num_ctx_blocks) prefetch_tile(k_pool_, table[b + 1], kv_head, s_.k_tile());
       const T* kt = tile(k_pool_, table, b, kv_head, s_.k_tile());
       if (kGroup > 0 && bs % 16 == 0)
         scores_fixed(qf, kt, scores + b * bs, stride);
@@ -177,14 +180,6 @@ class DecodeTask {
     const int64_t block = table[b];
     TORCH_CHECK(block >= 0 && block < s_.num_blocks, "block id ", block, " out of range [0, ", s_.num_blocks, ")");
     return pool + (block * s_.num_kv_heads + kv_head) * size;
-  }
-
-  // Blocks lie anywhere in the pool, so the hardware prefetcher cannot guess the next tile; ask for
-  // it while the current one is computed.
-  void prefetch_tile(const T* pool, int64_t block, int64_t kv_head, int64_t size) const {
-    if (block < 0 || block >= s_.num_blocks) return;  // reported by tile() when it gets there
-    const char* p = reinterpret_cast<const char*>(pool + (block * s_.num_kv_heads + kv_head) * size);
-    for (int64_t i = 0; i < size * static_cast<int64_t>(sizeof(T)); i += 64) __builtin_prefetch(p + i);
   }
 
   // scores[g][t] = q_g . k_t for the 16-token column groups of one K tile [hd, bs], bs % 16 == 0.
@@ -235,7 +230,6 @@ class DecodeTask {
     const int64_t bs = s_.block_size;
     f32x16 a[kGroup][kVecs] = {};
     for (int64_t pos = 0, b = 0; pos < context_len; pos += bs, ++b) {
-      if (pos + bs < context_len) prefetch_tile(v_pool_, table[b + 1], kv_head, bs * kHeadDim);
       const T* vt = tile(v_pool_, table, b, kv_head, bs * kHeadDim);
       const int64_t n = std::min(bs, context_len - pos);
       for (int64_t t = 0; t < n; ++t) {
@@ -295,10 +289,14 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor&
                 " of decode ", i, " does not fit its block table");
 
   // Tasks (request, kv head) from an atomic counter: context lengths differ, and a static split
-  // would leave one thread idle at the end of every layer.
+  // would leave one thread idle at the end of every layer. Little work (a few requests, short
+  // contexts: tens of microseconds) runs on the calling thread, cheaper than waking the others.
   const int64_t num_tasks = num_seqs * kv_heads;
+  int64_t num_token_heads = 0;
+  for (int64_t i = 0; i < num_seqs; ++i) num_token_heads += lens[i] * kv_heads;
+  const int64_t num_workers = num_token_heads < kMinParallelTokenHeads ? 1 : at::get_num_threads();
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min(num_workers, num_tasks), 1, [&](int64_t, int64_t) {
     thread_local Scratch scratch;
     for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) {
       const int64_t r = i / kv_heads, h = i % kv_heads;
