@@ -3,8 +3,10 @@ device, and a fused C++ decode kernel for CPU that reads K/V where they lie in t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +78,15 @@ class PrefillChunk:
     num_tokens: int
     num_cached: int  # tokens of this request already in the cache before this chunk
     block_ids: torch.Tensor  # [ceil((num_cached + num_tokens) / block_size)] int64: the blocks it reads
+    # [num_tokens, num_cached + num_tokens] bool, True where a query may attend (causal, aligned
+    # bottom-right); None without earlier context (SDPA's is_causal). Built once, used by every layer.
+    mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask is None and self.num_cached:
+            total = self.num_cached + self.num_tokens
+            keys = torch.arange(total, device=self.block_ids.device)
+            self.mask = keys[None, :] <= torch.arange(self.num_cached, total, device=self.block_ids.device)[:, None]
 
 
 @dataclass
@@ -121,9 +132,8 @@ class AttentionMetadata:
             end = num_cached + num_new
             _check_fits(block_ids, end, block_size)
             used = block_ids[: -(-end // block_size)]
-            chunks.append(
-                PrefillChunk(len(slots), num_new, num_cached, torch.tensor(used, dtype=torch.int64, device=device))
-            )
+            ids = torch.tensor(used, dtype=torch.int64, device=device)
+            chunks.append(PrefillChunk(len(slots), num_new, num_cached, ids))
             slots.extend(used[p // block_size] * block_size + p % block_size for p in range(num_cached, end))
 
         return cls(
@@ -262,12 +272,10 @@ def _prefill_attention(
         rows = slice(c.start, c.start + c.num_tokens)
         qc = q[rows].transpose(0, 1)  # [H, n, hd]
         if c.num_cached == 0:
-            kc, vc, mask = k[rows].transpose(0, 1), v[rows].transpose(0, 1), None
+            kc, vc = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
         else:
-            total = c.num_cached + c.num_tokens
-            kc, vc = gather_kv(k_cache, v_cache, c.block_ids, total)
-            mask = torch.ones(c.num_tokens, total, dtype=torch.bool, device=q.device).tril(c.num_cached)
-        out[rows] = _sdpa(qc, kc, vc, mask, scale).transpose(0, 1)
+            kc, vc = gather_kv(k_cache, v_cache, c.block_ids, c.num_cached + c.num_tokens)
+        out[rows] = _sdpa(qc, kc, vc, c.mask, scale).transpose(0, 1)
 
 
 def _sdpa(
@@ -292,6 +300,12 @@ def _kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def load_cpu_kernel() -> bool:
+    """Build (or load the cached build of) the CPU decode kernel now, e.g. at engine start, rather
+    than inside the first forward pass (a cold build takes ~10 s). False if it is unavailable."""
+    return os.environ.get(NO_KERNEL_ENV, "0") in ("", "0") and _kernel_ops() is not None
 
 
 class _KernelLoader:
@@ -319,7 +333,7 @@ class _KernelLoader:
         flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fopenmp"]
         try:
             cpp_extension.load(
-                name="pacer_attention_cpu",
+                name=f"pacer_attention_cpu_{_cpu_fingerprint()}",
                 sources=[str(source)],
                 extra_cflags=flags,
                 extra_ldflags=["-fopenmp"],
@@ -329,6 +343,16 @@ class _KernelLoader:
         except Exception as e:  # noqa: BLE001 - any build failure means: use the reference path
             logger.warning("paged attention C++ kernel unavailable, using the torch reference path: %s", e)
             return None
+
+
+def _cpu_fingerprint() -> str:
+    """-march=native builds are only valid on CPUs with the same features: key the cached build on
+    them, so a cache directory shared between machines cannot hand out an illegal instruction."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor() or platform.machine()
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
 _loader = _KernelLoader()

@@ -8,7 +8,7 @@ import time
 import torch
 
 from pacer.config import CacheConfig, ModelConfig, parse_bytes
-from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache
+from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache, load_cpu_kernel
 from pacer.model.llama import LlamaModel
 from pacer.model.sampler import sample
 from pacer.model.weights import Checkpoint
@@ -50,6 +50,8 @@ class ModelRunner:
         model.rope.reset(device)
         model.load_weights(checkpoint.weights)
         model.eval()
+        if device.type == "cpu" and not load_cpu_kernel():  # build now, not in the first step
+            logger.warning("no C++ decode kernel: decode attention gathers KV blocks (slow)")
         num_blocks = cache_config.num_blocks or cls.num_blocks_for(cache_config, config, dtype)
         cache = allocate_kv_cache(config.num_layers, num_blocks, cache_config.block_size, config.num_kv_heads,
                                   config.head_dim, dtype, device)

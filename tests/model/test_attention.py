@@ -190,6 +190,12 @@ def test_no_kernel_env_uses_reference(monkeypatch):
     assert_written(case, cache)
 
 
+def test_load_cpu_kernel(kernel, monkeypatch):
+    assert A.load_cpu_kernel()
+    monkeypatch.setenv(A.NO_KERNEL_ENV, "1")
+    assert not A.load_cpu_kernel()
+
+
 def test_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
@@ -232,6 +238,8 @@ def test_build_metadata_slots_and_layout():
     assert meta.decode_context_lens.tolist() == [6, 1]
     (chunk,) = meta.prefills
     assert (chunk.start, chunk.num_tokens, chunk.num_cached, chunk.block_ids.tolist()) == (2, 4, 3, [3, 9])
+    assert torch.equal(chunk.mask, torch.ones(4, 7, dtype=torch.bool).tril(3))  # causal, bottom-right
+    assert AttentionMetadata.build(4, prefill=[([3], 0, 2)]).prefills[0].mask is None  # is_causal instead
     with pytest.raises(ValueError):
         AttentionMetadata.build(4, decode=[([7], 5)])
     with pytest.raises(ValueError):
@@ -249,12 +257,12 @@ def test_bytes_per_block():
 @given(
     decode_lens=st.lists(st.integers(1, 40), max_size=4),
     prefills=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 12)), max_size=3),
-    block_size=st.sampled_from([1, 2, 5, 16]),
+    block_size=st.sampled_from([1, 2, 5, 16, 32]),
+    heads=st.sampled_from([(4, 2, 8), (9, 3, 64)]),  # generic kernel loops; the vectorized SmolLM2 shape
     seed=st.integers(0, 1000),
 )
-def test_random_batches(kernel, decode_lens, prefills, block_size, seed):
-    case = Case(decode_lens, prefills, block_size, torch.float32, num_heads=4, num_kv_heads=2, head_dim=8,
-                seed=seed)
+def test_random_batches(kernel, decode_lens, prefills, block_size, heads, seed):
+    case = Case(decode_lens, prefills, block_size, torch.float32, *heads, seed=seed)
     fast, fast_cache = case.run(paged_attention)
     assert_close(fast, case.naive(), torch.float32)
     assert_written(case, fast_cache)
