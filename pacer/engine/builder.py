@@ -9,7 +9,7 @@ from pacer.config import EngineConfig
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
 from pacer.kv import KVCacheManager
-from pacer.model.runner import DTYPES, ModelRunner
+from pacer.model.runner import ModelRunner, resolve_dtype
 from pacer.model.tokenizer import Tokenizer
 from pacer.model.weights import load_checkpoint, resolve_model_path
 from pacer.scheduling import scheduler_class
@@ -21,7 +21,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
     policy = scheduler_class(config.scheduler.scheduler)  # fail on a bad name before loading anything
     start = time.perf_counter()
     path = resolve_model_path(config.model.model)
-    checkpoint = load_checkpoint(path, DTYPES[config.model.dtype])
+    checkpoint = load_checkpoint(path, resolve_dtype(config.model.dtype, config.model.device))
     runner = ModelRunner.load(checkpoint, config.model, config.cache)
     limit = checkpoint.config.max_position_embeddings
     max_model_len = config.scheduler.max_model_len or limit
@@ -30,6 +30,6 @@ def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
     kv = KVCacheManager(runner.num_blocks, config.cache.block_size)
     scheduler = policy(config.scheduler, kv, max_model_len, eos_token_id=checkpoint.tokenizer.eos_token_id)
     logger.info("loaded %s in %.1f s (%s, %s, scheduler %s, token budget %d)", path.name,
-                time.perf_counter() - start, config.model.dtype, config.model.device,
+                time.perf_counter() - start, runner.dtype, config.model.device,
                 config.scheduler.scheduler, scheduler.token_budget)
     return Engine(scheduler, runner, Detokenizer(checkpoint.tokenizer)), checkpoint.tokenizer

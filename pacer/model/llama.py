@@ -98,6 +98,7 @@ class LlamaModel(nn.Module):
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
+        self._head_column_major: torch.Tensor | None = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
@@ -108,8 +109,26 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache, i, meta)
         x = self.norm(x[logits_indices])  # only the rows that sample pay for the norm and the head
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        return F.linear(x, self.head_weight).float()
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """[V, D]: the tied embedding, the LM head, or their column-major copy (see to_column_major)."""
+        if self._head_column_major is not None:
+            return self._head_column_major
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def to_column_major(self) -> None:
+        """Store every projection as the transposed view of a contiguous [in, out] tensor.
+
+        F.linear then hands MKL the x @ W layout, which ran fp32 decode batches 2-3x faster on this
+        project's CPU (benchmarks/RESULTS.md); bf16 gained nothing. The tied head gets its own
+        column-major copy, since the embedding lookup wants rows.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight = nn.Parameter(module.weight.detach().t().contiguous().t(), requires_grad=False)
+        self._head_column_major = self.head_weight.detach().t().contiguous().t()
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Load HF-named tensors, fusing q/k/v and gate/up into the packed projections."""

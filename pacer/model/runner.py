@@ -20,6 +20,17 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """`auto` picks bfloat16 only where the hardware computes it: on a CPU without AVX-512 BF16 or AMX,
+    bf16 matmuls are emulated and run slower than fp32 (see benchmarks/RESULTS.md)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
 class ModelRunner:
     """Owns the weights, the physical KV cache and per-request sampling generators.
 
@@ -40,7 +51,7 @@ class ModelRunner:
     @classmethod
     def load(cls, checkpoint: Checkpoint, model_config: ModelConfig, cache_config: CacheConfig) -> ModelRunner:
         device = torch.device(model_config.device)
-        dtype = DTYPES[model_config.dtype]
+        dtype = resolve_dtype(model_config.dtype, model_config.device)
         if model_config.threads is not None and device.type == "cpu":
             torch.set_num_threads(model_config.threads)
         config = checkpoint.config
@@ -50,6 +61,8 @@ class ModelRunner:
         model.rope.reset(device)
         model.load_weights(checkpoint.weights)
         model.eval()
+        if dtype == torch.float32 and device.type == "cpu":
+            model.to_column_major()
         if device.type == "cpu" and not load_cpu_kernel():  # build now, not in the first step
             logger.warning("no C++ decode kernel: decode attention gathers KV blocks (slow)")
         num_blocks = cache_config.num_blocks or cls.num_blocks_for(cache_config, config, dtype)
@@ -57,7 +70,7 @@ class ModelRunner:
                                   config.head_dim, dtype, device)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s)", num_blocks,
                     cache_config.block_size, num_blocks * cache_config.block_size,
-                    num_blocks * cls.block_bytes(cache_config, config, dtype) / 2**30, model_config.dtype)
+                    num_blocks * cls.block_bytes(cache_config, config, dtype) / 2**30, dtype)
         return cls(model, cache, cache_config.block_size, device, seed=model_config.seed,
                    eos_token_id=checkpoint.tokenizer.eos_token_id)
 
@@ -73,6 +86,10 @@ class ModelRunner:
             raise ValueError(f"kv_cache_memory {cache_config.kv_cache_memory} holds no KV block "
                              f"({cls.block_bytes(cache_config, config, dtype)} bytes each)")
         return num_blocks
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
 
     @property
     def num_blocks(self) -> int:

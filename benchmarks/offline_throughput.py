@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Offline throughput, side by side: pacer, vLLM's CPU build and transformers on the same weights
+and the same prompts, one engine at a time on an otherwise idle machine.
+
+    .venv/bin/python benchmarks/offline_throughput.py --dtypes float32,bfloat16 \
+        --vllm-python /work/peers/vllm/bin/python --hf-python /work/peers/hf/bin/python \
+        --hf-model /work/peers/smollm2-hf
+
+Peers run in their own virtual environments (never pacer dependencies) from a safetensors export
+of the same GGUF weights: `python -m pacer.model.weights export DIR`. Prints a markdown table
+(paste it into benchmarks/RESULTS.md) and writes all runs as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNNERS = {"pacer": "pacer_offline.py", "vllm": "vllm_offline.py", "hf": "hf_offline.py"}
+
+
+def run(engine: str, python: str, dtype: str, cases: str, repeats: int, model: str | None) -> list[dict]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [python, str(HERE / "peers" / RUNNERS[engine]), "--dtype", dtype, "--cases", cases,
+               "--repeats", str(repeats), "--json", out.name]
+        if model and engine != "pacer":
+            cmd += ["--model", model]
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        return json.loads(Path(out.name).read_text())
+
+
+def table(results: list[dict]) -> str:
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    keys = list(dict.fromkeys((r["engine"], r["dtype"]) for r in results))
+    by = {(r["engine"], r["dtype"], r["case"]): r for r in results}
+    lines = ["| engine | dtype | " + " | ".join(_label(c) for c in cases) + " |",
+             "|---|---|" + "---|" * len(cases)]
+    for engine, dtype in keys:
+        cells = []
+        for c in cases:
+            r = by.get((engine, dtype, c))
+            cells.append("" if r is None else f"{r['prefill_tok_s'] or r['output_tok_s']:.1f}")
+        lines.append(f"| {engine} | {dtype} | " + " | ".join(cells) + " |")
+    for dtype in dict.fromkeys(d for _, d in keys):
+        if ("pacer", dtype) in keys and ("vllm", dtype) in keys:
+            ratios = []
+            for c in cases:
+                a, b = by.get(("pacer", dtype, c)), by.get(("vllm", dtype, c))
+                ratios.append("" if not (a and b) else f"{b['elapsed_s'] / a['elapsed_s']:.2f}x")
+            lines.append(f"| pacer / vLLM | {dtype} | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def _label(case: str) -> str:
+    n, p, o = case.split("x")
+    return f"prefill {p} tok (tok/s)" if o == "1" else f"{n} req x {p}+{o} (output tok/s)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engines", default="pacer,vllm,hf")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--cases", default="1x128x128,8x128x128,32x128x128,1x512x1")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pacer-python", default=sys.executable)
+    ap.add_argument("--vllm-python", default="/work/peers/vllm/bin/python")
+    ap.add_argument("--hf-python", default="/work/peers/hf/bin/python")
+    ap.add_argument("--hf-model", default="/work/peers/smollm2-hf", help="safetensors export for the peers")
+    ap.add_argument("--out", default=str(HERE / "out" / "offline_throughput.json"))
+    args = ap.parse_args()
+    pythons = {"pacer": args.pacer_python, "vllm": args.vllm_python, "hf": args.hf_python}
+    results = []
+    for dtype in args.dtypes.split(","):
+        for engine in args.engines.split(","):
+            results += run(engine, pythons[engine], dtype, args.cases, args.repeats, args.hf_model)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
