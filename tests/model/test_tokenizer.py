@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jinja2
 import pytest
 
 from pacer.model.tokenizer import Tokenizer
-from pacer.model.weights import load_tokenizer, resolve_model_path
+from pacer.model.weights import load_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-REFERENCE = SHARED / "reference" / "smollm2_greedy.json"
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict:
-    if not REFERENCE.is_file():
-        pytest.skip(f"shared reference not found at {REFERENCE}")
-    return json.loads(REFERENCE.read_text())
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    try:
-        path = resolve_model_path(None)
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    return load_tokenizer(path)
+def tokenizer(smollm2_path: Path) -> Tokenizer:
+    return load_tokenizer(smollm2_path)
 
 
 def test_chat_template_reproduces_reference_prompts(tokenizer: Tokenizer, reference: dict) -> None:

@@ -29,8 +29,6 @@ from pacer.model.weights import (
     resolve_model_path,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-REFERENCE = SHARED / "reference" / "smollm2_greedy.json"
 
 # ---- a tiny GGUF written by gguf's own writer, every supported type used once -------------------
 
@@ -269,21 +267,6 @@ def test_incomplete_directory(tiny, tmp_path: Path) -> None:
 
 
 # ---- the real SmolLM2 file ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict:
-    if not REFERENCE.is_file():
-        pytest.skip(f"shared reference not found at {REFERENCE}")
-    return json.loads(REFERENCE.read_text())
-
-
-@pytest.fixture(scope="module")
-def smollm2_path() -> Path:
-    try:
-        return resolve_model_path(None)
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="module")
