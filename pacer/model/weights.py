@@ -1,8 +1,9 @@
 """Load a Llama-shaped checkpoint (a GGUF file or a Hugging Face directory) as HF-named tensors.
 
-GGUF blocks are dequantized once, at load, and llama.cpp's q/k row permutation is undone, so every
-source yields the same `[out, in]` tensors for HF's rotate_half RoPE. `export_safetensors` writes
-them back out as a directory that transformers and vLLM load, for like-for-like benchmarks.
+GGUF blocks are dequantized once, at load (gguf_file.py), and llama.cpp's q/k row permutation is
+undone, so every source yields the same `[out, in]` tensors for HF's rotate_half RoPE.
+`export_safetensors` writes them back out as a directory that transformers loads, to feed the
+same weights to peers in benchmarks.
 """
 
 from __future__ import annotations
@@ -10,21 +11,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import mmap
-import re
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pacer.model.config import LlamaConfig
+from pacer.model.gguf_file import GGUFFile, read_gguf
 from pacer.model.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -86,7 +83,7 @@ def _bundled_gguf() -> Path:
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Load a GGUF file or HF-style directory (see `resolve_model_path`) as `dtype` tensors."""
     path = Path(path)
-    checkpoint = _load_directory(path, dtype) if path.is_dir() else _load_gguf(path, dtype)
+    checkpoint = _load_directory(path, dtype) if path.is_dir() else Checkpoint(*read_gguf(path, dtype))
     _check_weights(checkpoint.config, checkpoint.weights)
     return checkpoint
 
@@ -94,274 +91,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Only the tokenizer, without touching weights (~0.3 s for a GGUF): for clients and tools."""
     path = Path(path)
-    return Tokenizer.from_directory(path) if path.is_dir() else Tokenizer.from_gguf_metadata(_GGUFFile(path).metadata)
-
-
-# ---- GGUF ----------------------------------------------------------------------------------------
-
-_GGUF_MAGIC = b"GGUF"
-_GGUF_SCALARS = {
-    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
-    GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
-    GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
-    GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
-}  # fmt: skip
-
-_GGUF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
-
-
-@dataclass(frozen=True)
-class _GGUFTensor:
-    ggml_type: GGMLQuantizationType
-    shape: tuple[int, ...]  # torch order: GGUF lists dims fastest-varying first, we reverse them
-    offset: int  # absolute byte offset in the file
-    num_bytes: int
-
-
-class _GGUFFile:
-    """A memory-mapped GGUF file: metadata parsed with `struct`, tensors located but not read.
-
-    gguf.GGUFReader builds a numpy view per string, ~3.6 s for SmolLM2's 98k vocab and merge
-    strings; this takes ~0.15 s. We still use the gguf package for its type tables.
-    """
-
-    def __init__(self, path: Path) -> None:
-        with open(path, "rb") as file:
-            if file.read(4) != _GGUF_MAGIC:
-                raise ValueError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
-            buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        self.buffer, self.pos = buffer, 0
-        version, num_tensors, num_kv = struct.unpack_from("<4xIQQ", buffer)
-        if version not in (2, 3):
-            raise ValueError(f"{path}: unsupported GGUF version {version} (big-endian files too)")
-        self.pos = 24
-        self.metadata = dict(self._read_kv() for _ in range(num_kv))
-        infos = [self._read_tensor_info() for _ in range(num_tensors)]
-        alignment = self.metadata.get("general.alignment", 32)
-        data_start = -(-self.pos // alignment) * alignment
-        self.tensors = {name: _locate(name, data_start, *info) for name, *info in infos}
-        end = max((t.offset + t.num_bytes for t in self.tensors.values()), default=0)
-        if end > len(buffer):
-            raise ValueError(f"{path} is truncated: tensor data ends at byte {end}, file has {len(buffer)}")
-
-    def tensor_bytes(self, info: _GGUFTensor) -> np.ndarray:
-        return np.frombuffer(self.buffer, np.uint8, info.num_bytes, info.offset)
-
-    def _unpack(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from(fmt, self.buffer, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def _read_string(self) -> str:
-        length = self._unpack("<Q")
-        self.pos += length
-        return self.buffer[self.pos - length : self.pos].decode("utf-8")
-
-    def _read_value(self, value_type: int) -> Any:
-        if value_type == GGUFValueType.STRING:
-            return self._read_string()
-        if value_type == GGUFValueType.ARRAY:
-            item_type, count = self._unpack("<I"), self._unpack("<Q")
-            if item_type in _GGUF_SCALARS and item_type != GGUFValueType.BOOL:
-                dtype = np.dtype("<" + _GGUF_SCALARS[item_type])
-                values = np.frombuffer(self.buffer, dtype, count, self.pos).tolist()
-                self.pos += count * dtype.itemsize
-                return values
-            return [self._read_value(item_type) for _ in range(count)]
-        if value_type not in _GGUF_SCALARS:
-            raise ValueError(f"unknown GGUF metadata value type {value_type}")
-        return self._unpack("<" + _GGUF_SCALARS[value_type])
-
-    def _read_kv(self) -> tuple[str, Any]:
-        key = self._read_string()
-        return key, self._read_value(self._unpack("<I"))
-
-    def _read_tensor_info(self) -> tuple[str, tuple[int, ...], int, int]:
-        name = self._read_string()
-        num_dims = self._unpack("<I")
-        dims = struct.unpack_from(f"<{num_dims}Q", self.buffer, self.pos)
-        self.pos += 8 * num_dims
-        ggml_type, offset = self._unpack("<I"), self._unpack("<Q")
-        return name, dims, ggml_type, offset
-
-
-def _locate(name: str, data_start: int, dims: tuple[int, ...], ggml_type: int, offset: int) -> _GGUFTensor:
-    qtype = GGMLQuantizationType(ggml_type)
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    if dims[0] % block_size:
-        raise ValueError(f"GGUF tensor {name}: row of {dims[0]} values is not whole {qtype.name} blocks")
-    num_blocks = int(np.prod(dims, dtype=np.int64)) // block_size
-    return _GGUFTensor(qtype, tuple(reversed(dims)), data_start + offset, num_blocks * type_size)
-
-
-def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
-    file = _GGUFFile(path)
-    config = _config_from_gguf(file.metadata, file.tensors)
-    weights = {}
-    for gguf_name, info in file.tensors.items():
-        name = _hf_name(gguf_name)
-        values = _dequantize(file.tensor_bytes(info), info)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
-            values = _unpermute_rotary_rows(values, heads)
-        weights[name] = _to_torch(values, dtype)
-    return Checkpoint(config, weights, Tokenizer.from_gguf_metadata(file.metadata))
-
-
-def _config_from_gguf(metadata: dict[str, Any], tensors: dict[str, _GGUFTensor]) -> LlamaConfig:
-    arch = metadata.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported; only 'llama'")
-
-    def get(key: str, default: Any = None) -> Any:
-        value = metadata.get(f"llama.{key}", default)
-        if value is None:
-            raise ValueError(f"GGUF metadata is missing llama.{key}")
-        return value
-
-    if get("rope.scaling.type", "none") not in ("none", "linear") or get("rope.scaling.factor", 1.0) != 1.0:
-        raise ValueError("GGUF uses RoPE scaling, which pacer does not implement")
-    hidden, num_heads = get("embedding_length"), get("attention.head_count")
-    head_dim = get("attention.key_length", hidden // num_heads)
-    if get("rope.dimension_count", head_dim) != head_dim:
-        raise ValueError("GGUF uses partial rotary embeddings, which pacer does not implement")
-    return LlamaConfig(
-        vocab_size=tensors["token_embd.weight"].shape[0],
-        hidden_size=hidden,
-        intermediate_size=get("feed_forward_length"),
-        num_layers=get("block_count"),
-        num_heads=num_heads,
-        num_kv_heads=get("attention.head_count_kv", num_heads),
-        head_dim=head_dim,
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=get("context_length"),
-        tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
-    )
-
-
-def _hf_name(gguf_name: str) -> str:
-    if gguf_name in _GGUF_NAMES:
-        return _GGUF_NAMES[gguf_name]
-    match = _GGUF_LAYER_RE.fullmatch(gguf_name)
-    if match is None or match.group(2) not in _GGUF_LAYER_NAMES:
-        raise ValueError(f"unexpected tensor {gguf_name!r} in a llama GGUF")
-    return f"model.layers.{match.group(1)}.{_GGUF_LAYER_NAMES[match.group(2)]}.weight"
-
-
-def _dequantize(raw: np.ndarray, info: _GGUFTensor) -> np.ndarray:
-    """Raw GGUF bytes -> a new fp32 array of `info.shape` (never a view of the file).
-
-    numpy, not torch: it is single-threaded, and torch's 2-thread elementwise ops ran 25x slower
-    than 1 thread on a busy 2-core box. Blocks are decoded with the same fp32 ops as
-    gguf.quants.dequantize, so results match it bit for bit.
-    """
-    kind = info.ggml_type
-    if kind == GGMLQuantizationType.F32:
-        values = raw.view(np.float32).copy()
-    elif kind == GGMLQuantizationType.F16:
-        values = raw.view(np.float16).astype(np.float32)
-    elif kind == GGMLQuantizationType.BF16:  # bf16 is the top half of an fp32
-        values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    else:
-        blocks = raw.reshape(-1, GGML_QUANT_SIZES[kind][1])
-        if kind in _BLOCK_DEQUANTIZERS:
-            values = _BLOCK_DEQUANTIZERS[kind](blocks)
-        else:  # K-quants and friends: the correct but slow reference implementation
-            from gguf.quants import dequantize
-
-            values = dequantize(blocks, kind)
-    return values.reshape(info.shape)
-
-
-def _to_torch(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 array -> `dtype` tensor, rounding in numpy for the same single-thread reason."""
-    if dtype == torch.float32:
-        return torch.from_numpy(values)
-    if dtype == torch.float16:
-        return torch.from_numpy(values.astype(np.float16))
-    if dtype == torch.bfloat16:  # round to nearest even on the fp32 bits (weights are finite)
-        bits = values.view(np.uint32)
-        rounded = bits >> 16
-        rounded &= 1
-        rounded += 0x7FFF
-        rounded += bits
-        rounded >>= 16
-        return torch.from_numpy(rounded.astype(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(values).to(dtype)
-
-
-def _f16_column(blocks: np.ndarray, start: int) -> np.ndarray:
-    """The fp16 scalar at byte `start` of every block, as fp32 `[num_blocks, 1]`."""
-    return blocks[:, start : start + 2].view(np.float16).astype(np.float32)
-
-
-def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """`[n, 16]` bytes -> `[n, 32]` 4-bit values: low nibbles are values 0..15, high ones 16..31."""
-    q = np.empty((packed.shape[0], 2 * packed.shape[1]), np.uint8)
-    np.bitwise_and(packed, 0x0F, out=q[:, : packed.shape[1]])
-    np.right_shift(packed, 4, out=q[:, packed.shape[1] :])
-    return q
-
-
-def _dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
-    # [n, 34] = f16 scale d | 32 x int8; value = d * q
-    values = blocks[:, 2:].view(np.int8).astype(np.float32)
-    values *= _f16_column(blocks, 0)
-    return values
-
-
-def _dequant_q4_0(blocks: np.ndarray) -> np.ndarray:
-    # [n, 18] = f16 d | 16 bytes of nibbles; value = d * (q - 8)
-    values = _unpack_nibbles(blocks[:, 2:]).astype(np.float32)
-    values -= 8
-    values *= _f16_column(blocks, 0)
-    return values
-
-
-def _dequant_q4_1(blocks: np.ndarray) -> np.ndarray:
-    # [n, 20] = f16 d | f16 m | 16 bytes of nibbles; value = d * q + m
-    values = _unpack_nibbles(blocks[:, 4:]).astype(np.float32)
-    values *= _f16_column(blocks, 0)
-    values += _f16_column(blocks, 2)
-    return values
-
-
-_BLOCK_DEQUANTIZERS = {
-    GGMLQuantizationType.Q8_0: _dequant_q8_0,
-    GGMLQuantizationType.Q4_0: _dequant_q4_0,
-    GGMLQuantizationType.Q4_1: _dequant_q4_1,
-}
-
-
-def _unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's convert-time permutation of q/k rows.
-
-    ggml's RoPE rotates adjacent pairs (rows 2j, 2j+1 of a head); HF's rotate_half rotates row j
-    with row j + head_dim/2. The converter reordered rows for ggml; we put them back.
-    """
-    out_features, in_features = weight.shape
-    head_dim = out_features // num_heads
-    per_head = weight.reshape(num_heads, head_dim // 2, 2, in_features)
-    return np.ascontiguousarray(per_head.transpose(0, 2, 1, 3)).reshape(out_features, in_features)
+    return Tokenizer.from_directory(path) if path.is_dir() else Tokenizer.from_gguf_metadata(GGUFFile(path).metadata)
 
 
 # ---- Hugging Face directory -----------------------------------------------------------------------
