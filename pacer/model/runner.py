@@ -9,6 +9,7 @@ import torch
 
 from pacer.config import CacheConfig, ModelConfig, parse_bytes
 from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache, load_cpu_kernel
+from pacer.model.config import LlamaConfig
 from pacer.model.llama import LlamaModel
 from pacer.model.sampler import sample
 from pacer.model.weights import Checkpoint
@@ -75,12 +76,12 @@ class ModelRunner:
                    eos_token_id=checkpoint.tokenizer.eos_token_id)
 
     @staticmethod
-    def block_bytes(cache_config: CacheConfig, config, dtype: torch.dtype) -> int:
+    def block_bytes(cache_config: CacheConfig, config: LlamaConfig, dtype: torch.dtype) -> int:
         return KVCache.bytes_per_block(config.num_layers, cache_config.block_size, config.num_kv_heads,
                                        config.head_dim, dtype)
 
     @classmethod
-    def num_blocks_for(cls, cache_config: CacheConfig, config, dtype: torch.dtype) -> int:
+    def num_blocks_for(cls, cache_config: CacheConfig, config: LlamaConfig, dtype: torch.dtype) -> int:
         num_blocks = parse_bytes(cache_config.kv_cache_memory) // cls.block_bytes(cache_config, config, dtype)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {cache_config.kv_cache_memory} holds no KV block "
