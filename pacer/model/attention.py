@@ -170,7 +170,7 @@ def paged_attention(
     k_cache, v_cache = cache.k[layer], cache.v[layer]
     ops = _kernel_ops() if _kernel_applies(q, k_cache) else None
     if ops is None:
-        return _reference(q, k, v, k_cache, v_cache, meta, scale)
+        return paged_attention_reference(q, k, v, cache, layer, meta, scale)
     ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     n = meta.num_decode_tokens
@@ -193,18 +193,7 @@ def paged_attention_reference(
     scale: float,
 ) -> torch.Tensor:
     """paged_attention in plain torch (any device): gathers each request's blocks into dense K/V."""
-    return _reference(q, k, v, cache.k[layer], cache.v[layer], meta, scale)
-
-
-def _reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
+    k_cache, v_cache = cache.k[layer], cache.v[layer]
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     n = meta.num_decode_tokens
