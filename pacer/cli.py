@@ -1,4 +1,4 @@
-"""The `pacer` command line: `pacer generate` (offline batch generation)."""
+"""The `pacer` command line: `pacer serve` (OpenAI-compatible server) and `pacer generate` (offline)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,27 @@ import logging
 import sys
 import time
 
-from pacer.config import CacheConfig, ModelConfig, SchedulerConfig, add_config_flags, engine_config_from_args
+from pacer.config import (
+    CacheConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+    add_config_flags,
+    config_from_args,
+    engine_config_from_args,
+)
 from pacer.request import SamplingParams
 from pacer.scheduling import SCHEDULERS
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a flag's default unless its help already explains it (or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -57,12 +75,23 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    from pacer.server.launch import serve
+
+    return serve(engine_config_from_args(args), config_from_args(ServerConfig, args))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pacer", description="An LLM inference server that keeps its promises.")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     commands = parser.add_subparsers(dest="command", required=True)
+    srv = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                              formatter_class=_HelpFormatter)
+    add_config_flags(srv, ServerConfig)
+    _engine_flags(srv)
+    srv.set_defaults(func=serve)
     gen = commands.add_parser("generate", help="generate completions for prompts, offline",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
     gen.add_argument("--prompt", action="append", help="prompt text (repeatable); default: lines of stdin")
     gen.add_argument("--raw", action="store_true", help="no chat template: complete the text as is")
     _engine_flags(gen)
@@ -72,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"pacer: error: {e}", file=sys.stderr)
         return 2
 

@@ -78,6 +78,29 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata=_help("address to listen on (0.0.0.0 for every interface)"))
+    port: int = field(default=8000, metadata=_help("TCP port"))
+    api_key: str | None = field(default=None, metadata=_help(
+        "require `Authorization: Bearer KEY` on /v1 routes (default: $PACER_API_KEY, else no key)"))
+    served_model_name: str | None = field(default=None, metadata=_help(
+        "the model name clients send and see (default: the --model value)"))
+    max_queued_requests: int | None = field(default=None, metadata=_help(
+        "requests allowed to wait for a batch slot; more get 429 with Retry-After (default: no limit)"))
+    drain_timeout_s: float = field(default=30.0, metadata=_help(
+        "on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before aborting them"))
+    access_log: bool = field(default=False, metadata=_help("log every HTTP request"))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -115,7 +138,10 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, choices:
         group.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
     values = vars(args)
-    return EngineConfig(**{name: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
-                           for name, cls in _SECTIONS.items()})
+    return config_cls(**{f.name: values[f.name] for f in dataclasses.fields(config_cls)})
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{name: config_from_args(cls, args) for name, cls in _SECTIONS.items()})

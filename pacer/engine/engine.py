@@ -4,11 +4,38 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.executor import Executor
 from pacer.request import FinishReason, Request, RequestOutput
-from pacer.scheduling import Scheduler
+from pacer.scheduling import ModelOutput, Scheduler, SchedulerOutput
+
+
+class StepError(RuntimeError):
+    """An iteration failed. A batched forward cannot tell which request caused it, so every
+    request of the iteration is named; the caller aborts them and the engine stays usable."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed for request(s) {', '.join(request_ids)}: {cause!r}")
+        self.request_ids = request_ids
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    """What one iteration did, for metrics (and, later, latency-model calibration)."""
+
+    num_requests: int
+    num_prefill_tokens: int  # tokens of requests still in their prompt (chunks)
+    num_decode_tokens: int
+    num_preempted: int
+    elapsed_s: float  # the executor's measured time
+    predicted_s: float | None
+
+    @classmethod
+    def of(cls, plan: SchedulerOutput, num_decodes: int, result: ModelOutput) -> IterationStats:
+        return cls(len(plan.requests), plan.total_num_scheduled_tokens - num_decodes, num_decodes,
+                   len(plan.preempted_ids), result.elapsed_s, plan.predicted_s)
 
 
 class Engine:
@@ -23,6 +50,7 @@ class Engine:
         self.executor = executor
         self.detokenizer = detokenizer
         self.clock = clock
+        self.last_iteration: IterationStats | None = None
 
     def add_request(self, request: Request) -> None:
         """Queue a request (its arrival_s is stamped now if unset); ValueError if it can never run."""
@@ -42,9 +70,14 @@ class Engine:
         plan = self.scheduler.schedule(now=self.clock())
         if plan.is_empty:
             return []
-        result = self.executor.execute(plan)
-        finished = self.scheduler.update(plan, result, now=self.clock())
-        outputs = self.detokenizer.outputs(plan, result, finished)
+        num_decodes = sum(1 for r in plan.requests if not r.is_prefilling)
+        try:
+            result = self.executor.execute(plan)
+            finished = self.scheduler.update(plan, result, now=self.clock())
+            outputs = self.detokenizer.outputs(plan, result, finished)
+        except Exception as error:
+            raise StepError([r.request_id for r in plan.requests], error) from error
+        self.last_iteration = IterationStats.of(plan, num_decodes, result)
         for output in outputs:  # a stop string ends a request the scheduler still runs
             if output.finished and output.request_id in self.scheduler.requests:
                 self.scheduler.finish(output.request_id, FinishReason.STOP)

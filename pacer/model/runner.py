@@ -11,7 +11,7 @@ from pacer.config import CacheConfig, ModelConfig, parse_bytes
 from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache, load_cpu_kernel
 from pacer.model.config import LlamaConfig
 from pacer.model.llama import LlamaModel
-from pacer.model.sampler import sample
+from pacer.model.sampler import apply_penalties, sample
 from pacer.model.weights import Checkpoint
 from pacer.request import Request
 from pacer.scheduling import ModelOutput, SchedulerOutput
@@ -125,6 +125,11 @@ class ModelRunner:
                             logits_indices)
         if sampling:
             requests = [r for _, r in sampling]
+            penalized = [row for row, r in enumerate(requests) if r.sampling.penalized]
+            if penalized:
+                rows = logits[penalized]
+                apply_penalties(rows, [requests[row] for row in penalized])
+                logits[penalized] = rows
             self._mask_stops_before_min_tokens(logits, requests)
             tokens, token_logprobs = sample(logits, [r.sampling for r in requests],
                                             [self._generator(r) for r in requests])

@@ -1,15 +1,36 @@
-"""Token sampling for a batch of rows with per-row parameters: greedy, temperature, top-k/p, min-p."""
+"""Token sampling for a batch of rows with per-row parameters: penalties, greedy, temperature, top-k/p, min-p."""
 
 from __future__ import annotations
 
 import torch
 
-from pacer.request import SamplingParams
+from pacer.request import Request, SamplingParams
 from pacer.scheduling import TokenLogprobs
 
 # Nucleus candidates are taken from the top NUCLEUS_CANDIDATES tokens (a top-k is far cheaper
 # than sorting a 49k vocabulary per row); a row whose nucleus is wider falls back to a full sort.
 NUCLEUS_CANDIDATES = 1024
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Penalize repeats in place, row by row, with vLLM's semantics.
+
+    Presence and frequency penalties (OpenAI) count the output tokens only; the repetition penalty
+    (CTRL, arXiv 1909.05858) covers prompt and output and pushes a logit towards less likely
+    whatever its sign.
+    """
+    vocab_size = logits.shape[-1]
+    for row, request in enumerate(requests):
+        p = request.sampling
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(request.token_ids, device=logits.device).unique()
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty,
+                                            values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and request.num_output_tokens:
+            counts = torch.bincount(torch.tensor(request.output_token_ids, device=logits.device),
+                                    minlength=vocab_size).to(logits.dtype)
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],

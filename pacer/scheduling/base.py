@@ -121,6 +121,14 @@ class Scheduler:
         """Queue a request; refuse at once (ValueError) one that could never be served."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.check(request)
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def check(self, request: Request) -> None:
+        """ValueError if the request could never be served, whatever the load. Reads only fixed
+        limits, so the server may call it from another thread before it queues the request."""
         num_prompt = request.num_prompt_tokens
         wanted = num_prompt + (request.sampling.max_tokens or 1)
         if wanted > self.max_request_tokens:
@@ -128,9 +136,6 @@ class Scheduler:
                 f"request {request.request_id}: {num_prompt} prompt tokens + "
                 f"{request.sampling.max_tokens or 1} output tokens exceed the "
                 f"{self._limit_name()} of {self.max_request_tokens} tokens")
-        request.status = RequestStatus.WAITING
-        self.requests[request.request_id] = request
-        self.waiting.append(request)
 
     def finish(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> Request | None:
         """End a request wherever it is and free its blocks; unknown or finished ids are ignored."""

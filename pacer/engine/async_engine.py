@@ -1,0 +1,290 @@
+"""AsyncEngine: Engine.step runs in one background thread; each generate() call has its own asyncio queue.
+
+The event loop never waits on the model: it checks a request against the fixed limits, queues it
+for the engine thread and awaits outputs, which the engine thread hands over with
+`call_soon_threadsafe` once per iteration. Torch releases the GIL in its kernels, so HTTP parsing
+and SSE writing overlap the forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from pacer.engine.engine import Engine, IterationStats, StepError
+from pacer.request import Request, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """More requests are waiting than the server was told to queue; retry after `retry_after_s`."""
+
+    def __init__(self, num_queued: int, retry_after_s: int) -> None:
+        super().__init__(f"the server has {num_queued} requests queued, its limit; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class EngineError(RuntimeError):
+    """The engine failed while serving this request: a server fault, not the client's."""
+
+
+class EngineObserver(Protocol):
+    """Receives what the engine thread saw (the server's Prometheus metrics implement it)."""
+
+    def iteration(self, stats: IterationStats, outputs: list[RequestOutput]) -> None: ...
+
+    def request_finished(self, request: Request) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """The engine's state after its latest iteration, readable from any thread."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Failure:
+    request_id: str
+    message: str
+
+
+_STOP = object()
+_RATE_WINDOW = 64  # recent completions used to estimate how fast the queue drains
+
+
+class AsyncEngine:
+    """Owns the engine thread. Commands go in through a thread-safe inbox; outputs come back per call.
+
+    Invariant: a request id is in `_queues` from submission until its final output (or failure)
+    has been delivered, or its caller has gone; `num_in_flight` counts them.
+    """
+
+    def __init__(self, engine: Engine, max_queued_requests: int | None = None,
+                 observer: EngineObserver | None = None) -> None:
+        self.engine = engine
+        self.max_queued_requests = max_queued_requests
+        self.observer = observer
+        self.load = EngineLoad()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._requests: dict[str, Request] = {}  # engine thread only
+        self._finish_times: deque[float] = deque(maxlen=_RATE_WINDOW)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle (event loop side) ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pacer-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Abort whatever is left and join the engine thread."""
+        if self._thread is None:
+            return
+        self._inbox.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._queues)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- requests (event loop side) -----------------------------------------------------------
+
+    def generate(self, requests: list[Request]) -> RequestStream:
+        """Queue `requests` together (one HTTP call's choices) and return the stream of their outputs.
+
+        Raises ValueError (never servable) or QueueFullError here, before anything is queued, so
+        the server can answer 4xx before it starts a response. Closing the stream early (client
+        gone) aborts the unfinished requests at once, which frees their KV blocks.
+        """
+        self._admit(requests)
+        outputs: asyncio.Queue = asyncio.Queue()
+        for request in requests:
+            self._queues[request.request_id] = outputs
+        self._inbox.put(("add", requests))
+        return RequestStream(self, [r.request_id for r in requests], outputs)
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Abort from the event loop; each still-open stream gets a final output with reason abort."""
+        self._inbox.put(("abort", list(request_ids)))
+
+    def abort_all(self) -> None:
+        self.abort(list(self._queues))
+
+    def _admit(self, requests: list[Request]) -> None:
+        if not self.is_alive:
+            raise EngineError("the engine is not running")
+        for request in requests:
+            self.engine.scheduler.check(request)  # fixed limits only: safe from this thread
+        if self.max_queued_requests is not None:
+            num_queued = max(0, self.num_in_flight - self.load.num_running)
+            if num_queued + len(requests) > self.max_queued_requests:
+                raise QueueFullError(num_queued, self.retry_after_s(num_queued))
+
+    def retry_after_s(self, num_queued: int) -> int:
+        """A first estimate of when a queued request could be taken: the queue over the recent
+        completion rate (the SLO scheduler replaces it with its latency model's prediction)."""
+        times = self._finish_times
+        if len(times) < 2 or times[-1] <= times[0]:
+            return 1
+        rate = (len(times) - 1) / (times[-1] - times[0])
+        return max(1, min(3600, math.ceil((num_queued + 1) / rate)))
+
+    def _deliver(self, outputs: list[RequestOutput | _Failure]) -> None:
+        now = time.monotonic()
+        for item in outputs:
+            target = self._queues.get(item.request_id)
+            if isinstance(item, _Failure) or item.finished:
+                self._queues.pop(item.request_id, None)
+                self._finish_times.append(now)
+            if target is not None:
+                target.put_nowait(item)
+
+    # ---- engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception:  # a scheduler bug: fail every caller loudly rather than leave them hanging
+            logger.exception("the engine thread died")
+            try:
+                self._loop.call_soon_threadsafe(self._fail_all, "the engine thread died; see the server log")
+            except RuntimeError:
+                pass
+
+    def _fail_all(self, message: str) -> None:
+        self._deliver([_Failure(rid, message) for rid in list(self._queues)])
+
+    def _serve(self) -> None:
+        while True:
+            commands = [self._inbox.get()] if not self.engine.has_unfinished else []
+            while not self._inbox.empty():
+                commands.append(self._inbox.get_nowait())
+            if _STOP in commands:
+                break
+            for kind, payload in commands:
+                if kind == "add":
+                    self._add(payload)
+                else:
+                    for request_id in payload:
+                        self._abort(request_id)
+            if self.engine.has_unfinished:
+                self._step()
+            self._publish_load()
+        for request_id in list(self._requests):
+            self.engine.abort(request_id)
+            self._finished(request_id)
+        self._publish_load()
+
+    def _add(self, requests: list[Request]) -> None:
+        for request in requests:
+            try:
+                self.engine.add_request(request)
+            except Exception as error:  # checked before queueing: this is a server fault
+                logger.exception("request %s could not be added", request.request_id)
+                self._fail([request.request_id], f"could not queue the request: {error}")
+            else:
+                self._requests[request.request_id] = request
+
+    def _abort(self, request_id: str) -> None:
+        output = self.engine.abort(request_id)
+        self._finished(request_id)
+        if output is not None:
+            self._send([output])
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except StepError as error:
+            logger.exception("engine iteration failed; aborting its requests and serving on")
+            for request_id in error.request_ids:
+                self.engine.abort(request_id)
+                self._finished(request_id)
+            self._fail(error.request_ids, f"the engine failed while serving this request: {error.__cause__!r}")
+            return
+        if self.observer is not None and self.engine.last_iteration is not None:
+            self.observer.iteration(self.engine.last_iteration, outputs)
+        for output in outputs:
+            if output.finished:
+                self._finished(output.request_id)
+        if outputs:
+            self._send(outputs)
+
+    def _finished(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is not None and self.observer is not None:
+            self.observer.request_finished(request)
+
+    def _fail(self, request_ids: list[str], message: str) -> None:
+        self._send([_Failure(rid, message) for rid in request_ids])
+
+    def _send(self, items: list[RequestOutput | _Failure]) -> None:
+        """Hand items to the event loop, which may already be gone at shutdown."""
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, items)
+        except RuntimeError:
+            pass
+
+    def _publish_load(self) -> None:
+        scheduler = self.engine.scheduler
+        self.load = EngineLoad(len(scheduler.running), len(scheduler.waiting), scheduler.kv.usage)
+
+
+class RequestStream:
+    """The outputs of one `generate` call, in order per request.
+
+    Raises EngineError if the engine failed on any of its requests. `close()` (also on leaving
+    `with`, or on cancellation inside it) aborts whatever has not finished.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_ids: list[str], outputs: asyncio.Queue) -> None:
+        self._engine = engine
+        self._request_ids = request_ids
+        self._unfinished = set(request_ids)
+        self._outputs = outputs
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if not self._unfinished:
+            raise StopAsyncIteration
+        item = await self._outputs.get()
+        if isinstance(item, _Failure):
+            self._unfinished.discard(item.request_id)
+            self.close()
+            raise EngineError(item.message)
+        if item.finished:
+            self._unfinished.discard(item.request_id)
+        return item
+
+    def close(self) -> None:
+        for request_id in self._request_ids:
+            self._engine._queues.pop(request_id, None)
+        if self._unfinished:
+            self._engine.abort(list(self._unfinished))
+            self._unfinished.clear()
+
+    def __enter__(self) -> RequestStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

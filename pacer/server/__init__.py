@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: routes (app), request/response shapes (protocol), Prometheus metrics."""

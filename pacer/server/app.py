@@ -1,0 +1,159 @@
+"""FastAPI routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /version, /metrics.
+
+Every error, including FastAPI's own validation and routing errors, leaves as OpenAI's JSON
+error body; client input never produces a 500.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+
+from pacer import __version__
+from pacer.engine.async_engine import AsyncEngine
+from pacer.model.tokenizer import Tokenizer
+from pacer.server.metrics import Metrics
+from pacer.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from pacer.server.serving import OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+_HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}
+
+
+@dataclass
+class ServerState:
+    """What the routes share; `draining` flips on SIGTERM (new requests then get 503)."""
+
+    engine: AsyncEngine
+    serving: OpenAIServing
+    metrics: Metrics
+    model_name: str
+    model_root: str
+    max_model_len: int
+    api_key: str | None = None
+    draining: bool = False
+
+
+def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, model_root: str,
+               api_key: str | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """The app owns the engine thread: it starts with the app and stops (aborting leftovers) with it."""
+    metrics = metrics or Metrics(model_name, lambda: engine.load)
+    engine.observer = metrics
+    state = ServerState(engine, OpenAIServing(engine, tokenizer, model_name, metrics), metrics, model_name,
+                        model_root, engine.engine.scheduler.max_model_len, api_key)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await engine.stop()
+
+    app = FastAPI(title="pacer", version=__version__, lifespan=lifespan)
+    app.state.pacer = state
+    _add_error_handlers(app, metrics)
+
+    def accepting(request: Request) -> float:
+        """Auth and drain checks for /v1 routes; returns the HTTP arrival time (monotonic s)."""
+        arrival_s = time.monotonic()
+        if state.api_key is not None:
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), state.api_key.encode()):
+                raise APIError(401, "Missing or incorrect API key: send `Authorization: Bearer <key>`",
+                               type="authentication_error", code="invalid_api_key")
+        if state.draining:
+            raise APIError(503, "the server is shutting down and takes no new requests",
+                           type="service_unavailable", code="shutting_down")
+        return arrival_s
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, arrival_s: float = Depends(accepting)):
+        return await state.serving.completions(body, request, arrival_s)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request,
+                               arrival_s: float = Depends(accepting)):
+        return await state.serving.chat(body, request, arrival_s)
+
+    @app.get("/v1/models", dependencies=[Depends(accepting)])
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, root=model_root, max_model_len=state.max_model_len)])
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining or not engine.is_alive:
+            reason = "shutting down" if state.draining else "the engine is not running"
+            raise APIError(503, f"unhealthy: {reason}", type="service_unavailable", code="unhealthy")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    def respond(status: int, info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:
+        if status in (400, 404, 429, 503):
+            metrics.rejected(info.code or str(status))
+        return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return respond(error.status, error.body.error, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+            return respond(400, ErrorInfo(message=message, type="invalid_request_error", code="invalid_json"))
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        # A union (e.g. prompt: str | list[...]) reports each alternative; name the field, not the branch.
+        loc = [part for part in loc if not (part.startswith(("str", "list[", "int")) or "-" in part)]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        if first.get("type") == "missing":
+            message = f"{param} is required"
+        return respond(400, ErrorInfo(message=message, type="invalid_request_error", param=param,
+                                      code="invalid_value"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        status = 400 if error.status_code == 422 else error.status_code
+        message, code = str(error.detail), None
+        if status == 400:  # FastAPI could not read the body (e.g. it is not UTF-8)
+            message, code = f"the body could not be read as UTF-8 JSON ({message})", "invalid_json"
+        elif status == 404:
+            message, code = f"no route {request.method} {request.url.path}", "not_found"
+        return respond(status, ErrorInfo(message=message, type=_HTTP_ERROR_TYPES.get(status, "invalid_request_error"),
+                                         code=code), getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return respond(500, ErrorInfo(message=f"internal server error: {error!r}", type="server_error",
+                                      code="internal_error"))

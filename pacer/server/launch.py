@@ -1,0 +1,79 @@
+"""`pacer serve`: build the engine, wrap it in the app, run uvicorn with a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+
+from pacer.config import EngineConfig, ServerConfig
+from pacer.engine.async_engine import AsyncEngine
+from pacer.engine.builder import build_engine
+from pacer.model.weights import DEFAULT_MODEL, resolve_model_path
+from pacer.server.app import ServerState, create_app
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM or Ctrl-C drains before exiting.
+
+    While draining, /v1 routes answer 503 and /health 503 (so a load balancer moves away),
+    in-flight requests run to completion for up to `drain_timeout_s`, then whatever is left is
+    aborted (streams end with finish_reason "abort") and the process exits 0. A second signal
+    exits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:  # noqa: ANN001  (uvicorn's signature)
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.state.draining or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        logger.info("%s: draining %d in-flight request(s) for up to %.0f s", signal.Signals(sig).name,
+                    self.state.engine.num_in_flight, self.drain_timeout_s)
+        self.state.draining = True
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
+
+    async def _drain(self) -> None:
+        engine = self.state.engine
+        deadline = time.monotonic() + self.drain_timeout_s
+        while engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if engine.num_in_flight:
+            logger.warning("drain timeout: aborting %d request(s)", engine.num_in_flight)
+            engine.abort_all()
+            for _ in range(100):  # let the aborted streams send their last chunk
+                if not engine.num_in_flight:
+                    break
+                await asyncio.sleep(0.02)
+        self.should_exit = True
+
+
+def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """Load the model and serve until SIGTERM; returns the exit code."""
+    engine, tokenizer = build_engine(engine_config)
+    model = engine_config.model.model or DEFAULT_MODEL
+    async_engine = AsyncEngine(engine, max_queued_requests=server_config.max_queued_requests)
+    api_key = server_config.api_key or os.environ.get("PACER_API_KEY") or None
+    app = create_app(async_engine, tokenizer, server_config.served_model_name or model,
+                     str(resolve_model_path(engine_config.model.model)), api_key=api_key)
+    config = uvicorn.Config(app, host=server_config.host, port=server_config.port, access_log=server_config.access_log,
+                            log_level=logging.getLevelName(logging.getLogger().level).lower(),
+                            timeout_graceful_shutdown=5, timeout_keep_alive=30)
+    server = DrainingServer(config, app.state.pacer, server_config.drain_timeout_s)
+    server.run()
+    return 0

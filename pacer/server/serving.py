@@ -1,0 +1,345 @@
+"""From an OpenAI request to engine requests and back: prompts, sampling parameters, choices, SSE chunks.
+
+One HTTP call becomes one engine request per choice (prompts x n), submitted together so that
+admission is all or nothing; their outputs come back on one stream and are folded into choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import jinja2
+from pydantic import BaseModel
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import Response, StreamingResponse
+
+from pacer.engine.async_engine import AsyncEngine, EngineError, QueueFullError, RequestStream
+from pacer.model.tokenizer import Tokenizer
+from pacer.request import Request, RequestOutput, SamplingParams
+from pacer.scheduling import TokenLogprobs
+from pacer.server.metrics import Metrics
+from pacer.server.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Delta,
+    ErrorInfo,
+    ErrorResponse,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    _SamplingRequest,
+    invalid,
+)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Choice:
+    """What one choice has produced so far."""
+
+    index: int
+    num_prompt_tokens: int
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)
+    last_token_s: float | None = None
+
+
+class Call:
+    """One HTTP call in flight: its engine stream, its choices, and the latency it reports."""
+
+    def __init__(self, stream: RequestStream, requests: list[Request], num_prompt_tokens: int,
+                 arrival_s: float, metrics: Metrics) -> None:
+        self.stream = stream
+        self.choices = {r.request_id: Choice(i, r.num_prompt_tokens) for i, r in enumerate(requests)}
+        self.num_prompt_tokens = num_prompt_tokens  # once per prompt, not per choice (as OpenAI)
+        self.arrival_s = arrival_s
+        self.metrics = metrics
+
+    def observe(self, output: RequestOutput, keep: bool) -> Choice:
+        """Fold an output into its choice (keeping text and logprobs only if `keep`); time it."""
+        choice = self.choices[output.request_id]
+        now = time.monotonic()
+        if output.new_token_ids:
+            if choice.last_token_s is None:
+                self.metrics.ttft.observe(now - self.arrival_s)
+            else:
+                self.metrics.itl.observe(now - choice.last_token_s)
+            choice.last_token_s = now
+        choice.num_tokens = output.num_output_tokens
+        if keep:
+            choice.text.append(output.new_text)
+            choice.logprobs += zip(output.new_token_ids, output.new_logprobs)
+        if output.finished:
+            choice.finish_reason = output.finish_reason.value
+            self.metrics.e2e.observe(now - self.arrival_s)
+        return choice
+
+    def usage(self) -> Usage:
+        completion = sum(c.num_tokens for c in self.choices.values())
+        return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=completion,
+                     total_tokens=self.num_prompt_tokens + completion)
+
+
+class OpenAIServing:
+    """The logic behind /v1/completions and /v1/chat/completions."""
+
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, metrics: Metrics) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.metrics = metrics
+
+    # ---- completions --------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest, http: HTTPRequest, arrival_s: float) -> Response:
+        self._check(body)
+        prompts = self._completion_prompts(body.prompt)
+        call_id = f"cmpl-{uuid.uuid4().hex}"
+        call = self._submit(call_id, prompts, body, body.max_tokens, body.logprobs, arrival_s)
+        created = int(time.time())
+        if body.stream:
+            return self._sse(self._completion_chunks(call, body, call_id, created))
+        await _until_disconnected(http, self._collect(call))
+        choices = [CompletionChoice(index=c.index, text="".join(c.text), finish_reason=c.finish_reason,
+                                    logprobs=self._completion_logprobs(c.logprobs, 0)
+                                    if body.logprobs is not None else None)
+                   for c in call.choices.values()]
+        return _json(CompletionResponse(id=call_id, created=created, model=self.model_name, choices=choices,
+                                        usage=call.usage()))
+
+    async def _completion_chunks(self, call: Call, body: CompletionRequest, call_id: str,
+                                 created: int) -> AsyncIterator[str]:
+        offsets = {c.index: 0 for c in call.choices.values()}
+        continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+        with call.stream:
+            async for output in call.stream:
+                choice = call.observe(output, keep=False)
+                if not (output.new_text or output.finished or body.logprobs is not None and output.new_token_ids):
+                    continue
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = self._completion_logprobs(list(zip(output.new_token_ids, output.new_logprobs)),
+                                                         offsets[choice.index])
+                    offsets[choice.index] += sum(map(len, logprobs.tokens))
+                chunk = CompletionResponse(
+                    id=call_id, created=created, model=self.model_name, usage=call.usage() if continuous else None,
+                    choices=[CompletionChoice(index=choice.index, text=output.new_text, logprobs=logprobs,
+                                              finish_reason=choice.finish_reason)])
+                yield _event(chunk.model_dump_json())
+        if body.stream_options and body.stream_options.include_usage:
+            yield _event(CompletionResponse(id=call_id, created=created, model=self.model_name, choices=[],
+                                            usage=call.usage()).model_dump_json())
+
+    def _completion_prompts(self, prompt: str | list) -> list[list[int]]:
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise invalid("prompt must not be an empty list", "prompt")
+        prompts = [self._encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
+        for ids in prompts:
+            if not ids:
+                raise invalid("prompt is empty: it must have at least one token", "prompt")
+            if min(ids) < 0 or max(ids) >= self.tokenizer.vocab_size:
+                raise invalid(f"prompt token ids must be in [0, {self.tokenizer.vocab_size})", "prompt")
+        return prompts
+
+    def _completion_logprobs(self, items: list[tuple[int, TokenLogprobs]], offset: int) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for token_id, lp in items:
+            token = self._token_text(token_id)
+            out.tokens.append(token)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self._token_text(t): v for t, v in lp.top})
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out
+
+    # ---- chat ---------------------------------------------------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest, http: HTTPRequest, arrival_s: float) -> Response:
+        self._check(body)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        for i, message in enumerate(messages):
+            _check_text(message["content"], f"messages.{i}.content")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except jinja2.TemplateError as error:
+            raise invalid(f"the model's chat template refused these messages: {error}", "messages") from error
+        prompt = self._encode(text, "messages")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        call_id = f"chatcmpl-{uuid.uuid4().hex}"
+        call = self._submit(call_id, [prompt], body, body.max_completion_tokens or body.max_tokens, top, arrival_s)
+        created = int(time.time())
+        if body.stream:
+            return self._sse(self._chat_chunks(call, body, call_id, created))
+        await _until_disconnected(http, self._collect(call))
+        choices = [ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)),
+                              finish_reason=c.finish_reason,
+                              logprobs=self._chat_logprobs(c.logprobs) if body.logprobs else None)
+                   for c in call.choices.values()]
+        return _json(ChatCompletionResponse(id=call_id, created=created, model=self.model_name, choices=choices,
+                                            usage=call.usage()))
+
+    async def _chat_chunks(self, call: Call, body: ChatCompletionRequest, call_id: str,
+                           created: int) -> AsyncIterator[str]:
+        continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+
+        def chunk(choice: ChatStreamChoice) -> str:
+            return _event(ChatCompletionChunk(id=call_id, created=created, model=self.model_name, choices=[choice],
+                                              usage=call.usage() if continuous else None).model_dump_json())
+
+        with call.stream:
+            for choice in call.choices.values():
+                yield chunk(ChatStreamChoice(index=choice.index, delta=Delta(role="assistant", content="")))
+            async for output in call.stream:
+                choice = call.observe(output, keep=False)
+                if not (output.new_text or output.finished or body.logprobs and output.new_token_ids):
+                    continue
+                logprobs = None
+                if body.logprobs:
+                    logprobs = self._chat_logprobs(list(zip(output.new_token_ids, output.new_logprobs)))
+                yield chunk(ChatStreamChoice(index=choice.index, delta=Delta(content=output.new_text or None),
+                                             logprobs=logprobs, finish_reason=choice.finish_reason))
+        if body.stream_options and body.stream_options.include_usage:
+            yield _event(ChatCompletionChunk(id=call_id, created=created, model=self.model_name, choices=[],
+                                             usage=call.usage()).model_dump_json())
+
+    def _chat_logprobs(self, items: list[tuple[int, TokenLogprobs]]) -> ChatLogprobs:
+        def entry(token_id: int, logprob: float) -> dict:
+            token = self._token_text(token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+        return ChatLogprobs(content=[
+            TokenLogprob(**entry(token_id, lp.logprob), top_logprobs=[TopLogprob(**entry(t, v)) for t, v in lp.top])
+            for token_id, lp in items])
+
+    # ---- shared -------------------------------------------------------------------------------
+
+    def _check(self, body: _SamplingRequest) -> None:
+        if body.model is not None and body.model != self.model_name:
+            raise APIError(404, f"The model `{body.model}` does not exist; this server serves "
+                           f"`{self.model_name}`", param="model", code="model_not_found")
+        unsupported = body.unsupported()
+        if unsupported:
+            raise invalid(f"{', '.join(unsupported)} is not supported by pacer", unsupported[0], "unsupported")
+
+    def _submit(self, call_id: str, prompts: list[list[int]], body: _SamplingRequest, max_tokens: int | None,
+                logprobs: int | None, arrival_s: float) -> Call:
+        requests = []
+        for prompt in prompts:
+            for j in range(body.n):
+                index = len(requests)
+                params = self._sampling_params(body, max_tokens, logprobs, j)
+                requests.append(Request(f"{call_id}-{index}", prompt, params, arrival_s=arrival_s))
+        try:
+            stream = self.engine.generate(requests)
+        except ValueError as error:
+            raise invalid(str(error), "max_tokens" if "output tokens" in str(error) else None,
+                          "context_length_exceeded") from error
+        except QueueFullError as error:
+            raise APIError(429, str(error), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(error.retry_after_s)}) from error
+        except EngineError as error:
+            raise APIError(503, str(error), type="service_unavailable", code="engine_unavailable") from error
+        return Call(stream, requests, sum(map(len, prompts)), arrival_s, self.metrics)
+
+    def _sampling_params(self, body: _SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                         index: int) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, min_tokens=body.min_tokens,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty,
+                seed=None if body.seed is None else body.seed + index,  # n choices, n different samples
+                stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+                stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
+                logprobs=logprobs, skip_special_tokens=body.skip_special_tokens)
+        except ValueError as error:
+            field_name = re.match(r"\w+", str(error))
+            raise invalid(str(error), field_name.group(0) if field_name else None) from error
+
+    async def _collect(self, call: Call) -> None:
+        try:
+            with call.stream:
+                async for output in call.stream:
+                    call.observe(output, keep=True)
+        except EngineError as error:
+            raise APIError(500, str(error), type="server_error", code="engine_error") from error
+
+    def _sse(self, chunks: AsyncIterator[str]) -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for event in chunks:
+                    yield event
+            except EngineError as error:
+                body = ErrorResponse(error=ErrorInfo(message=str(error), type="server_error", code="engine_error"))
+                yield _event(body.model_dump_json())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        _check_text(text, param)
+        return self.tokenizer.encode(text)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019  (one serving object per server)
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _check_text(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise invalid(f"{param} is not valid Unicode: {error.reason} at position {error.start}", param) from error
+
+
+def _json(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _event(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+async def _until_disconnected(http: HTTPRequest, work: Awaitable[T]) -> T:
+    """Run `work` unless the client hangs up first; then cancel it (which aborts its requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise APIError(499, "client closed the request", code="client_closed_request")
+    return task.result()
