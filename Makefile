@@ -1,10 +1,11 @@
-# The two commands of the README: `make run` (generate with the default model) and `make test`.
+# The two commands of the README: `make serve` (the OpenAI-compatible server on the default model) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PROMPT ?= What is the capital of France?
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: install run test clean
+.PHONY: install serve test clean
 
 $(BIN)/pacer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +16,8 @@ $(BIN)/pacer: pyproject.toml
 
 install: $(BIN)/pacer
 
-run: install
-	$(BIN)/pacer generate --prompt "$(PROMPT)"
+serve: install
+	$(BIN)/pacer serve --host $(HOST) --port $(PORT) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q

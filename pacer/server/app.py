@@ -35,6 +35,7 @@ from pacer.server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list"}
 _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}
 
 
@@ -133,7 +134,7 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             return respond(400, ErrorInfo(message=message, type="invalid_request_error", code="invalid_json"))
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         # A union (e.g. prompt: str | list[...]) reports each alternative; name the field, not the branch.
-        loc = [part for part in loc if not (part.startswith(("str", "list[", "int")) or "-" in part)]
+        loc = [part for part in loc if not (part in _TYPE_NAMES or "[" in part or part[:1].isupper())]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         if first.get("type") == "missing":

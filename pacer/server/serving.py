@@ -115,7 +115,7 @@ class OpenAIServing:
         self._check(body)
         prompts = self._completion_prompts(body.prompt)
         call_id = f"cmpl-{uuid.uuid4().hex}"
-        call = self._submit(call_id, prompts, body, body.max_tokens, body.logprobs, arrival_s)
+        call = self._submit(call_id, prompts, body, body.max_tokens, body.logprobs, arrival_s, "prompt")
         created = int(time.time())
         if body.stream:
             return self._sse(self._completion_chunks(call, body, call_id, created))
@@ -189,7 +189,8 @@ class OpenAIServing:
         prompt = self._encode(text, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         call_id = f"chatcmpl-{uuid.uuid4().hex}"
-        call = self._submit(call_id, [prompt], body, body.max_completion_tokens or body.max_tokens, top, arrival_s)
+        call = self._submit(call_id, [prompt], body, body.max_completion_tokens or body.max_tokens, top, arrival_s,
+                            "messages")
         created = int(time.time())
         if body.stream:
             return self._sse(self._chat_chunks(call, body, call_id, created))
@@ -245,7 +246,7 @@ class OpenAIServing:
             raise invalid(f"{', '.join(unsupported)} is not supported by pacer", unsupported[0], "unsupported")
 
     def _submit(self, call_id: str, prompts: list[list[int]], body: _SamplingRequest, max_tokens: int | None,
-                logprobs: int | None, arrival_s: float) -> Call:
+                logprobs: int | None, arrival_s: float, prompt_param: str) -> Call:
         requests = []
         for prompt in prompts:
             for j in range(body.n):
@@ -255,7 +256,10 @@ class OpenAIServing:
         try:
             stream = self.engine.generate(requests)
         except ValueError as error:
-            raise invalid(str(error), "max_tokens" if "output tokens" in str(error) else None,
+            limit = self.engine.engine.scheduler.max_request_tokens
+            param = prompt_param if max(map(len, prompts)) >= limit else "max_tokens"
+            hint = "lower max_tokens" if param == "max_tokens" else f"shorten the {param}"
+            raise invalid(f"{error}: {hint}", param,
                           "context_length_exceeded") from error
         except QueueFullError as error:
             raise APIError(429, str(error), type="rate_limit_error", code="queue_full",

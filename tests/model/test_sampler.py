@@ -41,3 +41,32 @@ def test_nucleus_wider_than_the_candidate_set_falls_back_to_a_full_sort():
     flat = torch.zeros(5000)  # uniform: top_p 0.9 keeps 4500 tokens, more than the 1024 candidates
     tokens = draw(flat, SamplingParams(top_p=0.9), n=300)
     assert max(tokens) > 1024
+
+
+def penalized(params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    from pacer.model.sampler import apply_penalties
+    from pacer.request import Request
+
+    request = Request("r", prompt, params)
+    request.token_ids += output
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    apply_penalties(logits, [request])
+    return logits[0]
+
+
+def test_presence_and_frequency_penalties_count_output_tokens_only():
+    logits = penalized(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), prompt=[3], output=[0, 0, 1])
+    assert torch.allclose(logits, torch.tensor([2.0 - 0.5 - 0.5, -2.0 - 0.5 - 0.25, 1.0, 0.5]))
+
+
+def test_repetition_penalty_pushes_seen_tokens_down_whatever_their_sign():
+    logits = penalized(SamplingParams(repetition_penalty=2.0), prompt=[1], output=[0])
+    assert torch.allclose(logits, torch.tensor([1.0, -4.0, 1.0, 0.5]))
+
+
+def test_penalty_ranges_are_validated():
+    import pytest
+
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(repetition_penalty=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
