@@ -29,10 +29,11 @@ vLLM's CPU server runs bf16 by default (`--vllm-dtype`), as the issue's comparis
 pacer runs `--dtype` (default float32, its choice on a CPU without native bf16).
 
 Unless `--no-offline`, pacer's offline throughput on the same batch shape is measured in the same
-invocation, in a subprocess of its own (no server up): the same 24 prompts given to
-`LLM(max_num_seqs=8).generate` (so at most 8 run at once), SamplingParams(max_tokens=128,
-ignore_eos=True, temperature=0); the report then states the HTTP/SSE overhead
-= 1 - served tok/s / offline tok/s.
+invocation, interleaved with the served runs (before each one, in a subprocess of its own while
+the server idles): the same 24 prompts given to `LLM(max_num_seqs=8).generate` (so at most 8 run
+at once), SamplingParams(max_tokens=128, ignore_eos=True, temperature=0). The report states the
+HTTP/SSE overhead as 1 - the median over pairs of served tok/s / offline tok/s: this machine's
+speed drifts by 20 % over minutes, so only side-by-side ratios mean anything.
 
 Full run (takes ~15 min on 2 cores, most of it vLLM's start-up):
 
@@ -325,8 +326,13 @@ def tail(path: Path, lines: int = 30) -> str:
     return "(no log)"
 
 
-def bench_server(spec: ServerSpec, workload: Workload, args: argparse.Namespace, port: int) -> dict:
-    """Start the server, warm it up, run the workload `repeats` times, stop it."""
+def bench_server(spec: ServerSpec, workload: Workload, args: argparse.Namespace, port: int,
+                 offline: list[dict] | None = None) -> dict:
+    """Start the server, warm it up, run the workload `repeats` times, stop it.
+
+    With `offline` (a list), each served run is preceded by one offline run, appended to it, so
+    that every served figure has an offline twin measured a minute apart on this noisy machine.
+    """
     log_path = Path(args.out).with_name(f"serve_load_{spec.name}_{spec.dtype}.log")
     process = start_server(spec, log_path)
     try:
@@ -342,6 +348,8 @@ def bench_server(spec: ServerSpec, workload: Workload, args: argparse.Namespace,
             raise RuntimeError(f"warm-up failed: {[r.error for r in warmup if r.error]}")
         runs = []
         for repeat in range(args.repeats):
+            if offline is not None:
+                offline.append(bench_offline(workload, args, repeats=1))
             results = asyncio.run(run_load(prompts=workload.prompts(), clients=workload.clients, **load))
             summary = summarize(results)
             log(f"{spec.name} run {repeat + 1}/{args.repeats}: {json.dumps(summary)}")
@@ -356,12 +364,12 @@ def bench_server(spec: ServerSpec, workload: Workload, args: argparse.Namespace,
 # ---- offline (pacer's LLM.generate, same prompts and batch shape) --------------------------------
 
 
-def bench_offline(workload: Workload, args: argparse.Namespace) -> dict:
-    """Run `offline_worker` in a fresh subprocess (no server up) and return its results."""
+def bench_offline(workload: Workload, args: argparse.Namespace, repeats: int) -> dict:
+    """Run `offline_worker` in a fresh subprocess (the server, if up, is idle) and return its results."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec = {"dtype": args.dtype, "threads": args.threads, "kv_cache_memory": args.kv_cache_memory,
-                "max_num_seqs": args.max_num_seqs, "output_tokens": workload.output_tokens, "repeats": args.repeats,
+                "max_num_seqs": args.max_num_seqs, "output_tokens": workload.output_tokens, "repeats": repeats,
                 "prompts": workload.prompts(), "warmup_prompts": workload.warmup_prompts(), "out": str(out_path)}
         spec_path.write_text(json.dumps(spec))
         command = [sys.executable, str(Path(__file__).resolve()), "--offline-worker", str(spec_path)]
@@ -418,14 +426,17 @@ def table(servers: list[dict], offline: dict | None, workload: Workload) -> str:
         lines.append(f"| {s['server']}{errors} | {s['dtype']} | {m['output_tok_s']:.1f} | {ms(m['ttft_p50_s'])} | "
                      f"{ms(m['ttft_p90_s'])} | {m['e2e_p50_s']:.2f} | {ms(m.get('tpot_mean_s'))} |")
     if offline:
-        lines.append(f"| pacer offline (LLM.generate, max_num_seqs={offline['max_num_seqs']}) | {offline['dtype']} | "
+        first = offline["runs"][0]
+        lines.append(f"| pacer offline (LLM.generate, max_num_seqs={first['max_num_seqs']}) | {first['dtype']} | "
                      f"{offline['output_tok_s']:.1f} | | | | |")
         served = next((s for s in servers if s["server"] == "pacer" and "output_tok_s" in s["median"]), None)
-        if served:
-            overhead = 1 - served["median"]["output_tok_s"] / offline["output_tok_s"]
-            lines += ["", (f"HTTP/SSE overhead (pacer, {offline['dtype']}): 1 - served / offline = "
-                           f"1 - {served['median']['output_tok_s']:.1f} / {offline['output_tok_s']:.1f} = "
-                           f"{overhead:.1%}")]
+        if served and len(offline["runs"]) == len(served["runs"]):
+            # Each served run against the offline run just before it; the median of those ratios.
+            ratios = [run["summary"]["output_tok_s"] / off["output_tok_s"]
+                      for run, off in zip(served["runs"], offline["runs"])]
+            lines += ["", (f"HTTP/SSE overhead (pacer, {first['dtype']}): 1 - median of served/offline over "
+                           f"{len(ratios)} interleaved pairs ({', '.join(f'{r:.2f}' for r in ratios)}) = "
+                           f"{1 - statistics.median(ratios):.1%}")]
     return "\n".join(lines)
 
 
@@ -485,11 +496,16 @@ def main() -> int:
                     "servers": [], "offline": None}
     specs = {"pacer": pacer_spec, "vllm": vllm_spec}
     try:
-        if args.offline:
-            report["offline"] = bench_offline(workload, args)
+        offline_runs: list[dict] = []
         for name in args.servers.split(","):
             port = free_port()
-            report["servers"].append(bench_server(specs[name](args, port), workload, args, port))
+            interleave = offline_runs if args.offline and name == "pacer" else None
+            report["servers"].append(bench_server(specs[name](args, port), workload, args, port, interleave))
+        if args.offline and not offline_runs:  # no pacer server: offline runs on its own
+            offline_runs.append(bench_offline(workload, args, repeats=args.repeats))
+        if offline_runs:
+            report["offline"] = {"runs": offline_runs, "output_tok_s": statistics.median(
+                r["output_tok_s"] for r in offline_runs)}
     finally:
         Path(args.out).write_text(json.dumps(report, indent=1))
         log(f"wrote {args.out}")

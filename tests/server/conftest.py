@@ -101,7 +101,7 @@ def run_server(model: str | Path, *flags: str, log_dir: Path, ready_timeout: flo
         server.terminate()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
     with run_server(tiny_model_dir, "--api-key", API_KEY, "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
                     "--num-blocks", "64", "--threads", "1", log_dir=tmp_path_factory.mktemp("logs")) as server:

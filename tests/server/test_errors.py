@@ -145,9 +145,13 @@ def test_disconnected_streams_are_aborted_and_free_their_blocks(tiny_server):
     assert samples["pacer:kv_cache_usage_perc"] == 0 and samples["pacer:num_requests_running"] == 0
 
 
-def test_queue_full_is_429_with_retry_after(tiny_model_dir, tmp_path):
+def test_queue_full_is_429_with_retry_after_and_kv_capacity_is_a_limit(tiny_model_dir, tmp_path):
+    # 12 blocks of 16 tokens: the whole KV cache holds 192 tokens, less than the 256-token context.
     with run_server(tiny_model_dir, "--max-num-seqs", "1", "--max-queued-requests", "1", "--threads", "1",
-                    log_dir=tmp_path) as server:
+                    "--num-blocks", "12", log_dir=tmp_path) as server:
+        error = check_error(post(server, COMPLETIONS, {"prompt": "hi", "max_tokens": 200}, headers={}), 400,
+                            "max_tokens", "context_length_exceeded")
+        assert "KV cache capacity of 192 tokens" in error["message"]
         body = {"prompt": "hi", "max_tokens": 150, "ignore_eos": True}
 
         async def main() -> list[httpx.Response]:
