@@ -4,6 +4,11 @@ The event loop never waits on the model: it checks a request against the fixed l
 for the engine thread and awaits outputs, which the engine thread hands over with
 `call_soon_threadsafe` once per iteration. Torch releases the GIL in its kernels, so HTTP parsing
 and SSE writing overlap the forward pass.
+
+The engine is also *built* in the engine thread, so every torch op of the process runs in that one
+thread. OpenMP (libgomp) keeps a worker pool per calling thread; a second pool (say, the main
+thread's, left over from loading the weights) makes it count more threads than cores and stop
+spinning between parallel regions, which cost 20 % of decode throughput here (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,9 +76,11 @@ class AsyncEngine:
     has been delivered, or its caller has gone; `num_in_flight` counts them.
     """
 
-    def __init__(self, engine: Engine, max_queued_requests: int | None = None,
+    def __init__(self, build: Callable[[], Engine], max_queued_requests: int | None = None,
                  observer: EngineObserver | None = None) -> None:
-        self.engine = engine
+        """`build` makes the Engine; it runs in the engine thread (see the module docstring)."""
+        self._build = build
+        self.engine: Engine | None = None
         self.max_queued_requests = max_queued_requests
         self.observer = observer
         self.load = EngineLoad()
@@ -83,12 +91,31 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
-    # ---- lifecycle (event loop side) ----------------------------------------------------------
+    # ---- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="pacer-engine", daemon=True)
+        """Start the engine thread and wait until it has built the engine (re-raising its error)."""
+        if self._thread is not None:
+            return
+        built = threading.Event()
+        failure: list[BaseException] = []
+
+        def main() -> None:
+            try:
+                self.engine = self._build()
+            except BaseException as error:  # noqa: BLE001  (handed to the caller of start)
+                failure.append(error)
+                return
+            finally:
+                built.set()
+            self._run()
+
+        self._thread = threading.Thread(target=main, name="pacer-engine", daemon=True)
         self._thread.start()
+        built.wait()
+        if failure:
+            self._thread = None
+            raise failure[0]
 
     async def stop(self) -> None:
         """Abort whatever is left and join the engine thread."""
@@ -116,6 +143,7 @@ class AsyncEngine:
         gone) aborts the unfinished requests at once, which frees their KV blocks.
         """
         self._admit(requests)
+        self._loop = self._loop or asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         for request in requests:
             self._queues[request.request_id] = outputs
@@ -165,10 +193,7 @@ class AsyncEngine:
             self._serve()
         except Exception:  # a scheduler bug: fail every caller loudly rather than leave them hanging
             logger.exception("the engine thread died")
-            try:
-                self._loop.call_soon_threadsafe(self._fail_all, "the engine thread died; see the server log")
-            except RuntimeError:
-                pass
+            self._call_soon(self._fail_all, "the engine thread died; see the server log")
 
     def _fail_all(self, message: str) -> None:
         self._deliver([_Failure(rid, message) for rid in list(self._queues)])
@@ -237,11 +262,15 @@ class AsyncEngine:
         self._send([_Failure(rid, message) for rid in request_ids])
 
     def _send(self, items: list[RequestOutput | _Failure]) -> None:
-        """Hand items to the event loop, which may already be gone at shutdown."""
-        try:
-            self._loop.call_soon_threadsafe(self._deliver, items)
-        except RuntimeError:
-            pass
+        self._call_soon(self._deliver, items)
+
+    def _call_soon(self, callback: Callable, *args: object) -> None:
+        """Run `callback` on the event loop, which may not exist yet (no request) or be gone (shutdown)."""
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(callback, *args)
+            except RuntimeError:
+                pass
 
     def _publish_load(self) -> None:
         scheduler = self.engine.scheduler

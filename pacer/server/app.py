@@ -55,7 +55,7 @@ class ServerState:
 
 def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, model_root: str,
                api_key: str | None = None, metrics: Metrics | None = None) -> FastAPI:
-    """The app owns the engine thread: it starts with the app and stops (aborting leftovers) with it."""
+    """`engine` must be started (its limits shape the API); the app stops it (aborting leftovers) on shutdown."""
     metrics = metrics or Metrics(model_name, lambda: engine.load)
     engine.observer = metrics
     state = ServerState(engine, OpenAIServing(engine, tokenizer, model_name, metrics), metrics, model_name,
@@ -118,7 +118,7 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, model
 
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     def respond(status: int, info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:
-        if status in (400, 404, 429, 503):
+        if status in (400, 404, 429, 503) and info.code != "not_found":  # not a request: a wrong URL
             metrics.rejected(info.code or str(status))
         return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
 

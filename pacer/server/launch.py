@@ -65,9 +65,11 @@ class DrainingServer(uvicorn.Server):
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     """Load the model and serve until SIGTERM; returns the exit code."""
-    engine, tokenizer = build_engine(engine_config)
     model = engine_config.model.model or DEFAULT_MODEL
-    async_engine = AsyncEngine(engine, max_queued_requests=server_config.max_queued_requests)
+    async_engine = AsyncEngine(lambda: build_engine(engine_config)[0],
+                               max_queued_requests=server_config.max_queued_requests)
+    async_engine.start()  # loads the model in the engine thread
+    tokenizer = async_engine.engine.detokenizer.tokenizer
     api_key = server_config.api_key or os.environ.get("PACER_API_KEY") or None
     app = create_app(async_engine, tokenizer, server_config.served_model_name or model,
                      str(resolve_model_path(engine_config.model.model)), api_key=api_key)

@@ -49,7 +49,7 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM: usage so far in every chunk
 
 
-class _SamplingRequest(BaseModel):
+class SamplingRequest(BaseModel):
     """The fields completions and chat share (OpenAI's, plus vLLM's sampling extensions)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -79,7 +79,7 @@ class _SamplingRequest(BaseModel):
         return ["logit_bias"] if self.logit_bias else []
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -114,7 +114,7 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI, still what most clients send
     max_completion_tokens: int | None = Field(None, ge=1)

@@ -44,7 +44,7 @@ from pacer.server.protocol import (
     TokenLogprob,
     TopLogprob,
     Usage,
-    _SamplingRequest,
+    SamplingRequest,
     invalid,
 )
 
@@ -237,7 +237,7 @@ class OpenAIServing:
 
     # ---- shared -------------------------------------------------------------------------------
 
-    def _check(self, body: _SamplingRequest) -> None:
+    def _check(self, body: SamplingRequest) -> None:
         if body.model is not None and body.model != self.model_name:
             raise APIError(404, f"The model `{body.model}` does not exist; this server serves "
                            f"`{self.model_name}`", param="model", code="model_not_found")
@@ -245,7 +245,7 @@ class OpenAIServing:
         if unsupported:
             raise invalid(f"{', '.join(unsupported)} is not supported by pacer", unsupported[0], "unsupported")
 
-    def _submit(self, call_id: str, prompts: list[list[int]], body: _SamplingRequest, max_tokens: int | None,
+    def _submit(self, call_id: str, prompts: list[list[int]], body: SamplingRequest, max_tokens: int | None,
                 logprobs: int | None, arrival_s: float, prompt_param: str) -> Call:
         requests = []
         for prompt in prompts:
@@ -268,7 +268,7 @@ class OpenAIServing:
             raise APIError(503, str(error), type="service_unavailable", code="engine_unavailable") from error
         return Call(stream, requests, sum(map(len, prompts)), arrival_s, self.metrics)
 
-    def _sampling_params(self, body: _SamplingRequest, max_tokens: int | None, logprobs: int | None,
+    def _sampling_params(self, body: SamplingRequest, max_tokens: int | None, logprobs: int | None,
                          index: int) -> SamplingParams:
         try:
             return SamplingParams(

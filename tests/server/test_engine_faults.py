@@ -34,7 +34,9 @@ class FaultyExecutor:
 def app(tiny_model_dir):
     engine, tokenizer = build_engine(EngineConfig.from_kwargs(model=str(tiny_model_dir), num_blocks=64))
     engine.executor = FaultyExecutor(engine.executor)
-    return create_app(AsyncEngine(engine), tokenizer, "tiny", str(tiny_model_dir))
+    async_engine = AsyncEngine(lambda: engine)
+    async_engine.start()
+    return create_app(async_engine, tokenizer, "tiny", str(tiny_model_dir))
 
 
 def run(app, calls):
