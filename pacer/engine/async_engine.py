@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Self
 
 from pacer.engine.engine import Engine, IterationStats, StepError
 from pacer.request import Request, RequestOutput
@@ -312,7 +312,7 @@ class RequestStream:
             self._engine.abort(list(self._unfinished))
             self._unfinished.clear()
 
-    def __enter__(self) -> RequestStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

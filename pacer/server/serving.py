@@ -41,10 +41,10 @@ from pacer.server.protocol import (
     Delta,
     ErrorInfo,
     ErrorResponse,
+    SamplingRequest,
     TokenLogprob,
     TopLogprob,
     Usage,
-    SamplingRequest,
     invalid,
 )
 
@@ -74,6 +74,7 @@ class Call:
         self.num_prompt_tokens = num_prompt_tokens  # once per prompt, not per choice (as OpenAI)
         self.arrival_s = arrival_s
         self.metrics = metrics
+        self._token_text = functools.lru_cache(maxsize=65536)(self._decode_token)  # logprobs' token strings
 
     def observe(self, output: RequestOutput, keep: bool) -> Choice:
         """Fold an output into its choice (keeping text and logprobs only if `keep`); time it."""
@@ -309,8 +310,7 @@ class OpenAIServing:
         _check_text(text, param)
         return self.tokenizer.encode(text)
 
-    @functools.lru_cache(maxsize=65536)  # noqa: B019  (one serving object per server)
-    def _token_text(self, token_id: int) -> str:
+    def _decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
