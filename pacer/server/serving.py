@@ -74,7 +74,6 @@ class Call:
         self.num_prompt_tokens = num_prompt_tokens  # once per prompt, not per choice (as OpenAI)
         self.arrival_s = arrival_s
         self.metrics = metrics
-        self._token_text = functools.lru_cache(maxsize=65536)(self._decode_token)  # logprobs' token strings
 
     def observe(self, output: RequestOutput, keep: bool) -> Choice:
         """Fold an output into its choice (keeping text and logprobs only if `keep`); time it."""
@@ -109,6 +108,7 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = metrics
+        self._token_text = functools.lru_cache(maxsize=65536)(self._decode_token)  # logprobs' token strings
 
     # ---- completions --------------------------------------------------------------------------
 
