@@ -1,4 +1,4 @@
-"""The `pacer` command line: `pacer serve` (OpenAI-compatible server) and `pacer generate` (offline)."""
+"""The `pacer` command line: `pacer serve` (OpenAI server), `pacer bench` (load generator), `pacer generate`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from pacer.config import (
     CacheConfig,
@@ -81,6 +82,36 @@ def serve(args: argparse.Namespace) -> int:
     return serve(engine_config_from_args(args), config_from_args(ServerConfig, args))
 
 
+def bench(args: argparse.Namespace) -> int:
+    from pacer.bench.client import ClientConfig
+    from pacer.bench.metrics import SLO
+    from pacer.bench.run import run_bench
+    from pacer.bench.workload import WorkloadConfig
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    ms = lambda value: None if value is None else value / 1e3  # noqa: E731
+    slo = SLO(ttft_s=ms(args.slo_ttft_ms), tbt_s=ms(args.slo_tbt_ms), tbt_stat=args.tbt_stat)
+    summary = run_bench(config_from_args(WorkloadConfig, args), config_from_args(ClientConfig, args), slo,
+                        args.tokenizer, args.out)
+    return 0 if summary.num_completed else 1
+
+
+def _bench_flags(parser: argparse.ArgumentParser) -> None:
+    from pacer.bench.client import ClientConfig
+    from pacer.bench.workload import WorkloadConfig
+
+    add_config_flags(parser, ClientConfig)
+    add_config_flags(parser, WorkloadConfig)
+    group = parser.add_argument_group("SLO and report")
+    group.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO in ms (default: none)")
+    group.add_argument("--slo-tbt-ms", type=float, default=None, help="TBT SLO in ms (default: none)")
+    group.add_argument("--tbt-stat", choices=("p99", "mean"), default="p99",
+                       help="a request meets the TBT SLO if this statistic of its gaps is within it")
+    group.add_argument("--tokenizer", default=None,
+                       help="model whose tokenizer sizes the prompts (a .gguf or HF directory; default: the default model)")
+    group.add_argument("--out", type=Path, default=None, help="write the JSON report (every request's timings) here")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pacer", description="An LLM inference server that keeps its promises.")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -90,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     add_config_flags(srv, ServerConfig)
     _engine_flags(srv)
     srv.set_defaults(func=serve)
+    ben = commands.add_parser("bench", help="load-test an OpenAI-compatible server: TTFT, TBT, goodput",
+                              formatter_class=_HelpFormatter)
+    _bench_flags(ben)
+    ben.set_defaults(func=bench)
     gen = commands.add_parser("generate", help="generate completions for prompts, offline",
                               formatter_class=_HelpFormatter)
     gen.add_argument("--prompt", action="append", help="prompt text (repeatable); default: lines of stdin")

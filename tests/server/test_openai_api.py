@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import API_KEY
+from tests.live_server import API_KEY
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import threading
 
 import httpx
 
-from tests.server.conftest import run_server
+from tests.live_server import run_server
 
 BODY = {"prompt": "a long story", "max_tokens": 200, "stream": True, "ignore_eos": True}
 

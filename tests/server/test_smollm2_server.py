@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from pacer.model.weights import load_tokenizer
-from tests.server.conftest import run_server
+from tests.live_server import run_server
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,164 @@
+"""The load generator: sends a workload to an OpenAI-compatible server and records what it saw.
+
+One asyncio loop, httpx streaming, SSE parsed line by line. Open loop (Poisson, gamma, trace):
+each request is sent at its arrival time whatever happened to the others, so an overloaded
+server shows up as latency, not as a lower offered rate. Closed loop: `concurrency` workers each
+send their next request when the previous one ends. Every failure is recorded by kind; none
+ends the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from pacer.bench.metrics import RequestRecord
+from pacer.bench.workload import BenchRequest
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    base_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "the server, without /v1"})
+    model: str | None = field(default=None, metadata={"help": "model name to send (default: the first /v1/models)"})
+    api_key: str | None = field(default=None, metadata={"help": "sent as Authorization: Bearer KEY"})
+    endpoint: str = field(default="completions", metadata={
+        "help": "completions (prompt text) or chat (one user message)", "choices": ("completions", "chat")})
+    ignore_eos: bool = field(default=True, metadata={
+        "help": "force each output to max_tokens (dropped, and said in the report, if the server refuses it)"})
+    timeout_s: float = field(default=600.0, metadata={"help": "per-request timeout in seconds"})
+
+    def __post_init__(self) -> None:
+        if self.endpoint not in ("completions", "chat"):
+            raise ValueError(f"endpoint must be 'completions' or 'chat', got {self.endpoint!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+
+
+class LoadClient:
+    """Runs one workload; `records` fills in as requests end (the progress callback sees each)."""
+
+    def __init__(self, config: ClientConfig, on_record: Callable[[RequestRecord], None] | None = None) -> None:
+        self.config = config
+        self.on_record = on_record
+        self.ignore_eos = config.ignore_eos
+        self.model = config.model
+        self.t0 = 0.0
+
+    async def run(self, requests: list[BenchRequest], concurrency: int | None = None) -> list[RequestRecord]:
+        """Open loop unless `concurrency` is given (then arrival times are ignored)."""
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        timeout = httpx.Timeout(self.config.timeout_s, connect=30.0)
+        # trust_env=False: a proxy from the environment must not sit between the client and the server.
+        async with httpx.AsyncClient(base_url=self.config.base_url, headers=headers, limits=limits,
+                                     timeout=timeout, trust_env=False) as http:
+            if self.model is None:
+                self.model = await self._first_model(http)
+            self.t0 = time.perf_counter()
+            if concurrency is None:
+                return await asyncio.gather(*(self._open_loop(http, r) for r in requests))
+            queue = list(reversed(requests))
+            records: list[RequestRecord] = []
+
+            async def worker() -> None:
+                while queue:
+                    records.append(await self._send(http, queue.pop(), scheduled_s=None))
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return sorted(records, key=lambda r: r.index)
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    async def _first_model(self, http: httpx.AsyncClient) -> str:
+        response = await http.get("/v1/models")
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+
+    async def _open_loop(self, http: httpx.AsyncClient, request: BenchRequest) -> RequestRecord:
+        delay = (request.arrival_s or 0.0) - self.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return await self._send(http, request, scheduled_s=request.arrival_s)
+
+    def _body(self, request: BenchRequest) -> dict:
+        body = {"model": self.model, "max_tokens": request.max_tokens, "stream": True,
+                "stream_options": {"include_usage": True}, "temperature": 0}
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        if self.config.endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": request.prompt}]
+        else:
+            body["prompt"] = request.prompt
+        return body
+
+    async def _send(self, http: httpx.AsyncClient, request: BenchRequest, scheduled_s: float | None) -> RequestRecord:
+        record = RequestRecord(index=request.index, num_prompt_tokens=request.num_prompt_tokens,
+                               max_tokens=request.max_tokens, scheduled_s=scheduled_s)
+        path = "/v1/chat/completions" if self.config.endpoint == "chat" else "/v1/completions"
+        record.sent_s = self.now()
+        try:
+            async with http.stream("POST", path, json=self._body(request)) as response:
+                if response.status_code != 200:
+                    await self._refused(response, record)
+                else:
+                    await self._read_stream(response, record)
+        except httpx.TimeoutException as error:
+            self._fail(record, "timeout", repr(error))
+        except httpx.HTTPError as error:
+            self._fail(record, "network", repr(error))
+        if record.status == "ok" and record.finished_s is None:
+            self._fail(record, "malformed_sse", "the stream ended without data: [DONE]")
+        if self.on_record is not None:
+            self.on_record(record)
+        return record
+
+    async def _refused(self, response: httpx.Response, record: RequestRecord) -> None:
+        text = (await response.aread()).decode(errors="replace")
+        if response.status_code == 429:
+            record.status = "rejected"
+            record.error_kind, record.error = "http_429", text[:500]
+            retry_after = response.headers.get("retry-after")
+            record.retry_after_s = float(retry_after) if retry_after and retry_after.isdigit() else None
+            return
+        if response.status_code == 400 and self.ignore_eos and "ignore_eos" in text:
+            self.ignore_eos = False  # this server does not take it: later requests go without
+        kind = "http_4xx" if response.status_code < 500 else "http_5xx"
+        self._fail(record, kind, f"HTTP {response.status_code}: {text[:500]}")
+
+    async def _read_stream(self, response: httpx.Response, record: RequestRecord) -> None:
+        chat = self.config.endpoint == "chat"
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            now = self.now()
+            data = line[5:].strip()
+            if data == "[DONE]":
+                record.finished_s = now
+                break
+            try:
+                event = json.loads(data)
+            except json.JSONDecodeError:
+                self._fail(record, "malformed_sse", f"not JSON: {data[:200]}")
+                return
+            if "error" in event:
+                self._fail(record, "http_5xx", f"error event: {str(event['error'])[:500]}")
+                return
+            for choice in event.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                if text:
+                    record.token_times_s.append(now)
+            if event.get("usage"):
+                record.output_tokens = event["usage"].get("completion_tokens")
+        if record.output_tokens is not None and len(record.token_times_s) > record.output_tokens:
+            self._fail(record, "usage_mismatch", f"{len(record.token_times_s)} content chunks but usage says "
+                                                 f"{record.output_tokens} tokens")
+
+    @staticmethod
+    def _fail(record: RequestRecord, kind: str, message: str) -> None:
+        record.status, record.error_kind, record.error = "failed", kind, message

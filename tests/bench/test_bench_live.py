@@ -1,0 +1,35 @@
+"""`pacer bench` end to end against a live `pacer serve` on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+from pacer.cli import main
+from tests.live_server import API_KEY
+
+
+def test_bench_run_against_a_live_server(tiny_server, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    rc = main(["bench", "--base-url", tiny_server.url, "--api-key", API_KEY, "--tokenizer", str(tiny_model_dir),
+               "--num-requests", "12", "--arrival", "poisson", "--rate", "20", "--prompt-tokens", "16",
+               "--output-tokens", "8", "--max-model-len", "256", "--slo-ttft-ms", "5000", "--slo-tbt-ms", "5000",
+               "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    summary = report["summary"]
+    assert summary["num_requests"] == 12 and summary["num_completed"] == 12 and summary["num_failed"] == 0
+    assert summary["slo_attainment"] == 1.0 and summary["goodput"] > 0
+    for record in report["requests"]:
+        assert record["output_tokens"] == 8 and record["status"] == "ok"
+        assert record["sent_s"] <= record["token_times_s"][0] <= record["finished_s"]
+    assert "TTFT (ms)" in capsys.readouterr().out
+
+
+def test_bench_counts_rejections_and_failures(tiny_server, tiny_model_dir, tmp_path):
+    """Without the key every request is a 401: counted as failed by kind, and the run does not crash."""
+    out = tmp_path / "report.json"
+    rc = main(["bench", "--base-url", tiny_server.url, "--model", tiny_server.model, "--tokenizer",
+               str(tiny_model_dir), "--num-requests", "3", "--arrival", "concurrency", "--concurrency", "2",
+               "--prompt-tokens", "4", "--output-tokens", "2", "--out", str(out)])
+    summary = json.loads(out.read_text())["summary"]
+    assert rc == 1 and summary["num_failed"] == 3 and summary["num_failed_by_kind"] == {"http_4xx": 3}
