@@ -85,15 +85,22 @@ def serve(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from pacer.bench.client import ClientConfig
     from pacer.bench.metrics import SLO
-    from pacer.bench.run import run_bench
+    from pacer.bench.run import run_bench, run_capacity
     from pacer.bench.workload import WorkloadConfig
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    ms = lambda value: None if value is None else value / 1e3  # noqa: E731
-    slo = SLO(ttft_s=ms(args.slo_ttft_ms), tbt_s=ms(args.slo_tbt_ms), tbt_stat=args.tbt_stat)
-    summary = run_bench(config_from_args(WorkloadConfig, args), config_from_args(ClientConfig, args), slo,
-                        args.tokenizer, args.out)
+    slo = SLO(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tbt_ms), tbt_stat=args.tbt_stat)
+    workload, client = config_from_args(WorkloadConfig, args), config_from_args(ClientConfig, args)
+    if args.bench_command == "capacity":
+        run_capacity(workload, client, slo, args.tokenizer, args.out, args.condition, args.min_rate, args.max_rate,
+                     args.tolerance, args.max_trials)
+        return 0
+    summary = run_bench(workload, client, slo, args.tokenizer, args.out)
     return 0 if summary.num_completed else 1
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1e3
 
 
 def _bench_flags(parser: argparse.ArgumentParser) -> None:
@@ -121,10 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     add_config_flags(srv, ServerConfig)
     _engine_flags(srv)
     srv.set_defaults(func=serve)
-    ben = commands.add_parser("bench", help="load-test an OpenAI-compatible server: TTFT, TBT, goodput",
-                              formatter_class=_HelpFormatter)
-    _bench_flags(ben)
-    ben.set_defaults(func=bench)
+    ben = commands.add_parser("bench", help="load-test an OpenAI-compatible server: TTFT, TBT, goodput, capacity")
+    bench_commands = ben.add_subparsers(dest="bench_command", required=True)
+    run = bench_commands.add_parser("run", help="run one workload and report", formatter_class=_HelpFormatter)
+    cap = bench_commands.add_parser("capacity", formatter_class=_HelpFormatter,
+                                    help="binary-search the highest arrival rate that meets a latency condition")
+    for parser_ in (run, cap):
+        _bench_flags(parser_)
+        parser_.set_defaults(func=bench)
+    search = cap.add_argument_group("capacity search")
+    search.add_argument("--condition", choices=("sarathi", "distserve"), default="distserve",
+                        help="sarathi: P99 TBT <= SLO and median scheduling delay <= 2 s; "
+                             "distserve: >= 90%% of requests meet both SLOs")
+    search.add_argument("--min-rate", type=float, default=0.25, help="lowest rate tried (req/s)")
+    search.add_argument("--max-rate", type=float, default=4.0, help="first upper rate (doubled while it still meets)")
+    search.add_argument("--tolerance", type=float, default=0.05, help="stop when the bracket is this close (relative)")
+    search.add_argument("--max-trials", type=int, default=10, help="most workload runs")
     gen = commands.add_parser("generate", help="generate completions for prompts, offline",
                               formatter_class=_HelpFormatter)
     gen.add_argument("--prompt", action="append", help="prompt text (repeatable); default: lines of stdin")

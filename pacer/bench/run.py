@@ -1,4 +1,4 @@
-"""One benchmark run: workload -> load client -> summary -> terminal table and JSON report."""
+"""`pacer bench run` and `capacity`: workload -> load client -> summary -> terminal table and JSON report."""
 
 from __future__ import annotations
 
@@ -6,23 +6,70 @@ import asyncio
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from pacer.bench.capacity import CapacityResult, Trial, search_capacity
 from pacer.bench.client import ClientConfig, LoadClient
 from pacer.bench.metrics import SLO, RequestRecord, Summary, summarize
-from pacer.bench.workload import WorkloadConfig, build_workload
+from pacer.bench.workload import BenchRequest, WorkloadConfig, build_workload
 from pacer.model.weights import load_tokenizer, resolve_model_path
 
 
 def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
               out: Path | None) -> Summary:
     """Build the workload with the target model's tokenizer, run it, print and save the report."""
-    requests = build_workload(workload, load_tokenizer(resolve_model_path(tokenizer_model)))
+    tokenizer = load_tokenizer(resolve_model_path(tokenizer_model))
+    run = run_workload(build_workload(workload, tokenizer), workload, client)
+    summary = summarize(run.records, slo, run.duration_s, run.offered_rate)
+    print(format_summary(summary))
+    _save(out, {"workload": asdict(workload), "client": run.client_json, "slo": asdict(slo),
+                "summary": summary.to_json(), "requests": [asdict(r) for r in run.records]})
+    return summary
+
+
+def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
+                 out: Path | None, condition: str, low: float, high: float, tolerance: float,
+                 max_trials: int) -> CapacityResult:
+    """Binary-search the arrival rate (capacity.py), one full workload run per trial."""
+    if workload.arrival not in ("poisson", "gamma"):
+        raise ValueError(f"capacity search needs --arrival poisson or gamma, got {workload.arrival!r}")
+    tokenizer = load_tokenizer(resolve_model_path(tokenizer_model))
+    runs: dict[float, WorkloadRun] = {}
+
+    def trial(rate: float) -> Summary:
+        config = replace(workload, rate=rate)
+        runs[rate] = run_workload(build_workload(config, tokenizer), config, client)
+        return summarize(runs[rate].records, slo, runs[rate].duration_s, runs[rate].offered_rate)
+
+    def report(t: Trial) -> None:
+        s = t.summary
+        print(f"rate {t.rate:.3g} req/s: {'meets' if t.met else 'misses'} {condition} | goodput {s.goodput:.3g} "
+              f"req/s, attainment {s.slo_attainment:.1%}, P99 TBT {_ms(s.tbt_s.get('p99'))} ms, "
+              f"TTFT p50 {_ms(s.ttft_s.get('p50'))} ms, rejected {s.num_rejected}, failed {s.num_failed}")
+
+    result = search_capacity(trial, condition, slo, low, high, tolerance, max_trials, on_trial=report)
+    print(f"capacity ({condition}): {result.capacity:.3g} req/s after {len(result.trials)} trials")
+    _save(out, {"workload": asdict(workload), "client": next(iter(runs.values())).client_json, "slo": asdict(slo),
+                "condition": condition, "capacity": result.capacity, "curve": result.curve(),
+                "trials": [{"rate": t.rate, "met": t.met, "summary": t.summary.to_json(),
+                            "requests": [asdict(r) for r in runs[t.rate].records]} for t in result.trials]})
+    return result
+
+
+@dataclass
+class WorkloadRun:
+    records: list[RequestRecord]
+    duration_s: float
+    offered_rate: float | None
+    client_json: dict
+
+
+def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client: ClientConfig) -> WorkloadRun:
+    """Send `requests` (open loop, or closed loop for arrival=concurrency) with a live progress bar."""
     closed_loop = workload.arrival == "concurrency"
-    offered_rate = None if closed_loop else _offered_rate(requests)
     counts = {"ok": 0, "rejected": 0, "failed": 0}
     with tqdm(total=len(requests), desc="bench", unit="req") as bar:
         def progress(record: RequestRecord) -> None:
@@ -34,16 +81,16 @@ def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenize
         start = time.perf_counter()
         records = asyncio.run(load.run(requests, workload.concurrency if closed_loop else None))
         duration_s = time.perf_counter() - start
-    summary = summarize(records, slo, duration_s, offered_rate)
-    print(format_summary(summary))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        report = {"workload": asdict(workload), "client": asdict(client) | {"api_key": None, "model": load.model},
-                  "ignore_eos_honoured": load.ignore_eos, "slo": asdict(slo), "summary": summary.to_json(),
-                  "requests": [asdict(r) for r in records]}
-        out.write_text(json.dumps(report, indent=1, default=_json_default))
-        print(f"report: {out}")
-    return summary
+    client_json = asdict(client) | {"api_key": None, "model": load.model, "ignore_eos_honoured": load.ignore_eos}
+    return WorkloadRun(records, duration_s, None if closed_loop else _offered_rate(requests), client_json)
+
+
+def _save(out: Path | None, report: dict) -> None:
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=_json_default))
+    print(f"report: {out}")
 
 
 def _offered_rate(requests: list) -> float | None:

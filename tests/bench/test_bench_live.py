@@ -10,7 +10,7 @@ from tests.live_server import API_KEY
 
 def test_bench_run_against_a_live_server(tiny_server, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "report.json"
-    rc = main(["bench", "--base-url", tiny_server.url, "--api-key", API_KEY, "--tokenizer", str(tiny_model_dir),
+    rc = main(["bench", "run", "--base-url", tiny_server.url, "--api-key", API_KEY, "--tokenizer", str(tiny_model_dir),
                "--num-requests", "12", "--arrival", "poisson", "--rate", "20", "--prompt-tokens", "16",
                "--output-tokens", "8", "--max-model-len", "256", "--slo-ttft-ms", "5000", "--slo-tbt-ms", "5000",
                "--out", str(out)])
@@ -28,8 +28,20 @@ def test_bench_run_against_a_live_server(tiny_server, tiny_model_dir, tmp_path, 
 def test_bench_counts_rejections_and_failures(tiny_server, tiny_model_dir, tmp_path):
     """Without the key every request is a 401: counted as failed by kind, and the run does not crash."""
     out = tmp_path / "report.json"
-    rc = main(["bench", "--base-url", tiny_server.url, "--model", tiny_server.model, "--tokenizer",
+    rc = main(["bench", "run", "--base-url", tiny_server.url, "--model", tiny_server.model, "--tokenizer",
                str(tiny_model_dir), "--num-requests", "3", "--arrival", "concurrency", "--concurrency", "2",
                "--prompt-tokens", "4", "--output-tokens", "2", "--out", str(out)])
     summary = json.loads(out.read_text())["summary"]
     assert rc == 1 and summary["num_failed"] == 3 and summary["num_failed_by_kind"] == {"http_4xx": 3}
+
+
+def test_capacity_search_against_a_live_server(tiny_server, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "capacity.json"
+    rc = main(["bench", "capacity", "--base-url", tiny_server.url, "--api-key", API_KEY, "--tokenizer",
+               str(tiny_model_dir), "--num-requests", "6", "--prompt-tokens", "8", "--output-tokens", "4",
+               "--slo-ttft-ms", "10000", "--slo-tbt-ms", "10000", "--condition", "distserve", "--min-rate", "2",
+               "--max-rate", "4", "--max-trials", "3", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and [t["rate"] for t in report["trials"]] == [2, 4, 8]
+    assert report["capacity"] == 8 and all(t["met"] for t in report["trials"])
+    assert len(report["curve"]) == 3 and "capacity (distserve): 8" in capsys.readouterr().out
