@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -85,18 +86,36 @@ def serve(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from pacer.bench.client import ClientConfig
     from pacer.bench.metrics import SLO
-    from pacer.bench.run import run_bench, run_capacity
+    from pacer.bench.run import run_bench, run_capacity, run_compare
     from pacer.bench.workload import WorkloadConfig
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     slo = SLO(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tbt_ms), tbt_stat=args.tbt_stat)
     workload, client = config_from_args(WorkloadConfig, args), config_from_args(ClientConfig, args)
+    if args.bench_command == "compare":
+        configs = _compare_configs(args)
+        run_compare(workload, client, slo, args.tokenizer, args.out, configs)
+        return 0
     if args.bench_command == "capacity":
         run_capacity(workload, client, slo, args.tokenizer, args.out, args.condition, args.min_rate, args.max_rate,
                      args.tolerance, args.max_trials)
         return 0
     summary = run_bench(workload, client, slo, args.tokenizer, args.out)
     return 0 if summary.num_completed else 1
+
+
+def _compare_configs(args: argparse.Namespace) -> dict[str, list[str]]:
+    """--schedulers and --config NAME=FLAGS -> {name: pacer serve flags}, each with --server-args."""
+    common = shlex.split(args.server_args)
+    configs = {name: common + ["--scheduler", name] for name in (args.schedulers or "").split(",") if name}
+    for item in args.config:
+        name, sep, flags = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--config wants NAME=FLAGS, got {item!r}")
+        configs[name] = common + shlex.split(flags)
+    if not configs:
+        raise ValueError("pacer bench compare needs --schedulers or at least one --config NAME=FLAGS")
+    return configs
 
 
 def _seconds(ms: float | None) -> float | None:
@@ -133,9 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     run = bench_commands.add_parser("run", help="run one workload and report", formatter_class=_HelpFormatter)
     cap = bench_commands.add_parser("capacity", formatter_class=_HelpFormatter,
                                     help="binary-search the highest arrival rate that meets a latency condition")
-    for parser_ in (run, cap):
+    cmp = bench_commands.add_parser("compare", formatter_class=_HelpFormatter,
+                                    help="start several pacer serve configurations in turn; same workload; side by side")
+    for parser_ in (run, cap, cmp):
         _bench_flags(parser_)
         parser_.set_defaults(func=bench)
+    servers = cmp.add_argument_group("configurations (the --base-url flag is ignored: compare starts its servers)")
+    servers.add_argument("--schedulers", default=None, help="comma-separated policies, one server each: fcfs,orca,sarathi")
+    servers.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
+                         help="a named configuration, e.g. 'budget256=--max-num-batched-tokens 256' (repeatable)")
+    servers.add_argument("--server-args", default="", help="flags given to every server, e.g. '--dtype float32'")
     search = cap.add_argument_group("capacity search")
     search.add_argument("--condition", choices=("sarathi", "distserve"), default="distserve",
                         help="sarathi: P99 TBT <= SLO and median scheduling delay <= 2 s; "

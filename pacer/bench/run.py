@@ -1,10 +1,12 @@
-"""`pacer bench run` and `capacity`: workload -> load client -> summary -> terminal table and JSON report."""
+"""`pacer bench run`, `capacity` and `compare`: workload -> load client -> summary -> terminal table and JSON report."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import math
+import shlex
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -14,6 +16,7 @@ from tqdm import tqdm
 from pacer.bench.capacity import CapacityResult, Trial, search_capacity
 from pacer.bench.client import ClientConfig, LoadClient
 from pacer.bench.metrics import SLO, RequestRecord, Summary, summarize
+from pacer.bench.servers import pacer_server
 from pacer.bench.workload import BenchRequest, WorkloadConfig, build_workload
 from pacer.model.weights import load_tokenizer, resolve_model_path
 
@@ -57,6 +60,40 @@ def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, token
                 "trials": [{"rate": t.rate, "met": t.met, "summary": t.summary.to_json(),
                             "requests": [asdict(r) for r in runs[t.rate].records]} for t in result.trials]})
     return result
+
+
+def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
+                out: Path | None, configs: dict[str, list[str]]) -> dict[str, Summary]:
+    """Start each `pacer serve` configuration in turn, send it the identical workload, stop it; side by side."""
+    requests = build_workload(workload, load_tokenizer(resolve_model_path(tokenizer_model)))
+    log_dir = out.parent if out is not None else Path(tempfile.mkdtemp(prefix="pacer-compare-"))
+    runs: dict[str, WorkloadRun] = {}
+    summaries: dict[str, Summary] = {}
+    for name, flags in configs.items():
+        print(f"--- {name}: pacer serve {shlex.join(flags)}")
+        with pacer_server(flags, log_dir / f"compare-{name}.log") as url:
+            runs[name] = run_workload(requests, workload, replace(client, base_url=url, model=None))
+        summaries[name] = summarize(runs[name].records, slo, runs[name].duration_s, runs[name].offered_rate)
+    print(format_compare(summaries))
+    _save(out, {"workload": asdict(workload), "slo": asdict(slo), "configs": configs,
+                "runs": {name: {"client": run.client_json, "summary": summaries[name].to_json(),
+                                "requests": [asdict(r) for r in run.records]} for name, run in runs.items()}})
+    return summaries
+
+
+def format_compare(summaries: dict[str, Summary]) -> str:
+    """One column per configuration, one row per figure."""
+    rows = [("output tok/s", lambda s: f"{s.output_token_throughput:.1f}"),
+            ("requests ok / rejected / failed", lambda s: f"{s.num_completed} / {s.num_rejected} / {s.num_failed}")]
+    for label, key in (("TTFT", "ttft_s"), ("TBT", "tbt_s"), ("TPOT", "tpot_s"), ("E2E", "e2e_s")):
+        for q in ("p50", "p99"):
+            rows.append((f"{label} {q} (ms)", lambda s, key=key, q=q: _ms(getattr(s, key).get(q))))
+    rows += [("SLO attainment", lambda s: f"{s.slo_attainment:.1%}"),
+             ("goodput (req/s)", lambda s: f"{s.goodput:.3g}")]
+    names = list(summaries)
+    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(cell(summaries[n]) for n in names) + " |" for label, cell in rows]
+    return "\n".join(lines)
 
 
 @dataclass

@@ -45,3 +45,17 @@ def test_capacity_search_against_a_live_server(tiny_server, tiny_model_dir, tmp_
     assert rc == 0 and [t["rate"] for t in report["trials"]] == [2, 4, 8]
     assert report["capacity"] == 8 and all(t["met"] for t in report["trials"])
     assert len(report["curve"]) == 3 and "capacity (distserve): 8" in capsys.readouterr().out
+
+
+def test_compare_starts_each_configuration_and_reports_side_by_side(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    rc = main(["bench", "compare", "--schedulers", "fcfs,sarathi", "--config",
+               "small-budget=--scheduler sarathi --max-num-batched-tokens 16",
+               "--server-args", f"--model {tiny_model_dir} --threads 1 --num-blocks 64", "--tokenizer",
+               str(tiny_model_dir), "--num-requests", "6", "--arrival", "concurrency", "--concurrency", "3",
+               "--prompt-tokens", "24", "--output-tokens", "4", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and list(report["runs"]) == ["fcfs", "sarathi", "small-budget"]
+    assert all(run["summary"]["num_completed"] == 6 for run in report["runs"].values())
+    table = capsys.readouterr().out
+    assert "| | fcfs | sarathi | small-budget |" in table and "goodput (req/s)" in table
