@@ -94,13 +94,13 @@ def bench(args: argparse.Namespace) -> int:
     workload, client = config_from_args(WorkloadConfig, args), config_from_args(ClientConfig, args)
     if args.bench_command == "compare":
         configs = _compare_configs(args)
-        run_compare(workload, client, slo, args.tokenizer, args.out, configs)
+        run_compare(workload, client, slo, args.tokenizer, args.out, configs, args.plots)
         return 0
     if args.bench_command == "capacity":
         run_capacity(workload, client, slo, args.tokenizer, args.out, args.condition, args.min_rate, args.max_rate,
-                     args.tolerance, args.max_trials)
+                     args.tolerance, args.max_trials, args.plots)
         return 0
-    summary = run_bench(workload, client, slo, args.tokenizer, args.out)
+    summary = run_bench(workload, client, slo, args.tokenizer, args.out, args.plots)
     return 0 if summary.num_completed else 1
 
 
@@ -136,6 +136,7 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer", default=None,
                        help="model whose tokenizer sizes the prompts (a .gguf or HF directory; default: the default model)")
     group.add_argument("--out", type=Path, default=None, help="write the JSON report (every request's timings) here")
+    group.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNG plots into DIR")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,13 +16,14 @@ from tqdm import tqdm
 from pacer.bench.capacity import CapacityResult, Trial, search_capacity
 from pacer.bench.client import ClientConfig, LoadClient
 from pacer.bench.metrics import SLO, RequestRecord, Summary, summarize
+from pacer.bench.plots import plot_capacity, plot_compare, plot_run
 from pacer.bench.servers import pacer_server
 from pacer.bench.workload import BenchRequest, WorkloadConfig, build_workload
 from pacer.model.weights import load_tokenizer, resolve_model_path
 
 
 def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
-              out: Path | None) -> Summary:
+              out: Path | None, plots_dir: Path | None = None) -> Summary:
     """Build the workload with the target model's tokenizer, run it, print and save the report."""
     tokenizer = load_tokenizer(resolve_model_path(tokenizer_model))
     run = run_workload(build_workload(workload, tokenizer), workload, client)
@@ -30,12 +31,14 @@ def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenize
     print(format_summary(summary))
     _save(out, {"workload": asdict(workload), "client": run.client_json, "slo": asdict(slo),
                 "summary": summary.to_json(), "requests": [asdict(r) for r in run.records]})
+    if plots_dir is not None:
+        _said(plot_run(run.records, slo, plots_dir, title=_title(workload)))
     return summary
 
 
 def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
                  out: Path | None, condition: str, low: float, high: float, tolerance: float,
-                 max_trials: int) -> CapacityResult:
+                 max_trials: int, plots_dir: Path | None = None) -> CapacityResult:
     """Binary-search the arrival rate (capacity.py), one full workload run per trial."""
     if workload.arrival not in ("poisson", "gamma"):
         raise ValueError(f"capacity search needs --arrival poisson or gamma, got {workload.arrival!r}")
@@ -59,11 +62,14 @@ def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, token
                 "condition": condition, "capacity": result.capacity, "curve": result.curve(),
                 "trials": [{"rate": t.rate, "met": t.met, "summary": t.summary.to_json(),
                             "requests": [asdict(r) for r in runs[t.rate].records]} for t in result.trials]})
+    if plots_dir is not None:
+        _said([plot_capacity({client.base_url: result.curve()}, plots_dir / "capacity.png",
+                             title=f"capacity ({condition}): {result.capacity:.3g} req/s")])
     return result
 
 
 def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
-                out: Path | None, configs: dict[str, list[str]]) -> dict[str, Summary]:
+                out: Path | None, configs: dict[str, list[str]], plots_dir: Path | None = None) -> dict[str, Summary]:
     """Start each `pacer serve` configuration in turn, send it the identical workload, stop it; side by side."""
     requests = build_workload(workload, load_tokenizer(resolve_model_path(tokenizer_model)))
     log_dir = out.parent if out is not None else Path(tempfile.mkdtemp(prefix="pacer-compare-"))
@@ -78,6 +84,9 @@ def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokeni
     _save(out, {"workload": asdict(workload), "slo": asdict(slo), "configs": configs,
                 "runs": {name: {"client": run.client_json, "summary": summaries[name].to_json(),
                                 "requests": [asdict(r) for r in run.records]} for name, run in runs.items()}})
+    if plots_dir is not None:
+        _said(plot_compare({name: run.records for name, run in runs.items()}, slo, plots_dir,
+                           title=_title(workload)))
     return summaries
 
 
@@ -120,6 +129,16 @@ def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client:
         duration_s = time.perf_counter() - start
     client_json = asdict(client) | {"api_key": None, "model": load.model, "ignore_eos_honoured": load.ignore_eos}
     return WorkloadRun(records, duration_s, None if closed_loop else _offered_rate(requests), client_json)
+
+
+def _title(workload: WorkloadConfig) -> str:
+    rate = f" at {workload.rate:g} req/s" if workload.arrival in ("poisson", "gamma") else ""
+    return f"{workload.num_requests} requests, {workload.arrival}{rate}, lengths {workload.lengths}"
+
+
+def _said(paths: list[Path]) -> None:
+    for path in paths:
+        print(f"plot: {path}")
 
 
 def _save(out: Path | None, report: dict) -> None:

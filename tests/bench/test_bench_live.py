@@ -13,8 +13,10 @@ def test_bench_run_against_a_live_server(tiny_server, tiny_model_dir, tmp_path, 
     rc = main(["bench", "run", "--base-url", tiny_server.url, "--api-key", API_KEY, "--tokenizer", str(tiny_model_dir),
                "--num-requests", "12", "--arrival", "poisson", "--rate", "20", "--prompt-tokens", "16",
                "--output-tokens", "8", "--max-model-len", "256", "--slo-ttft-ms", "5000", "--slo-tbt-ms", "5000",
-               "--out", str(out)])
+               "--out", str(out), "--plots", str(tmp_path / "plots")])
     assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["latency_over_time.png", "tbt_cdf.png",
+                                                                      "ttft_cdf.png"]
     report = json.loads(out.read_text())
     summary = report["summary"]
     assert summary["num_requests"] == 12 and summary["num_completed"] == 12 and summary["num_failed"] == 0
@@ -40,11 +42,12 @@ def test_capacity_search_against_a_live_server(tiny_server, tiny_model_dir, tmp_
     rc = main(["bench", "capacity", "--base-url", tiny_server.url, "--api-key", API_KEY, "--tokenizer",
                str(tiny_model_dir), "--num-requests", "6", "--prompt-tokens", "8", "--output-tokens", "4",
                "--slo-ttft-ms", "10000", "--slo-tbt-ms", "10000", "--condition", "distserve", "--min-rate", "2",
-               "--max-rate", "4", "--max-trials", "3", "--out", str(out)])
+               "--max-rate", "4", "--max-trials", "3", "--out", str(out), "--plots", str(tmp_path)])
     report = json.loads(out.read_text())
     assert rc == 0 and [t["rate"] for t in report["trials"]] == [2, 4, 8]
     assert report["capacity"] == 8 and all(t["met"] for t in report["trials"])
     assert len(report["curve"]) == 3 and "capacity (distserve): 8" in capsys.readouterr().out
+    assert (tmp_path / "capacity.png").stat().st_size > 5000
 
 
 def test_compare_starts_each_configuration_and_reports_side_by_side(tiny_model_dir, tmp_path, capsys):
@@ -53,9 +56,10 @@ def test_compare_starts_each_configuration_and_reports_side_by_side(tiny_model_d
                "small-budget=--scheduler sarathi --max-num-batched-tokens 16",
                "--server-args", f"--model {tiny_model_dir} --threads 1 --num-blocks 64", "--tokenizer",
                str(tiny_model_dir), "--num-requests", "6", "--arrival", "concurrency", "--concurrency", "3",
-               "--prompt-tokens", "24", "--output-tokens", "4", "--out", str(out)])
+               "--prompt-tokens", "24", "--output-tokens", "4", "--out", str(out), "--plots", str(tmp_path)])
     report = json.loads(out.read_text())
     assert rc == 0 and list(report["runs"]) == ["fcfs", "sarathi", "small-budget"]
     assert all(run["summary"]["num_completed"] == 6 for run in report["runs"].values())
     table = capsys.readouterr().out
     assert "| | fcfs | sarathi | small-budget |" in table and "goodput (req/s)" in table
+    assert (tmp_path / "compare_tbt_cdf.png").stat().st_size > 5000
