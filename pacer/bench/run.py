@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pacer.bench.capacity import CapacityResult, Trial, search_capacity
 from pacer.bench.client import ClientConfig, LoadClient
-from pacer.bench.metrics import SLO, RequestRecord, Summary, summarize
+from pacer.bench.metrics import SLO, RequestRecord, Summary, meets_slo, request_metrics, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
 from pacer.bench.servers import pacer_server
 from pacer.bench.workload import BenchRequest, WorkloadConfig, build_workload
@@ -26,7 +26,7 @@ def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenize
               out: Path | None, plots_dir: Path | None = None) -> Summary:
     """Build the workload with the target model's tokenizer, run it, print and save the report."""
     tokenizer = load_tokenizer(resolve_model_path(tokenizer_model))
-    run = run_workload(build_workload(workload, tokenizer), workload, client)
+    run = run_workload(build_workload(workload, tokenizer), workload, client, slo)
     summary = summarize(run.records, slo, run.duration_s, run.offered_rate)
     print(format_summary(summary))
     _save(out, {"workload": asdict(workload), "client": run.client_json, "slo": asdict(slo),
@@ -47,7 +47,7 @@ def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, token
 
     def trial(rate: float) -> Summary:
         config = replace(workload, rate=rate)
-        runs[rate] = run_workload(build_workload(config, tokenizer), config, client)
+        runs[rate] = run_workload(build_workload(config, tokenizer), config, client, slo)
         return summarize(runs[rate].records, slo, runs[rate].duration_s, runs[rate].offered_rate)
 
     def report(t: Trial) -> None:
@@ -78,7 +78,7 @@ def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokeni
     for name, flags in configs.items():
         print(f"--- {name}: pacer serve {shlex.join(flags)}")
         with pacer_server(flags, log_dir / f"compare-{name}.log") as url:
-            runs[name] = run_workload(requests, workload, replace(client, base_url=url, model=None))
+            runs[name] = run_workload(requests, workload, replace(client, base_url=url, model=None), slo)
         summaries[name] = summarize(runs[name].records, slo, runs[name].duration_s, runs[name].offered_rate)
     print(format_compare(summaries))
     _save(out, {"workload": asdict(workload), "slo": asdict(slo), "configs": configs,
@@ -113,14 +113,21 @@ class WorkloadRun:
     client_json: dict
 
 
-def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client: ClientConfig) -> WorkloadRun:
-    """Send `requests` (open loop, or closed loop for arrival=concurrency) with a live progress bar."""
+def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client: ClientConfig,
+                 slo: SLO) -> WorkloadRun:
+    """Send `requests` (open loop, or closed loop for arrival=concurrency) with a live progress bar:
+    requests ended by outcome and the goodput so far (good requests / time elapsed)."""
     closed_loop = workload.arrival == "concurrency"
     counts = {"ok": 0, "rejected": 0, "failed": 0}
+    num_good = 0
     with tqdm(total=len(requests), desc="bench", unit="req") as bar:
         def progress(record: RequestRecord) -> None:
+            nonlocal num_good
             counts[record.status] += 1
-            bar.set_postfix(counts, refresh=False)
+            if record.status == "ok" and all(meets_slo(request_metrics(record), slo)):
+                num_good += 1
+            goodput = num_good / max(load.now(), 1e-9)
+            bar.set_postfix(counts | {"goodput": f"{goodput:.2f}/s"}, refresh=False)
             bar.update(1)
 
         load = LoadClient(client, on_record=progress)
