@@ -1,8 +1,9 @@
 """The load generator: sends a workload to an OpenAI-compatible server and records what it saw.
 
-One asyncio loop, httpx streaming, SSE parsed line by line. Open loop (Poisson, gamma, trace):
-each request is sent at its arrival time whatever happened to the others, so an overloaded
-server shows up as latency, not as a lower offered rate. Closed loop: `concurrency` workers each
+One asyncio loop, aiohttp streaming (4x the request rate of httpx here; benchmarks/RESULTS.md), SSE
+parsed line by line. Open loop (Poisson, gamma, trace): each request is sent at its arrival time
+whatever happened to the others, so an overloaded server shows up as latency, not as a lower
+offered rate. Closed loop: `concurrency` workers each
 send their next request when the previous one ends. Every failure is recorded by kind; none
 ends the run.
 """
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from pacer.bench.metrics import RequestRecord
 from pacer.bench.workload import BenchRequest
@@ -52,11 +53,12 @@ class LoadClient:
     async def run(self, requests: list[BenchRequest], concurrency: int | None = None) -> list[RequestRecord]:
         """Open loop unless `concurrency` is given (then arrival times are ignored)."""
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        timeout = httpx.Timeout(self.config.timeout_s, connect=30.0)
-        # trust_env=False: a proxy from the environment must not sit between the client and the server.
-        async with httpx.AsyncClient(base_url=self.config.base_url, headers=headers, limits=limits,
-                                     timeout=timeout, trust_env=False) as http:
+        timeout = aiohttp.ClientTimeout(total=self.config.timeout_s, connect=30.0)
+        # No connection cap: an open loop must not queue behind its own client. trust_env=False: a proxy
+        # from the environment must not sit between the client and the server.
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(self.config.base_url, headers=headers, timeout=timeout, connector=connector,
+                                         trust_env=False) as http:
             if self.model is None:
                 self.model = await self._first_model(http)
             self.t0 = time.perf_counter()
@@ -75,12 +77,12 @@ class LoadClient:
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
-    async def _first_model(self, http: httpx.AsyncClient) -> str:
-        response = await http.get("/v1/models")
-        response.raise_for_status()
-        return response.json()["data"][0]["id"]
+    async def _first_model(self, http: aiohttp.ClientSession) -> str:
+        async with http.get("/v1/models") as response:
+            response.raise_for_status()
+            return (await response.json())["data"][0]["id"]
 
-    async def _open_loop(self, http: httpx.AsyncClient, request: BenchRequest) -> RequestRecord:
+    async def _open_loop(self, http: aiohttp.ClientSession, request: BenchRequest) -> RequestRecord:
         delay = (request.arrival_s or 0.0) - self.now()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -97,20 +99,20 @@ class LoadClient:
             body["prompt"] = request.prompt
         return body
 
-    async def _send(self, http: httpx.AsyncClient, request: BenchRequest, scheduled_s: float | None) -> RequestRecord:
+    async def _send(self, http: aiohttp.ClientSession, request: BenchRequest, scheduled_s: float | None) -> RequestRecord:
         record = RequestRecord(index=request.index, num_prompt_tokens=request.num_prompt_tokens,
                                max_tokens=request.max_tokens, scheduled_s=scheduled_s)
         path = "/v1/chat/completions" if self.config.endpoint == "chat" else "/v1/completions"
         record.sent_s = self.now()
         try:
-            async with http.stream("POST", path, json=self._body(request)) as response:
-                if response.status_code != 200:
+            async with http.post(path, json=self._body(request)) as response:
+                if response.status != 200:
                     await self._refused(response, record)
                 else:
                     await self._read_stream(response, record)
-        except httpx.TimeoutException as error:
+        except TimeoutError as error:
             self._fail(record, "timeout", repr(error))
-        except httpx.HTTPError as error:
+        except aiohttp.ClientError as error:
             self._fail(record, "network", repr(error))
         if record.status == "ok" and record.finished_s is None:
             self._fail(record, "malformed_sse", "the stream ended without data: [DONE]")
@@ -118,26 +120,26 @@ class LoadClient:
             self.on_record(record)
         return record
 
-    async def _refused(self, response: httpx.Response, record: RequestRecord) -> None:
-        text = (await response.aread()).decode(errors="replace")
-        if response.status_code == 429:
+    async def _refused(self, response: aiohttp.ClientResponse, record: RequestRecord) -> None:
+        text = (await response.read()).decode(errors="replace")
+        if response.status == 429:
             record.status = "rejected"
             record.error_kind, record.error = "http_429", text[:500]
             retry_after = response.headers.get("retry-after")
             record.retry_after_s = float(retry_after) if retry_after and retry_after.isdigit() else None
             return
-        if response.status_code == 400 and self.ignore_eos and "ignore_eos" in text:
+        if response.status == 400 and self.ignore_eos and "ignore_eos" in text:
             self.ignore_eos = False  # this server does not take it: later requests go without
-        kind = "http_4xx" if response.status_code < 500 else "http_5xx"
-        self._fail(record, kind, f"HTTP {response.status_code}: {text[:500]}")
+        kind = "http_4xx" if response.status < 500 else "http_5xx"
+        self._fail(record, kind, f"HTTP {response.status}: {text[:500]}")
 
-    async def _read_stream(self, response: httpx.Response, record: RequestRecord) -> None:
+    async def _read_stream(self, response: aiohttp.ClientResponse, record: RequestRecord) -> None:
         chat = self.config.endpoint == "chat"
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
+        async for raw in response.content:  # one line per iteration
+            if not raw.startswith(b"data:"):
                 continue
             now = self.now()
-            data = line[5:].strip()
+            data = raw[5:].strip().decode(errors="replace")
             if data == "[DONE]":
                 record.finished_s = now
                 break
