@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
+
+from pacer.bench.servers import pacer_server
 
 API_KEY = "sk-pacer-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_LOG_NUMBERS = itertools.count()
 
 
 @dataclass
@@ -45,35 +38,10 @@ class Server:
                 samples[name] = float(value)
         return samples
 
-    def terminate(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
 
 @contextlib.contextmanager
 def run_server(model: str | Path, *flags: str, log_dir: Path, ready_timeout: float = 180) -> Iterator[Server]:
-    port = free_port()
-    log = log_dir / f"serve-{port}.log"
-    command = [sys.executable, "-m", "pacer.cli", "serve", "--model", str(model), "--port", str(port), *flags]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(process, f"http://127.0.0.1:{port}", log, str(model))
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"pacer serve exited with {process.returncode}:\n{log.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(server.url + "/health", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"pacer serve not ready after {ready_timeout} s:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield server
-    finally:
-        server.terminate()
+    """`pacer serve --model MODEL FLAGS` through pacer bench's own launcher (the one `compare` uses)."""
+    log = log_dir / f"serve-{next(_LOG_NUMBERS)}.log"
+    with pacer_server(["--model", str(model), *flags], log, ready_timeout) as server:
+        yield Server(server.process, server.url, server.log_path, str(model))

@@ -77,8 +77,8 @@ def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokeni
     summaries: dict[str, Summary] = {}
     for name, flags in configs.items():
         print(f"--- {name}: pacer serve {shlex.join(flags)}")
-        with pacer_server(flags, log_dir / f"compare-{name}.log") as url:
-            runs[name] = run_workload(requests, workload, replace(client, base_url=url, model=None), slo)
+        with pacer_server(flags, log_dir / f"compare-{name}.log") as server:
+            runs[name] = run_workload(requests, workload, replace(client, base_url=server.url, model=None), slo)
         summaries[name] = summarize(runs[name].records, slo, runs[name].duration_s, runs[name].offered_rate)
     print(format_compare(summaries))
     _save(out, {"workload": asdict(workload), "slo": asdict(slo), "configs": configs,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,9 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class ServerProcess:
+    url: str  # base URL, without /v1
+    process: subprocess.Popen
+    log_path: Path
+
+
 @contextlib.contextmanager
-def pacer_server(flags: list[str], log_path: Path, ready_timeout_s: float = 300.0) -> Iterator[str]:
-    """Run `pacer serve FLAGS` on a free local port; yields its base URL; always stops it."""
+def pacer_server(flags: list[str], log_path: Path, ready_timeout_s: float = 300.0) -> Iterator[ServerProcess]:
+    """Run `pacer serve FLAGS` on a free local port until it is healthy; always stops it (SIGTERM, then kill)."""
     port = free_port()
     command = [sys.executable, "-m", "pacer.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *flags]
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +42,7 @@ def pacer_server(flags: list[str], log_path: Path, ready_timeout_s: float = 300.
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, ready_timeout_s, log_path)
-        yield url
+        yield ServerProcess(url, process, log_path)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -125,11 +125,8 @@ class ModelRunner:
                             logits_indices)
         if sampling:
             requests = [r for _, r in sampling]
-            penalized = [row for row, r in enumerate(requests) if r.sampling.penalized]
-            if penalized:
-                rows = logits[penalized]
-                apply_penalties(rows, [requests[row] for row in penalized])
-                logits[penalized] = rows
+            if any(r.sampling.penalized for r in requests):
+                apply_penalties(logits, requests)  # in place; rows without penalties are left alone
             self._mask_stops_before_min_tokens(logits, requests)
             tokens, token_logprobs = sample(logits, [r.sampling for r in requests],
                                             [self._generator(r) for r in requests])

@@ -13,7 +13,8 @@ NUCLEUS_CANDIDATES = 1024
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
-    """Penalize repeats in place, row by row, with vLLM's semantics.
+    """Penalize repeats in place, row by row (row i is requests[i]; rows without penalties are untouched),
+    with vLLM's semantics.
 
     Presence and frequency penalties (OpenAI) count the output tokens only; the repetition penalty
     (CTRL, arXiv 1909.05858) covers prompt and output and pushes a logit towards less likely

@@ -51,8 +51,8 @@ class Metrics:
         gauge("pacer:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", lambda s: s.kv_cache_usage)
         self.prompt_tokens = counter("pacer:prompt_tokens", "Prefilled prompt tokens.").labels(model_name)
         self.generation_tokens = counter("pacer:generation_tokens", "Generated tokens.").labels(model_name)
-        self.preemptions = counter("pacer:num_preemptions", "Requests preempted (KV freed, recomputed later).")
-        self.preemptions = self.preemptions.labels(model_name)
+        self.preemptions = counter("pacer:num_preemptions",
+                                   "Requests preempted (KV freed, recomputed later).").labels(model_name)
         self._success = counter("pacer:request_success", "Finished requests by finish reason.", "finished_reason")
         self._rejected = counter("pacer:request_rejected", "Requests refused before running, by reason.", "reason")
         self._model_name = model_name

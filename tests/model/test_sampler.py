@@ -70,3 +70,13 @@ def test_penalty_ranges_are_validated():
     for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(repetition_penalty=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
+
+
+def test_rows_without_penalties_are_left_alone_in_a_mixed_batch():
+    from pacer.model.sampler import apply_penalties
+    from pacer.request import Request
+
+    plain, penalized = Request("a", [0, 1]), Request("b", [0, 1], SamplingParams(repetition_penalty=2.0))
+    logits = torch.tensor([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0]])
+    apply_penalties(logits, [plain, penalized])
+    assert torch.equal(logits, torch.tensor([[2.0, -2.0, 1.0], [1.0, -4.0, 1.0]]))
