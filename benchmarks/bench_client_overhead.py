@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pacer.bench.client import ClientConfig, LoadClient
+from pacer.bench.client import ClientConfig, LoadClient, run_loop
 from pacer.bench.servers import free_port
 from pacer.bench.workload import BenchRequest
 
@@ -87,9 +87,9 @@ def main() -> int:
     arrivals = np.cumsum(rng.exponential(1 / args.rate, args.num_requests))
     requests = [BenchRequest(i, float(t), f"request {i}", 2, args.chunks) for i, t in enumerate(arrivals)]
     client = LoadClient(ClientConfig(base_url=f"http://127.0.0.1:{port}", model="trivial"))
-    start = time.perf_counter()
-    records = asyncio.run(client.run(requests))
-    duration = time.perf_counter() - start
+    start, cpu_start = time.perf_counter(), time.process_time()
+    records = run_loop(client.run(requests))
+    duration, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     server.send_signal(2)
     server.wait(30)
     sent = json.loads(log.read_text())
@@ -99,7 +99,7 @@ def main() -> int:
     late = [max(0.0, (r.sent_s or 0) - (r.scheduled_s or 0)) * 1e3 for r in records]
     print(f"offered {args.rate:g} req/s x {args.chunks} chunks; completed {ok}/{len(records)} in {duration:.2f} s "
           f"= {ok / duration:.0f} req/s; send lateness p50 {statistics.median(late):.2f} ms, "
-          f"p99 {np.percentile(late, 99):.2f} ms")
+          f"p99 {np.percentile(late, 99):.2f} ms; client CPU {cpu / duration:.0%} of a core")
     print(f"token timestamp error (client receive - server write): p50 {np.percentile(errors_ms, 50):.3f} ms, "
           f"p99 {np.percentile(errors_ms, 99):.3f} ms, max {max(errors_ms):.3f} ms over {len(errors_ms)} tokens")
     failures = sorted({r.error_kind for r in records if r.status != "ok"})

@@ -105,16 +105,22 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def _compare_configs(args: argparse.Namespace) -> dict[str, list[str]]:
-    """--schedulers and --config NAME=FLAGS -> {name: pacer serve flags}, each with --server-args."""
+    """--schedulers, --config NAME=FLAGS (pacer serve, each with --server-args) and --server NAME=COMMAND
+    -> {name: command line}, in that order."""
+    from pacer.bench.servers import pacer_command
+
     common = shlex.split(args.server_args)
-    configs = {name: common + ["--scheduler", name] for name in (args.schedulers or "").split(",") if name}
-    for item in args.config:
-        name, sep, flags = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"--config wants NAME=FLAGS, got {item!r}")
-        configs[name] = common + shlex.split(flags)
+    configs = {name: pacer_command(common + ["--scheduler", name])
+               for name in (args.schedulers or "").split(",") if name}
+    for option, items, to_command in (("--config", args.config, lambda flags: pacer_command(common + flags)),
+                                      ("--server", args.server, lambda command: command)):
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise ValueError(f"{option} wants NAME=..., got {item!r}")
+            configs[name] = to_command(shlex.split(value))
     if not configs:
-        raise ValueError("pacer bench compare needs --schedulers or at least one --config NAME=FLAGS")
+        raise ValueError("pacer bench compare needs --schedulers, --config NAME=FLAGS or --server NAME=COMMAND")
     return configs
 
 
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     cap = bench_commands.add_parser("capacity", formatter_class=_HelpFormatter,
                                     help="binary-search the highest arrival rate that meets a latency condition")
     cmp = bench_commands.add_parser("compare", formatter_class=_HelpFormatter,
-                                    help="start several pacer serve configurations in turn; same workload; side by side")
+                                    help="start several server configurations in turn; same workload; side by side")
     for parser_ in (run, cap, cmp):
         _bench_flags(parser_)
         parser_.set_defaults(func=bench)
@@ -162,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     servers.add_argument("--schedulers", default=None, help="comma-separated policies, one server each: fcfs,orca,sarathi")
     servers.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
                          help="a named configuration, e.g. 'budget256=--max-num-batched-tokens 256' (repeatable)")
-    servers.add_argument("--server-args", default="", help="flags given to every server, e.g. '--dtype float32'")
+    servers.add_argument("--server", action="append", default=[], metavar="NAME=COMMAND",
+                         help="any OpenAI-compatible server, started the same way; {port} in COMMAND is replaced, "
+                              "e.g. 'vllm=vllm serve MODEL --port {port}' (repeatable)")
+    servers.add_argument("--server-args", default="", help="flags given to every pacer server, e.g. '--dtype float32'")
     search = cap.add_argument_group("capacity search")
     search.add_argument("--condition", choices=("sarathi", "distserve"), default="distserve",
                         help="sarathi: P99 TBT <= SLO and median scheduling delay <= 2 s; "

@@ -1,7 +1,7 @@
 """The load generator: sends a workload to an OpenAI-compatible server and records what it saw.
 
 One asyncio loop, aiohttp streaming (4x the request rate of httpx here; benchmarks/RESULTS.md), SSE
-parsed line by line. Open loop (Poisson, gamma, trace): each request is sent at its arrival time
+parsed from raw reads. Open loop (Poisson, gamma, trace): each request is sent at its arrival time
 whatever happened to the others, so an overloaded server shows up as latency, not as a lower
 offered rate. Closed loop: `concurrency` workers each
 send their next request when the previous one ends. Every failure is recorded by kind; none
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -38,6 +38,16 @@ class ClientConfig:
             raise ValueError(f"endpoint must be 'completions' or 'chat', got {self.endpoint!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+
+
+def run_loop(main: Coroutine[object, object, list[RequestRecord]]) -> list[RequestRecord]:
+    """Run the client on uvloop where it is installed: its callbacks cost a third of asyncio's, and on a
+    loop that also timestamps every token, less work per event is less timestamp error."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 class LoadClient:
@@ -134,32 +144,41 @@ class LoadClient:
         self._fail(record, kind, f"HTTP {response.status}: {text[:500]}")
 
     async def _read_stream(self, response: aiohttp.ClientResponse, record: RequestRecord) -> None:
-        chat = self.config.endpoint == "chat"
-        async for raw in response.content:  # one line per iteration
-            if not raw.startswith(b"data:"):
-                continue
+        """Parse SSE from whatever bytes each read returns, stamping every line in a read with that read's
+        time: one wake-up per network read instead of one per line (a third fewer loop callbacks)."""
+        pending, ended = b"", False
+        async for chunk in response.content.iter_any():
             now = self.now()
-            data = raw[5:].strip().decode(errors="replace")
-            if data == "[DONE]":
-                record.finished_s = now
+            *lines, pending = (pending + chunk).split(b"\n")
+            ended = any(line.startswith(b"data:") and not self._on_event(line[5:].strip(), now, record)
+                        for line in lines)
+            if ended:
                 break
-            try:
-                event = json.loads(data)
-            except json.JSONDecodeError:
-                self._fail(record, "malformed_sse", f"not JSON: {data[:200]}")
-                return
-            if "error" in event:
-                self._fail(record, "http_5xx", f"error event: {str(event['error'])[:500]}")
-                return
-            for choice in event.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                if text:
-                    record.token_times_s.append(now)
-            if event.get("usage"):
-                record.output_tokens = event["usage"].get("completion_tokens")
-        if record.output_tokens is not None and len(record.token_times_s) > record.output_tokens:
+        if record.status == "ok" and record.output_tokens is not None and len(record.token_times_s) > record.output_tokens:
             self._fail(record, "usage_mismatch", f"{len(record.token_times_s)} content chunks but usage says "
                                                  f"{record.output_tokens} tokens")
+
+    def _on_event(self, data: bytes, now: float, record: RequestRecord) -> bool:
+        """Record one SSE `data:` payload; False ends the stream (done, or failed)."""
+        if data == b"[DONE]":
+            record.finished_s = now
+            return False
+        try:
+            event = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self._fail(record, "malformed_sse", f"not JSON: {data[:200].decode(errors='replace')}")
+            return False
+        if "error" in event:
+            self._fail(record, "http_5xx", f"error event: {str(event['error'])[:500]}")
+            return False
+        chat = self.config.endpoint == "chat"
+        for choice in event.get("choices") or []:
+            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            if text:
+                record.token_times_s.append(now)
+        if event.get("usage"):
+            record.output_tokens = event["usage"].get("completion_tokens")
+        return True
 
     @staticmethod
     def _fail(record: RequestRecord, kind: str, message: str) -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pacer.bench.capacity import CapacityResult, Trial, search_capacity
-from pacer.bench.client import ClientConfig, LoadClient
+from pacer.bench.client import ClientConfig, LoadClient, run_loop
 from pacer.bench.metrics import SLO, RequestRecord, Summary, meets_slo, request_metrics, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
-from pacer.bench.servers import pacer_server
+from pacer.bench.servers import server_process
 from pacer.bench.workload import BenchRequest, WorkloadConfig, build_workload
 from pacer.model.weights import load_tokenizer, resolve_model_path
 
@@ -70,14 +70,15 @@ def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, token
 
 def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
                 out: Path | None, configs: dict[str, list[str]], plots_dir: Path | None = None) -> dict[str, Summary]:
-    """Start each `pacer serve` configuration in turn, send it the identical workload, stop it; side by side."""
+    """Start each server command in turn (`pacer_command` for pacer's own; any OpenAI-compatible server with
+    `{port}` in its command), send it the identical workload, stop it; report side by side."""
     requests = build_workload(workload, load_tokenizer(resolve_model_path(tokenizer_model)))
     log_dir = out.parent if out is not None else Path(tempfile.mkdtemp(prefix="pacer-compare-"))
     runs: dict[str, WorkloadRun] = {}
     summaries: dict[str, Summary] = {}
-    for name, flags in configs.items():
-        print(f"--- {name}: pacer serve {shlex.join(flags)}")
-        with pacer_server(flags, log_dir / f"compare-{name}.log") as server:
+    for name, command in configs.items():
+        print(f"--- {name}: {shlex.join(command)}")
+        with server_process(command, log_dir / f"compare-{name}.log") as server:
             runs[name] = run_workload(requests, workload, replace(client, base_url=server.url, model=None), slo)
         summaries[name] = summarize(runs[name].records, slo, runs[name].duration_s, runs[name].offered_rate)
     print(format_compare(summaries))
@@ -132,7 +133,7 @@ def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client:
 
         load = LoadClient(client, on_record=progress)
         start = time.perf_counter()
-        records = asyncio.run(load.run(requests, workload.concurrency if closed_loop else None))
+        records = run_loop(load.run(requests, workload.concurrency if closed_loop else None))
         duration_s = time.perf_counter() - start
     client_json = asdict(client) | {"api_key": None, "model": load.model, "ignore_eos_honoured": load.ignore_eos}
     return WorkloadRun(records, duration_s, None if closed_loop else _offered_rate(requests), client_json)

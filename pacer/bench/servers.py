@@ -1,8 +1,9 @@
-"""Start and stop a `pacer serve` subprocess for `pacer bench compare`: free port, wait for /health, SIGTERM."""
+"""Start and stop server subprocesses for `pacer bench compare` and the tests: free port, wait for /health, SIGTERM."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import signal
 import socket
@@ -29,38 +30,50 @@ class ServerProcess:
     log_path: Path
 
 
+def pacer_command(flags: list[str]) -> list[str]:
+    """`pacer serve FLAGS` on the port `server_process` picks."""
+    return [sys.executable, "-m", "pacer.cli", "serve", "--host", "127.0.0.1", "--port", "{port}", *flags]
+
+
 @contextlib.contextmanager
-def pacer_server(flags: list[str], log_path: Path, ready_timeout_s: float = 300.0) -> Iterator[ServerProcess]:
-    """Run `pacer serve FLAGS` on a free local port until it is healthy; always stops it (SIGTERM, then kill)."""
+def server_process(command: list[str], log_path: Path, ready_timeout_s: float = 600.0) -> Iterator[ServerProcess]:
+    """Run any OpenAI-compatible server on a free local port (`{port}` in `command` is replaced by it) until
+    its /health answers 200; always stop it: SIGTERM to its process group, then SIGKILL after 60 s."""
     port = free_port()
-    command = [sys.executable, "-m", "pacer.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *flags]
+    command = [arg.replace("{port}", str(port)) for arg in command]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         log.write(shlex.join(command) + "\n")
         log.flush()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        # Its own session: servers that fork workers (vLLM) are stopped whole.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, ready_timeout_s, log_path)
         yield ServerProcess(url, process, log_path)
     finally:
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(60)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def pacer_server(flags: list[str], log_path: Path, ready_timeout_s: float = 300.0) -> contextlib.AbstractContextManager[ServerProcess]:
+    """`pacer serve FLAGS` as a `server_process`."""
+    return server_process(pacer_command(flags), log_path, ready_timeout_s)
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"pacer serve exited with {process.returncode}; see {log_path}:\n"
+            raise RuntimeError(f"server exited with {process.returncode}; see {log_path}:\n"
                                + log_path.read_text()[-2000:])
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
                 return
         time.sleep(0.25)
-    raise RuntimeError(f"pacer serve not healthy after {timeout_s:.0f} s; see {log_path}")
+    raise RuntimeError(f"server not healthy after {timeout_s:.0f} s; see {log_path}")

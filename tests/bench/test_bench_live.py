@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from pacer.cli import main
 from tests.live_server import API_KEY
@@ -53,13 +54,14 @@ def test_capacity_search_against_a_live_server(tiny_server, tiny_model_dir, tmp_
 def test_compare_starts_each_configuration_and_reports_side_by_side(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "compare.json"
     rc = main(["bench", "compare", "--schedulers", "fcfs,sarathi", "--config",
-               "small-budget=--scheduler sarathi --max-num-batched-tokens 16",
+               "small-budget=--scheduler sarathi --max-num-batched-tokens 16", "--server",
+               f"external={sys.executable} -m pacer.cli serve --port {{port}} --model {tiny_model_dir} --threads 1",
                "--server-args", f"--model {tiny_model_dir} --threads 1 --num-blocks 64", "--tokenizer",
                str(tiny_model_dir), "--num-requests", "6", "--arrival", "concurrency", "--concurrency", "3",
                "--prompt-tokens", "24", "--output-tokens", "4", "--out", str(out), "--plots", str(tmp_path)])
     report = json.loads(out.read_text())
-    assert rc == 0 and list(report["runs"]) == ["fcfs", "sarathi", "small-budget"]
+    assert rc == 0 and list(report["runs"]) == ["fcfs", "sarathi", "small-budget", "external"]
     assert all(run["summary"]["num_completed"] == 6 for run in report["runs"].values())
     table = capsys.readouterr().out
-    assert "| | fcfs | sarathi | small-budget |" in table and "goodput (req/s)" in table
+    assert "| | fcfs | sarathi | small-budget | external |" in table and "goodput (req/s)" in table
     assert (tmp_path / "compare_tbt_cdf.png").stat().st_size > 5000

@@ -1,0 +1,86 @@
+"""The load client against a scripted aiohttp server: SSE split anywhere across reads, and every failure by kind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from pacer.bench.client import ClientConfig, LoadClient
+from pacer.bench.metrics import RequestRecord
+from pacer.bench.workload import BenchRequest
+
+
+def _event(payload: dict | str) -> bytes:
+    return b"data: " + (payload if isinstance(payload, str) else json.dumps(payload)).encode() + b"\n\n"
+
+
+TOKEN = _event({"choices": [{"index": 0, "text": "a", "finish_reason": None}]})
+DONE = _event("[DONE]")
+
+
+def _usage(n: int) -> bytes:
+    return _event({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": n}})
+
+
+# prompt -> the writes the server makes (None: pause 20 ms between writes)
+SCRIPTS: dict[str, list[bytes | None]] = {
+    # one event split mid-line over three writes, then two events in one write
+    "split": [TOKEN[:9], None, TOKEN[9:20], None, TOKEN[20:], None, TOKEN + TOKEN, _usage(3) + DONE],
+    "garbage": [TOKEN, b"data: {not json\n\n", DONE],
+    "no-done": [TOKEN, _usage(1)],
+    "over-usage": [TOKEN, TOKEN, TOKEN, _usage(2), DONE],
+    "error-event": [TOKEN, _event({"error": {"message": "engine failed", "code": 500}})],
+}
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    prompt = (await request.json())["prompt"]
+    if prompt == "busy":
+        return web.json_response({"error": {"message": "busy"}}, status=429, headers={"Retry-After": "7"})
+    if prompt == "broken":
+        return web.json_response({"error": {"message": "boom"}}, status=500)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for write in SCRIPTS[prompt]:
+        if write is None:
+            await asyncio.sleep(0.02)
+        else:
+            await response.write(write)
+    return response
+
+
+async def _run(prompts: list[str]) -> list[RequestRecord]:
+    app = web.Application()
+    app.router.add_post("/v1/completions", _completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        client = LoadClient(ClientConfig(base_url=f"http://127.0.0.1:{port}", model="scripted"))
+        requests = [BenchRequest(i, 0.0, prompt, 1, 3) for i, prompt in enumerate(prompts)]
+        return await client.run(requests)
+    finally:
+        await runner.cleanup()
+
+
+def test_sse_split_across_reads_is_reassembled():
+    (record,) = asyncio.run(_run(["split"]))
+    assert record.status == "ok" and record.output_tokens == 3 and len(record.token_times_s) == 3
+    # the first token came after two 20 ms pauses; the last two arrived in one read
+    assert record.token_times_s[0] - record.sent_s >= 0.035
+    assert record.token_times_s[1] == record.token_times_s[2] <= record.finished_s
+
+
+def test_every_failure_is_recorded_by_kind():
+    prompts = ["garbage", "no-done", "over-usage", "error-event", "busy", "broken"]
+    records = {prompt: r for prompt, r in zip(prompts, asyncio.run(_run(prompts)))}
+    assert {p: (r.status, r.error_kind) for p, r in records.items()} == {
+        "garbage": ("failed", "malformed_sse"), "no-done": ("failed", "malformed_sse"),
+        "over-usage": ("failed", "usage_mismatch"), "error-event": ("failed", "http_5xx"),
+        "busy": ("rejected", "http_429"), "broken": ("failed", "http_5xx")}
+    assert records["busy"].retry_after_s == 7.0
+    assert "engine failed" in records["error-event"].error and "not JSON" in records["garbage"].error
