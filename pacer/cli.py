@@ -1,4 +1,5 @@
-"""The `pacer` command line: `pacer serve` (OpenAI server), `pacer bench` (load generator), `pacer generate`."""
+"""The `pacer` command line: `pacer serve` (OpenAI server), `pacer bench` (load generator), `pacer profile`
+(latency model), `pacer generate`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from pacer.config import (
     CacheConfig,
+    LatencyConfig,
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
@@ -36,6 +38,7 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, ModelConfig)
     add_config_flags(parser, CacheConfig)
     add_config_flags(parser, SchedulerConfig, choices={"scheduler": sorted(SCHEDULERS)})
+    add_config_flags(parser, LatencyConfig)
 
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +84,34 @@ def serve(args: argparse.Namespace) -> int:
     from pacer.server.launch import serve
 
     return serve(engine_config_from_args(args), config_from_args(ServerConfig, args))
+
+
+def profile(args: argparse.Namespace) -> int:
+    """Measure the latency model of this model on this machine and save it where `pacer serve` looks."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from pacer.engine.builder import build_engine
+    from pacer.latency.profile import QUICK_GRID, ProfileGrid, default_profile_path, profile_engine
+
+    config = engine_config_from_args(args)
+    # the profiled engine itself needs no latency model; any policy will do
+    engine, _ = build_engine(replace(config, scheduler=replace(config.scheduler, scheduler="sarathi"),
+                                     latency=replace(config.latency, latency_profile="none")))
+    grid = QUICK_GRID if args.quick else ProfileGrid()
+    with tqdm(desc="profiling", unit="shape") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        model = profile_engine(engine, config.model, grid, progress)
+    out = args.out or default_profile_path(model.key)
+    model.save(out)
+    error = model.fit_error
+    print(f"{model.key['num_shapes']} shapes in {model.key['profile_s']} s; fit error p50 {error['p50']:.1%}, "
+          f"p90 {error['p90']:.1%}, max {error['max']:.1%}; saved {out}")
+    return 0
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -180,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--max-rate", type=float, default=4.0, help="first upper rate (doubled while it still meets)")
     search.add_argument("--tolerance", type=float, default=0.05, help="stop when the bracket is this close (relative)")
     search.add_argument("--max-trials", type=int, default=10, help="most workload runs")
+    prof = commands.add_parser("profile", formatter_class=_HelpFormatter,
+                               help="time the model over a grid of batch shapes and fit the latency model")
+    _engine_flags(prof)
+    prof.add_argument("--quick", action="store_true", help="the smaller grid `pacer serve` runs at start-up")
+    prof.add_argument("--out", type=Path, default=None,
+                      help="where to save the profile (default: the cache `pacer serve --latency-profile auto` reads)")
+    prof.set_defaults(func=profile)
     gen = commands.add_parser("generate", help="generate completions for prompts, offline",
                               formatter_class=_HelpFormatter)
     gen.add_argument("--prompt", action="append", help="prompt text (repeatable); default: lines of stdin")

@@ -67,6 +67,9 @@ class SchedulerConfig:
         "token budget per iteration (default: 512 for chunking policies, the context length otherwise)"))
     max_model_len: int | None = field(default=None, metadata=_help(
         "context length: prompt + output (default: the model's)"))
+    drop_expired: bool = field(default=False, metadata=_help(
+        "slo scheduler: fail a queued request whose TTFT deadline has passed before it started, instead of "
+        "spending compute on a missed promise"))
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -75,6 +78,14 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    latency_profile: str = field(default="auto", metadata=_help(
+        "latency model: auto (the cached profile of this model, dtype, device and thread count; measured at "
+        "start-up, under a minute, when the scheduler needs one and none is cached), none, or a profile JSON "
+        "written by `pacer profile`"))
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,10 @@ class ServerConfig:
     drain_timeout_s: float = field(default=30.0, metadata=_help(
         "on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before aborting them"))
     access_log: bool = field(default=False, metadata=_help("log every HTTP request"))
+    slo_ttft_ms: float | None = field(default=None, metadata=_help(
+        "TTFT SLO for requests that set none (body ttft_slo_ms or header x-slo-ttft-ms); default: none"))
+    slo_tbt_ms: float | None = field(default=None, metadata=_help(
+        "TBT SLO for requests that set none (body tbt_slo_ms or header x-slo-tbt-ms); default: none"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -98,6 +113,9 @@ class ServerConfig:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        for name in ("slo_ttft_ms", "slo_tbt_ms"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -118,7 +137,8 @@ class EngineConfig:
         return cls(**parts)
 
 
-_SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                              "latency": LatencyConfig}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, choices: dict[str, Any] | None = None) -> None:

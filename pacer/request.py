@@ -19,6 +19,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # client gone or engine refused to continue
+    EXPIRED = "expired"  # never started before its TTFT deadline (slo scheduler with drop_expired)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Request:
     first_scheduled_s: float | None = None  # start of the first prefill chunk (scheduling delay)
     first_token_s: float | None = None
     last_token_s: float | None = None
+    max_tbt_s: float | None = None  # the longest gap between two of its tokens so far
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
 

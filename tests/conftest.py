@@ -61,3 +61,13 @@ def tiny_server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
     with run_server(tiny_model_dir, "--api-key", API_KEY, "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
                     "--num-blocks", "64", "--threads", "1", log_dir=tmp_path_factory.mktemp("logs")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_profile(tiny_model_dir, tmp_path_factory) -> Path:
+    """A latency profile of the tiny model, measured by `pacer profile --quick` (the start-up grid)."""
+    from pacer.cli import main
+
+    path = tmp_path_factory.mktemp("profiles") / "tiny.json"
+    assert main(["profile", "--quick", "--model", str(tiny_model_dir), "--threads", "1", "--out", str(path)]) == 0
+    return path

@@ -1,7 +1,8 @@
 """AsyncEngine: Engine.step runs in one background thread; each generate() call has its own asyncio queue.
 
-The event loop never waits on the model: it checks a request against the fixed limits, queues it
-for the engine thread and awaits outputs, which the engine thread hands over with
+The event loop never waits on the model: it checks a request against the fixed limits and, for a
+policy with admission control, against its SLO on the queue snapshot of the latest iteration
+(scheduling/admission.py); then it queues it for the engine thread and awaits outputs, which the engine thread hands over with
 `call_soon_threadsafe` once per iteration. Torch releases the GIL in its kernels, so HTTP parsing
 and SSE writing overlap the forward pass.
 
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from typing import Protocol, Self
 
 from pacer.engine.engine import Engine, IterationStats, StepError
-from pacer.request import Request, RequestOutput
+from pacer.request import FinishReason, Request, RequestOutput
+from pacer.scheduling.admission import QueueSnapshot, admit
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ class QueueFullError(Exception):
 
 class EngineError(RuntimeError):
     """The engine failed while serving this request: a server fault, not the client's."""
+
+
+class RequestExpired(EngineError):
+    """The request never started before its TTFT deadline and was dropped (`--drop-expired`)."""
 
 
 class EngineObserver(Protocol):
@@ -63,6 +69,7 @@ class EngineLoad:
 class _Failure:
     request_id: str
     message: str
+    expired: bool = False
 
 
 _STOP = object()
@@ -88,6 +95,12 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._requests: dict[str, Request] = {}  # engine thread only
         self._finish_times: deque[float] = deque(maxlen=_RATE_WINDOW)
+        # Admission control: the scheduler's queue after the latest iteration, how many submitted requests
+        # the engine thread had taken in by then, and (event loop side) the ones submitted since.
+        self._snapshot: tuple[QueueSnapshot, int] | None = None
+        self._num_taken = 0  # engine thread
+        self._num_submitted = 0  # event loop
+        self._submitted: deque[tuple[int, Request]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -103,6 +116,7 @@ class AsyncEngine:
         def main() -> None:
             try:
                 self.engine = self._build()
+                self._publish_load()  # admission control has a snapshot before the first request
             except BaseException as error:  # noqa: BLE001  (handed to the caller of start)
                 failure.append(error)
                 return
@@ -147,6 +161,9 @@ class AsyncEngine:
         outputs: asyncio.Queue = asyncio.Queue()
         for request in requests:
             self._queues[request.request_id] = outputs
+            self._num_submitted += 1
+            if self._snapshot is not None:
+                self._submitted.append((self._num_submitted, request))
         self._inbox.put(("add", requests))
         return RequestStream(self, [r.request_id for r in requests], outputs)
 
@@ -166,6 +183,15 @@ class AsyncEngine:
             num_queued = max(0, self.num_in_flight - self.load.num_running)
             if num_queued + len(requests) > self.max_queued_requests:
                 raise QueueFullError(num_queued, self.retry_after_s(num_queued))
+        if self._snapshot is not None:
+            snapshot, num_taken = self._snapshot
+            while self._submitted and self._submitted[0][0] <= num_taken:
+                self._submitted.popleft()  # the snapshot already counts these
+            pending = [r for _, r in self._submitted]
+            now = time.monotonic()
+            for request in requests:  # SLOUnattainable: the server answers 429
+                admit(snapshot, pending, request, self.engine.scheduler.latency, now)
+                pending.append(request)
 
     def retry_after_s(self, num_queued: int) -> int:
         """A first estimate of when a queued request could be taken: the queue over the recent
@@ -180,6 +206,9 @@ class AsyncEngine:
         now = time.monotonic()
         for item in outputs:
             target = self._queues.get(item.request_id)
+            if isinstance(item, RequestOutput) and item.finish_reason is FinishReason.EXPIRED:
+                item = _Failure(item.request_id, "the request could not start before its TTFT deadline "
+                                "(ttft_slo_ms) and was dropped", expired=True)
             if isinstance(item, _Failure) or item.finished:
                 self._queues.pop(item.request_id, None)
                 self._finish_times.append(now)
@@ -207,6 +236,7 @@ class AsyncEngine:
                 break
             for kind, payload in commands:
                 if kind == "add":
+                    self._num_taken += len(payload)
                     self._add(payload)
                 else:
                     for request_id in payload:
@@ -275,6 +305,9 @@ class AsyncEngine:
     def _publish_load(self) -> None:
         scheduler = self.engine.scheduler
         self.load = EngineLoad(len(scheduler.running), len(scheduler.waiting), scheduler.kv.usage)
+        snapshot = scheduler.snapshot(self.engine.clock())
+        if snapshot is not None:
+            self._snapshot = (snapshot, self._num_taken)
 
 
 class RequestStream:
@@ -300,7 +333,7 @@ class RequestStream:
         if isinstance(item, _Failure):
             self._unfinished.discard(item.request_id)
             self.close()
-            raise EngineError(item.message)
+            raise (RequestExpired if item.expired else EngineError)(item.message)
         if item.finished:
             self._unfinished.discard(item.request_id)
         return item

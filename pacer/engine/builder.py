@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
+
+import torch
 
 from pacer.config import EngineConfig
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
 from pacer.kv import KVCacheManager
+from pacer.latency.profile import resolve_latency_model
 from pacer.model.runner import ModelRunner, resolve_dtype
 from pacer.model.tokenizer import Tokenizer
 from pacer.model.weights import load_checkpoint, resolve_model_path
 from pacer.scheduling import scheduler_class
 
 logger = logging.getLogger(__name__)
+
+
+def profile_key(path: Path, dtype: torch.dtype, device: str) -> dict[str, object]:
+    """What a latency profile is valid for: the model file, dtype, device and torch's thread count."""
+    size = path.stat().st_size if path.is_file() else "dir"
+    return {"model": f"{path.name}-{size}", "dtype": str(dtype).removeprefix("torch."), "device": device,
+            "threads": torch.get_num_threads()}
 
 
 def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
@@ -28,8 +39,13 @@ def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
     if max_model_len > limit:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens")
     kv = KVCacheManager(runner.num_blocks, config.cache.block_size)
-    scheduler = policy(config.scheduler, kv, max_model_len, eos_token_id=checkpoint.tokenizer.eos_token_id)
-    logger.info("loaded %s in %.1f s (%s, %s, scheduler %s, token budget %d)", path.name,
-                time.perf_counter() - start, runner.dtype, config.model.device,
-                config.scheduler.scheduler, scheduler.token_budget)
+    logger.info("loaded %s in %.1f s (%s, %s)", path.name, time.perf_counter() - start, runner.dtype,
+                config.model.device)
+    key = profile_key(path, runner.dtype, config.model.device)
+    latency = resolve_latency_model(config.latency.latency_profile, runner, kv, checkpoint.config.vocab_size,
+                                    max_model_len, key, required=policy.needs_latency_model)
+    scheduler = policy(config.scheduler, kv, max_model_len, eos_token_id=checkpoint.tokenizer.eos_token_id,
+                       latency=latency)
+    logger.info("scheduler %s, token budget %d, latency model %s", config.scheduler.scheduler,
+                scheduler.token_budget, "on" if latency else "off")
     return Engine(scheduler, runner, Detokenizer(checkpoint.tokenizer)), checkpoint.tokenizer

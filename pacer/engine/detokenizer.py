@@ -58,7 +58,8 @@ class Detokenizer:
             outputs.append(self._emit(request, stream, finished=rid in done))
         return outputs
 
-    def abort(self, request: Request) -> RequestOutput:
+    def ended(self, request: Request) -> RequestOutput:
+        """The final output of a request ended outside an iteration's update (aborted, expired)."""
         stream = self._streams.get(request.request_id) or _Stream(request.num_tokens, request.num_tokens)
         return self._emit(request, stream, finished=True)
 

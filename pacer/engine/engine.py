@@ -60,7 +60,7 @@ class Engine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.finish(request_id, FinishReason.ABORT)
-        return None if request is None else self.detokenizer.abort(request)
+        return None if request is None else self.detokenizer.ended(request)
 
     @property
     def has_unfinished(self) -> bool:
@@ -68,8 +68,9 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule(now=self.clock())
+        dropped = [self.detokenizer.ended(r) for r in plan.dropped]  # expired before they started
         if plan.is_empty:
-            return []
+            return dropped
         num_decodes = sum(1 for r in plan.requests if not r.is_prefilling)
         try:
             result = self.executor.execute(plan)
@@ -81,4 +82,4 @@ class Engine:
         for output in outputs:  # a stop string ends a request the scheduler still runs
             if output.finished and output.request_id in self.scheduler.requests:
                 self.scheduler.finish(output.request_id, FinishReason.STOP)
-        return outputs
+        return dropped + outputs

@@ -16,7 +16,9 @@ from typing import ClassVar
 
 from pacer.config import SchedulerConfig
 from pacer.kv import KVCacheManager
+from pacer.latency.model import BatchShape, LatencyModel
 from pacer.request import FinishReason, Request, RequestStatus
+from pacer.scheduling.admission import QueueSnapshot
 
 
 @dataclass
@@ -35,6 +37,9 @@ class SchedulerOutput:
     preempted_ids: list[str] = field(default_factory=list)
     # Finished or aborted since the previous plan, for the same reason.
     finished_ids: list[str] = field(default_factory=list)
+    # Ended by the policy while planning (expired before they started): the engine gives each a final
+    # output, as the executor never sees them.
+    dropped: list[Request] = field(default_factory=list)
     # What the latency model expected this iteration to take (None without one); the executor's
     # measured time comes back in ModelOutput.elapsed_s, so prediction error is easy to log.
     predicted_s: float | None = None
@@ -73,17 +78,24 @@ class Scheduler:
     `max_num_seqs` requests. When KV runs out the newest running request is preempted by
     recompute: it frees its blocks and goes back to the head of the queue, outputs kept.
 
-    Policies override the hooks: `prefill_order`, `chunk_tokens`, `prefill_first`.
+    Policies override the hooks: `prefill_order`, `chunk_tokens`, `victim`, `prefill_first`.
+    With a latency model, every plan carries its predicted time and `update` feeds the measured one
+    back (the model corrects itself online).
     """
 
     # May a prompt be split over several iterations (Sarathi-Serve's chunked prefill)?
     chunked_prefill: ClassVar[bool] = True
     # Do waiting prompts run before, and instead of, the decodes (vLLM v0's prefill-first)?
     prefill_first: ClassVar[bool] = False
+    # Does the policy plan with predicted iteration times (then the engine must give it a latency model)?
+    needs_latency_model: ClassVar[bool] = False
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 eos_token_id: int | None = None) -> None:
+                 eos_token_id: int | None = None, latency: LatencyModel | None = None) -> None:
+        if self.needs_latency_model and latency is None:
+            raise ValueError(f"scheduler {type(self).__name__} needs a latency model")
         self.kv = kv
+        self.latency = latency
         self.max_num_seqs = config.max_num_seqs
         self.max_model_len = max_model_len
         self.token_budget = config.max_num_batched_tokens or self.default_token_budget(max_model_len)
@@ -96,6 +108,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_recomputed_tokens = 0  # KV thrown away by preemption, to be computed again
         self._finished_ids: list[str] = []
 
     # ---- policy hooks -------------------------------------------------------------------------
@@ -108,12 +121,21 @@ class Scheduler:
         """The order in which waiting requests are admitted; first come, first served by default."""
         return waiting
 
-    def chunk_tokens(self, request: Request, budget: int, now: float) -> int:
-        """How many of the request's uncomputed tokens to run now, given `budget` tokens left."""
+    def chunk_tokens(self, request: Request, plan: SchedulerOutput, now: float) -> int:
+        """How many of the request's uncomputed tokens to run now, joining `plan` as it stands."""
+        budget = self.token_budget - plan.total_num_scheduled_tokens
         remaining = request.num_uncomputed_tokens
         if self.chunked_prefill:
             return min(remaining, budget)
         return remaining if remaining <= budget else 0
+
+    def snapshot(self, now: float) -> QueueSnapshot | None:
+        """The queue as admission control sees it (admission.py); None: this policy admits everything."""
+        return None
+
+    def victim(self, plan: SchedulerOutput) -> Request:
+        """The running request to preempt when KV runs out: the newest (vLLM's choice)."""
+        return self.running[-1]
 
     # ---- requests in and out ------------------------------------------------------------------
 
@@ -170,6 +192,8 @@ class Scheduler:
                 self._schedule_waiting(plan, now)
         if not plan.is_empty:  # an empty plan is not executed: keep the ids for the next one
             plan.finished_ids, self._finished_ids = self._finished_ids, []
+            if self.latency is not None:
+                plan.predicted_s = self.latency.predict(BatchShape.of(plan))
         return plan
 
     def _schedule_running(self, plan: SchedulerOutput, now: float) -> None:
@@ -178,7 +202,7 @@ class Scheduler:
             for request in list(self.running):
                 if request.is_prefilling == decodes or request.status is not RequestStatus.RUNNING:
                     continue
-                n = self.chunk_tokens(request, self.token_budget - plan.total_num_scheduled_tokens, now)
+                n = self.chunk_tokens(request, plan, now)
                 if n > 0 and self._reserve(request, n, plan):
                     self._add_to_plan(plan, request, n)
 
@@ -187,7 +211,7 @@ class Scheduler:
         for request in list(self.prefill_order(self.waiting, now)):
             if len(self.running) >= self.max_num_seqs:
                 return
-            n = self.chunk_tokens(request, self.token_budget - plan.total_num_scheduled_tokens, now)
+            n = self.chunk_tokens(request, plan, now)
             if n == 0 or not self.kv.can_allocate(request, n):
                 return  # keep the order: no overtaking the head of the queue
             self.kv.allocate(request, n)
@@ -204,7 +228,7 @@ class Scheduler:
         Returns False if `request` itself had to be preempted.
         """
         while not self.kv.can_allocate(request, n):
-            victim = self.running[-1]
+            victim = self.victim(plan)
             self._preempt(victim, plan)
             if victim is request:
                 return False
@@ -215,6 +239,7 @@ class Scheduler:
         """Preempt by recompute: drop the KV, keep the tokens, requeue at the head."""
         self.running.remove(request)
         self.kv.free(request)
+        self.num_recomputed_tokens += request.num_computed_tokens
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
@@ -235,6 +260,8 @@ class Scheduler:
 
     def update(self, plan: SchedulerOutput, output: ModelOutput, now: float) -> list[Request]:
         """Advance counters, append sampled tokens, finish requests that hit a stop condition."""
+        if self.latency is not None and plan.predicted_s is not None and output.elapsed_s > 0:
+            self.latency.observe(plan.predicted_s, output.elapsed_s)
         finished = []
         for request in plan.requests:
             if request.status is not RequestStatus.RUNNING:
@@ -246,6 +273,8 @@ class Scheduler:
             request.token_ids.append(token)
             if request.first_token_s is None:
                 request.first_token_s = now
+            elif request.last_token_s is not None:
+                request.max_tbt_s = max(request.max_tbt_s or 0.0, now - request.last_token_s)
             request.last_token_s = now
             reason = self._stop_reason(request, token)
             if reason is not None:

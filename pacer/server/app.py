@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from pacer import __version__
 from pacer.engine.async_engine import AsyncEngine
 from pacer.model.tokenizer import Tokenizer
+from pacer.request import SLO
 from pacer.server.metrics import Metrics
 from pacer.server.protocol import (
     APIError,
@@ -54,11 +55,11 @@ class ServerState:
 
 
 def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, model_root: str,
-               api_key: str | None = None, metrics: Metrics | None = None) -> FastAPI:
+               api_key: str | None = None, metrics: Metrics | None = None, default_slo: SLO | None = None) -> FastAPI:
     """`engine` must be started (its limits shape the API); the app stops it (aborting leftovers) on shutdown."""
     metrics = metrics or Metrics(model_name, lambda: engine.load)
     engine.observer = metrics
-    state = ServerState(engine, OpenAIServing(engine, tokenizer, model_name, metrics), metrics, model_name,
+    state = ServerState(engine, OpenAIServing(engine, tokenizer, model_name, metrics, default_slo), metrics, model_name,
                         model_root, engine.engine.scheduler.max_model_len, api_key)
 
     @contextlib.asynccontextmanager

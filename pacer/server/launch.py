@@ -16,6 +16,7 @@ from pacer.config import EngineConfig, ServerConfig
 from pacer.engine.async_engine import AsyncEngine
 from pacer.engine.builder import build_engine
 from pacer.model.weights import DEFAULT_MODEL, resolve_model_path
+from pacer.request import SLO
 from pacer.server.app import ServerState, create_app
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,10 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     async_engine.start()  # loads the model in the engine thread
     tokenizer = async_engine.engine.detokenizer.tokenizer
     api_key = server_config.api_key or os.environ.get("PACER_API_KEY") or None
+    default_slo = SLO(ttft_s=None if server_config.slo_ttft_ms is None else server_config.slo_ttft_ms / 1e3,
+                      tbt_s=None if server_config.slo_tbt_ms is None else server_config.slo_tbt_ms / 1e3)
     app = create_app(async_engine, tokenizer, server_config.served_model_name or model,
-                     str(resolve_model_path(engine_config.model.model)), api_key=api_key)
+                     str(resolve_model_path(engine_config.model.model)), api_key=api_key, default_slo=default_slo)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, access_log=server_config.access_log,
                             log_level=logging.getLevelName(logging.getLogger().level).lower(),
                             timeout_graceful_shutdown=5, timeout_keep_alive=30)

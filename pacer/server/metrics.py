@@ -2,19 +2,22 @@
 
 Engine-side figures (iterations, queue/prefill/decode time, tokens) come from the engine thread
 through the EngineObserver hooks; TTFT, inter-token latency and E2E are measured by the server
-from HTTP arrival, as METRICS.md defines them. What vLLM lacks: `pacer:request_rejected_total`.
+from HTTP arrival, as METRICS.md defines them. What vLLM lacks: `pacer:request_rejected_total{reason}`,
+`pacer:request_expired_total`, and the latency model's rolling error `pacer:latency_model_error{quantile}`.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
+import numpy as np
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pacer.engine.async_engine import EngineLoad
 from pacer.engine.engine import IterationStats
-from pacer.request import Request, RequestOutput
+from pacer.request import FinishReason, Request, RequestOutput
 
 prometheus_client.disable_created_metrics()  # vLLM does the same: *_created series only add noise
 
@@ -28,6 +31,8 @@ _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 _ITERATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
                       5.0, 10.0)
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+_ERROR_WINDOW = 500  # iterations in the latency model's rolling error
+_ERROR_QUANTILES = (0.5, 0.9, 0.99)
 
 
 class Metrics:
@@ -70,6 +75,14 @@ class Metrics:
                                         "Measured executor time of one engine iteration.", _ITERATION_BUCKETS)
         self.iteration_tokens = histogram("pacer:iteration_tokens_total",
                                           "Tokens scheduled in one engine iteration.", _TOKEN_BUCKETS)
+        self.expired = counter("pacer:request_expired",
+                               "Requests dropped because their TTFT deadline passed before they started "
+                               "(--drop-expired).").labels(model_name)
+        error = Gauge("pacer:latency_model_error", "Latency model: quantile of |measured - predicted| / "
+                      f"measured iteration time over the last {_ERROR_WINDOW} iterations.",
+                      labels + ["quantile"], registry=registry)
+        self._prediction_error = [error.labels(model_name, str(q)) for q in _ERROR_QUANTILES]
+        self._errors: deque[float] = deque(maxlen=_ERROR_WINDOW)
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self._model_name, reason).inc()
@@ -82,6 +95,10 @@ class Metrics:
     def iteration(self, stats: IterationStats, outputs: list[RequestOutput]) -> None:
         self.iteration_time.observe(stats.elapsed_s)
         self.iteration_tokens.observe(stats.num_prefill_tokens + stats.num_decode_tokens)
+        if stats.predicted_s is not None and stats.elapsed_s > 0:
+            self._errors.append(abs(stats.elapsed_s - stats.predicted_s) / stats.elapsed_s)
+            for gauge, value in zip(self._prediction_error, np.quantile(self._errors, _ERROR_QUANTILES)):
+                gauge.set(float(value))
         if stats.num_preempted:
             self.preemptions.inc(stats.num_preempted)
         for output in outputs:
@@ -93,6 +110,8 @@ class Metrics:
     def request_finished(self, request: Request) -> None:
         reason = request.finish_reason.value if request.finish_reason else "abort"
         self._success.labels(self._model_name, reason).inc()
+        if request.finish_reason is FinishReason.EXPIRED:
+            self.expired.inc()
         if request.first_scheduled_s is not None and request.arrival_s is not None:
             self.queue_time.observe(request.first_scheduled_s - request.arrival_s)
             if request.first_token_s is not None:

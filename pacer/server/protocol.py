@@ -73,6 +73,10 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    # pacer's SLO extension (also as headers x-slo-ttft-ms / x-slo-tbt-ms; server defaults otherwise)
+    ttft_slo_ms: float | None = Field(None, gt=0, le=3.6e6)
+    tbt_slo_ms: float | None = Field(None, gt=0, le=3.6e6)
+    priority: int = Field(0, ge=-(2**31), lt=2**31)  # lower is more important (as vLLM)
 
     def unsupported(self) -> list[str]:
         """Names of fields set to something pacer cannot honour."""
@@ -150,6 +154,17 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class SLOReport(BaseModel):
+    """pacer's extension on a call's last chunk (and non-streamed body): what the server measured for this
+    call (TTFT from HTTP arrival, the longest gap between tokens of any choice) against its SLO."""
+
+    ttft_ms: float | None = None
+    max_tbt_ms: float | None = None
+    ttft_slo_ms: float | None = None
+    tbt_slo_ms: float | None = None
+    slo_met: bool
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -164,6 +179,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    pacer: SLOReport | None = None
 
 
 class TopLogprob(BaseModel):
@@ -199,6 +215,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    pacer: SLOReport | None = None
 
 
 class Delta(BaseModel):
@@ -220,6 +237,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
+    pacer: SLOReport | None = None
 
 
 class ModelCard(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import re
 import time
 import uuid
@@ -20,10 +21,11 @@ from pydantic import BaseModel
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response, StreamingResponse
 
-from pacer.engine.async_engine import AsyncEngine, EngineError, QueueFullError, RequestStream
+from pacer.engine.async_engine import AsyncEngine, EngineError, QueueFullError, RequestExpired, RequestStream
 from pacer.model.tokenizer import Tokenizer
-from pacer.request import Request, RequestOutput, SamplingParams
+from pacer.request import SLO, Request, RequestOutput, SamplingParams
 from pacer.scheduling import TokenLogprobs
+from pacer.scheduling.admission import SLOUnattainable
 from pacer.server.metrics import Metrics
 from pacer.server.protocol import (
     APIError,
@@ -42,6 +44,7 @@ from pacer.server.protocol import (
     ErrorInfo,
     ErrorResponse,
     SamplingRequest,
+    SLOReport,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -62,6 +65,7 @@ class Choice:
     finish_reason: str | None = None
     logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)
     last_token_s: float | None = None
+    max_tbt_s: float = 0.0
 
 
 class Call:
@@ -70,6 +74,8 @@ class Call:
     def __init__(self, stream: RequestStream, requests: list[Request], num_prompt_tokens: int,
                  arrival_s: float, metrics: Metrics) -> None:
         self.stream = stream
+        self.slo = requests[0].slo
+        self.first_token_s: float | None = None
         self.choices = {r.request_id: Choice(i, r.num_prompt_tokens) for i, r in enumerate(requests)}
         self.num_prompt_tokens = num_prompt_tokens  # once per prompt, not per choice (as OpenAI)
         self.arrival_s = arrival_s
@@ -82,8 +88,10 @@ class Call:
         if output.new_token_ids:
             if choice.last_token_s is None:
                 self.metrics.ttft.observe(now - self.arrival_s)
+                self.first_token_s = self.first_token_s or now
             else:
                 self.metrics.itl.observe(now - choice.last_token_s)
+                choice.max_tbt_s = max(choice.max_tbt_s, now - choice.last_token_s)
             choice.last_token_s = now
         choice.num_tokens = output.num_output_tokens
         if keep:
@@ -94,6 +102,19 @@ class Call:
             self.metrics.e2e.observe(now - self.arrival_s)
         return choice
 
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices.values())
+
+    def report(self) -> SLOReport:
+        """The call's measured TTFT and longest token gap against its SLO (the `pacer` response field)."""
+        ttft = None if self.first_token_s is None else self.first_token_s - self.arrival_s
+        max_tbt = max(c.max_tbt_s for c in self.choices.values())
+        met = ((self.slo.ttft_s is None or (ttft is not None and ttft <= self.slo.ttft_s))
+               and (self.slo.tbt_s is None or max_tbt <= self.slo.tbt_s))
+        return SLOReport(ttft_ms=_ms(ttft), max_tbt_ms=_ms(max_tbt), ttft_slo_ms=_ms(self.slo.ttft_s),
+                         tbt_slo_ms=_ms(self.slo.tbt_s), slo_met=met)
+
     def usage(self) -> Usage:
         completion = sum(c.num_tokens for c in self.choices.values())
         return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=completion,
@@ -103,8 +124,10 @@ class Call:
 class OpenAIServing:
     """The logic behind /v1/completions and /v1/chat/completions."""
 
-    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, metrics: Metrics) -> None:
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, metrics: Metrics,
+                 default_slo: SLO | None = None) -> None:
         self.engine = engine
+        self.default_slo = default_slo or SLO()
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = metrics
@@ -116,7 +139,8 @@ class OpenAIServing:
         self._check(body)
         prompts = self._completion_prompts(body.prompt)
         call_id = f"cmpl-{uuid.uuid4().hex}"
-        call = self._submit(call_id, prompts, body, body.max_tokens, body.logprobs, arrival_s, "prompt")
+        call = self._submit(call_id, prompts, body, body.max_tokens, body.logprobs, arrival_s, "prompt",
+                            self._slo(body, http))
         created = int(time.time())
         if body.stream:
             return self._sse(self._completion_chunks(call, body, call_id, created))
@@ -126,7 +150,7 @@ class OpenAIServing:
                                     if body.logprobs is not None else None)
                    for c in call.choices.values()]
         return _json(CompletionResponse(id=call_id, created=created, model=self.model_name, choices=choices,
-                                        usage=call.usage()))
+                                        usage=call.usage(), pacer=call.report()))
 
     async def _completion_chunks(self, call: Call, body: CompletionRequest, call_id: str,
                                  created: int) -> AsyncIterator[str]:
@@ -145,11 +169,12 @@ class OpenAIServing:
                 chunk = CompletionResponse(
                     id=call_id, created=created, model=self.model_name, usage=call.usage() if continuous else None,
                     choices=[CompletionChoice(index=choice.index, text=output.new_text, logprobs=logprobs,
-                                              finish_reason=choice.finish_reason)])
+                                              finish_reason=choice.finish_reason)],
+                    pacer=call.report() if call.finished else None)
                 yield _event(chunk.model_dump_json())
         if body.stream_options and body.stream_options.include_usage:
             yield _event(CompletionResponse(id=call_id, created=created, model=self.model_name, choices=[],
-                                            usage=call.usage()).model_dump_json())
+                                            usage=call.usage(), pacer=call.report()).model_dump_json())
 
     def _completion_prompts(self, prompt: str | list) -> list[list[int]]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -191,7 +216,7 @@ class OpenAIServing:
         top = (body.top_logprobs or 0) if body.logprobs else None
         call_id = f"chatcmpl-{uuid.uuid4().hex}"
         call = self._submit(call_id, [prompt], body, body.max_completion_tokens or body.max_tokens, top, arrival_s,
-                            "messages")
+                            "messages", self._slo(body, http))
         created = int(time.time())
         if body.stream:
             return self._sse(self._chat_chunks(call, body, call_id, created))
@@ -201,7 +226,7 @@ class OpenAIServing:
                               logprobs=self._chat_logprobs(c.logprobs) if body.logprobs else None)
                    for c in call.choices.values()]
         return _json(ChatCompletionResponse(id=call_id, created=created, model=self.model_name, choices=choices,
-                                            usage=call.usage()))
+                                            usage=call.usage(), pacer=call.report()))
 
     async def _chat_chunks(self, call: Call, body: ChatCompletionRequest, call_id: str,
                            created: int) -> AsyncIterator[str]:
@@ -209,7 +234,8 @@ class OpenAIServing:
 
         def chunk(choice: ChatStreamChoice) -> str:
             return _event(ChatCompletionChunk(id=call_id, created=created, model=self.model_name, choices=[choice],
-                                              usage=call.usage() if continuous else None).model_dump_json())
+                                              usage=call.usage() if continuous else None,
+                                              pacer=call.report() if call.finished else None).model_dump_json())
 
         with call.stream:
             for choice in call.choices.values():
@@ -225,7 +251,7 @@ class OpenAIServing:
                                              logprobs=logprobs, finish_reason=choice.finish_reason))
         if body.stream_options and body.stream_options.include_usage:
             yield _event(ChatCompletionChunk(id=call_id, created=created, model=self.model_name, choices=[],
-                                             usage=call.usage()).model_dump_json())
+                                             usage=call.usage(), pacer=call.report()).model_dump_json())
 
     def _chat_logprobs(self, items: list[tuple[int, TokenLogprobs]]) -> ChatLogprobs:
         def entry(token_id: int, logprob: float) -> dict:
@@ -246,14 +272,31 @@ class OpenAIServing:
         if unsupported:
             raise invalid(f"{', '.join(unsupported)} is not supported by pacer", unsupported[0], "unsupported")
 
+    def _slo(self, body: SamplingRequest, http: HTTPRequest) -> SLO:
+        """The body's SLO fields, else the x-slo-* headers, else the server's defaults."""
+        values = {}
+        for name, header, default in (("ttft_slo_ms", "x-slo-ttft-ms", self.default_slo.ttft_s),
+                                      ("tbt_slo_ms", "x-slo-tbt-ms", self.default_slo.tbt_s)):
+            ms = getattr(body, name)
+            if ms is None and header in http.headers:
+                try:
+                    ms = float(http.headers[header])
+                except ValueError:
+                    ms = math.nan
+                if not 0 < ms <= 3.6e6:
+                    raise invalid(f"header {header} must be a number of milliseconds in (0, 3600000], got "
+                                  f"{http.headers[header]!r}", header)
+            values[name] = default if ms is None else ms / 1e3
+        return SLO(ttft_s=values["ttft_slo_ms"], tbt_s=values["tbt_slo_ms"], priority=body.priority)
+
     def _submit(self, call_id: str, prompts: list[list[int]], body: SamplingRequest, max_tokens: int | None,
-                logprobs: int | None, arrival_s: float, prompt_param: str) -> Call:
+                logprobs: int | None, arrival_s: float, prompt_param: str, slo: SLO) -> Call:
         requests = []
         for prompt in prompts:
             for j in range(body.n):
                 index = len(requests)
                 params = self._sampling_params(body, max_tokens, logprobs, j)
-                requests.append(Request(f"{call_id}-{index}", prompt, params, arrival_s=arrival_s))
+                requests.append(Request(f"{call_id}-{index}", prompt, params, slo, arrival_s=arrival_s))
         try:
             stream = self.engine.generate(requests)
         except ValueError as error:
@@ -262,8 +305,9 @@ class OpenAIServing:
             hint = "lower max_tokens" if param == "max_tokens" else f"shorten the {param}"
             raise invalid(f"{error}: {hint}", param,
                           "context_length_exceeded") from error
-        except QueueFullError as error:
-            raise APIError(429, str(error), type="rate_limit_error", code="queue_full",
+        except (QueueFullError, SLOUnattainable) as error:
+            code = "queue_full" if isinstance(error, QueueFullError) else "slo_unattainable"
+            raise APIError(429, str(error), type="rate_limit_error", code=code,
                            headers={"Retry-After": str(error.retry_after_s)}) from error
         except EngineError as error:
             raise APIError(503, str(error), type="service_unavailable", code="engine_unavailable") from error
@@ -291,6 +335,8 @@ class OpenAIServing:
             with call.stream:
                 async for output in call.stream:
                     call.observe(output, keep=True)
+        except RequestExpired as error:
+            raise APIError(503, str(error), type="service_unavailable", code="slo_expired") from error
         except EngineError as error:
             raise APIError(500, str(error), type="server_error", code="engine_error") from error
 
@@ -300,7 +346,8 @@ class OpenAIServing:
                 async for event in chunks:
                     yield event
             except EngineError as error:
-                body = ErrorResponse(error=ErrorInfo(message=str(error), type="server_error", code="engine_error"))
+                code = "slo_expired" if isinstance(error, RequestExpired) else "engine_error"
+                body = ErrorResponse(error=ErrorInfo(message=str(error), type="server_error", code=code))
                 yield _event(body.model_dump_json())
             yield "data: [DONE]\n\n"
 
@@ -319,6 +366,10 @@ def _check_text(text: str, param: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         raise invalid(f"{param} is not valid Unicode: {error.reason} at position {error.start}", param) from error
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
 
 
 def _json(body: BaseModel) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pacer.config import SchedulerConfig
 from pacer.kv import KVCacheManager
+from pacer.latency.model import LatencyModel
 from pacer.request import Request, SamplingParams
 from pacer.scheduling import ModelOutput, Scheduler, SchedulerOutput, scheduler_class
 
@@ -11,9 +12,12 @@ EOS = 2
 
 
 def make_scheduler(policy: str = "sarathi", num_blocks: int = 64, block_size: int = 4, budget: int | None = 16,
-                   max_num_seqs: int = 8, max_model_len: int = 256) -> Scheduler:
-    config = SchedulerConfig(scheduler=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
-    return scheduler_class(policy)(config, KVCacheManager(num_blocks, block_size), max_model_len, eos_token_id=EOS)
+                   max_num_seqs: int = 8, max_model_len: int = 256, latency: LatencyModel | None = None,
+                   drop_expired: bool = False) -> Scheduler:
+    config = SchedulerConfig(scheduler=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                             drop_expired=drop_expired)
+    return scheduler_class(policy)(config, KVCacheManager(num_blocks, block_size), max_model_len, eos_token_id=EOS,
+                                   latency=latency)
 
 
 def make_request(rid: str, prompt_len: int, max_tokens: int = 4, arrival_s: float = 0.0, **sampling) -> Request:

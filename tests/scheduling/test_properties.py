@@ -5,6 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pacer.latency.model import LinearLatencyModel
+from pacer.request import SLO
 from tests.scheduling.helpers import make_request, make_scheduler, step
 
 workload = st.lists(
@@ -13,19 +15,23 @@ workload = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(policy=st.sampled_from(["fcfs", "orca", "sarathi"]), requests=workload,
+@given(policy=st.sampled_from(["fcfs", "orca", "sarathi", "slo"]), requests=workload,
        num_blocks=st.integers(14, 40), block_size=st.sampled_from([1, 3, 4, 16]),
        budget=st.integers(52, 80), max_num_seqs=st.integers(1, 6))
 def test_every_request_ends_and_no_block_leaks(policy, requests, num_blocks, block_size, budget, max_num_seqs):
+    latency = LinearLatencyModel([0.01, 0.001, 0.0, 0.0, 0.0, 0.0], ()) if policy == "slo" else None
     s = make_scheduler(policy, num_blocks=max(num_blocks, -(-56 // block_size)), block_size=block_size,
-                       budget=budget, max_num_seqs=max_num_seqs)
+                       budget=budget, max_num_seqs=max_num_seqs, latency=latency)
     pending = sorted(((arrival, i, p, m, abort) for i, (p, m, arrival, abort) in enumerate(requests)))
     ids = [f"r{i}" for _, i, *_ in pending]
     ended: set[str] = set()
     for t in range(2000):
         while pending and pending[0][0] <= t:
             _, i, prompt, max_tokens, abort = pending.pop(0)
-            s.add(make_request(f"r{i}", prompt, max_tokens=max_tokens, arrival_s=t))
+            request = make_request(f"r{i}", prompt, max_tokens=max_tokens, arrival_s=t)
+            # mixed promises and priorities (only the slo policy reads them)
+            request.slo = SLO(ttft_s=2.0 + i % 4, tbt_s=0.03 if i % 3 else None, priority=i % 3)
+            s.add(request)
             if abort and i % 2:
                 s.finish(f"r{i}")
                 ended.add(f"r{i}")

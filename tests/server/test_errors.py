@@ -52,6 +52,10 @@ BAD_REQUESTS = [
     (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
      "unsupported"),
     (CHAT, {"messages": MESSAGES, "model": "nope"}, 404, "model", "model_not_found"),
+    (COMPLETIONS, {"prompt": "hi", "ttft_slo_ms": -5}, 400, "ttft_slo_ms", "invalid_value"),
+    (COMPLETIONS, {"prompt": "hi", "tbt_slo_ms": 0}, 400, "tbt_slo_ms", "invalid_value"),
+    (CHAT, {"messages": MESSAGES, "ttft_slo_ms": "soon"}, 400, "ttft_slo_ms", "invalid_value"),
+    (CHAT, {"messages": MESSAGES, "priority": "high"}, 400, "priority", "invalid_value"),
 ]
 
 

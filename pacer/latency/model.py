@@ -1,0 +1,205 @@
+"""How long will an iteration take? A fitted function of the batch shape, corrected online (Clockwork, OSDI'20).
+
+Pure Python + numpy, no torch: the scheduler plans with it, the simulator advances its clock with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pacer.scheduling.base import SchedulerOutput
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What decides an iteration's time, summed over its requests. Adding a request is O(1), so a
+    scheduler can search chunk sizes cheaply.
+
+    A decode is a request given one token; a prefill chunk is n > 1 tokens after `start` cached ones.
+    """
+
+    num_prefill_tokens: int = 0
+    # Σ n·(start + (n+1)/2) over chunks: query-key pairs of causal attention over the chunk + its context
+    prefill_attention: float = 0.0
+    prefill_context: int = 0  # Σ start over chunks: cached KV each chunk reads
+    num_decodes: int = 0
+    decode_context: int = 0  # Σ context length (KV read) over decodes
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decodes
+
+    def with_chunk(self, num_tokens: int, start: int) -> BatchShape:
+        if num_tokens == 1:
+            return self.with_decode(start + 1)
+        return BatchShape(self.num_prefill_tokens + num_tokens,
+                          self.prefill_attention + num_tokens * (start + (num_tokens + 1) / 2),
+                          self.prefill_context + start, self.num_decodes, self.decode_context)
+
+    def with_decode(self, context: int) -> BatchShape:
+        return BatchShape(self.num_prefill_tokens, self.prefill_attention, self.prefill_context,
+                          self.num_decodes + 1, self.decode_context + context)
+
+    @classmethod
+    def of(cls, plan: SchedulerOutput) -> BatchShape:
+        shape = cls()
+        for request in plan.requests:
+            shape = shape.with_chunk(plan.num_scheduled_tokens[request.request_id], request.num_computed_tokens)
+        return shape
+
+
+class LatencyModel(Protocol):
+    """The seam the scheduler and the simulator use; `LinearLatencyModel` is the fitted one."""
+
+    def predict(self, shape: BatchShape) -> float:
+        """Seconds the iteration is expected to take."""
+        ...
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        """Fold in a measured iteration: corrects bias, tracks the recent error."""
+        ...
+
+    @property
+    def margin(self) -> float:
+        """Relative safety margin a planner should add to predictions (a high quantile of recent
+        under-predictions)."""
+        ...
+
+
+def largest_chunk(model: LatencyModel, shape: BatchShape, start: int, cap: int, limit_s: float) -> int:
+    """The most prefill tokens (≤ cap, after `start` cached ones) that can join `shape` with the iteration
+    still predicted within `limit_s`; 0 if none. Predicted time grows with the chunk: binary search."""
+    low, high = 0, cap
+    while low < high:
+        mid = (low + high + 1) // 2
+        if model.predict(shape.with_chunk(mid, start)) <= limit_s:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _features(shape: BatchShape, knots: tuple[int, ...]) -> list[float]:
+    """1, tokens, one hinge per knot (GEMMs go from weight-bandwidth bound to compute bound as the
+    batch grows, so time is piecewise linear in tokens), decodes (each also samples: an LM-head row
+    over the vocabulary), prefill attention, prefill context, decode context."""
+    tokens = shape.num_tokens
+    return [1.0, tokens, *(max(0, tokens - k) for k in knots), shape.num_decodes, shape.prefill_attention,
+            shape.prefill_context, shape.decode_context]
+
+
+def feature_names(knots: tuple[int, ...]) -> list[str]:
+    return ["constant", "tokens", *(f"tokens_over_{k}" for k in knots), "decodes", "prefill_attention",
+            "prefill_context", "decode_context"]
+
+
+@dataclass
+class Calibration:
+    """Online correction: a multiplicative bias (EWMA of log measured/predicted) and a rolling window of
+    relative errors of the corrected prediction."""
+
+    alpha: float = 0.05  # EWMA weight of the newest iteration
+    window: int = 500
+    margin_quantile: float = 0.9
+    log_bias: float = 0.0
+    errors: deque[float] = field(default_factory=deque)  # measured / predicted - 1, newest last
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        if predicted_s <= 0 or measured_s <= 0:
+            return
+        self.errors.append(measured_s / predicted_s - 1)
+        if len(self.errors) > self.window:
+            self.errors.popleft()
+        raw = predicted_s / math.exp(self.log_bias)
+        self.log_bias += self.alpha * (math.log(measured_s / raw) - self.log_bias)
+
+    @property
+    def bias(self) -> float:
+        return math.exp(self.log_bias)
+
+    def abs_error_quantile(self, q: float) -> float | None:
+        """Quantile of |measured - predicted| / predicted over the window (None before any iteration)."""
+        return float(np.quantile(np.abs(self.errors), q)) if self.errors else None
+
+    @property
+    def margin(self) -> float:
+        return max(0.0, float(np.quantile(self.errors, self.margin_quantile))) if len(self.errors) >= 20 else 0.1
+
+
+@dataclass
+class LinearLatencyModel:
+    """time = Σ coefficient × feature (see `_features`), times the online bias. Fitted by `fit`, saved as JSON."""
+
+    coefficients: list[float]
+    knots: tuple[int, ...] = ()
+    key: dict[str, Any] = field(default_factory=dict)  # what it was measured on: model, dtype, device, threads
+    fit_error: dict[str, float] = field(default_factory=dict)
+    samples: list[tuple[BatchShape, float]] = field(default_factory=list)  # the measurements it was fitted on
+    calibration: Calibration = field(default_factory=Calibration)
+
+    def __post_init__(self) -> None:
+        self.knots = tuple(self.knots)
+        if len(self.coefficients) != len(feature_names(self.knots)):
+            raise ValueError(f"{len(self.coefficients)} coefficients for features {feature_names(self.knots)}")
+
+    def predict_raw(self, shape: BatchShape) -> float:
+        return max(1e-6, sum(c * x for c, x in zip(self.coefficients, _features(shape, self.knots))))
+
+    def predict(self, shape: BatchShape) -> float:
+        return self.predict_raw(shape) * self.calibration.bias
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        self.calibration.observe(predicted_s, measured_s)
+
+    @property
+    def margin(self) -> float:
+        return self.calibration.margin
+
+    @classmethod
+    def fit(cls, shapes: list[BatchShape], times_s: list[float], knots: tuple[int, ...] = (),
+            key: dict[str, Any] | None = None) -> LinearLatencyModel:
+        """Least squares on relative error (rows weighted by 1/time), so short decode iterations count as
+        much as long prefills."""
+        x = np.array([_features(s, knots) for s in shapes], dtype=np.float64)
+        y = np.array(times_s, dtype=np.float64)
+        if len(y) < x.shape[1]:
+            raise ValueError(f"{len(y)} measurements cannot fit {x.shape[1]} coefficients")
+        coefficients, *_ = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)
+        model = cls([float(c) for c in coefficients], knots, key or {}, samples=list(zip(shapes, times_s)))
+        errors = np.abs(np.array([model.predict_raw(s) for s in shapes]) / y - 1)
+        model.fit_error = {"p50": float(np.quantile(errors, 0.5)), "p90": float(np.quantile(errors, 0.9)),
+                           "max": float(errors.max())}
+        return model
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "linear", "key": self.key, "knots": list(self.knots),
+                "features": feature_names(self.knots), "coefficients": self.coefficients, "fit_error": self.fit_error,
+                "samples": [{**asdict(shape), "seconds": seconds} for shape, seconds in self.samples]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LinearLatencyModel:
+        if data.get("kind") != "linear":
+            raise ValueError(f"unknown latency profile kind {data.get('kind')!r}")
+        samples = [(BatchShape(**{k: v for k, v in row.items() if k != "seconds"}), row["seconds"])
+                   for row in data.get("samples", [])]
+        return cls(list(data["coefficients"]), tuple(data.get("knots", ())), dict(data.get("key", {})),
+                   dict(data.get("fit_error", {})), samples)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> LinearLatencyModel:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot read latency profile {path}: {error}") from error

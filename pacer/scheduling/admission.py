@@ -1,0 +1,82 @@
+"""Can we still meet this request's TTFT SLO? Decided at arrival from a snapshot of the queue (Clockwork's
+early rejection, per iteration): accept, or refuse at once with the predicted wait as Retry-After.
+
+Pure: the snapshot is plain data, taken by the scheduler after an iteration, so the server can decide on
+the event loop thread without waiting for the engine, and the simulator can decide in virtual time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pacer.latency.model import BatchShape, LatencyModel, largest_chunk
+from pacer.request import Request
+
+MIN_CHUNK = 16  # tokens a prefill always gets per iteration, so the queue drains even under decode load
+
+
+class SLOUnattainable(Exception):
+    """The request would miss its TTFT SLO: the server answers 429 with `retry_after_s`."""
+
+    def __init__(self, predicted_ttft_s: float, ttft_slo_s: float, retry_after_s: int) -> None:
+        super().__init__(f"predicted time to first token {predicted_ttft_s:.2f} s exceeds the request's TTFT SLO "
+                         f"of {ttft_slo_s:.2f} s; retry in {retry_after_s} s")
+        self.predicted_ttft_s = predicted_ttft_s
+        self.retry_after_s = retry_after_s
+
+
+def queue_key(request: Request, now: float, aging_s: float) -> tuple[float, float, float]:
+    """Prefill order: priority first (lower is more important), aged by one level per `aging_s` waited so
+    a long or unimportant prompt cannot starve; then TTFT deadline (EDF); then arrival."""
+    arrival = request.arrival_s if request.arrival_s is not None else now
+    waited = max(0.0, now - arrival)
+    return request.slo.priority - math.floor(waited / aging_s), request.ttft_deadline_s, arrival
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """What admission needs of the scheduler's state, frozen after an iteration."""
+
+    taken_s: float
+    # (priority, TTFT deadline, prompt tokens still to prefill) of every request not yet past its prompt
+    queue: tuple[tuple[int, float, int], ...]
+    decodes: BatchShape  # the running decodes, as one iteration would hold them
+    tbt_limit_s: float  # the tightest TBT SLO among running requests (inf if none)
+    token_budget: int  # the policy's cap on tokens per iteration
+
+
+def predict_ttft(snapshot: QueueSnapshot, pending: Iterable[Request], request: Request, latency: LatencyModel,
+                 now: float) -> float:
+    """Seconds from `now` to the request's first token: the prompt tokens queued ahead of it (in
+    priority/deadline order, including requests submitted since the snapshot) plus its own, prefilled
+    in chunks sized as the scheduler would size them beside the current decodes."""
+    priority, deadline = request.slo.priority, request.ttft_deadline_s
+    ahead = sum(n for p, d, n in snapshot.queue if (p, d) <= (priority, deadline))
+    ahead += sum(r.num_prompt_tokens for r in pending if (r.slo.priority, r.ttft_deadline_s) <= (priority, deadline))
+    tokens = ahead + request.num_prompt_tokens
+    room = snapshot.token_budget - snapshot.decodes.num_tokens
+    if room <= 0:
+        return math.inf
+    limit = snapshot.tbt_limit_s / (1 + latency.margin)
+    chunk = max(largest_chunk(latency, snapshot.decodes, 0, room, limit), min(MIN_CHUNK, room))
+    full, rest = divmod(tokens, chunk)  # full chunks, then one of the remainder
+    seconds = full * latency.predict(snapshot.decodes.with_chunk(chunk, 0))
+    if rest:
+        seconds += latency.predict(snapshot.decodes.with_chunk(rest, 0))
+    return seconds * (1 + latency.margin)
+
+
+def admit(snapshot: QueueSnapshot, pending: Iterable[Request], request: Request, latency: LatencyModel,
+          now: float) -> None:
+    """Raise SLOUnattainable if the request's predicted TTFT misses its SLO; Retry-After is the predicted
+    excess (how long until the work ahead has drained enough), in whole seconds, at least 1."""
+    ttft_slo = request.slo.ttft_s
+    if ttft_slo is None:
+        return
+    waited = now - (request.arrival_s if request.arrival_s is not None else now)
+    predicted = waited + predict_ttft(snapshot, pending, request, latency, now)
+    if predicted > ttft_slo:
+        excess = predicted - ttft_slo if math.isfinite(predicted) else 60.0
+        raise SLOUnattainable(predicted, ttft_slo, max(1, min(3600, math.ceil(excess))))

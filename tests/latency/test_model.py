@@ -1,0 +1,91 @@
+"""The latency model: batch shapes, the fit, the online correction, the chunk search."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pacer.latency.model import BatchShape, Calibration, LinearLatencyModel, feature_names, largest_chunk
+from pacer.request import Request
+from pacer.scheduling import SchedulerOutput
+
+
+def test_shape_of_a_plan_sums_chunks_and_decodes():
+    decode = Request("d", list(range(10)))
+    decode.num_computed_tokens = 9  # 1 token left: a decode at context 10
+    chunk = Request("p", list(range(40)))
+    chunk.num_computed_tokens = 8
+    plan = SchedulerOutput([decode, chunk], {"d": 1, "p": 16}, 17)
+    shape = BatchShape.of(plan)
+    assert shape == BatchShape(num_prefill_tokens=16, prefill_attention=16 * (8 + 17 / 2), prefill_context=8,
+                               num_decodes=1, decode_context=10)
+    assert shape.num_tokens == 17
+
+
+def _random_shapes(rng: np.random.Generator, n: int) -> list[BatchShape]:
+    shapes = []
+    for _ in range(n):
+        shape = BatchShape()
+        for _ in range(rng.integers(0, 20)):
+            shape = shape.with_decode(int(rng.integers(1, 2000)))
+        for _ in range(rng.integers(0 if shape.num_decodes else 1, 3)):
+            shape = shape.with_chunk(int(rng.integers(2, 512)), int(rng.integers(0, 1500)))
+        shapes.append(shape)
+    return shapes
+
+
+def test_fit_recovers_a_known_piecewise_linear_model():
+    knots = (2, 16, 64)
+    truth = LinearLatencyModel([0.03, 0.01, -0.008, 0.0005, -0.0003, 0.002, 5e-7, 2e-5, 1e-6], knots)
+    shapes = _random_shapes(np.random.default_rng(0), 200)
+    fitted = LinearLatencyModel.fit(shapes, [truth.predict(s) for s in shapes], knots, key={"model": "m"})
+    assert fitted.coefficients == pytest.approx(truth.coefficients, rel=1e-6, abs=1e-12)
+    assert fitted.fit_error["max"] < 1e-9 and len(fitted.samples) == 200
+    assert len(feature_names(knots)) == len(truth.coefficients)
+
+
+def test_profile_json_round_trip(tmp_path):
+    shapes = _random_shapes(np.random.default_rng(1), 30)
+    model = LinearLatencyModel.fit(shapes, [0.05 + 0.001 * s.num_tokens for s in shapes], (16,),
+                                   key={"model": "tiny", "threads": 2})
+    model.save(tmp_path / "p.json")
+    loaded = LinearLatencyModel.load(tmp_path / "p.json")
+    assert loaded.coefficients == model.coefficients and loaded.key == model.key and loaded.samples == model.samples
+    assert all(loaded.predict(s) == pytest.approx(model.predict(s)) for s in shapes)
+    (tmp_path / "bad.json").write_text('{"kind": "cubic"}')
+    with pytest.raises(ValueError, match="unknown latency profile kind"):
+        LinearLatencyModel.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="cannot read latency profile"):
+        LinearLatencyModel.load(tmp_path / "missing.json")
+
+
+def test_online_correction_learns_a_constant_bias_and_tracks_the_error():
+    model = LinearLatencyModel([0.1, 0.0, 0.0, 0.0, 0.0, 0.0], ())
+    shape = BatchShape().with_decode(10)
+    for _ in range(600):  # the machine is 30 % slower than profiled (the window keeps the last 500)
+        model.observe(model.predict(shape), 0.13)
+    assert model.predict(shape) == pytest.approx(0.13, rel=1e-3)
+    assert model.calibration.abs_error_quantile(0.5) < 1e-3  # the corrected predictions are now right
+    assert model.margin == pytest.approx(0.0, abs=1e-3)
+
+
+def test_margin_is_a_high_quantile_of_under_predictions():
+    calibration = Calibration(alpha=0.0)  # no bias correction: errors stay as observed
+    for i in range(100):
+        calibration.observe(1.0, 1.2 if i % 10 == 0 else 1.0)  # one iteration in ten runs 20 % long
+    assert calibration.margin == pytest.approx(0.02)  # the 90th percentile falls between 0 and 0.2
+    assert Calibration(margin_quantile=0.95).margin == 0.1  # no history yet: a default margin
+    for i in range(100):
+        calibration.observe(1.0, 1.2 if i % 2 == 0 else 1.0)
+    assert calibration.margin == pytest.approx(0.2)
+
+
+def test_largest_chunk_is_the_most_tokens_within_the_limit():
+    model = LinearLatencyModel([0.01, 0.001, 0.0, 0.0, 0.0, 0.0], ())  # 10 ms + 1 ms per token
+    decodes = BatchShape().with_decode(5).with_decode(5)  # 12 ms
+    assert largest_chunk(model, decodes, 0, 512, 0.1) == 88
+    assert largest_chunk(model, decodes, 0, 50, 0.1) == 50
+    assert largest_chunk(model, decodes, 0, 512, 0.011) == 0
+    assert largest_chunk(model, BatchShape(), 0, 512, math.inf) == 512

@@ -1,0 +1,198 @@
+"""The `slo` policy and admission control, rule by rule, on a fabricated latency model (10 ms + 1 ms a token)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pacer.latency.model import LinearLatencyModel
+from pacer.request import SLO, FinishReason, RequestStatus
+from pacer.scheduling.admission import MIN_CHUNK, SLOUnattainable, admit, predict_ttft
+from pacer.scheduling.slo import AGING_S, MAX_PREEMPTIONS
+from tests.scheduling.helpers import check_invariants, make_request, make_scheduler, step
+
+MARGIN = 0.1  # the model's margin before it has seen 20 iterations (the fake outputs report no time)
+
+
+def model() -> LinearLatencyModel:
+    return LinearLatencyModel([0.010, 0.001, 0.0, 0.0, 0.0, 0.0], ())
+
+
+def slo_scheduler(**kwargs):
+    options = {"num_blocks": 512, "block_size": 16, "budget": 512, "max_num_seqs": 64, "max_model_len": 4096,
+               "latency": model()}
+    return make_scheduler("slo", **{**options, **kwargs})
+
+
+def request(rid: str, prompt_len: int, ttft_s: float | None = None, tbt_s: float | None = None, priority: int = 0,
+            arrival_s: float = 0.0, max_tokens: int = 50):
+    r = make_request(rid, prompt_len, max_tokens=max_tokens, arrival_s=arrival_s, ignore_eos=True)
+    r.slo = SLO(ttft_s=ttft_s, tbt_s=tbt_s, priority=priority)
+    return r
+
+
+def decoding(scheduler, rid: str, tbt_s: float, now: float = 0.0):
+    """A request past its prompt (first token at `now`), so it decodes from the next iteration on."""
+    r = request(rid, 8, tbt_s=tbt_s, arrival_s=now)
+    scheduler.add(r)
+    step(scheduler, now)
+    assert r.num_output_tokens == 1 and not r.is_prefilling
+    return r
+
+
+@pytest.mark.parametrize("tbt_s", [0.1, 0.3])
+def test_chunk_is_the_largest_that_keeps_the_tightest_tbt(tbt_s):
+    scheduler = slo_scheduler()
+    decoding(scheduler, "a", tbt_s)
+    scheduler.add(request("b", 1000))
+    plan = scheduler.schedule(now=0.0)
+    limit = tbt_s / (1 + MARGIN)  # all the TBT slack is left: the token came at t=0
+    expected = math.floor((limit - 0.010) / 0.001) - 1  # minus the decode's own token
+    assert plan.num_scheduled_tokens == {"a": 1, "b": expected}
+    assert plan.predicted_s == pytest.approx(0.010 + 0.001 * (expected + 1))
+    assert plan.predicted_s <= limit
+
+
+def test_less_slack_left_means_a_smaller_chunk():
+    scheduler = slo_scheduler()
+    decoding(scheduler, "a", 0.1, now=0.0)
+    scheduler.add(request("b", 1000))
+    late = scheduler.schedule(now=0.05).num_scheduled_tokens["b"]  # 50 ms of its 100 ms already gone
+    assert late == math.floor((0.05 / (1 + MARGIN) - 0.010) / 0.001) - 1
+
+
+def test_without_tbt_promises_the_cap_is_the_budget():
+    scheduler = slo_scheduler(budget=300)
+    scheduler.add(request("b", 1000))
+    assert scheduler.schedule(now=0.0).num_scheduled_tokens == {"b": 300}
+
+
+def test_decodes_that_fill_the_limit_still_leave_a_minimum_chunk():
+    scheduler = slo_scheduler()
+    for i in range(8):
+        decoding(scheduler, f"d{i}", tbt_s=0.012)  # 8 decodes alone take 18 ms > 12 ms
+    scheduler.add(request("b", 1000))
+    plan = scheduler.schedule(now=0.0)
+    assert plan.num_scheduled_tokens["b"] == MIN_CHUNK and sum(plan.num_scheduled_tokens.values()) == 8 + MIN_CHUNK
+
+
+def test_prefills_run_in_deadline_order():
+    scheduler = slo_scheduler(budget=16)
+    for rid, ttft in (("late", 5.0), ("urgent", 1.0), ("middle", 3.0), ("none", None)):
+        scheduler.add(request(rid, 16, ttft_s=ttft))
+    order = []
+    for i in range(8):  # running decodes take part of later budgets: prompts may need two chunks
+        plan, _ = step(scheduler, now=0.001 * i)
+        order += [r.request_id for r in plan.requests if r.num_output_tokens == 1 and r.request_id not in order]
+    assert order == ["urgent", "middle", "late", "none"]
+
+
+def test_priority_comes_first_and_aging_prevents_starvation():
+    scheduler = slo_scheduler(budget=16)
+    scheduler.add(request("unimportant", 16, ttft_s=0.5, priority=1))
+    scheduler.add(request("important", 16, ttft_s=9.0, priority=0))
+    assert [r.request_id for r in scheduler.schedule(now=0.0).requests] == ["important"]
+
+    scheduler = slo_scheduler(budget=16)
+    scheduler.add(request("old", 16, priority=2, arrival_s=-2.5 * AGING_S))  # waited: two levels gained
+    scheduler.add(request("new", 16, priority=1))
+    assert [r.request_id for r in scheduler.schedule(now=0.0).requests] == ["old"]
+
+
+def test_admission_rejects_what_it_cannot_serve_with_the_predicted_wait():
+    scheduler = slo_scheduler()
+    for i in range(6):
+        scheduler.add(request(f"q{i}", 600, ttft_s=1.5))
+    snapshot = scheduler.snapshot(now=0.0)
+    latency = scheduler.latency
+    # 6 x 600 queued ahead + 200 of its own = 3800, 512 a chunk (no decodes): 7 iterations of 10 + 512 ms
+    # and one of 10 + 216 ms, +10 %
+    hopeless = request("late", 200, ttft_s=2.0)
+    predicted = predict_ttft(snapshot, [], hopeless, latency, now=0.0)
+    assert predicted == pytest.approx((7 * 0.522 + 0.226) * (1 + MARGIN))
+    with pytest.raises(SLOUnattainable) as refused:
+        admit(snapshot, [], hopeless, latency, now=0.0)
+    assert refused.value.retry_after_s == math.ceil(predicted - 2.0) == 3
+    # an earlier deadline goes ahead of the queue (EDF): 1 iteration of 200 tokens, accepted
+    admit(snapshot, [], request("urgent", 200, ttft_s=1.0), latency, now=0.0)
+    # requests submitted since the snapshot count too
+    pending = [request(f"p{i}", 600, ttft_s=0.5) for i in range(2)]
+    assert predict_ttft(snapshot, pending, hopeless, latency, 0.0) > predicted
+    admit(snapshot, [], request("no-slo", 5000), latency, now=0.0)  # no TTFT promise: nothing to refuse
+
+
+def test_admission_counts_the_decode_load_and_the_time_already_waited():
+    scheduler = slo_scheduler()
+    for i in range(4):
+        decoding(scheduler, f"d{i}", tbt_s=0.1)
+    snapshot = scheduler.snapshot(now=0.0)
+    assert snapshot.decodes.num_decodes == 4 and snapshot.tbt_limit_s == 0.1
+    r = request("r", 300, ttft_s=1.0, arrival_s=0.0)
+    # chunks fit 0.1 / 1.1 s beside 4 decodes: 76 tokens; 3 of them and the rest
+    chunk = math.floor((0.1 / (1 + MARGIN) - 0.010) / 0.001) - 4
+    full, rest = divmod(300, chunk)
+    expected = (full * (0.010 + 0.001 * (chunk + 4)) + (0.010 + 0.001 * (rest + 4))) * (1 + MARGIN)
+    assert predict_ttft(snapshot, [], r, scheduler.latency, now=0.0) == pytest.approx(expected)
+    admit(snapshot, [], r, scheduler.latency, now=0.0)
+    with pytest.raises(SLOUnattainable):  # the same request, but it already waited 0.9 s in the server
+        admit(snapshot, [], r, scheduler.latency, now=0.9)
+
+
+def test_preemption_picks_the_least_important_least_advanced_and_is_bounded():
+    scheduler = slo_scheduler()
+    rs = {rid: request(rid, 32 + i, priority=p) for i, (rid, p) in enumerate((("a", 0), ("b", 1), ("c", 1)))}
+    for r in rs.values():
+        scheduler.add(r)
+    step(scheduler)
+    plan = scheduler.schedule(now=0.0)
+    assert scheduler.victim(plan) is rs["b"]  # priority 1, and less computed than c
+    rs["b"].num_preemptions = MAX_PREEMPTIONS
+    assert scheduler.victim(plan) is rs["c"]
+    rs["c"].num_preemptions = MAX_PREEMPTIONS
+    assert scheduler.victim(plan) is rs["a"]  # b and c are spent: a goes though more important
+    rs["a"].num_preemptions = MAX_PREEMPTIONS
+    assert scheduler.victim(plan) is rs["b"]  # everyone is spent: back to the plain order
+
+
+def test_kv_pressure_preempts_and_counts_recomputed_tokens():
+    scheduler = slo_scheduler(num_blocks=8, block_size=4, budget=64, max_model_len=64)
+    scheduler.add(request("a", 12, priority=0, max_tokens=20))
+    scheduler.add(request("b", 12, priority=1, max_tokens=20))
+    preempted = []
+    for i in range(40):
+        plan, _ = step(scheduler, now=0.01 * i)
+        preempted += plan.preempted_ids
+        if not scheduler.has_unfinished:
+            break
+    assert preempted and set(preempted) == {"b"}  # the less important one gave way
+    assert scheduler.num_recomputed_tokens >= 12
+    assert not scheduler.has_unfinished and scheduler.kv.usage == 0
+
+
+def test_drop_expired_fails_requests_that_never_started_in_time():
+    scheduler = slo_scheduler(budget=16, drop_expired=True)
+    late, started, patient = request("late", 16, ttft_s=0.5), request("started", 40, ttft_s=0.5), request(
+        "patient", 16, ttft_s=10.0)
+    scheduler.add(started)
+    step(scheduler, now=0.0)  # its first chunk ran in time: it is served to the end, late or not
+    scheduler.add(late)
+    scheduler.add(patient)
+    plan, _ = step(scheduler, now=0.6)  # the first chance "late" gets comes after its deadline
+    assert late.finish_reason is FinishReason.EXPIRED and "late" not in scheduler.requests
+    assert plan.dropped == [late] and {r.request_id for r in plan.requests} == {"started"}
+    while scheduler.has_unfinished:
+        step(scheduler, now=0.7)
+    assert started.finish_reason is FinishReason.LENGTH and patient.finish_reason is FinishReason.LENGTH
+    check_invariants(scheduler)
+
+    keep = slo_scheduler(budget=16)  # without the flag, a late request is still served
+    late = request("late", 16, ttft_s=0.5)
+    keep.add(late)
+    step(keep, now=0.6)
+    assert late.status is RequestStatus.RUNNING
+
+
+def test_the_slo_policy_requires_a_latency_model():
+    with pytest.raises(ValueError, match="needs a latency model"):
+        make_scheduler("slo")
