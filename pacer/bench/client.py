@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from pacer.bench.metrics import RequestRecord
+from pacer.bench.metrics import SLO, RequestRecord
 from pacer.bench.workload import BenchRequest
 
 
@@ -32,6 +32,9 @@ class ClientConfig:
     ignore_eos: bool = field(default=True, metadata={
         "help": "force each output to max_tokens (dropped, and said in the report, if the server refuses it)"})
     timeout_s: float = field(default=600.0, metadata={"help": "per-request timeout in seconds"})
+    send_slo: bool = field(default=True, metadata={
+        "help": "send the run's SLO with every request as x-slo-ttft-ms / x-slo-tbt-ms headers (pacer plans "
+                "with them; other servers ignore them)"})
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("completions", "chat"):
@@ -53,8 +56,10 @@ def run_loop(main: Coroutine[object, object, list[RequestRecord]]) -> list[Reque
 class LoadClient:
     """Runs one workload; `records` fills in as requests end (the progress callback sees each)."""
 
-    def __init__(self, config: ClientConfig, on_record: Callable[[RequestRecord], None] | None = None) -> None:
+    def __init__(self, config: ClientConfig, on_record: Callable[[RequestRecord], None] | None = None,
+                 slo: SLO | None = None) -> None:
         self.config = config
+        self.slo = slo
         self.on_record = on_record
         self.ignore_eos = config.ignore_eos
         self.model = config.model
@@ -63,6 +68,10 @@ class LoadClient:
     async def run(self, requests: list[BenchRequest], concurrency: int | None = None) -> list[RequestRecord]:
         """Open loop unless `concurrency` is given (then arrival times are ignored)."""
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        if self.config.send_slo and self.slo is not None:
+            for name, seconds in (("x-slo-ttft-ms", self.slo.ttft_s), ("x-slo-tbt-ms", self.slo.tbt_s)):
+                if seconds is not None:
+                    headers[name] = f"{seconds * 1e3:g}"
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s, connect=30.0)
         # No connection cap: an open loop must not queue behind its own client. trust_env=False: a proxy
         # from the environment must not sit between the client and the server.
@@ -132,6 +141,7 @@ class LoadClient:
 
     async def _refused(self, response: aiohttp.ClientResponse, record: RequestRecord) -> None:
         text = (await response.read()).decode(errors="replace")
+        record.finished_s = self.now()
         if response.status == 429:
             record.status = "rejected"
             record.error_kind, record.error = "http_429", text[:500]

@@ -192,10 +192,12 @@ class Summary:
     scheduling_delay_s: dict[str, float]  # where the server reports it
     num_good: int  # completed ok and met every SLO
     slo_attainment: float  # num_good / num_requests
+    accepted_attainment: float  # num_good / requests not rejected: did the server keep the promises it took?
     ttft_attainment: float
     tbt_attainment: float
     goodput: float  # good requests/s over duration_s
     mean_fluidity_index: float | None  # None without a TBT SLO
+    rejection_latency_s: dict[str, float]  # send -> the 429 answer, per rejected request
 
     def to_json(self) -> dict[str, Any]:
         """A dict json.dumps accepts with allow_nan=False: NaN becomes None."""
@@ -245,10 +247,13 @@ def summarize(records: list[RequestRecord], slo: SLO, duration_s: float, offered
                                         if r.server_scheduling_delay_s is not None]),
         num_good=num_good,
         slo_attainment=_ratio(num_good, len(records)),
+        accepted_attainment=_ratio(num_good, len(records) - num_rejected),
         ttft_attainment=_ratio(sum(ttft for ttft, _ in verdicts), len(records)),
         tbt_attainment=_ratio(sum(tbt for _, tbt in verdicts), len(records)),
         goodput=_ratio(num_good, duration_s),
         mean_fluidity_index=float(np.mean(fluidity)) if fluidity else None,
+        rejection_latency_s=percentiles([r.finished_s - r.sent_s for r in records if r.status == "rejected"
+                                         and r.finished_s is not None and r.sent_s is not None]),
     )
 
 

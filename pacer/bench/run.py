@@ -97,7 +97,9 @@ def format_compare(summaries: dict[str, Summary]) -> str:
     for label, key in (("TTFT", "ttft_s"), ("TBT", "tbt_s"), ("TPOT", "tpot_s"), ("E2E", "e2e_s")):
         for q in ("p50", "p99"):
             rows.append((f"{label} {q} (ms)", lambda s, key=key, q=q: _ms(getattr(s, key).get(q))))
-    rows += [("SLO attainment", lambda s: f"{s.slo_attainment:.1%}"),
+    rows += [("429 answered in, p99 (ms)", lambda s: _ms(s.rejection_latency_s.get("p99"))),
+             ("SLO attainment", lambda s: f"{s.slo_attainment:.1%}"),
+             ("attainment of accepted", lambda s: f"{s.accepted_attainment:.1%}"),
              ("goodput (req/s)", lambda s: f"{s.goodput:.3g}")]
     names = list(summaries)
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -130,7 +132,7 @@ def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client:
             bar.set_postfix(counts | {"goodput": f"{goodput:.2f}/s"}, refresh=False)
             bar.update(1)
 
-        load = LoadClient(client, on_record=progress)
+        load = LoadClient(client, on_record=progress, slo=slo)
         start = time.perf_counter()
         records = run_loop(load.run(requests, workload.concurrency if closed_loop else None))
         duration_s = time.perf_counter() - start
@@ -175,7 +177,7 @@ def format_summary(summary: Summary) -> str:
     lines = ["| metric | p50 | p90 | p95 | p99 | max | mean |", "|---|---|---|---|---|---|---|"]
     for name, key in (("TTFT (ms)", "ttft_s"), ("TBT (ms)", "tbt_s"), ("TPOT (ms)", "tpot_s"), ("E2E (ms)", "e2e_s"),
                       ("normalized latency (ms/token)", "normalized_latency_s"),
-                      ("scheduling delay (ms)", "scheduling_delay_s")):
+                      ("scheduling delay (ms)", "scheduling_delay_s"), ("429 answered in (ms)", "rejection_latency_s")):
         stats = data.get(key) or {}
         if all(v is None for v in stats.values()):
             continue

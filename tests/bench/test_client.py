@@ -8,7 +8,7 @@ import json
 from aiohttp import web
 
 from pacer.bench.client import ClientConfig, LoadClient
-from pacer.bench.metrics import RequestRecord
+from pacer.bench.metrics import SLO, RequestRecord
 from pacer.bench.workload import BenchRequest
 
 
@@ -35,8 +35,12 @@ SCRIPTS: dict[str, list[bytes | None]] = {
 }
 
 
+SEEN_HEADERS: list[dict[str, str]] = []
+
+
 async def _completions(request: web.Request) -> web.StreamResponse:
     prompt = (await request.json())["prompt"]
+    SEEN_HEADERS.append({k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-slo")})
     if prompt == "busy":
         return web.json_response({"error": {"message": "busy"}}, status=429, headers={"Retry-After": "7"})
     if prompt == "broken":
@@ -51,7 +55,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _run(prompts: list[str]) -> list[RequestRecord]:
+async def _run(prompts: list[str], slo: SLO | None = None) -> list[RequestRecord]:
     app = web.Application()
     app.router.add_post("/v1/completions", _completions)
     runner = web.AppRunner(app)
@@ -60,7 +64,7 @@ async def _run(prompts: list[str]) -> list[RequestRecord]:
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     try:
-        client = LoadClient(ClientConfig(base_url=f"http://127.0.0.1:{port}", model="scripted"))
+        client = LoadClient(ClientConfig(base_url=f"http://127.0.0.1:{port}", model="scripted"), slo=slo)
         requests = [BenchRequest(i, 0.0, prompt, 1, 3) for i, prompt in enumerate(prompts)]
         return await client.run(requests)
     finally:
@@ -82,5 +86,13 @@ def test_every_failure_is_recorded_by_kind():
         "garbage": ("failed", "malformed_sse"), "no-done": ("failed", "malformed_sse"),
         "over-usage": ("failed", "usage_mismatch"), "error-event": ("failed", "http_5xx"),
         "busy": ("rejected", "http_429"), "broken": ("failed", "http_5xx")}
-    assert records["busy"].retry_after_s == 7.0
+    assert records["busy"].retry_after_s == 7.0 and records["busy"].finished_s >= records["busy"].sent_s
     assert "engine failed" in records["error-event"].error and "not JSON" in records["garbage"].error
+
+
+def test_the_runs_slo_travels_as_headers():
+    SEEN_HEADERS.clear()
+    asyncio.run(_run(["split"], slo=SLO(ttft_s=2.5, tbt_s=0.2)))
+    asyncio.run(_run(["split"], slo=SLO(ttft_s=None, tbt_s=0.05)))
+    asyncio.run(_run(["split"]))
+    assert SEEN_HEADERS == [{"x-slo-ttft-ms": "2500", "x-slo-tbt-ms": "200"}, {"x-slo-tbt-ms": "50"}, {}]
