@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.executor import Executor
+from pacer.latency.model import BatchShape
 from pacer.request import FinishReason, Request, RequestOutput
 from pacer.scheduling import ModelOutput, Scheduler, SchedulerOutput
 
@@ -31,11 +32,12 @@ class IterationStats:
     num_preempted: int
     elapsed_s: float  # the executor's measured time
     predicted_s: float | None
+    shape: BatchShape  # what the latency model predicts from
 
     @classmethod
-    def of(cls, plan: SchedulerOutput, num_decodes: int, result: ModelOutput) -> IterationStats:
-        return cls(len(plan.requests), plan.total_num_scheduled_tokens - num_decodes, num_decodes,
-                   len(plan.preempted_ids), result.elapsed_s, plan.predicted_s)
+    def of(cls, plan: SchedulerOutput, shape: BatchShape, result: ModelOutput) -> IterationStats:
+        return cls(len(plan.requests), shape.num_prefill_tokens, shape.num_decodes, len(plan.preempted_ids),
+                   result.elapsed_s, plan.predicted_s, shape)
 
 
 class Engine:
@@ -71,14 +73,14 @@ class Engine:
         dropped = [self.detokenizer.ended(r) for r in plan.dropped]  # expired before they started
         if plan.is_empty:
             return dropped
-        num_decodes = sum(1 for r in plan.requests if not r.is_prefilling)
+        shape = BatchShape.of(plan)  # before update() advances the requests
         try:
             result = self.executor.execute(plan)
             finished = self.scheduler.update(plan, result, now=self.clock())
             outputs = self.detokenizer.outputs(plan, result, finished)
         except Exception as error:
             raise StepError([r.request_id for r in plan.requests], error) from error
-        self.last_iteration = IterationStats.of(plan, num_decodes, result)
+        self.last_iteration = IterationStats.of(plan, shape, result)
         for output in outputs:  # a stop string ends a request the scheduler still runs
             if output.finished and output.request_id in self.scheduler.requests:
                 self.scheduler.finish(output.request_id, FinishReason.STOP)

@@ -37,7 +37,8 @@ class ProfileGrid:
     chunk_contexts: tuple[int, ...] = (0, 512, 1536)
     decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     decode_contexts: tuple[int, ...] = (128, 512, 1536)
-    mixed: tuple[tuple[int, int], ...] = ((4, 64), (4, 256), (16, 128), (16, 512), (32, 32))  # (decodes, chunk)
+    # (decodes, chunk): serving mixes mostly a few decodes with one chunk
+    mixed: tuple[tuple[int, int], ...] = ((1, 64), (1, 256), (2, 128), (4, 64), (4, 256), (16, 128), (16, 512), (32, 32))
     mixed_context: int = 256
     repeats: int = 5
 
@@ -56,7 +57,7 @@ class ProfileGrid:
 
 
 QUICK_GRID = ProfileGrid(chunks=(16, 64, 256, 512), chunk_contexts=(0, 1024), decode_batches=(1, 2, 4, 16, 48),
-                         decode_contexts=(128, 1024), mixed=((4, 128), (16, 256)), repeats=3)
+                         decode_contexts=(128, 1024), mixed=((1, 128), (4, 128), (16, 256)), repeats=3)
 
 
 def time_batch(executor: Executor, kv: KVCacheManager, batch: Batch, vocab_size: int, repeats: int) -> float:

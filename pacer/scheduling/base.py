@@ -261,7 +261,7 @@ class Scheduler:
     def update(self, plan: SchedulerOutput, output: ModelOutput, now: float) -> list[Request]:
         """Advance counters, append sampled tokens, finish requests that hit a stop condition."""
         if self.latency is not None and plan.predicted_s is not None and output.elapsed_s > 0:
-            self.latency.observe(plan.predicted_s, output.elapsed_s)
+            self.latency.observe(BatchShape.of(plan), plan.predicted_s, output.elapsed_s)
         finished = []
         for request in plan.requests:
             if request.status is not RequestStatus.RUNNING:

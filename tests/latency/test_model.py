@@ -65,10 +65,14 @@ def test_online_correction_learns_a_constant_bias_and_tracks_the_error():
     model = LinearLatencyModel([0.1, 0.0, 0.0, 0.0, 0.0, 0.0], ())
     shape = BatchShape().with_decode(10)
     for _ in range(600):  # the machine is 30 % slower than profiled (the window keeps the last 500)
-        model.observe(model.predict(shape), 0.13)
+        model.observe(shape, model.predict(shape), 0.13)
     assert model.predict(shape) == pytest.approx(0.13, rel=1e-3)
-    assert model.calibration.abs_error_quantile(0.5) < 1e-3  # the corrected predictions are now right
-    assert model.margin == pytest.approx(0.0, abs=1e-3)
+    assert model.calibrations["decode"].abs_error_quantile(0.5) < 1e-3  # the corrected predictions are now right
+    chunk = BatchShape().with_chunk(64, 0)  # iterations with a prefill are corrected on their own
+    assert model.predict(chunk) == pytest.approx(0.1) and model.margin == 0.1  # no history yet: the default
+    for _ in range(100):
+        model.observe(chunk, model.predict(chunk), 0.08)
+    assert model.predict(chunk) == pytest.approx(0.08, rel=1e-2) and model.predict(shape) == pytest.approx(0.13)
 
 
 def test_margin_is_a_high_quantile_of_under_predictions():

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""How well does the latency model predict iterations it was not fitted on? A held-out serving replay.
+
+Replays a workload (the same flags as `pacer bench`: by default the scaled Azure conversation trace)
+through a real engine in real time, in-process: requests join at their arrival times, the engine
+steps as the server's engine thread would, and every iteration's batch shape, prediction (with the
+online correction, as the scheduler saw it) and measured executor time are recorded. Reports
+|measured - predicted| / measured at p50 / p90 / p99, for the corrected model and for the raw
+profile alone, and writes every iteration to --out.
+
+    .venv/bin/python benchmarks/latency_error.py --scheduler slo --num-requests 100 --out benchmarks/out/latency_error.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from pacer.config import EngineConfig
+from pacer.engine.builder import build_engine
+from pacer.bench.workload import WorkloadConfig, build_workload
+from pacer.request import SLO, Request, SamplingParams
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scheduler", default="slo")
+    ap.add_argument("--num-requests", type=int, default=100)
+    ap.add_argument("--trace", default="../shared/data/traces/azure2023_conv.csv")
+    ap.add_argument("--length-scale", type=float, default=0.25)
+    ap.add_argument("--time-scale", type=float, default=4.5)
+    ap.add_argument("--slo-ttft-ms", type=float, default=3000)
+    ap.add_argument("--slo-tbt-ms", type=float, default=500)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    engine, tokenizer = build_engine(EngineConfig.from_kwargs(scheduler=args.scheduler, dtype="float32",
+                                                              threads=args.threads, max_model_len=2048))
+    latency = engine.scheduler.latency
+    if latency is None:
+        raise SystemExit("no latency profile: run `pacer profile` first or use --scheduler slo")
+    workload = WorkloadConfig(num_requests=args.num_requests, arrival="trace", lengths="trace", trace=args.trace,
+                              length_scale=args.length_scale, time_scale=args.time_scale, max_model_len=2048)
+    slo = SLO(ttft_s=args.slo_ttft_ms / 1e3, tbt_s=args.slo_tbt_ms / 1e3)
+    pending = sorted(build_workload(workload, tokenizer), key=lambda r: r.arrival_s)
+    rows = []
+    start = engine.clock()
+    while pending or engine.has_unfinished:
+        now = engine.clock() - start
+        while pending and pending[0].arrival_s <= now:
+            b = pending.pop(0)
+            engine.add_request(Request(str(b.index), tokenizer.encode(b.prompt),
+                                       SamplingParams(max_tokens=b.max_tokens, ignore_eos=True, temperature=0), slo))
+        if not engine.has_unfinished:
+            time.sleep(min(0.01, max(0.0, pending[0].arrival_s - now)))
+            continue
+        engine.step()
+        stats = engine.last_iteration
+        if stats is None or stats.predicted_s is None:
+            continue
+        rows.append({"predicted_s": stats.predicted_s, "raw_predicted_s": latency.predict_raw(stats.shape),
+                     "elapsed_s": stats.elapsed_s, "shape": asdict(stats.shape)})
+        engine.last_iteration = None
+    for name, key in (("with online correction", "predicted_s"), ("profile alone", "raw_predicted_s")):
+        errors = np.array([abs(r["elapsed_s"] - r[key]) / r["elapsed_s"] for r in rows])
+        print(f"{len(rows)} iterations, {name}: |error| p50 {np.quantile(errors, 0.5):.1%}, "
+              f"p90 {np.quantile(errors, 0.9):.1%}, p99 {np.quantile(errors, 0.99):.1%}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "iterations": rows,
+                                        "profile": latency.to_json() | {"samples": None},
+                                        "slo": asdict(slo)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
