@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import httpx
 from tqdm import tqdm
 
 from pacer.bench.capacity import CapacityResult, Trial, search_capacity
@@ -79,6 +80,7 @@ def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokeni
         print(f"--- {name}: {shlex.join(command)}")
         with server_process(command, log_dir / f"compare-{name}.log") as server:
             runs[name] = run_workload(requests, workload, replace(client, base_url=server.url, model=None), slo)
+            _save_metrics(server.url, log_dir / f"compare-{name}.metrics.txt")
         summaries[name] = summarize(runs[name].records, slo, runs[name].duration_s, runs[name].offered_rate)
     print(format_compare(summaries))
     _save(out, {"workload": asdict(workload), "slo": asdict(slo), "configs": configs,
@@ -138,6 +140,14 @@ def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client:
         duration_s = time.perf_counter() - start
     client_json = asdict(client) | {"api_key": None, "model": load.model, "ignore_eos_honoured": load.ignore_eos}
     return WorkloadRun(records, duration_s, None if closed_loop else _offered_rate(requests), client_json)
+
+
+def _save_metrics(url: str, path: Path) -> None:
+    """Keep the server's own /metrics as the run left them (latency-model error, rejections, ...)."""
+    try:
+        path.write_text(httpx.get(url + "/metrics", timeout=10, trust_env=False).text)
+    except httpx.HTTPError as error:
+        path.write_text(f"# /metrics unavailable: {error!r}\n")
 
 
 def _title(workload: WorkloadConfig) -> str:

@@ -112,7 +112,7 @@ class Calibration:
 
     alpha: float = 0.05  # EWMA weight of the newest iteration
     window: int = 500
-    margin_quantile: float = 0.9
+    margin_quantile: float = 0.99  # Clockwork plans with the p99 of recent runs: a request's P99 TBT allows ~1 overrun
     log_bias: float = 0.0
     errors: deque[float] = field(default_factory=deque)  # measured / predicted - 1, newest last
 

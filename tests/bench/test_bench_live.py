@@ -65,3 +65,4 @@ def test_compare_starts_each_configuration_and_reports_side_by_side(tiny_model_d
     table = capsys.readouterr().out
     assert "| | fcfs | sarathi | small-budget | external |" in table and "goodput (req/s)" in table
     assert (tmp_path / "compare_tbt_cdf.png").stat().st_size > 5000
+    assert "pacer:iteration_time_seconds" in (tmp_path / "compare-external.metrics.txt").read_text()

@@ -76,7 +76,7 @@ def test_online_correction_learns_a_constant_bias_and_tracks_the_error():
 
 
 def test_margin_is_a_high_quantile_of_under_predictions():
-    calibration = Calibration(alpha=0.0)  # no bias correction: errors stay as observed
+    calibration = Calibration(alpha=0.0, margin_quantile=0.9)  # no bias correction: errors stay as observed
     for i in range(100):
         calibration.observe(1.0, 1.2 if i % 10 == 0 else 1.0)  # one iteration in ten runs 20 % long
     assert calibration.margin == pytest.approx(0.02)  # the 90th percentile falls between 0 and 0.2
