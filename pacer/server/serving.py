@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import jinja2
@@ -21,11 +19,12 @@ from pydantic import BaseModel
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response, StreamingResponse
 
-from pacer.engine.async_engine import AsyncEngine, EngineError, QueueFullError, RequestExpired, RequestStream
+from pacer.engine.async_engine import AsyncEngine, EngineError, QueueFullError, RequestExpired
 from pacer.model.tokenizer import Tokenizer
-from pacer.request import SLO, Request, RequestOutput, SamplingParams
+from pacer.request import SLO, Request, SamplingParams
 from pacer.scheduling import TokenLogprobs
 from pacer.scheduling.admission import SLOUnattainable
+from pacer.server.call import Call, request_slo
 from pacer.server.metrics import Metrics
 from pacer.server.protocol import (
     APIError,
@@ -44,81 +43,12 @@ from pacer.server.protocol import (
     ErrorInfo,
     ErrorResponse,
     SamplingRequest,
-    SLOReport,
     TokenLogprob,
     TopLogprob,
-    Usage,
     invalid,
 )
 
 T = TypeVar("T")
-
-
-@dataclass
-class Choice:
-    """What one choice has produced so far."""
-
-    index: int
-    num_prompt_tokens: int
-    text: list[str] = field(default_factory=list)
-    num_tokens: int = 0
-    finish_reason: str | None = None
-    logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)
-    last_token_s: float | None = None
-    max_tbt_s: float = 0.0
-
-
-class Call:
-    """One HTTP call in flight: its engine stream, its choices, and the latency it reports."""
-
-    def __init__(self, stream: RequestStream, requests: list[Request], num_prompt_tokens: int,
-                 arrival_s: float, metrics: Metrics) -> None:
-        self.stream = stream
-        self.slo = requests[0].slo
-        self.first_token_s: float | None = None
-        self.choices = {r.request_id: Choice(i, r.num_prompt_tokens) for i, r in enumerate(requests)}
-        self.num_prompt_tokens = num_prompt_tokens  # once per prompt, not per choice (as OpenAI)
-        self.arrival_s = arrival_s
-        self.metrics = metrics
-
-    def observe(self, output: RequestOutput, keep: bool) -> Choice:
-        """Fold an output into its choice (keeping text and logprobs only if `keep`); time it."""
-        choice = self.choices[output.request_id]
-        now = time.monotonic()
-        if output.new_token_ids:
-            if choice.last_token_s is None:
-                self.metrics.ttft.observe(now - self.arrival_s)
-                self.first_token_s = self.first_token_s or now
-            else:
-                self.metrics.itl.observe(now - choice.last_token_s)
-                choice.max_tbt_s = max(choice.max_tbt_s, now - choice.last_token_s)
-            choice.last_token_s = now
-        choice.num_tokens = output.num_output_tokens
-        if keep:
-            choice.text.append(output.new_text)
-            choice.logprobs += zip(output.new_token_ids, output.new_logprobs)
-        if output.finished:
-            choice.finish_reason = output.finish_reason.value
-            self.metrics.e2e.observe(now - self.arrival_s)
-        return choice
-
-    @property
-    def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.choices.values())
-
-    def report(self) -> SLOReport:
-        """The call's measured TTFT and longest token gap against its SLO (the `pacer` response field)."""
-        ttft = None if self.first_token_s is None else self.first_token_s - self.arrival_s
-        max_tbt = max(c.max_tbt_s for c in self.choices.values())
-        met = ((self.slo.ttft_s is None or (ttft is not None and ttft <= self.slo.ttft_s))
-               and (self.slo.tbt_s is None or max_tbt <= self.slo.tbt_s))
-        return SLOReport(ttft_ms=_ms(ttft), max_tbt_ms=_ms(max_tbt), ttft_slo_ms=_ms(self.slo.ttft_s),
-                         tbt_slo_ms=_ms(self.slo.tbt_s), slo_met=met)
-
-    def usage(self) -> Usage:
-        completion = sum(c.num_tokens for c in self.choices.values())
-        return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=completion,
-                     total_tokens=self.num_prompt_tokens + completion)
 
 
 class OpenAIServing:
@@ -140,7 +70,7 @@ class OpenAIServing:
         prompts = self._completion_prompts(body.prompt)
         call_id = f"cmpl-{uuid.uuid4().hex}"
         call = self._submit(call_id, prompts, body, body.max_tokens, body.logprobs, arrival_s, "prompt",
-                            self._slo(body, http))
+                            request_slo(body, http.headers, self.default_slo))
         created = int(time.time())
         if body.stream:
             return self._sse(self._completion_chunks(call, body, call_id, created))
@@ -216,7 +146,7 @@ class OpenAIServing:
         top = (body.top_logprobs or 0) if body.logprobs else None
         call_id = f"chatcmpl-{uuid.uuid4().hex}"
         call = self._submit(call_id, [prompt], body, body.max_completion_tokens or body.max_tokens, top, arrival_s,
-                            "messages", self._slo(body, http))
+                            "messages", request_slo(body, http.headers, self.default_slo))
         created = int(time.time())
         if body.stream:
             return self._sse(self._chat_chunks(call, body, call_id, created))
@@ -271,23 +201,6 @@ class OpenAIServing:
         unsupported = body.unsupported()
         if unsupported:
             raise invalid(f"{', '.join(unsupported)} is not supported by pacer", unsupported[0], "unsupported")
-
-    def _slo(self, body: SamplingRequest, http: HTTPRequest) -> SLO:
-        """The body's SLO fields, else the x-slo-* headers, else the server's defaults."""
-        values = {}
-        for name, header, default in (("ttft_slo_ms", "x-slo-ttft-ms", self.default_slo.ttft_s),
-                                      ("tbt_slo_ms", "x-slo-tbt-ms", self.default_slo.tbt_s)):
-            ms = getattr(body, name)
-            if ms is None and header in http.headers:
-                try:
-                    ms = float(http.headers[header])
-                except ValueError:
-                    ms = math.nan
-                if not 0 < ms <= 3.6e6:
-                    raise invalid(f"header {header} must be a number of milliseconds in (0, 3600000], got "
-                                  f"{http.headers[header]!r}", header)
-            values[name] = default if ms is None else ms / 1e3
-        return SLO(ttft_s=values["ttft_slo_ms"], tbt_s=values["tbt_slo_ms"], priority=body.priority)
 
     def _submit(self, call_id: str, prompts: list[list[int]], body: SamplingRequest, max_tokens: int | None,
                 logprobs: int | None, arrival_s: float, prompt_param: str, slo: SLO) -> Call:
@@ -366,10 +279,6 @@ def _check_text(text: str, param: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         raise invalid(f"{param} is not valid Unicode: {error.reason} at position {error.start}", param) from error
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1e3, 3)
 
 
 def _json(body: BaseModel) -> Response:
