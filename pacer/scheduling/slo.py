@@ -29,6 +29,9 @@ MAX_PREEMPTIONS = 3
 
 @register("slo")
 class SloScheduler(Scheduler):
+    """The rules of the module docstring as hooks on the shared loop; every decision reads the latency
+    model and `now`, never a clock, so the simulator drives it unchanged."""
+
     chunked_prefill = True
     needs_latency_model = True
 
