@@ -105,7 +105,6 @@ class Request:
     first_scheduled_s: float | None = None  # start of the first prefill chunk (scheduling delay)
     first_token_s: float | None = None
     last_token_s: float | None = None
-    max_tbt_s: float | None = None  # the longest gap between two of its tokens so far
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
 

@@ -305,7 +305,7 @@ class AsyncEngine:
     def _publish_load(self) -> None:
         scheduler = self.engine.scheduler
         self.load = EngineLoad(len(scheduler.running), len(scheduler.waiting), scheduler.kv.usage)
-        snapshot = scheduler.snapshot(self.engine.clock())
+        snapshot = scheduler.snapshot()
         if snapshot is not None:
             self._snapshot = (snapshot, self._num_taken)
 

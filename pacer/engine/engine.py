@@ -35,7 +35,8 @@ class IterationStats:
     shape: BatchShape  # what the latency model predicts from
 
     @classmethod
-    def of(cls, plan: SchedulerOutput, shape: BatchShape, result: ModelOutput) -> IterationStats:
+    def of(cls, plan: SchedulerOutput, result: ModelOutput) -> IterationStats:
+        shape = plan.shape
         return cls(len(plan.requests), shape.num_prefill_tokens, shape.num_decodes, len(plan.preempted_ids),
                    result.elapsed_s, plan.predicted_s, shape)
 
@@ -73,14 +74,13 @@ class Engine:
         dropped = [self.detokenizer.ended(r) for r in plan.dropped]  # expired before they started
         if plan.is_empty:
             return dropped
-        shape = BatchShape.of(plan)  # before update() advances the requests
         try:
             result = self.executor.execute(plan)
             finished = self.scheduler.update(plan, result, now=self.clock())
             outputs = self.detokenizer.outputs(plan, result, finished)
         except Exception as error:
             raise StepError([r.request_id for r in plan.requests], error) from error
-        self.last_iteration = IterationStats.of(plan, shape, result)
+        self.last_iteration = IterationStats.of(plan, result)
         for output in outputs:  # a stop string ends a request the scheduler still runs
             if output.finished and output.request_id in self.scheduler.requests:
                 self.scheduler.finish(output.request_id, FinishReason.STOP)

@@ -129,10 +129,6 @@ class Calibration:
     def bias(self) -> float:
         return math.exp(self.log_bias)
 
-    def abs_error_quantile(self, q: float) -> float | None:
-        """Quantile of |measured - predicted| / predicted over the window (None before any iteration)."""
-        return float(np.quantile(np.abs(self.errors), q)) if self.errors else None
-
     @property
     def margin(self) -> float:
         return max(0.0, float(np.quantile(self.errors, self.margin_quantile))) if len(self.errors) >= 20 else 0.1

@@ -60,8 +60,8 @@ QUICK_GRID = ProfileGrid(chunks=(16, 64, 256, 512), chunk_contexts=(0, 1024), de
                          decode_contexts=(128, 1024), mixed=((1, 128), (4, 128), (16, 256)), repeats=3)
 
 
-def time_batch(executor: Executor, kv: KVCacheManager, batch: Batch, vocab_size: int, repeats: int) -> float:
-    """Median executor time of one plan holding `batch`; its KV blocks are freed afterwards."""
+def time_batch(executor: Executor, kv: KVCacheManager, batch: Batch, vocab_size: int) -> float:
+    """The executor's time for one plan holding `batch`; its KV blocks are freed afterwards."""
     requests = []
     for i, (n, ctx) in enumerate(batch):
         request = Request(f"profile-{i}", [(7 * i + j) % vocab_size for j in range(ctx + n)],
@@ -72,8 +72,9 @@ def time_batch(executor: Executor, kv: KVCacheManager, batch: Batch, vocab_size:
     plan = SchedulerOutput(requests=requests, num_scheduled_tokens={r.request_id: n for r, (n, _) in
                                                                       zip(requests, batch)},
                            total_num_scheduled_tokens=sum(n for n, _ in batch))
+    plan.shape = _shape(batch)
     try:
-        return statistics.median(executor.execute(plan).elapsed_s for _ in range(repeats))
+        return executor.execute(plan).elapsed_s
     finally:
         for request in requests:
             kv.free(request)
@@ -83,20 +84,15 @@ def profile(executor: Executor, kv: KVCacheManager, vocab_size: int, max_model_l
             key: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> LinearLatencyModel:
     """Time every batch of the grid and fit; the fit's error on the grid is in `fit_error`."""
     batches = grid.batches(kv.capacity_tokens, max_model_len)
-    time_batch(executor, kv, batches[0], vocab_size, 1)  # warm-up: first calls allocate and build
-    shapes = []
-    for batch in batches:
-        shape = BatchShape()
-        for n, ctx in batch:
-            shape = shape.with_chunk(n, ctx)
-        shapes.append(shape)
+    time_batch(executor, kv, batches[0], vocab_size)  # warm-up: first calls allocate and build
+    shapes = [_shape(batch) for batch in batches]
     # Rounds over the whole grid rather than repeats in a row: a slow spell of the machine then
     # lands on one sample of many shapes, and the median per shape drops it.
     runs: list[list[float]] = [[] for _ in batches]
     start = time.perf_counter()
     for round_ in range(grid.repeats):
         for i, batch in enumerate(batches):
-            runs[i].append(time_batch(executor, kv, batch, vocab_size, 1))
+            runs[i].append(time_batch(executor, kv, batch, vocab_size))
             if progress is not None:
                 progress(round_ * len(batches) + i + 1, grid.repeats * len(batches))
     times = [statistics.median(r) for r in runs]
@@ -107,6 +103,13 @@ def profile(executor: Executor, kv: KVCacheManager, vocab_size: int, max_model_l
                 time.perf_counter() - start, 100 * model.fit_error["p50"], 100 * model.fit_error["p90"],
                 100 * model.fit_error["max"])
     return model
+
+
+def _shape(batch: Batch) -> BatchShape:
+    shape = BatchShape()
+    for n, ctx in batch:
+        shape = shape.with_chunk(n, ctx)
+    return shape
 
 
 def default_profile_path(key: dict[str, Any]) -> Path:

@@ -39,7 +39,6 @@ def queue_key(request: Request, now: float, aging_s: float) -> tuple[float, floa
 class QueueSnapshot:
     """What admission needs of the scheduler's state, frozen after an iteration."""
 
-    taken_s: float
     # (priority, TTFT deadline, prompt tokens still to prefill) of every request not yet past its prompt
     queue: tuple[tuple[int, float, int], ...]
     decodes: BatchShape  # the running decodes, as one iteration would hold them
@@ -47,9 +46,9 @@ class QueueSnapshot:
     token_budget: int  # the policy's cap on tokens per iteration
 
 
-def predict_ttft(snapshot: QueueSnapshot, pending: Iterable[Request], request: Request, latency: LatencyModel,
-                 now: float) -> float:
-    """Seconds from `now` to the request's first token: the prompt tokens queued ahead of it (in
+def predict_ttft(snapshot: QueueSnapshot, pending: Iterable[Request], request: Request,
+                 latency: LatencyModel) -> float:
+    """Seconds from the snapshot to the request's first token: the prompt tokens queued ahead of it (in
     priority/deadline order, including requests submitted since the snapshot) plus its own, prefilled
     in chunks sized as the scheduler would size them beside the current decodes."""
     priority, deadline = request.slo.priority, request.ttft_deadline_s
@@ -76,7 +75,7 @@ def admit(snapshot: QueueSnapshot, pending: Iterable[Request], request: Request,
     if ttft_slo is None:
         return
     waited = now - (request.arrival_s if request.arrival_s is not None else now)
-    predicted = waited + predict_ttft(snapshot, pending, request, latency, now)
+    predicted = waited + predict_ttft(snapshot, pending, request, latency)
     if predicted > ttft_slo:
         excess = predicted - ttft_slo if math.isfinite(predicted) else 60.0
         raise SLOUnattainable(predicted, ttft_slo, max(1, min(3600, math.ceil(excess))))

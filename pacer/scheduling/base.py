@@ -40,6 +40,9 @@ class SchedulerOutput:
     # Ended by the policy while planning (expired before they started): the engine gives each a final
     # output, as the executor never sees them.
     dropped: list[Request] = field(default_factory=list)
+    # The batch shape, kept up to date as requests join: what the latency model predicts from and a
+    # policy sizes chunks against (one pass per plan, not one per question).
+    shape: BatchShape = field(default_factory=BatchShape)
     # What the latency model expected this iteration to take (None without one); the executor's
     # measured time comes back in ModelOutput.elapsed_s, so prediction error is easy to log.
     predicted_s: float | None = None
@@ -129,7 +132,7 @@ class Scheduler:
             return min(remaining, budget)
         return remaining if remaining <= budget else 0
 
-    def snapshot(self, now: float) -> QueueSnapshot | None:
+    def snapshot(self) -> QueueSnapshot | None:
         """The queue as admission control sees it (admission.py); None: this policy admits everything."""
         return None
 
@@ -193,7 +196,7 @@ class Scheduler:
         if not plan.is_empty:  # an empty plan is not executed: keep the ids for the next one
             plan.finished_ids, self._finished_ids = self._finished_ids, []
             if self.latency is not None:
-                plan.predicted_s = self.latency.predict(BatchShape.of(plan))
+                plan.predicted_s = self.latency.predict(plan.shape)
         return plan
 
     def _schedule_running(self, plan: SchedulerOutput, now: float) -> None:
@@ -248,6 +251,7 @@ class Scheduler:
         if request.request_id in plan.num_scheduled_tokens:
             plan.requests.remove(request)
             plan.total_num_scheduled_tokens -= plan.num_scheduled_tokens.pop(request.request_id)
+            plan.shape = BatchShape.of(plan)  # rare: recount what is left
         plan.preempted_ids.append(request.request_id)
 
     @staticmethod
@@ -255,13 +259,14 @@ class Scheduler:
         plan.requests.append(request)
         plan.num_scheduled_tokens[request.request_id] = n
         plan.total_num_scheduled_tokens += n
+        plan.shape = plan.shape.with_chunk(n, request.num_computed_tokens)
 
     # ---- after the executor -------------------------------------------------------------------
 
     def update(self, plan: SchedulerOutput, output: ModelOutput, now: float) -> list[Request]:
         """Advance counters, append sampled tokens, finish requests that hit a stop condition."""
         if self.latency is not None and plan.predicted_s is not None and output.elapsed_s > 0:
-            self.latency.observe(BatchShape.of(plan), plan.predicted_s, output.elapsed_s)
+            self.latency.observe(plan.shape, plan.predicted_s, output.elapsed_s)
         finished = []
         for request in plan.requests:
             if request.status is not RequestStatus.RUNNING:
@@ -273,8 +278,6 @@ class Scheduler:
             request.token_ids.append(token)
             if request.first_token_s is None:
                 request.first_token_s = now
-            elif request.last_token_s is not None:
-                request.max_tbt_s = max(request.max_tbt_s or 0.0, now - request.last_token_s)
             request.last_token_s = now
             reason = self._stop_reason(request, token)
             if reason is not None:

@@ -70,7 +70,7 @@ class SloScheduler(Scheduler):
         cap = min(request.num_uncomputed_tokens, self.token_budget - plan.total_num_scheduled_tokens)
         if not request.is_prefilling or cap <= 0 or math.isinf(self._time_limit_s):
             return max(0, cap)
-        shape = BatchShape.of(plan)
+        shape = plan.shape
         chunk = largest_chunk(self.latency, shape, request.num_computed_tokens, cap, self._time_limit_s)
         if chunk == 0 and shape.num_prefill_tokens == 0:
             chunk = min(cap, MIN_CHUNK)  # progress: the queue must drain even when decodes fill the limit
@@ -80,7 +80,7 @@ class SloScheduler(Scheduler):
         candidates = [r for r in self.running if r.num_preemptions < MAX_PREEMPTIONS] or self.running
         return max(candidates, key=lambda r: (r.slo.priority, -r.num_computed_tokens))
 
-    def snapshot(self, now: float) -> QueueSnapshot:
+    def snapshot(self) -> QueueSnapshot:
         """For admission (admission.py): the queue in prefill order and the decode load."""
         decodes = BatchShape()
         queue = []
@@ -91,4 +91,4 @@ class SloScheduler(Scheduler):
                 decodes = decodes.with_decode(request.num_tokens)
         queue += [(r.slo.priority, r.ttft_deadline_s, r.num_uncomputed_tokens) for r in self.waiting]
         tbt = min((r.slo.tbt_s for r in self.running if r.slo.tbt_s is not None), default=math.inf)
-        return QueueSnapshot(now, tuple(queue), decodes, tbt, self.token_budget)
+        return QueueSnapshot(tuple(queue), decodes, tbt, self.token_budget)

@@ -104,12 +104,12 @@ def test_admission_rejects_what_it_cannot_serve_with_the_predicted_wait():
     scheduler = slo_scheduler()
     for i in range(6):
         scheduler.add(request(f"q{i}", 600, ttft_s=1.5))
-    snapshot = scheduler.snapshot(now=0.0)
+    snapshot = scheduler.snapshot()
     latency = scheduler.latency
     # 6 x 600 queued ahead + 200 of its own = 3800, 512 a chunk (no decodes): 7 iterations of 10 + 512 ms
     # and one of 10 + 216 ms, +10 %
     hopeless = request("late", 200, ttft_s=2.0)
-    predicted = predict_ttft(snapshot, [], hopeless, latency, now=0.0)
+    predicted = predict_ttft(snapshot, [], hopeless, latency)
     assert predicted == pytest.approx((7 * 0.522 + 0.226) * (1 + MARGIN))
     with pytest.raises(SLOUnattainable) as refused:
         admit(snapshot, [], hopeless, latency, now=0.0)
@@ -118,7 +118,7 @@ def test_admission_rejects_what_it_cannot_serve_with_the_predicted_wait():
     admit(snapshot, [], request("urgent", 200, ttft_s=1.0), latency, now=0.0)
     # requests submitted since the snapshot count too
     pending = [request(f"p{i}", 600, ttft_s=0.5) for i in range(2)]
-    assert predict_ttft(snapshot, pending, hopeless, latency, 0.0) > predicted
+    assert predict_ttft(snapshot, pending, hopeless, latency) > predicted
     admit(snapshot, [], request("no-slo", 5000), latency, now=0.0)  # no TTFT promise: nothing to refuse
 
 
@@ -126,14 +126,14 @@ def test_admission_counts_the_decode_load_and_the_time_already_waited():
     scheduler = slo_scheduler()
     for i in range(4):
         decoding(scheduler, f"d{i}", tbt_s=0.1)
-    snapshot = scheduler.snapshot(now=0.0)
+    snapshot = scheduler.snapshot()
     assert snapshot.decodes.num_decodes == 4 and snapshot.tbt_limit_s == 0.1
     r = request("r", 300, ttft_s=1.0, arrival_s=0.0)
     # chunks fit 0.1 / 1.1 s beside 4 decodes: 76 tokens; 3 of them and the rest
     chunk = math.floor((0.1 / (1 + MARGIN) - 0.010) / 0.001) - 4
     full, rest = divmod(300, chunk)
     expected = (full * (0.010 + 0.001 * (chunk + 4)) + (0.010 + 0.001 * (rest + 4))) * (1 + MARGIN)
-    assert predict_ttft(snapshot, [], r, scheduler.latency, now=0.0) == pytest.approx(expected)
+    assert predict_ttft(snapshot, [], r, scheduler.latency) == pytest.approx(expected)
     admit(snapshot, [], r, scheduler.latency, now=0.0)
     with pytest.raises(SLOUnattainable):  # the same request, but it already waited 0.9 s in the server
         admit(snapshot, [], r, scheduler.latency, now=0.9)
