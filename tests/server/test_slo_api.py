@@ -114,3 +114,11 @@ def test_drop_expired_fails_a_request_that_could_not_start_in_time(tiny_model_di
     assert json.loads(events[0])["error"]["code"] == "slo_expired" and events[-1] == "[DONE]"
     assert 'pacer:request_expired_total{model_name="tiny"} 2.0' in metrics.text
     assert 'pacer:kv_cache_usage_perc{model_name="tiny"} 0.0' in metrics.text
+
+
+@pytest.mark.parametrize("flag", ["--slo-ttft-ms", "--slo-tbt-ms"])
+def test_serve_refuses_a_non_positive_default_slo(flag, capsys):
+    from pacer.cli import main
+
+    assert main(["serve", flag, "-5"]) == 2  # refused before any model is loaded
+    assert f"{flag[2:].replace('-', '_')} must be positive" in capsys.readouterr().err
