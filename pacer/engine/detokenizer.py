@@ -90,7 +90,7 @@ class Detokenizer:
         end = max(stream.num_sent_chars, len(stream.text) - holdback)
         output = RequestOutput(
             request_id=request.request_id,
-            new_token_ids=request.output_token_ids[stream.num_sent_tokens:],
+            new_token_ids=request.token_ids[request.num_prompt_tokens + stream.num_sent_tokens:],  # only the new ones
             new_text=stream.text[stream.num_sent_chars:end],
             finished=finished,
             finish_reason=request.finish_reason if finished else None,

@@ -70,12 +70,25 @@ class Engine:
         return self.scheduler.has_unfinished
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule(now=self.clock())
-        dropped = [self.detokenizer.ended(r) for r in plan.dropped]  # expired before they started
+        plan, dropped = self.begin_step()
         if plan.is_empty:
             return dropped
         try:
             result = self.executor.execute(plan)
+        except Exception as error:
+            raise StepError([r.request_id for r in plan.requests], error) from error
+        return dropped + self.end_step(plan, result)
+
+    def begin_step(self) -> tuple[SchedulerOutput, list[RequestOutput]]:
+        """Plan the next iteration at the clock's now. Also returns the final outputs of requests the policy
+        ended while planning (expired before they started). step() runs the halves back to back; the
+        simulator runs the plan's iteration in virtual time in between."""
+        plan = self.scheduler.schedule(now=self.clock())
+        return plan, [self.detokenizer.ended(r) for r in plan.dropped]
+
+    def end_step(self, plan: SchedulerOutput, result: ModelOutput) -> list[RequestOutput]:
+        """Fold an executed plan back in at the clock's now: new tokens, finished requests, their outputs."""
+        try:
             finished = self.scheduler.update(plan, result, now=self.clock())
             outputs = self.detokenizer.outputs(plan, result, finished)
         except Exception as error:
@@ -84,4 +97,4 @@ class Engine:
         for output in outputs:  # a stop string ends a request the scheduler still runs
             if output.finished and output.request_id in self.scheduler.requests:
                 self.scheduler.finish(output.request_id, FinishReason.STOP)
-        return dropped + outputs
+        return outputs
