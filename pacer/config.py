@@ -141,11 +141,15 @@ _SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "sched
                               "latency": LatencyConfig}
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, choices: dict[str, Any] | None = None) -> None:
-    """Add one `--flag-name` per dataclass field, typed from the field's default and annotation."""
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, choices: dict[str, Any] | None = None,
+                     skip: tuple[str, ...] = ()) -> None:
+    """Add one `--flag-name` per dataclass field, typed from the field's default and annotation; fields in `skip`
+    get no flag of their own (another config's flag of the same name sets them)."""
     hints = typing.get_type_hints(config_cls)
     group = parser.add_argument_group(config_cls.__name__)
     for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
         kind = hints[f.name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         options: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}

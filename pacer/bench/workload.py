@@ -112,14 +112,7 @@ class TokenizerLike(Protocol):
 def build_workload(config: WorkloadConfig, tokenizer: TokenizerLike) -> list[BenchRequest]:
     """The same config and tokenizer always give the same list. Trace records are used in order from the first;
     a trace shorter than num_requests is an error (cycling would invent arrivals and repeat prompts)."""
-    records = None
-    if "trace" in (config.arrival, config.lengths):
-        assert config.trace is not None  # __post_init__ checked
-        records = read_trace(config.trace, config.trace_format)
-        if len(records) < config.num_requests:
-            raise ValueError(f"num_requests={config.num_requests} but trace {config.trace} has only "
-                             f"{len(records)} records")
-        records = records[:config.num_requests]
+    records = _records(config)
     arrivals = _arrivals(config, records)
     lengths = _lengths(config, records)
     use_blocks = config.lengths == "trace" and records is not None
@@ -129,6 +122,25 @@ def build_workload(config: WorkloadConfig, tokenizer: TokenizerLike) -> list[Ben
     prompts = _verified_prompts(builder, word_ids, tokenizer)
     return [BenchRequest(i, arrival, prompt, num_prompt_tokens, max_tokens)
             for i, (arrival, prompt, (num_prompt_tokens, max_tokens)) in enumerate(zip(arrivals, prompts, lengths))]
+
+
+def request_timings(config: WorkloadConfig) -> list[tuple[float | None, int, int]]:
+    """(send time, prompt tokens, max_tokens) of each request, exactly as `build_workload` gives them, without
+    the prompt text: what the simulator needs, at any trace size."""
+    records = _records(config)
+    return [(arrival, prompt, output) for arrival, (prompt, output)
+            in zip(_arrivals(config, records), _lengths(config, records))]
+
+
+def _records(config: WorkloadConfig) -> list[TraceRecord] | None:
+    if "trace" not in (config.arrival, config.lengths):
+        return None
+    assert config.trace is not None  # __post_init__ checked
+    records = read_trace(config.trace, config.trace_format)
+    if len(records) < config.num_requests:
+        raise ValueError(f"num_requests={config.num_requests} but trace {config.trace} has only "
+                         f"{len(records)} records")
+    return records[:config.num_requests]
 
 
 # ---- arrivals and lengths ---------------------------------------------------------------------------------------

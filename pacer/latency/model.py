@@ -153,6 +153,12 @@ class LinearLatencyModel:
         if len(self.coefficients) != len(feature_names(self.knots)):
             raise ValueError(f"{len(self.coefficients)} coefficients for features {feature_names(self.knots)}")
 
+    def fresh(self) -> LinearLatencyModel:
+        """A copy with no online correction yet: each scheduler and simulated executor gets its own, so none
+        learns from another's iterations."""
+        return LinearLatencyModel(list(self.coefficients), self.knots, dict(self.key), dict(self.fit_error),
+                                  self.samples)
+
     def predict_raw(self, shape: BatchShape) -> float:
         return max(1e-6, sum(c * x for c, x in zip(self.coefficients, _features(shape, self.knots))))
 
@@ -168,16 +174,20 @@ class LinearLatencyModel:
 
     @classmethod
     def fit(cls, shapes: list[BatchShape], times_s: list[float], knots: tuple[int, ...] = (),
-            key: dict[str, Any] | None = None) -> LinearLatencyModel:
+            key: dict[str, Any] | None = None,
+            runs: list[tuple[list[BatchShape], float]] = ()) -> LinearLatencyModel:
         """Least squares on relative error (rows weighted by 1/time), so short decode iterations count as
-        much as long prefills."""
-        x = np.array([_features(s, knots) for s in shapes], dtype=np.float64)
-        y = np.array(times_s, dtype=np.float64)
+        much as long prefills. `runs` adds measurements of several iterations back to back (e.g. a prompt
+        prefilled in chunks) known only by their total time: the model is linear, so their features add."""
+        rows = [_features(s, knots) for s in shapes]
+        rows += [np.sum([_features(s, knots) for s in run], axis=0).tolist() for run, _ in runs]
+        x = np.array(rows, dtype=np.float64)
+        y = np.array(list(times_s) + [total for _, total in runs], dtype=np.float64)
         if len(y) < x.shape[1]:
             raise ValueError(f"{len(y)} measurements cannot fit {x.shape[1]} coefficients")
         coefficients, *_ = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)
         model = cls([float(c) for c in coefficients], knots, key or {}, samples=list(zip(shapes, times_s)))
-        errors = np.abs(np.array([model.predict_raw(s) for s in shapes]) / y - 1)
+        errors = np.abs(x @ coefficients / y - 1)
         model.fit_error = {"p50": float(np.quantile(errors, 0.5)), "p90": float(np.quantile(errors, 0.9)),
                            "max": float(errors.max())}
         return model
