@@ -1,5 +1,5 @@
-"""The `pacer` command line: `pacer serve` (OpenAI server), `pacer bench` (load generator), `pacer profile`
-(latency model), `pacer generate`."""
+"""The `pacer` command line: `pacer serve` (OpenAI server), `pacer bench` (load generator), `pacer sim`
+(the same workloads in virtual time), `pacer profile` (latency model), `pacer generate`."""
 
 from __future__ import annotations
 
@@ -116,12 +116,11 @@ def profile(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     from pacer.bench.client import ClientConfig
-    from pacer.bench.metrics import SLO
     from pacer.bench.run import run_bench, run_capacity, run_compare
     from pacer.bench.workload import WorkloadConfig
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    slo = SLO(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tbt_ms), tbt_stat=args.tbt_stat)
+    slo = _slo(args)
     workload, client = config_from_args(WorkloadConfig, args), config_from_args(ClientConfig, args)
     if args.bench_command == "compare":
         configs = _compare_configs(args)
@@ -133,6 +132,64 @@ def bench(args: argparse.Namespace) -> int:
         return 0
     summary = run_bench(workload, client, slo, args.tokenizer, args.out, args.plots)
     return 0 if summary.num_completed else 1
+
+
+def sim(args: argparse.Namespace) -> int:
+    from pacer.bench.workload import WorkloadConfig
+    from pacer.sim.run import SimConfig, run_sim, run_sim_capacity, run_sim_compare
+
+    slo = _slo(args)
+    workload = config_from_args(WorkloadConfig, args)
+    simulated, scheduler = config_from_args(SimConfig, args), config_from_args(SchedulerConfig, args)
+    if args.sim_command == "compare":
+        run_sim_compare(workload, _sim_configs(args), slo, args.out, args.plots)
+        return 0
+    if args.sim_command == "capacity":
+        run_sim_capacity(workload, simulated, scheduler, slo, args.out, args.condition, args.min_rate,
+                         args.max_rate, args.tolerance, args.max_trials, args.plots)
+        return 0
+    summary = run_sim(workload, simulated, scheduler, slo, args.out, args.plots)
+    return 0 if summary.num_completed else 1
+
+
+def _sim_configs(args: argparse.Namespace) -> dict[str, tuple]:
+    """--schedulers and --config NAME=FLAGS (sim and scheduler flags over the command's own) -> {name: configs}."""
+    from pacer.sim.run import SimConfig
+
+    parser = argparse.ArgumentParser(prog="--config", add_help=False, exit_on_error=False)
+    _sim_engine_flags(parser)
+    parser.set_defaults(**{k: v for k, v in vars(args).items()})
+    flags = {name: ["--scheduler", name] for name in (args.schedulers or "").split(",") if name}
+    for item in args.config:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--config wants NAME=FLAGS, got {item!r}")
+        flags[name] = shlex.split(value)
+    if not flags:
+        raise ValueError("pacer sim compare needs --schedulers or --config NAME=FLAGS")
+    configs = {}
+    for name, items in flags.items():
+        try:
+            parsed, unknown = parser.parse_known_args(items)
+        except argparse.ArgumentError as error:
+            raise ValueError(f"--config {name}: {error}") from None
+        if unknown:
+            raise ValueError(f"--config {name}: unknown flags {' '.join(unknown)}")
+        configs[name] = (config_from_args(SimConfig, parsed), config_from_args(SchedulerConfig, parsed))
+    return configs
+
+
+def _sim_engine_flags(parser: argparse.ArgumentParser) -> None:
+    from pacer.sim.run import ROUTER_CHOICES, SimConfig
+
+    add_config_flags(parser, SimConfig, choices={"router": ROUTER_CHOICES})
+    add_config_flags(parser, SchedulerConfig, choices={"scheduler": sorted(SCHEDULERS)}, skip=("max_model_len",))
+
+
+def _slo(args: argparse.Namespace):
+    from pacer.bench.metrics import SLO
+
+    return SLO(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tbt_ms), tbt_stat=args.tbt_stat)
 
 
 def _compare_configs(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -165,15 +222,39 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
 
     add_config_flags(parser, ClientConfig)
     add_config_flags(parser, WorkloadConfig)
+    group = _report_flags(parser)
+    group.add_argument("--tokenizer", default=None,
+                       help="model whose tokenizer sizes the prompts (a .gguf or HF directory; default: the default model)")
+
+
+def _report_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("SLO and report")
     group.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO in ms (default: none)")
     group.add_argument("--slo-tbt-ms", type=float, default=None, help="TBT SLO in ms (default: none)")
     group.add_argument("--tbt-stat", choices=("p99", "mean"), default="p99",
                        help="a request meets the TBT SLO if this statistic of its gaps is within it")
-    group.add_argument("--tokenizer", default=None,
-                       help="model whose tokenizer sizes the prompts (a .gguf or HF directory; default: the default model)")
     group.add_argument("--out", type=Path, default=None, help="write the JSON report (every request's timings) here")
     group.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNG plots into DIR")
+    return group
+
+
+def _capacity_flags(parser: argparse.ArgumentParser) -> None:
+    search = parser.add_argument_group("capacity search")
+    search.add_argument("--condition", choices=("sarathi", "distserve"), default="distserve",
+                        help="sarathi: P99 TBT <= SLO and median scheduling delay <= 2 s; "
+                             "distserve: >= 90%% of requests meet both SLOs")
+    search.add_argument("--min-rate", type=float, default=0.25, help="lowest rate tried (req/s)")
+    search.add_argument("--max-rate", type=float, default=4.0, help="first upper rate (doubled while it still meets)")
+    search.add_argument("--tolerance", type=float, default=0.05, help="stop when the bracket is this close (relative)")
+    search.add_argument("--max-trials", type=int, default=10, help="most workload runs")
+
+
+def _sim_flags(parser: argparse.ArgumentParser) -> None:
+    from pacer.bench.workload import WorkloadConfig
+
+    add_config_flags(parser, WorkloadConfig)
+    _sim_engine_flags(parser)
+    _report_flags(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,14 +284,24 @@ def main(argv: list[str] | None = None) -> int:
                          help="any OpenAI-compatible server, started the same way; {port} in COMMAND is replaced, "
                               "e.g. 'vllm=vllm serve MODEL --port {port}' (repeatable)")
     servers.add_argument("--server-args", default="", help="flags given to every pacer server, e.g. '--dtype float32'")
-    search = cap.add_argument_group("capacity search")
-    search.add_argument("--condition", choices=("sarathi", "distserve"), default="distserve",
-                        help="sarathi: P99 TBT <= SLO and median scheduling delay <= 2 s; "
-                             "distserve: >= 90%% of requests meet both SLOs")
-    search.add_argument("--min-rate", type=float, default=0.25, help="lowest rate tried (req/s)")
-    search.add_argument("--max-rate", type=float, default=4.0, help="first upper rate (doubled while it still meets)")
-    search.add_argument("--tolerance", type=float, default=0.05, help="stop when the bracket is this close (relative)")
-    search.add_argument("--max-trials", type=int, default=10, help="most workload runs")
+    _capacity_flags(cap)
+    sim_parser = commands.add_parser("sim", help="simulate a workload in virtual time: the real scheduler, a latency "
+                                                 "model for the model")
+    sim_commands = sim_parser.add_subparsers(dest="sim_command", required=True)
+    sim_run = sim_commands.add_parser("run", help="simulate one workload and report", formatter_class=_HelpFormatter)
+    sim_cap = sim_commands.add_parser("capacity", formatter_class=_HelpFormatter,
+                                      help="binary-search the highest arrival rate that meets a latency condition")
+    sim_cmp = sim_commands.add_parser("compare", formatter_class=_HelpFormatter,
+                                      help="several configurations on the same workload, side by side")
+    for parser_ in (sim_run, sim_cap, sim_cmp):
+        _sim_flags(parser_)
+        parser_.set_defaults(func=sim)
+    _capacity_flags(sim_cap)
+    configs = sim_cmp.add_argument_group("configurations")
+    configs.add_argument("--schedulers", default=None, help="comma-separated policies, one configuration each")
+    configs.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
+                         help="a named configuration: sim and scheduler flags over this command's, e.g. "
+                              "'sarathi2048=--scheduler sarathi --max-num-batched-tokens 2048' (repeatable)")
     prof = commands.add_parser("profile", formatter_class=_HelpFormatter,
                                help="time the model over a grid of batch shapes and fit the latency model")
     _engine_flags(prof)

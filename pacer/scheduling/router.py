@@ -1,0 +1,80 @@
+"""Which replica gets a request: routing policies registered by name, like the schedulers, shared by the
+simulator and the scale-out front end. Pure: a router sees each replica only through `ReplicaView`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from pacer.request import Request
+
+
+class ReplicaView(Protocol):
+    """What a router may ask of a replica."""
+
+    @property
+    def num_outstanding_tokens(self) -> int:
+        """Prompt tokens still to prefill plus output tokens still to generate, over its requests."""
+        ...
+
+    def predicted_ttft_s(self, request: Request) -> float:
+        """Seconds until the request's first token if it were sent here now; inf if the replica cannot tell."""
+        ...
+
+
+class Router:
+    """Picks a replica index for each arriving request; state (if any) lives in the router."""
+
+    def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int:
+        raise NotImplementedError
+
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
+    def add(cls: type[Router]) -> type[Router]:
+        if name in ROUTERS:
+            raise ValueError(f"router {name!r} registered twice")
+        ROUTERS[name] = cls
+        return cls
+    return add
+
+
+def router_class(name: str) -> type[Router]:
+    try:
+        return ROUTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown router {name!r}; known: {', '.join(sorted(ROUTERS))}") from None
+
+
+@register_router("round_robin")
+class RoundRobinRouter(Router):
+    """Each replica in turn, blind to load."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int:
+        index = self._next % len(replicas)
+        self._next = index + 1
+        return index
+
+
+@register_router("least_tokens")
+class LeastTokensRouter(Router):
+    """The replica with the fewest outstanding tokens: load-aware, but blind to what the load costs."""
+
+    def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int:
+        return min(range(len(replicas)), key=lambda i: replicas[i].num_outstanding_tokens)
+
+
+@register_router("slo")
+class SloRouter(Router):
+    """The replica with the least predicted TTFT for this request, from its latency model and queue (Llumnix's
+    load-aware dispatch, with time instead of memory as the load); fewest outstanding tokens breaks ties,
+    and decides alone among replicas that cannot predict."""
+
+    def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int:
+        return min(range(len(replicas)),
+                   key=lambda i: (replicas[i].predicted_ttft_s(request), replicas[i].num_outstanding_tokens))

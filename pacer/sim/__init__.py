@@ -1,0 +1,1 @@
+"""The simulator: the real Engine and Scheduler in virtual time, with a SimExecutor in place of the model."""

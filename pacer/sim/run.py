@@ -1,0 +1,193 @@
+"""`pacer sim run`, `capacity` and `compare`: the workload of `pacer bench`, simulated, with the same summary,
+JSON report and plots, so that a bench run and a sim run compare line by line."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from pacer.bench.capacity import CapacityResult, Trial, search_capacity
+from pacer.bench.metrics import SLO, RequestRecord, Summary, summarize
+from pacer.bench.plots import plot_capacity, plot_compare, plot_run
+from pacer.bench.run import _ms, _offered_rate, _said, _save, _title, format_compare, format_summary
+from pacer.bench.workload import WorkloadConfig, request_timings
+from pacer.config import SchedulerConfig
+from pacer.engine.detokenizer import Detokenizer
+from pacer.engine.engine import Engine
+from pacer.kv import KVCacheManager
+from pacer.request import SLO as RequestSLO
+from pacer.scheduling import scheduler_class
+from pacer.scheduling.router import ROUTERS, router_class
+from pacer.sim.executor import SimExecutor
+from pacer.sim.gpu import load_sim_profile
+from pacer.sim.simulator import SimRequest, Simulator, VirtualClock
+
+
+def _help(text: str, **extra: object) -> dict[str, object]:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """What is simulated: the latency profile, the KV cache, the replicas and their router."""
+
+    profile: str | None = field(default=None, metadata=_help(
+        "latency profile: a JSON written by `pacer profile`, Sarathi-Serve's A100 directory "
+        "(../shared/data/profiles/sarathi-a100: Yi-34B, TP2) or a DistServe coefficient JSON "
+        "(../shared/data/profiles/distserve-a100/*.json, with --gpu-model and --tensor-parallel)"))
+    gpu_model: str = field(default="facebook/opt-13b", metadata=_help("model of a DistServe profile"))
+    tensor_parallel: int = field(default=1, metadata=_help("tensor-parallel degree of a DistServe profile"))
+    gpu_memory_utilization: float = field(default=0.9, metadata=_help(
+        "GPU profiles: fraction of GPU memory for weights + KV (vLLM's), which sizes the KV cache"))
+    kv_blocks: int | None = field(default=None, metadata=_help(
+        "KV blocks per replica (default: what the GPU profile leaves; required with a `pacer profile` JSON)"))
+    block_size: int = field(default=16, metadata=_help("tokens per KV-cache block"))
+    replicas: int = field(default=1, metadata=_help("engine replicas behind the router"))
+    router: str = field(default="round_robin", metadata=_help("routing policy across replicas"))
+    noise: float = field(default=0.0, metadata=_help(
+        "coefficient of variation of each iteration's time around the prediction (0: exactly as predicted)"))
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        if self.kv_blocks is not None and self.kv_blocks < 1:
+            raise ValueError(f"kv_blocks must be at least 1, got {self.kv_blocks}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.noise < 0:
+            raise ValueError(f"noise must be >= 0, got {self.noise}")
+        router_class(self.router)
+
+
+ROUTER_CHOICES = sorted(ROUTERS)
+
+
+def build_simulator(sim: SimConfig, scheduler: SchedulerConfig, max_model_len: int, seed: int = 0) -> Simulator:
+    """`sim.replicas` engines, each the real scheduler over its own KV pool with a SimExecutor, on one clock."""
+    if sim.profile is None:
+        raise ValueError("pacer sim needs --profile")
+    policy = scheduler_class(scheduler.scheduler)
+    latency, capacity_tokens = load_sim_profile(sim.profile, sim.gpu_model, sim.tensor_parallel,
+                                                sim.gpu_memory_utilization)
+    num_blocks = sim.kv_blocks or (capacity_tokens // sim.block_size if capacity_tokens else None)
+    if not num_blocks:
+        raise ValueError(f"{sim.profile} does not say how much KV cache there is: give --kv-blocks")
+    clock = VirtualClock()
+    engines = []
+    for i in range(sim.replicas):
+        kv = KVCacheManager(num_blocks, sim.block_size)
+        limit = scheduler.max_model_len or max_model_len
+        engines.append(Engine(policy(scheduler, kv, limit, latency=latency.fresh()),
+                              SimExecutor(latency.fresh(), noise=sim.noise, seed=seed + i), Detokenizer(None),
+                              clock=clock))
+    return Simulator(engines, clock, router_class(sim.router)())
+
+
+def sim_requests(workload: WorkloadConfig, slo: SLO) -> list[SimRequest]:
+    """The bench workload's requests (same seed, same times and lengths), carrying the run's SLO as `pacer bench`
+    sends it."""
+    request_slo = RequestSLO(ttft_s=slo.ttft_s, tbt_s=slo.tbt_s)
+    return [SimRequest(i, arrival, prompt, output, request_slo)
+            for i, (arrival, prompt, output) in enumerate(request_timings(workload))]
+
+
+@dataclass
+class SimRun:
+    records: list[RequestRecord]
+    duration_s: float  # virtual: from the first arrival to the last request's end
+    offered_rate: float | None
+    wall_s: float
+    num_iterations: int
+
+    def summary(self, slo: SLO) -> Summary:
+        return summarize(self.records, slo, self.duration_s, self.offered_rate)
+
+    def info(self) -> dict[str, object]:
+        """For the report: virtual-time facts only, so the same seed gives a byte-identical report."""
+        return {"num_iterations": self.num_iterations, "duration_s": self.duration_s}
+
+    def speed(self) -> str:
+        speedup = self.duration_s / self.wall_s if self.wall_s else math.inf
+        return (f"simulated {self.duration_s:.1f} s in {self.wall_s:.2f} s ({speedup:.0f}x real time), "
+                f"{self.num_iterations} iterations")
+
+
+def simulate(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLO) -> SimRun:
+    requests = sim_requests(workload, slo)
+    simulator = build_simulator(sim, scheduler, workload.max_model_len, workload.seed)
+    start = time.perf_counter()
+    closed_loop = workload.arrival == "concurrency"
+    records = simulator.run(requests, workload.concurrency if closed_loop else None)
+    wall = time.perf_counter() - start
+    duration = max((r.finished_s for r in records if r.finished_s is not None), default=0.0)
+    offered = None if closed_loop else _offered_rate(requests)
+    return SimRun(records, duration, offered, wall, sum(r.num_iterations for r in simulator.replicas))
+
+
+def run_sim(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLO, out: Path | None,
+            plots_dir: Path | None = None) -> Summary:
+    run = simulate(workload, sim, scheduler, slo)
+    summary = run.summary(slo)
+    print(format_summary(summary))
+    print(run.speed())
+    _save(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler) | run.info(), "slo": asdict(slo),
+                "summary": summary.to_json(), "requests": [asdict(r) for r in run.records]})
+    if plots_dir is not None:
+        _said(plot_run(run.records, slo, plots_dir, title=f"sim: {_title(workload)}"))
+    return summary
+
+
+def run_sim_capacity(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLO,
+                     out: Path | None, condition: str, low: float, high: float, tolerance: float, max_trials: int,
+                     plots_dir: Path | None = None) -> CapacityResult:
+    if workload.arrival not in ("poisson", "gamma"):
+        raise ValueError(f"capacity search needs --arrival poisson or gamma, got {workload.arrival!r}")
+    runs: dict[float, SimRun] = {}
+
+    def trial(rate: float) -> Summary:
+        runs[rate] = simulate(replace(workload, rate=rate), sim, scheduler, slo)
+        return runs[rate].summary(slo)
+
+    def report(t: Trial) -> None:
+        s = t.summary
+        print(f"rate {t.rate:.4g} req/s: {'meets' if t.met else 'misses'} {condition} | goodput {s.goodput:.4g} "
+              f"req/s, attainment {s.slo_attainment:.1%}, P99 TBT {_ms(s.tbt_s.get('p99'))} ms, "
+              f"scheduling delay p50 {_ms(s.scheduling_delay_s.get('p50'))} ms, rejected {s.num_rejected}")
+
+    result = search_capacity(trial, condition, slo, low, high, tolerance, max_trials, on_trial=report)
+    print(f"capacity ({condition}): {result.capacity:.4g} req/s after {len(result.trials)} trials")
+    _save(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler), "slo": asdict(slo),
+                "condition": condition, "capacity": result.capacity, "curve": result.curve(),
+                "trials": [{"rate": t.rate, "met": t.met, "summary": t.summary.to_json()} | runs[t.rate].info()
+                           for t in result.trials]})
+    if plots_dir is not None:
+        _said([plot_capacity({scheduler.scheduler: result.curve()}, plots_dir / "capacity.png",
+                             title=f"sim capacity ({condition}): {result.capacity:.3g} req/s")])
+    return result
+
+
+def run_sim_compare(workload: WorkloadConfig, configs: dict[str, tuple[SimConfig, SchedulerConfig]], slo: SLO,
+                    out: Path | None, plots_dir: Path | None = None) -> dict[str, Summary]:
+    """Each named configuration on the identical workload, side by side (as `pacer bench compare`)."""
+    runs = {}
+    for name, (sim, scheduler) in configs.items():
+        runs[name] = simulate(workload, sim, scheduler, slo)
+        print(f"{name}: {runs[name].speed()}")
+    summaries = {name: run.summary(slo) for name, run in runs.items()}
+    print(format_compare(summaries))
+    _save(out, {"workload": asdict(workload), "slo": asdict(slo),
+                "configs": {name: _sim_json(*config) for name, config in configs.items()},
+                "runs": {name: {"sim": run.info(), "summary": summaries[name].to_json(),
+                                "requests": [asdict(r) for r in run.records]} for name, run in runs.items()}})
+    if plots_dir is not None:
+        _said(plot_compare({name: run.records for name, run in runs.items()}, slo, plots_dir,
+                           title=f"sim: {_title(workload)}"))
+    return summaries
+
+
+def _sim_json(sim: SimConfig, scheduler: SchedulerConfig) -> dict[str, object]:
+    return asdict(sim) | {"scheduler": asdict(scheduler)}

@@ -1,0 +1,59 @@
+"""Routing policies on fabricated replica views, and the slo router inside the simulator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+
+from pacer.request import Request
+from pacer.scheduling.router import ROUTERS, router_class
+from pacer.sim.simulator import SimRequest
+from tests.sim.test_simulator import constant, simulator
+
+
+@dataclass
+class View:
+    num_outstanding_tokens: int
+    ttft_s: float = math.inf
+
+    def predicted_ttft_s(self, request: Request) -> float:
+        return self.ttft_s
+
+
+REQUEST = Request("r", [0] * 8)
+
+
+def test_registry_lists_the_policies_and_names_them_on_error():
+    assert {"round_robin", "least_tokens", "slo"} <= set(ROUTERS)
+    with pytest.raises(ValueError, match="known: least_tokens, round_robin, slo"):
+        router_class("random")
+
+
+def test_round_robin_cycles_blind_to_load():
+    router = router_class("round_robin")()
+    views = [View(1000), View(0), View(5)]
+    assert [router.choose(REQUEST, views) for _ in range(5)] == [0, 1, 2, 0, 1]
+
+
+def test_least_tokens_takes_the_lightest_replica_first_on_ties():
+    router = router_class("least_tokens")()
+    assert router.choose(REQUEST, [View(30), View(10), View(10)]) == 1
+
+
+def test_slo_router_prefers_the_shorter_predicted_ttft_over_fewer_tokens():
+    router = router_class("slo")()
+    assert router.choose(REQUEST, [View(10, 2.0), View(500, 0.5)]) == 1
+    assert router.choose(REQUEST, [View(10), View(5)]) == 1  # no predictions: fewest tokens decides
+
+
+def test_replicas_report_outstanding_tokens_and_predicted_ttft():
+    sim = simulator(constant(0.1), policy="slo", replicas=2)
+    sim.router = router_class("least_tokens")()
+    sim.run([SimRequest(0, 0.0, 100, 10), SimRequest(1, 0.0, 8, 2), SimRequest(2, 0.05, 8, 2)])
+    # request 2 went to the replica with 10 outstanding tokens (request 1's), not the one with 110
+    assert sim.replicas[1].num_iterations == 3
+    idle = sim.replicas[0]
+    assert idle.num_outstanding_tokens == 0
+    assert idle.predicted_ttft_s(Request("x", [0] * 8)) == pytest.approx(0.1 * 1.1)  # one chunk, 10 % margin

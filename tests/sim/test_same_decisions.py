@@ -1,0 +1,87 @@
+"""One scheduler, two executors: the same workload through the real model runner and through SimExecutor,
+fed the times the runner measured, gives identical plans, one iteration after another."""
+
+from __future__ import annotations
+
+import pytest
+
+from pacer.config import SchedulerConfig
+from pacer.engine.detokenizer import Detokenizer
+from pacer.engine.engine import Engine
+from pacer.kv import KVCacheManager
+from pacer.latency.model import BatchShape, LinearLatencyModel
+from pacer.request import SLO
+from pacer.scheduling import ModelOutput, SchedulerOutput, scheduler_class
+from pacer.sim.executor import SimExecutor
+from pacer.sim.simulator import SimRequest, Simulator, VirtualClock
+from tests.tiny import TINY, tiny_runner
+
+NUM_BLOCKS, BLOCK_SIZE = 24, 4  # 96 tokens of KV: the queue below preempts
+
+
+def decisions(plan: SchedulerOutput) -> tuple:
+    return tuple((r.request_id, plan.num_scheduled_tokens[r.request_id]) for r in plan.requests), \
+        tuple(plan.preempted_ids), tuple(r.request_id for r in plan.dropped)
+
+
+class Recording:
+    """The real runner, with a log of every plan it ran and the time it measured."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.plans: list[tuple] = []
+        self.times: list[float] = []
+
+    def execute(self, plan: SchedulerOutput) -> ModelOutput:
+        result = self.runner.execute(plan)
+        self.plans.append(decisions(plan))
+        self.times.append(result.elapsed_s)
+        return result
+
+
+class Replay:
+    """A latency 'model' that answers the measured times in order: what the SimExecutor is fed."""
+
+    def __init__(self, times: list[float]) -> None:
+        self.times = iter(times)
+
+    def predict(self, shape: BatchShape) -> float:
+        return next(self.times)
+
+
+class Logged(SimExecutor):
+    def __init__(self, latency) -> None:
+        super().__init__(latency)
+        self.plans: list[tuple] = []
+
+    def execute(self, plan: SchedulerOutput) -> ModelOutput:
+        self.plans.append(decisions(plan))
+        return super().execute(plan)
+
+
+def simulate(policy: str, executor) -> list:
+    clock = VirtualClock()
+    planning = LinearLatencyModel([1e-3, 5e-5, 0.0, 0.0, 0.0, 0.0], ())  # the scheduler's model, in both runs
+    config = SchedulerConfig(scheduler=policy, max_num_seqs=6, max_num_batched_tokens=32, drop_expired=True)
+    scheduler = scheduler_class(policy)(config, KVCacheManager(NUM_BLOCKS, BLOCK_SIZE), TINY.max_position_embeddings,
+                                        latency=planning)
+    engine = Engine(scheduler, executor, Detokenizer(None), clock=clock)
+    slo = SLO(ttft_s=0.05, tbt_s=0.004)
+    requests = [SimRequest(i, 0.002 * i, 10 + (7 * i) % 30, 6 + i % 5, slo) for i in range(24)]
+    records = Simulator([engine], clock).run(requests)
+    assert scheduler.kv.num_free_blocks == NUM_BLOCKS
+    return [(r.status, r.token_times_s) for r in records]
+
+
+@pytest.mark.parametrize("policy", ["sarathi", "slo"])
+def test_simulator_and_runner_make_the_same_decisions(policy):
+    real = Recording(tiny_runner(NUM_BLOCKS, BLOCK_SIZE))
+    real_records = simulate(policy, real)
+    sim = Logged(Replay(real.times))
+    sim_records = simulate(policy, sim)
+    assert len(real.plans) > 20
+    assert sim.plans == real.plans
+    assert sim_records == real_records  # same clock, so the same token times and outcomes
+    if policy == "slo":
+        assert any(preempted for _, preempted, _ in real.plans)
+        assert {status for status, _ in real_records} >= {"ok"}

@@ -1,0 +1,129 @@
+"""The simulator's loop: closed-form timings, simultaneous events, conservation, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pacer.bench.metrics import SLO as RunSLO
+from pacer.bench.workload import WorkloadConfig
+from pacer.config import SchedulerConfig
+from pacer.engine.detokenizer import Detokenizer
+from pacer.engine.engine import Engine
+from pacer.kv import KVCacheManager
+from pacer.latency.model import LinearLatencyModel
+from pacer.request import SLO
+from pacer.scheduling import scheduler_class
+from pacer.sim.executor import SimExecutor
+from pacer.sim.run import SimConfig, run_sim
+from pacer.sim.simulator import SimRequest, Simulator, VirtualClock
+
+
+def constant(seconds: float) -> LinearLatencyModel:
+    """Every iteration takes `seconds`, whatever its shape."""
+    return LinearLatencyModel([seconds, 0.0, 0.0, 0.0, 0.0, 0.0], ())
+
+
+def linear() -> LinearLatencyModel:
+    """10 ms + 1 ms per token."""
+    return LinearLatencyModel([0.010, 0.001, 0.0, 0.0, 0.0, 0.0], ())
+
+
+def simulator(latency: LinearLatencyModel, policy: str = "sarathi", replicas: int = 1, num_blocks: int = 256,
+              **config) -> Simulator:
+    clock = VirtualClock()
+    engines = []
+    for _ in range(replicas):
+        scheduler = scheduler_class(policy)(SchedulerConfig(scheduler=policy, **config), KVCacheManager(num_blocks, 16),
+                                            4096, latency=latency.fresh())
+        engines.append(Engine(scheduler, SimExecutor(latency.fresh()), Detokenizer(None), clock=clock))
+    return Simulator(engines, clock)
+
+
+def test_closed_form_constant_iterations():
+    """0.1 s an iteration; r0 (arrives 0) prefills then decodes; r1 arrives at 0.25, mid-iteration, and joins
+    the iteration planned at 0.3 beside r0's last decode."""
+    sim = simulator(constant(0.1))
+    records = sim.run([SimRequest(0, 0.0, 8, 4), SimRequest(1, 0.25, 8, 3)])
+    assert [r.status for r in records] == ["ok", "ok"]
+    assert records[0].token_times_s == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert records[1].token_times_s == pytest.approx([0.4, 0.5, 0.6])
+    assert records[0].finished_s == pytest.approx(0.4) and records[1].finished_s == pytest.approx(0.6)
+    assert records[1].server_scheduling_delay_s == pytest.approx(0.05)
+    assert sim.replicas[0].num_iterations == 6
+    assert sim.clock.now == pytest.approx(0.6)
+
+
+def test_an_arrival_at_the_instant_an_iteration_ends_joins_the_next_iteration():
+    sim = simulator(constant(0.1))
+    records = sim.run([SimRequest(0, 0.0, 8, 3), SimRequest(1, 0.1, 8, 1)])
+    assert records[1].token_times_s == pytest.approx([0.2])  # planned at 0.1 with r0's decode
+    assert records[0].token_times_s == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_simultaneous_arrivals_keep_their_order():
+    sim = simulator(constant(0.1), policy="fcfs", max_num_batched_tokens=8)  # one 7-token prompt per iteration
+    records = sim.run([SimRequest(i, 0.0, 7, 1) for i in range(3)])
+    assert [r.token_times_s for r in records] == [pytest.approx([t]) for t in (0.1, 0.2, 0.3)]
+
+
+def test_closed_loop_sends_the_next_request_when_one_ends():
+    sim = simulator(constant(0.1))
+    records = sim.run([SimRequest(i, None, 8, 2) for i in range(3)], concurrency=1)
+    assert [r.sent_s for r in records] == pytest.approx([0.0, 0.2, 0.4])
+    assert records[2].finished_s == pytest.approx(0.6)
+
+
+def test_conservation_under_kv_pressure_rejections_and_expiry():
+    """Every request ends exactly once, whatever happens to it, and no KV block leaks."""
+    sim = simulator(linear(), policy="slo", num_blocks=24, drop_expired=True)
+    slo = SLO(ttft_s=0.5, tbt_s=0.2)
+    requests = [SimRequest(i, 0.01 * i, 40 + 7 * (i % 5), 30, slo) for i in range(60)]
+    records = sim.run(requests)
+    assert [r.index for r in records] == list(range(60))
+    assert all(r.finished_s is not None for r in records)
+    statuses = {r.status for r in records}
+    assert "ok" in statuses and "rejected" in statuses
+    for r in records:
+        if r.status == "ok":
+            assert len(r.token_times_s) == r.output_tokens == 30
+        if r.status == "rejected":
+            assert r.retry_after_s >= 1 and not r.token_times_s
+    scheduler = sim.replicas[0].engine.scheduler
+    assert scheduler.num_preemptions > 0  # 24 blocks of 16 tokens cannot hold the queue
+    assert not scheduler.has_unfinished and scheduler.kv.num_free_blocks == scheduler.kv.num_blocks
+
+
+def test_a_request_too_long_for_the_kv_cache_fails_alone():
+    sim = simulator(constant(0.1), num_blocks=4)  # 64 tokens
+    records = sim.run([SimRequest(0, 0.0, 100, 2), SimRequest(1, 0.0, 8, 2)])
+    assert records[0].status == "failed" and records[0].error_kind == "http_4xx"
+    assert records[1].status == "ok"
+
+
+def test_replicas_share_the_clock_and_round_robin_spreads_the_load():
+    sim = simulator(constant(0.1), replicas=2)
+    records = sim.run([SimRequest(i, 0.0, 8, 2) for i in range(4)])
+    assert all(r.finished_s == pytest.approx(0.2) for r in records)  # two requests per replica, in parallel
+    assert [len(rep.engine.scheduler.requests) for rep in sim.replicas] == [0, 0]
+    assert [rep.num_iterations for rep in sim.replicas] == [2, 2]
+
+
+@pytest.fixture()
+def profile(tmp_path):
+    path = tmp_path / "profile.json"
+    linear().save(path)
+    return path
+
+
+def test_same_seed_gives_a_byte_identical_report(profile, tmp_path):
+    workload = WorkloadConfig(num_requests=50, rate=20.0, lengths="uniform", prompt_tokens=200, output_tokens=40)
+    sim = SimConfig(profile=str(profile), kv_blocks=64, noise=0.1)
+    slo = RunSLO(ttft_s=1.0, tbt_s=0.1)
+    outs = [tmp_path / "a.json", tmp_path / "b.json"]
+    for out in outs:
+        run_sim(workload, sim, SchedulerConfig(scheduler="slo"), slo, out)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    report = json.loads(outs[0].read_text())
+    assert report["summary"]["num_requests"] == 50 and len(report["requests"]) == 50
