@@ -148,7 +148,7 @@ class Request:
         return self.arrival_s + self.slo.ttft_s
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one engine step produced for one request: the new tokens and text since the last output."""
 

@@ -37,6 +37,11 @@ class RequestRecord:
     server_scheduling_delay_s: float | None = None  # if the server reports it
 
 
+def records_json(records: list[RequestRecord]) -> list[dict[str, Any]]:
+    """The records as the JSON report holds them; shallow (dataclasses.asdict would deep-copy every token time)."""
+    return [dict(vars(r)) for r in records]
+
+
 @dataclass(frozen=True)
 class SLO:
     """The latency promised to every request of a run; None means no promise on that metric.

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pacer.bench.capacity import CapacityResult, Trial, search_capacity
 from pacer.bench.client import ClientConfig, LoadClient, run_loop
-from pacer.bench.metrics import SLO, RequestRecord, Summary, meets_slo, request_metrics, summarize
+from pacer.bench.metrics import SLO, RequestRecord, Summary, meets_slo, records_json, request_metrics, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
 from pacer.bench.servers import server_process
 from pacer.bench.workload import BenchRequest, WorkloadConfig, build_workload
@@ -30,7 +30,7 @@ def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenize
     summary = summarize(run.records, slo, run.duration_s, run.offered_rate)
     print(format_summary(summary))
     _save(out, {"workload": asdict(workload), "client": run.client_json, "slo": asdict(slo),
-                "summary": summary.to_json(), "requests": [asdict(r) for r in run.records]})
+                "summary": summary.to_json(), "requests": records_json(run.records)})
     if plots_dir is not None:
         _said(plot_run(run.records, slo, plots_dir, title=_title(workload)))
     return summary
@@ -61,7 +61,7 @@ def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, token
     _save(out, {"workload": asdict(workload), "client": next(iter(runs.values())).client_json, "slo": asdict(slo),
                 "condition": condition, "capacity": result.capacity, "curve": result.curve(),
                 "trials": [{"rate": t.rate, "met": t.met, "summary": t.summary.to_json(),
-                            "requests": [asdict(r) for r in runs[t.rate].records]} for t in result.trials]})
+                            "requests": records_json(runs[t.rate].records)} for t in result.trials]})
     if plots_dir is not None:
         _said([plot_capacity({client.base_url: result.curve()}, plots_dir / "capacity.png",
                              title=f"capacity ({condition}): {result.capacity:.3g} req/s")])
@@ -85,7 +85,7 @@ def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokeni
     print(format_compare(summaries))
     _save(out, {"workload": asdict(workload), "slo": asdict(slo), "configs": configs,
                 "runs": {name: {"client": run.client_json, "summary": summaries[name].to_json(),
-                                "requests": [asdict(r) for r in run.records]} for name, run in runs.items()}})
+                                "requests": records_json(run.records)} for name, run in runs.items()}})
     if plots_dir is not None:
         _said(plot_compare({name: run.records for name, run in runs.items()}, slo, plots_dir,
                            title=_title(workload)))

@@ -85,20 +85,18 @@ class Detokenizer:
         return False
 
     def _emit(self, request: Request, stream: _Stream, finished: bool) -> RequestOutput:
+        # called for every request of every iteration: one pass, no property chains
         stops = request.sampling.stop
         holdback = 0 if finished or not stops else max(map(len, stops)) - 1
         end = max(stream.num_sent_chars, len(stream.text) - holdback)
-        output = RequestOutput(
-            request_id=request.request_id,
-            new_token_ids=request.token_ids[request.num_prompt_tokens + stream.num_sent_tokens:],  # only the new ones
-            new_text=stream.text[stream.num_sent_chars:end],
-            finished=finished,
-            finish_reason=request.finish_reason if finished else None,
-            new_logprobs=stream.logprobs,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_output_tokens=request.num_output_tokens,
-        )
-        stream.num_sent_chars, stream.num_sent_tokens, stream.logprobs = end, request.num_output_tokens, []
+        num_prompt = len(request.prompt_token_ids)
+        num_output = len(request.token_ids) - num_prompt
+        output = RequestOutput(request.request_id, request.token_ids[num_prompt + stream.num_sent_tokens:],
+                               stream.text[stream.num_sent_chars:end], finished,
+                               request.finish_reason if finished else None, stream.logprobs, num_prompt, num_output)
+        stream.num_sent_chars, stream.num_sent_tokens = end, num_output
+        if stream.logprobs:
+            stream.logprobs = []
         if finished:
             self._streams.pop(request.request_id, None)
         return output

@@ -43,7 +43,10 @@ class KVCacheManager:
         return self.num_new_blocks(request, num_new_tokens) <= self.pool.num_free
 
     def allocate(self, request: Request, num_new_tokens: int) -> list[int]:
-        new = self.pool.allocate(self.num_new_blocks(request, num_new_tokens))
+        num_blocks = self.num_new_blocks(request, num_new_tokens)
+        if num_blocks == 0:  # most decodes: the last block still has room
+            return []
+        new = self.pool.allocate(num_blocks)
         request.block_ids.extend(new)
         return new
 

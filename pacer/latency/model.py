@@ -5,12 +5,13 @@ Pure Python + numpy, no torch: the scheduler plans with it, the simulator advanc
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -18,10 +19,9 @@ if TYPE_CHECKING:
     from pacer.scheduling.base import SchedulerOutput
 
 
-@dataclass(frozen=True)
-class BatchShape:
+class BatchShape(NamedTuple):
     """What decides an iteration's time, summed over its requests. Adding a request is O(1), so a
-    scheduler can search chunk sizes cheaply.
+    scheduler can search chunk sizes cheaply (a NamedTuple: schedulers build one per request per iteration).
 
     A decode is a request given one token; a prefill chunk is n > 1 tokens after `start` cached ones.
     """
@@ -108,20 +108,24 @@ def feature_names(knots: tuple[int, ...]) -> list[str]:
 @dataclass
 class Calibration:
     """Online correction: a multiplicative bias (EWMA of log measured/predicted) and a rolling window of
-    relative errors of the corrected prediction."""
+    relative errors of the corrected prediction, also kept sorted so the margin is an index, not a sort
+    (the scheduler reads it every iteration)."""
 
     alpha: float = 0.05  # EWMA weight of the newest iteration
     window: int = 500
     margin_quantile: float = 0.99  # Clockwork plans with the p99 of recent runs: a request's P99 TBT allows ~1 overrun
     log_bias: float = 0.0
     errors: deque[float] = field(default_factory=deque)  # measured / predicted - 1, newest last
+    _sorted: list[float] = field(default_factory=list, repr=False)  # the same errors, ascending
 
     def observe(self, predicted_s: float, measured_s: float) -> None:
         if predicted_s <= 0 or measured_s <= 0:
             return
-        self.errors.append(measured_s / predicted_s - 1)
+        error = measured_s / predicted_s - 1
+        self.errors.append(error)
+        bisect.insort(self._sorted, error)
         if len(self.errors) > self.window:
-            self.errors.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, self.errors.popleft())]
         raw = predicted_s / math.exp(self.log_bias)
         self.log_bias += self.alpha * (math.log(measured_s / raw) - self.log_bias)
 
@@ -131,7 +135,15 @@ class Calibration:
 
     @property
     def margin(self) -> float:
-        return max(0.0, float(np.quantile(self.errors, self.margin_quantile))) if len(self.errors) >= 20 else 0.1
+        """The `margin_quantile` of recent errors (linear interpolation, as numpy's default), at least 0;
+        0.1 until 20 iterations have been seen."""
+        values = self._sorted
+        if len(values) < 20:
+            return 0.1
+        position = self.margin_quantile * (len(values) - 1)
+        low = int(position)
+        high = min(low + 1, len(values) - 1)
+        return max(0.0, values[low] + (values[high] - values[low]) * (position - low))
 
 
 @dataclass
@@ -160,7 +172,17 @@ class LinearLatencyModel:
                                   self.samples)
 
     def predict_raw(self, shape: BatchShape) -> float:
-        return max(1e-6, sum(c * x for c, x in zip(self.coefficients, _features(shape, self.knots))))
+        # Σ coefficient × `_features(shape)`, unrolled: the scheduler asks this several times an iteration
+        c = self.coefficients
+        tokens = shape.num_prefill_tokens + shape.num_decodes
+        seconds = c[0] + c[1] * tokens
+        for i, knot in enumerate(self.knots, start=2):
+            if tokens > knot:
+                seconds += c[i] * (tokens - knot)
+        j = len(self.knots) + 2
+        seconds += (c[j] * shape.num_decodes + c[j + 1] * shape.prefill_attention + c[j + 2] * shape.prefill_context
+                    + c[j + 3] * shape.decode_context)
+        return max(1e-6, seconds)
 
     def predict(self, shape: BatchShape) -> float:
         return self.predict_raw(shape) * self.calibrations[_regime(shape)].bias
@@ -195,7 +217,7 @@ class LinearLatencyModel:
     def to_json(self) -> dict[str, Any]:
         return {"kind": "linear", "key": self.key, "knots": list(self.knots),
                 "features": feature_names(self.knots), "coefficients": self.coefficients, "fit_error": self.fit_error,
-                "samples": [{**asdict(shape), "seconds": seconds} for shape, seconds in self.samples]}
+                "samples": [{**shape._asdict(), "seconds": seconds} for shape, seconds in self.samples]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LinearLatencyModel:

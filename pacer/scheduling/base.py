@@ -73,6 +73,10 @@ class ModelOutput:
     elapsed_s: float = 0.0
 
 
+def _is_prefilling(request: Request) -> bool:
+    return len(request.token_ids) - request.num_computed_tokens > 1
+
+
 class Scheduler:
     """Continuous batching with a per-iteration token budget.
 
@@ -201,13 +205,12 @@ class Scheduler:
 
     def _schedule_running(self, plan: SchedulerOutput, now: float) -> None:
         """Running decodes first (they never wait for a prefill), then ongoing prefill chunks."""
-        for decodes in (True, False):
-            for request in list(self.running):
-                if request.is_prefilling == decodes or request.status is not RequestStatus.RUNNING:
-                    continue
-                n = self.chunk_tokens(request, plan, now)
-                if n > 0 and self._reserve(request, n, plan):
-                    self._add_to_plan(plan, request, n)
+        for request in sorted(self.running, key=_is_prefilling):  # stable: decodes, then prefills, each in order
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = self.chunk_tokens(request, plan, now)
+            if n > 0 and self._reserve(request, n, plan):
+                self._add_to_plan(plan, request, n)
 
     def _schedule_waiting(self, plan: SchedulerOutput, now: float) -> None:
         """Admit waiting requests in policy order while the batch, the budget and free KV allow."""
@@ -230,6 +233,8 @@ class Scheduler:
 
         Returns False if `request` itself had to be preempted.
         """
+        if self.kv.num_new_blocks(request, n) == 0:
+            return True  # most decodes: the last block still has room
         while not self.kv.can_allocate(request, n):
             victim = self.victim(plan)
             self._preempt(victim, plan)
@@ -268,11 +273,12 @@ class Scheduler:
         if self.latency is not None and plan.predicted_s is not None and output.elapsed_s > 0:
             self.latency.observe(plan.shape, plan.predicted_s, output.elapsed_s)
         finished = []
+        scheduled, sampled, running = plan.num_scheduled_tokens, output.sampled_token_ids, RequestStatus.RUNNING
         for request in plan.requests:
-            if request.status is not RequestStatus.RUNNING:
+            if request.status is not running:
                 continue
-            request.num_computed_tokens += plan.num_scheduled_tokens[request.request_id]
-            token = output.sampled_token_ids.get(request.request_id)
+            request.num_computed_tokens += scheduled[request.request_id]
+            token = sampled.get(request.request_id)
             if token is None:
                 continue  # a prefill chunk that did not reach the end of the prompt
             request.token_ids.append(token)
@@ -289,8 +295,9 @@ class Scheduler:
         sampling = request.sampling
         if (token == self.eos_token_id and not sampling.ignore_eos) or token in sampling.stop_token_ids:
             return FinishReason.STOP
+        num_tokens = len(request.token_ids)
         max_tokens = sampling.max_tokens or math.inf
-        if request.num_output_tokens >= max_tokens or request.num_tokens >= self.max_request_tokens:
+        if num_tokens - len(request.prompt_token_ids) >= max_tokens or num_tokens >= self.max_request_tokens:
             return FinishReason.LENGTH
         return None
 

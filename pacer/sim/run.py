@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pacer.bench.capacity import CapacityResult, Trial, search_capacity
-from pacer.bench.metrics import SLO, RequestRecord, Summary, summarize
+from pacer.bench.metrics import SLO, RequestRecord, Summary, records_json, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
 from pacer.bench.run import _ms, _offered_rate, _said, _save, _title, format_compare, format_summary
 from pacer.bench.workload import WorkloadConfig, request_timings
@@ -134,8 +134,9 @@ def run_sim(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig
     summary = run.summary(slo)
     print(format_summary(summary))
     print(run.speed())
-    _save(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler) | run.info(), "slo": asdict(slo),
-                "summary": summary.to_json(), "requests": [asdict(r) for r in run.records]})
+    if out is not None:
+        _save(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler) | run.info(), "slo": asdict(slo),
+                    "summary": summary.to_json(), "requests": records_json(run.records)})
     if plots_dir is not None:
         _said(plot_run(run.records, slo, plots_dir, title=f"sim: {_title(workload)}"))
     return summary
@@ -182,7 +183,7 @@ def run_sim_compare(workload: WorkloadConfig, configs: dict[str, tuple[SimConfig
     _save(out, {"workload": asdict(workload), "slo": asdict(slo),
                 "configs": {name: _sim_json(*config) for name, config in configs.items()},
                 "runs": {name: {"sim": run.info(), "summary": summaries[name].to_json(),
-                                "requests": [asdict(r) for r in run.records]} for name, run in runs.items()}})
+                                "requests": records_json(run.records)} for name, run in runs.items()}})
     if plots_dir is not None:
         _said(plot_compare({name: run.records for name, run in runs.items()}, slo, plots_dir,
                            title=f"sim: {_title(workload)}"))

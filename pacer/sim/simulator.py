@@ -85,6 +85,7 @@ class Simulator:
         self._events: list[tuple[float, int, int, object]] = []
         self._order = itertools.count()
         self._records: dict[int, RequestRecord] = {}
+        self._by_id: dict[str, RequestRecord] = {}  # by request id, as outputs name them
         self._live: dict[str, Request] = {}
         self._closed_loop: list[SimRequest] = []
 
@@ -95,6 +96,7 @@ class Simulator:
                          for r in requests}
         if len(self._records) != len(requests):
             raise ValueError("request indices must be unique")
+        self._by_id = {str(index): record for index, record in self._records.items()}
         if concurrency is None:
             for request in requests:
                 if request.arrival_s is None:
@@ -172,7 +174,7 @@ class Simulator:
     def _emit(self, outputs: list[RequestOutput]) -> None:
         now = self.clock.now
         for output in outputs:
-            record = self._records[int(output.request_id)]
+            record = self._by_id[output.request_id]
             record.token_times_s.extend([now] * len(output.new_token_ids))
             if not output.finished:
                 continue

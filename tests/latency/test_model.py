@@ -94,3 +94,25 @@ def test_largest_chunk_is_the_most_tokens_within_the_limit():
     assert largest_chunk(model, decodes, 0, 50, 0.1) == 50
     assert largest_chunk(model, decodes, 0, 512, 0.011) == 0
     assert largest_chunk(model, BatchShape(), 0, 512, math.inf) == 512
+
+
+def test_predict_equals_the_features_dot_the_coefficients():
+    from pacer.latency.model import _features
+
+    model = LinearLatencyModel([0.01, 1e-3, 2e-4, -1e-4, 5e-5, 3e-4, 1e-7, 2e-6, 1e-8], (2, 16, 64))
+    for shape in (BatchShape().with_decode(100), BatchShape().with_chunk(300, 50).with_decode(7).with_decode(9),
+                  BatchShape().with_chunk(17, 0)):
+        expected = sum(c * x for c, x in zip(model.coefficients, _features(shape, model.knots)))
+        assert model.predict_raw(shape) == pytest.approx(expected, rel=1e-12)
+
+
+def test_margin_is_numpys_quantile_of_the_rolling_window():
+    import random
+
+    rng = random.Random(0)
+    calibration = Calibration(window=100)
+    for _ in range(350):
+        calibration.observe(1.0, rng.uniform(0.7, 1.5))
+        assert sorted(calibration.errors) == calibration._sorted
+    assert len(calibration.errors) == 100
+    assert calibration.margin == pytest.approx(float(np.quantile(list(calibration.errors), 0.99)))
