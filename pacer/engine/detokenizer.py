@@ -38,8 +38,11 @@ class Detokenizer:
     def __init__(self, tokenizer: TextDecoder | None) -> None:
         self.tokenizer = tokenizer
         self._streams: dict[str, _Stream] = {}
+        self._num_sent: dict[str, int] = {}  # without a tokenizer: output tokens sent so far, per request
 
     def outputs(self, plan: SchedulerOutput, result: ModelOutput, finished: list[Request]) -> list[RequestOutput]:
+        if self.tokenizer is None:
+            return self._token_outputs(plan, result, finished)
         done = {r.request_id for r in finished}
         outputs = []
         for request in plan.requests:
@@ -60,8 +63,29 @@ class Detokenizer:
 
     def ended(self, request: Request) -> RequestOutput:
         """The final output of a request ended outside an iteration's update (aborted, expired)."""
+        if self.tokenizer is None:
+            return self._token_output(request, None, True)
         stream = self._streams.get(request.request_id) or _Stream(request.num_tokens, request.num_tokens)
         return self._emit(request, stream, finished=True)
+
+    def _token_outputs(self, plan: SchedulerOutput, result: ModelOutput, finished: list[Request]) -> list[RequestOutput]:
+        """Token ids only (the simulator, tests): no text to build, so no stream state; this runs for every
+        request of every simulated iteration."""
+        done = {r.request_id for r in finished}
+        sampled, logprobs = result.sampled_token_ids, result.logprobs
+        return [self._token_output(request, logprobs.get(request.request_id), request.request_id in done)
+                for request in plan.requests if request.request_id in sampled or request.request_id in done]
+
+    def _token_output(self, request: Request, logprobs: object, finished: bool) -> RequestOutput:
+        rid = request.request_id
+        num_prompt = len(request.prompt_token_ids)
+        num_output = len(request.token_ids) - num_prompt
+        sent = self._num_sent.pop(rid, 0) if finished else self._num_sent.get(rid, 0)
+        if not finished:
+            self._num_sent[rid] = num_output
+        return RequestOutput(rid, request.token_ids[num_prompt + sent:], "", finished,
+                             request.finish_reason if finished else None, [logprobs] if logprobs else [],
+                             num_prompt, num_output)
 
     def _decode(self, request: Request, stream: _Stream) -> bool:
         """Extend stream.text with the request's new tokens; True if a stop string was hit."""

@@ -213,20 +213,26 @@ class Scheduler:
                 self._add_to_plan(plan, request, n)
 
     def _schedule_waiting(self, plan: SchedulerOutput, now: float) -> None:
-        """Admit waiting requests in policy order while the batch, the budget and free KV allow."""
-        for request in list(self.prefill_order(self.waiting, now)):
+        """Admit waiting requests in policy order while the batch, the budget and free KV allow.
+
+        The order is read lazily and the admitted leave the queue after the loop, so an iteration costs what
+        it admits, not the length of the queue (which grows without bound under overload)."""
+        admitted = []
+        for request in self.prefill_order(self.waiting, now):
             if len(self.running) >= self.max_num_seqs:
-                return
+                break
             n = self.chunk_tokens(request, plan, now)
             if n == 0 or not self.kv.can_allocate(request, n):
-                return  # keep the order: no overtaking the head of the queue
+                break  # keep the order: no overtaking the head of the queue
             self.kv.allocate(request, n)
-            self.waiting.remove(request)
+            admitted.append(request)
             self.running.append(request)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_s is None:
                 request.first_scheduled_s = now
             self._add_to_plan(plan, request, n)
+        for request in admitted:
+            self.waiting.remove(request)  # in FIFO order each is at the head: O(1)
 
     def _reserve(self, request: Request, n: int, plan: SchedulerOutput) -> bool:
         """Allocate KV for n more tokens, preempting the newest requests if needed.
@@ -264,7 +270,8 @@ class Scheduler:
         plan.requests.append(request)
         plan.num_scheduled_tokens[request.request_id] = n
         plan.total_num_scheduled_tokens += n
-        plan.shape = plan.shape.with_chunk(n, request.num_computed_tokens)
+        plan.shape = plan.shape.with_decode(request.num_computed_tokens + 1) if n == 1 else \
+            plan.shape.with_chunk(n, request.num_computed_tokens)
 
     # ---- after the executor -------------------------------------------------------------------
 

@@ -26,7 +26,9 @@ class SimExecutor:
         self._rng = random.Random(seed)
 
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
-        sampled = {r.request_id: self.token_id for r in plan.requests if plan.samples(r)}
+        scheduled = plan.num_scheduled_tokens  # a request samples when its tokens reach its end (plan.samples)
+        sampled = {r.request_id: self.token_id for r in plan.requests
+                   if r.num_computed_tokens + scheduled[r.request_id] == len(r.token_ids)}
         elapsed = self.latency.predict(plan.shape)
         if self._sigma:
             elapsed *= self._rng.lognormvariate(-self._sigma**2 / 2, self._sigma)
