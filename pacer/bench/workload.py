@@ -47,6 +47,9 @@ class WorkloadConfig:
         "help": "trace file for --arrival trace or --lengths trace (the first --num-requests records are used)"})
     trace_format: str | None = field(default=None, metadata={
         "help": "trace format (default: detected from the first line)", "choices": FORMATS})
+    trace_sample: bool = field(default=False, metadata={
+        "help": "--lengths trace: draw the records at random (seeded, with replacement) instead of taking the first "
+                "--num-requests in order, for runs longer than the trace (not with --arrival trace)"})
     time_scale: float = field(default=1.0, metadata={
         "help": "trace timestamps are multiplied by this (0.5 replays twice as fast)"})
     length_scale: float = field(default=1.0, metadata={
@@ -75,6 +78,8 @@ class WorkloadConfig:
                              f"({self.output_tokens})")
         if self.trace is None and "trace" in (self.arrival, self.lengths):
             raise ValueError(f"trace must be set for arrival={self.arrival!r}, lengths={self.lengths!r}")
+        if self.trace_sample and self.arrival == "trace":
+            raise ValueError("trace_sample draws lengths at random, so it cannot replay the trace's arrivals")
         if self.trace_format is not None and self.trace_format not in FORMATS:
             raise ValueError(f"trace_format must be one of {', '.join(FORMATS)} or None, got {self.trace_format!r}")
         if self.max_model_len < 2:
@@ -137,6 +142,9 @@ def _records(config: WorkloadConfig) -> list[TraceRecord] | None:
         return None
     assert config.trace is not None  # __post_init__ checked
     records = read_trace(config.trace, config.trace_format)
+    if config.trace_sample:
+        rng = np.random.default_rng([config.seed, 2])  # its own stream, like the lengths'
+        return [records[i] for i in rng.integers(0, len(records), config.num_requests)]
     if len(records) < config.num_requests:
         raise ValueError(f"num_requests={config.num_requests} but trace {config.trace} has only "
                          f"{len(records)} records")

@@ -85,6 +85,19 @@ def test_trace_arrivals_need_timestamps_and_enough_records(tokenizer, tmp_path):
         build_workload(WorkloadConfig(num_requests=3, lengths="trace", trace=str(lengths)), tokenizer)
 
 
+def test_trace_sample_draws_lengths_for_runs_longer_than_the_trace(tmp_path):
+    from pacer.bench.workload import request_timings
+
+    lengths = write(tmp_path, "l.csv", "num_prefill_tokens,num_decode_tokens\n5,3\n6,4\n7,5\n")
+    config = WorkloadConfig(num_requests=50, lengths="trace", trace=str(lengths), trace_sample=True)
+    timings = request_timings(config)
+    assert len(timings) == 50 and {(p, o) for _, p, o in timings} == {(5, 3), (6, 4), (7, 5)}
+    assert timings == request_timings(config)
+    assert timings != request_timings(dataclasses.replace(config, seed=1))
+    with pytest.raises(ValueError, match="cannot replay"):
+        WorkloadConfig(arrival="trace", trace=str(lengths), trace_sample=True)
+
+
 # ---- seeds and prompts ----------------------------------------------------------------------------------------------
 
 
