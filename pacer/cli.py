@@ -187,9 +187,10 @@ def _sim_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _slo(args: argparse.Namespace):
-    from pacer.bench.metrics import SLO
+    from pacer.bench.metrics import SLO, parse_slo_classes
 
-    return SLO(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tbt_ms), tbt_stat=args.tbt_stat)
+    return SLO(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tbt_ms), tbt_stat=args.tbt_stat,
+               classes=parse_slo_classes(args.slo_classes))
 
 
 def _compare_configs(args: argparse.Namespace) -> dict[str, list[str]]:

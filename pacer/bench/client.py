@@ -68,10 +68,8 @@ class LoadClient:
     async def run(self, requests: list[BenchRequest], concurrency: int | None = None) -> list[RequestRecord]:
         """Open loop unless `concurrency` is given (then arrival times are ignored)."""
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
-        if self.config.send_slo and self.slo is not None:
-            for name, seconds in (("x-slo-ttft-ms", self.slo.ttft_s), ("x-slo-tbt-ms", self.slo.tbt_s)):
-                if seconds is not None:
-                    headers[name] = f"{seconds * 1e3:g}"
+        if self.config.send_slo and self.slo is not None and not self.slo.classes:
+            headers |= _slo_headers(self.slo)
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s, connect=30.0)
         # No connection cap: an open loop must not queue behind its own client. trust_env=False: a proxy
         # from the environment must not sit between the client and the server.
@@ -120,11 +118,14 @@ class LoadClient:
 
     async def _send(self, http: aiohttp.ClientSession, request: BenchRequest, scheduled_s: float | None) -> RequestRecord:
         record = RequestRecord(index=request.index, num_prompt_tokens=request.num_prompt_tokens,
-                               max_tokens=request.max_tokens, scheduled_s=scheduled_s)
+                               max_tokens=request.max_tokens, scheduled_s=scheduled_s, slo_class=request.slo_class)
         path = "/v1/chat/completions" if self.config.endpoint == "chat" else "/v1/completions"
+        headers = None  # the run's SLO travels in the session's headers; a class's, per request
+        if self.config.send_slo and self.slo is not None and self.slo.classes:
+            headers = _slo_headers(self.slo.of(request.slo_class))
         record.sent_s = self.now()
         try:
-            async with http.post(path, json=self._body(request)) as response:
+            async with http.post(path, json=self._body(request), headers=headers) as response:
                 if response.status != 200:
                     await self._refused(response, record)
                 else:
@@ -193,3 +194,9 @@ class LoadClient:
     @staticmethod
     def _fail(record: RequestRecord, kind: str, message: str) -> None:
         record.status, record.error_kind, record.error = "failed", kind, message
+
+
+def _slo_headers(slo: SLO) -> dict[str, str]:
+    """The SLO as pacer reads it from a request (other servers ignore the headers)."""
+    return {name: f"{seconds * 1e3:g}" for name, seconds in (("x-slo-ttft-ms", slo.ttft_s), ("x-slo-tbt-ms", slo.tbt_s))
+            if seconds is not None}

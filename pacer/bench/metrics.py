@@ -35,6 +35,7 @@ class RequestRecord:
     error: str | None = None
     retry_after_s: float | None = None
     server_scheduling_delay_s: float | None = None  # if the server reports it
+    slo_class: str | None = None  # the request's SLO class, if the run has classes
 
 
 def records_json(records: list[RequestRecord]) -> list[dict[str, Any]]:
@@ -43,8 +44,43 @@ def records_json(records: list[RequestRecord]) -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
+class SLOClass:
+    """A class of requests with its own SLO (e.g. interactive and batch), drawn for a `share` of the requests."""
+
+    name: str
+    share: float
+    ttft_s: float | None
+    tbt_s: float | None
+
+
+def parse_slo_classes(text: str | None) -> tuple[SLOClass, ...]:
+    """'interactive:0.3:1000:200,batch:0.7:20000:1000' (NAME:SHARE:TTFT_MS:TBT_MS; '-' for no promise)."""
+    if not text:
+        return ()
+    classes = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 4 or not parts[0]:
+            raise ValueError(f"an SLO class is NAME:SHARE:TTFT_MS:TBT_MS, got {item!r}")
+        try:
+            share = float(parts[1])
+            ttft, tbt = (None if v == "-" else float(v) / 1e3 for v in parts[2:])
+        except ValueError:
+            raise ValueError(f"an SLO class is NAME:SHARE:TTFT_MS:TBT_MS with numbers, got {item!r}") from None
+        if not 0 < share <= 1 or any(v is not None and not v > 0 for v in (ttft, tbt)):
+            raise ValueError(f"SLO class {item!r}: the share must be in (0, 1] and the SLOs positive")
+        classes.append(SLOClass(parts[0], share, ttft, tbt))
+    if len({c.name for c in classes}) != len(classes):
+        raise ValueError(f"SLO class names repeat in {text!r}")
+    if abs(sum(c.share for c in classes) - 1) > 1e-6:
+        raise ValueError(f"SLO class shares must add up to 1, got {sum(c.share for c in classes):g}")
+    return tuple(classes)
+
+
+@dataclass(frozen=True)
 class SLO:
-    """The latency promised to every request of a run; None means no promise on that metric.
+    """The latency promised to every request of a run; None means no promise on that metric. With `classes`,
+    a request of a class is promised that class's SLO instead (`of`).
 
     A request meets TBT if its P99 gap (`tbt_stat="p99"`) or its mean gap (`"mean"`, which is its TPOT) is
     <= tbt_s.
@@ -53,6 +89,7 @@ class SLO:
     ttft_s: float | None = None
     tbt_s: float | None = None
     tbt_stat: str = "p99"
+    classes: tuple[SLOClass, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("ttft_s", "tbt_s"):
@@ -61,6 +98,13 @@ class SLO:
                 raise ValueError(f"SLO.{name} must be > 0 or None, got {value!r}")
         if self.tbt_stat not in TBT_STATS:
             raise ValueError(f"SLO.tbt_stat must be one of {TBT_STATS}, got {self.tbt_stat!r}")
+
+    def of(self, slo_class: str | None) -> SLO:
+        """The SLO of a request of this class (the run's own for None or an unknown class)."""
+        for c in self.classes:
+            if c.name == slo_class:
+                return SLO(c.ttft_s, c.tbt_s, self.tbt_stat)
+        return self
 
 
 @dataclass(frozen=True)
@@ -203,6 +247,7 @@ class Summary:
     goodput: float  # good requests/s over duration_s
     mean_fluidity_index: float | None  # None without a TBT SLO
     rejection_latency_s: dict[str, float]  # send -> the 429 answer, per rejected request
+    attainment_by_class: dict[str, float] = field(default_factory=dict)  # SLO attainment within each SLO class
 
     def to_json(self) -> dict[str, Any]:
         """A dict json.dumps accepts with allow_nan=False: NaN becomes None."""
@@ -221,7 +266,7 @@ def summarize(records: list[RequestRecord], slo: SLO, duration_s: float, offered
     failed = [r for r in records if r.status == "failed"]
     num_rejected = sum(r.status == "rejected" for r in records)
     metrics = [request_metrics(r) for r in ok]
-    verdicts = [meets_slo(m, slo) for m in metrics]
+    verdicts = [meets_slo(m, slo.of(r.slo_class)) for m, r in zip(metrics, ok)]
     num_good = sum(ttft and tbt for ttft, tbt in verdicts)
     output_tokens = sum(r.output_tokens if r.output_tokens is not None else len(r.token_times_s) for r in ok)
     prompt_tokens = sum(r.num_prompt_tokens for r in ok)
@@ -259,7 +304,16 @@ def summarize(records: list[RequestRecord], slo: SLO, duration_s: float, offered
         mean_fluidity_index=float(np.mean(fluidity)) if fluidity else None,
         rejection_latency_s=percentiles([r.finished_s - r.sent_s for r in records if r.status == "rejected"
                                          and r.finished_s is not None and r.sent_s is not None]),
+        attainment_by_class=_attainment_by_class(records, ok, verdicts, slo),
     )
+
+
+def _attainment_by_class(records: list[RequestRecord], ok: list[RequestRecord], verdicts: list[tuple[bool, bool]],
+                         slo: SLO) -> dict[str, float]:
+    """Share of each class's requests (all of them, refused and failed included) that met the class's SLO."""
+    good = Counter(r.slo_class for r, (ttft, tbt) in zip(ok, verdicts) if ttft and tbt)
+    total = Counter(r.slo_class for r in records)
+    return {c.name: _ratio(good[c.name], total[c.name]) for c in slo.classes}
 
 
 def _ratio(numerator: float, denominator: float) -> float:

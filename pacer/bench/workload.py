@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from pacer.bench.metrics import parse_slo_classes
 from pacer.bench.trace import FORMATS, TraceRecord, read_trace
 
 ARRIVALS = ("poisson", "gamma", "concurrency", "trace")
@@ -57,6 +58,9 @@ class WorkloadConfig:
     max_model_len: int = field(default=2048, metadata={
         "help": "prompt + output are capped to this, prompt first (at least 1 prompt token is kept)"})
     seed: int = field(default=0, metadata={"help": "seed for arrivals, lengths and prompt text"})
+    slo_classes: str | None = field(default=None, metadata={
+        "help": "SLO classes NAME:SHARE:TTFT_MS:TBT_MS,... (e.g. interactive:0.3:1000:200,batch:0.7:20000:1000): "
+                "each request draws one (seeded) and is sent and judged with its class's SLO instead of --slo-*"})
 
     def __post_init__(self) -> None:
         for name in ("num_requests", "concurrency", "prompt_tokens", "output_tokens", "prompt_tokens_min",
@@ -86,6 +90,7 @@ class WorkloadConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        parse_slo_classes(self.slo_classes)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class BenchRequest:
     prompt: str
     num_prompt_tokens: int
     max_tokens: int
+    slo_class: str | None = None
 
 
 class TokenizerLike(Protocol):
@@ -125,16 +131,26 @@ def build_workload(config: WorkloadConfig, tokenizer: TokenizerLike) -> list[Ben
     word_ids = [builder.word_ids(i, prompt, records[i].hash_ids if use_blocks else ())
                 for i, (prompt, _) in enumerate(lengths)]
     prompts = _verified_prompts(builder, word_ids, tokenizer)
-    return [BenchRequest(i, arrival, prompt, num_prompt_tokens, max_tokens)
-            for i, (arrival, prompt, (num_prompt_tokens, max_tokens)) in enumerate(zip(arrivals, prompts, lengths))]
+    return [BenchRequest(i, arrival, prompt, num_prompt_tokens, max_tokens, slo_class)
+            for i, (arrival, prompt, (num_prompt_tokens, max_tokens), slo_class)
+            in enumerate(zip(arrivals, prompts, lengths, _slo_classes(config)))]
 
 
-def request_timings(config: WorkloadConfig) -> list[tuple[float | None, int, int]]:
-    """(send time, prompt tokens, max_tokens) of each request, exactly as `build_workload` gives them, without
-    the prompt text: what the simulator needs, at any trace size."""
+def request_timings(config: WorkloadConfig) -> list[tuple[float | None, int, int, str | None]]:
+    """(send time, prompt tokens, max_tokens, SLO class) of each request, exactly as `build_workload` gives
+    them, without the prompt text: what the simulator needs, at any trace size."""
     records = _records(config)
-    return [(arrival, prompt, output) for arrival, (prompt, output)
-            in zip(_arrivals(config, records), _lengths(config, records))]
+    return [(arrival, prompt, output, slo_class) for arrival, (prompt, output), slo_class
+            in zip(_arrivals(config, records), _lengths(config, records), _slo_classes(config))]
+
+
+def _slo_classes(config: WorkloadConfig) -> list[str | None]:
+    classes = parse_slo_classes(config.slo_classes)
+    if not classes:
+        return [None] * config.num_requests
+    rng = np.random.default_rng([config.seed, 3])  # its own stream: arrivals and lengths stay put
+    picks = rng.choice(len(classes), size=config.num_requests, p=[c.share for c in classes])
+    return [classes[i].name for i in picks.tolist()]
 
 
 def _records(config: WorkloadConfig) -> list[TraceRecord] | None:

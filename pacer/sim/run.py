@@ -90,9 +90,10 @@ def build_simulator(sim: SimConfig, scheduler: SchedulerConfig, max_model_len: i
 def sim_requests(workload: WorkloadConfig, slo: SLO) -> list[SimRequest]:
     """The bench workload's requests (same seed, same times and lengths), carrying the run's SLO as `pacer bench`
     sends it."""
-    request_slo = RequestSLO(ttft_s=slo.ttft_s, tbt_s=slo.tbt_s)
-    return [SimRequest(i, arrival, prompt, output, request_slo)
-            for i, (arrival, prompt, output) in enumerate(request_timings(workload))]
+    slos = {None: slo} | {c.name: slo.of(c.name) for c in slo.classes}
+    request_slos = {name: RequestSLO(ttft_s=s.ttft_s, tbt_s=s.tbt_s) for name, s in slos.items()}
+    return [SimRequest(i, arrival, prompt, output, request_slos[slo_class], slo_class)
+            for i, (arrival, prompt, output, slo_class) in enumerate(request_timings(workload))]
 
 
 @dataclass

@@ -43,6 +43,7 @@ class SimRequest:
     num_prompt_tokens: int
     max_tokens: int
     slo: SLO = field(default_factory=SLO)
+    slo_class: str | None = None  # for the report, as the bench records it
 
 
 class SimReplica:
@@ -92,8 +93,8 @@ class Simulator:
     def run(self, requests: Sequence[SimRequest], concurrency: int | None = None) -> list[RequestRecord]:
         """Simulate until every request has ended; records in request order. With `concurrency`, a closed loop:
         that many requests start at 0 and each one that ends sends the next (arrival times are ignored)."""
-        self._records = {r.index: RequestRecord(r.index, r.num_prompt_tokens, r.max_tokens, r.arrival_s)
-                         for r in requests}
+        self._records = {r.index: RequestRecord(r.index, r.num_prompt_tokens, r.max_tokens, r.arrival_s,
+                                                slo_class=r.slo_class) for r in requests}
         if len(self._records) != len(requests):
             raise ValueError("request indices must be unique")
         self._by_id = {str(index): record for index, record in self._records.items()}

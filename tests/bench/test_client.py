@@ -55,7 +55,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _run(prompts: list[str], slo: SLO | None = None) -> list[RequestRecord]:
+async def _run(prompts: list[str], slo: SLO | None = None, classes: list[str | None] | None = None) -> list[RequestRecord]:
     app = web.Application()
     app.router.add_post("/v1/completions", _completions)
     runner = web.AppRunner(app)
@@ -65,7 +65,8 @@ async def _run(prompts: list[str], slo: SLO | None = None) -> list[RequestRecord
     port = site._server.sockets[0].getsockname()[1]
     try:
         client = LoadClient(ClientConfig(base_url=f"http://127.0.0.1:{port}", model="scripted"), slo=slo)
-        requests = [BenchRequest(i, 0.0, prompt, 1, 3) for i, prompt in enumerate(prompts)]
+        classes = classes or [None] * len(prompts)
+        requests = [BenchRequest(i, 0.0, prompt, 1, 3, c) for i, (prompt, c) in enumerate(zip(prompts, classes))]
         return await client.run(requests)
     finally:
         await runner.cleanup()
@@ -96,3 +97,13 @@ def test_the_runs_slo_travels_as_headers():
     asyncio.run(_run(["split"], slo=SLO(ttft_s=None, tbt_s=0.05)))
     asyncio.run(_run(["split"]))
     assert SEEN_HEADERS == [{"x-slo-ttft-ms": "2500", "x-slo-tbt-ms": "200"}, {"x-slo-tbt-ms": "50"}, {}]
+
+
+def test_a_requests_class_slo_travels_with_it():
+    from pacer.bench.metrics import parse_slo_classes
+
+    SEEN_HEADERS.clear()
+    slo = SLO(ttft_s=9.0, classes=parse_slo_classes("fast:0.5:300:50,slow:0.5:20000:-"))
+    records = asyncio.run(_run(["split", "split"], slo=slo, classes=["fast", "slow"]))
+    assert sorted(SEEN_HEADERS, key=len) == [{"x-slo-ttft-ms": "20000"}, {"x-slo-ttft-ms": "300", "x-slo-tbt-ms": "50"}]
+    assert [r.slo_class for r in records] == ["fast", "slow"]

@@ -10,6 +10,7 @@ import pytest
 
 from pacer.bench.metrics import (
     SLO,
+    parse_slo_classes,
     RequestRecord,
     fluidity_index,
     meets_slo,
@@ -181,10 +182,27 @@ def test_summary_to_json_and_fluidity_and_scheduling_delay():
     assert s.mean_fluidity_index == pytest.approx((1.0 + 10 / 16) / 2)
     assert s.scheduling_delay_s["p50"] == 0.0625
     data = json.loads(json.dumps(s.to_json(), allow_nan=False))
-    assert data["slo"] == {"ttft_s": 0.25, "tbt_s": 0.125, "tbt_stat": "p99"}
+    assert data["slo"] == {"ttft_s": 0.25, "tbt_s": 0.125, "tbt_stat": "p99", "classes": []}
     assert data["offered_rate"] == 0.5 and data["goodput"] == 0.25
 
 
 def test_unknown_status_is_an_error():
     with pytest.raises(ValueError, match="request 3"):
         summarize([record(3, token_times_s=[1.0], status="timeout")], SLO(), duration_s=1.0)
+
+
+def test_slo_classes_parse_and_judge_each_request_by_its_class():
+    classes = parse_slo_classes("interactive:0.3:1000:200, batch:0.7:20000:-")
+    assert [(c.name, c.share, c.ttft_s, c.tbt_s) for c in classes] == [("interactive", 0.3, 1.0, 0.2),
+                                                                         ("batch", 0.7, 20.0, None)]
+    slo = SLO(ttft_s=0.1, tbt_s=0.1, classes=classes)
+    assert slo.of("batch") == SLO(20.0, None) and slo.of(None) is slo
+    records = [record(0, 0.0, stream(0.0, 2.0, [0.5]), slo_class="interactive"),  # TTFT 2 s > 1 s: missed
+               record(1, 0.0, stream(0.0, 0.5, [0.1]), slo_class="interactive"),
+               record(2, 0.0, stream(0.0, 2.0, [0.5]), slo_class="batch"),  # within the batch SLO
+               record(3, 0.0, status="rejected", error_kind="http_429", slo_class="batch")]
+    summary = summarize(records, slo, duration_s=10.0)
+    assert summary.num_good == 2 and summary.attainment_by_class == {"interactive": 0.5, "batch": 0.5}
+    for bad in ("a:1:x:1", "a:0.5:1:1", "a:1:1", "a:1:1:1,a:0:1:1", "a:1:-5:1"):
+        with pytest.raises(ValueError):
+            parse_slo_classes(bad)

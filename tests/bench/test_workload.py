@@ -91,11 +91,27 @@ def test_trace_sample_draws_lengths_for_runs_longer_than_the_trace(tmp_path):
     lengths = write(tmp_path, "l.csv", "num_prefill_tokens,num_decode_tokens\n5,3\n6,4\n7,5\n")
     config = WorkloadConfig(num_requests=50, lengths="trace", trace=str(lengths), trace_sample=True)
     timings = request_timings(config)
-    assert len(timings) == 50 and {(p, o) for _, p, o in timings} == {(5, 3), (6, 4), (7, 5)}
+    assert len(timings) == 50 and {(p, o) for _, p, o, _ in timings} == {(5, 3), (6, 4), (7, 5)}
     assert timings == request_timings(config)
     assert timings != request_timings(dataclasses.replace(config, seed=1))
     with pytest.raises(ValueError, match="cannot replay"):
         WorkloadConfig(arrival="trace", trace=str(lengths), trace_sample=True)
+
+
+def test_slo_classes_are_drawn_by_share_and_seeded(tokenizer):
+    from pacer.bench.workload import request_timings
+
+    config = WorkloadConfig(num_requests=2000, prompt_tokens=4, output_tokens=2,
+                            slo_classes="interactive:0.3:1000:200,batch:0.7:20000:1000")
+    classes = [c for *_, c in request_timings(config)]
+    assert classes.count("interactive") / 2000 == pytest.approx(0.3, abs=0.03)
+    assert classes == [c for *_, c in request_timings(config)]
+    plain = dataclasses.replace(config, slo_classes=None)
+    assert [t[:3] for t in request_timings(config)] == [t[:3] for t in request_timings(plain)]  # nothing else moves
+    small = dataclasses.replace(config, num_requests=20)
+    assert [r.slo_class for r in build_workload(small, tokenizer)] == classes[:20]
+    with pytest.raises(ValueError, match="add up to 1"):
+        WorkloadConfig(slo_classes="a:0.5:100:100")
 
 
 # ---- seeds and prompts ----------------------------------------------------------------------------------------------
