@@ -40,16 +40,41 @@ class SchedulerOutput:
     # Ended by the policy while planning (expired before they started): the engine gives each a final
     # output, as the executor never sees them.
     dropped: list[Request] = field(default_factory=list)
-    # The batch shape, kept up to date as requests join: what the latency model predicts from and a
-    # policy sizes chunks against (one pass per plan, not one per question).
-    shape: BatchShape = field(default_factory=BatchShape)
     # What the latency model expected this iteration to take (None without one); the executor's
     # measured time comes back in ModelOutput.elapsed_s, so prediction error is easy to log.
     predicted_s: float | None = None
+    # The batch shape as running sums, kept up to date as requests join (`shape` reads them): what the
+    # latency model predicts from and a policy sizes chunks against. Decodes are two integer sums, since
+    # a plan adds hundreds of them every iteration.
+    _chunks: BatchShape = field(default_factory=BatchShape, repr=False)
+    _num_decodes: int = field(default=0, repr=False)
+    _decode_context: int = field(default=0, repr=False)
 
     @property
     def is_empty(self) -> bool:
         return not self.requests
+
+    @property
+    def shape(self) -> BatchShape:
+        chunks = self._chunks
+        return BatchShape(chunks.num_prefill_tokens, chunks.prefill_attention, chunks.prefill_context,
+                          self._num_decodes, self._decode_context)
+
+    @shape.setter
+    def shape(self, shape: BatchShape) -> None:
+        self._chunks = shape._replace(num_decodes=0, decode_context=0)
+        self._num_decodes, self._decode_context = shape.num_decodes, shape.decode_context
+
+    def add(self, request: Request, n: int) -> None:
+        """Give `request` n tokens in this iteration (after its `num_computed_tokens` cached ones)."""
+        self.requests.append(request)
+        self.num_scheduled_tokens[request.request_id] = n
+        self.total_num_scheduled_tokens += n
+        if n == 1:
+            self._num_decodes += 1
+            self._decode_context += request.num_computed_tokens + 1
+        else:
+            self._chunks = self._chunks.with_chunk(n, request.num_computed_tokens)
 
     def samples(self, request: Request) -> bool:
         """Does this iteration reach the request's last token, so that a new token is sampled?"""
@@ -210,7 +235,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             n = self.chunk_tokens(request, plan, now)
             if n > 0 and self._reserve(request, n, plan):
-                self._add_to_plan(plan, request, n)
+                plan.add(request, n)
 
     def _schedule_waiting(self, plan: SchedulerOutput, now: float) -> None:
         """Admit waiting requests in policy order while the batch, the budget and free KV allow.
@@ -230,7 +255,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_s is None:
                 request.first_scheduled_s = now
-            self._add_to_plan(plan, request, n)
+            plan.add(request, n)
         for request in admitted:
             self.waiting.remove(request)  # in FIFO order each is at the head: O(1)
 
@@ -264,14 +289,6 @@ class Scheduler:
             plan.total_num_scheduled_tokens -= plan.num_scheduled_tokens.pop(request.request_id)
             plan.shape = BatchShape.of(plan)  # rare: recount what is left
         plan.preempted_ids.append(request.request_id)
-
-    @staticmethod
-    def _add_to_plan(plan: SchedulerOutput, request: Request, n: int) -> None:
-        plan.requests.append(request)
-        plan.num_scheduled_tokens[request.request_id] = n
-        plan.total_num_scheduled_tokens += n
-        plan.shape = plan.shape.with_decode(request.num_computed_tokens + 1) if n == 1 else \
-            plan.shape.with_chunk(n, request.num_computed_tokens)
 
     # ---- after the executor -------------------------------------------------------------------
 
