@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Scheduler overhead: time in schedule() (and update()) per iteration with 256 running requests, as a share of the
-iteration's own (predicted) time. Fabricated state: 256 decoding requests at 512-1536 tokens of context and a
+iteration's own (predicted) time. Fabricated state: 256 decoding requests at 256-766 tokens of context and a
 queue of 64 waiting prompts that cannot join (max_num_seqs is full), the KV pool large enough for all of them.
 
     .venv/bin/python benchmarks/scheduler_overhead.py --profile PROFILE [--profile ../shared/data/profiles/sarathi-a100]
@@ -23,13 +23,13 @@ NUM_RUNNING, NUM_WAITING = 256, 64
 
 def measure(profile: str, policy: str, iterations: int) -> tuple[float, float, float]:
     latency, _ = load_sim_profile(profile)
-    config = SchedulerConfig(scheduler=policy, max_num_seqs=NUM_RUNNING, max_num_batched_tokens=2048)
-    scheduler = scheduler_class(policy)(config, KVCacheManager(40_000, 16), 4096, latency=latency)
+    config = SchedulerConfig(scheduler=policy, max_num_seqs=NUM_RUNNING)
+    scheduler = scheduler_class(policy)(config, KVCacheManager(200_000, 16), 16_384, latency=latency)
     slo = SLO(ttft_s=5.0, tbt_s=1.0)
-    params = SamplingParams(max_tokens=100_000, ignore_eos=True)
+    params = SamplingParams(max_tokens=10_000, ignore_eos=True)  # none finishes, not even while the others prefill
     now = 0.0
     for i in range(NUM_RUNNING):  # prefill each alone, so the plan starts with 256 decodes
-        request = Request(f"r{i}", [0] * (512 + 4 * i), params, slo, arrival_s=now)
+        request = Request(f"r{i}", [0] * (256 + 2 * i), params, slo, arrival_s=now)
         scheduler.add(request)
         while request.is_prefilling or request.num_output_tokens == 0:
             plan = scheduler.schedule(now)
@@ -51,7 +51,7 @@ def measure(profile: str, policy: str, iterations: int) -> tuple[float, float, f
         update_s.append(time.perf_counter() - updating)
         iteration_times.append(elapsed)
         now += elapsed
-    assert len(plan.requests) == NUM_RUNNING and len(scheduler.waiting) == NUM_WAITING
+    assert len(plan.requests) == NUM_RUNNING and len(scheduler.waiting) == NUM_WAITING, (policy, len(plan.requests), len(scheduler.waiting))
     return statistics.median(schedule_s), statistics.median(update_s), statistics.median(iteration_times)
 
 

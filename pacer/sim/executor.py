@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from pathlib import Path
 
 from pacer.latency.model import LatencyModel
 from pacer.scheduling import ModelOutput, SchedulerOutput
@@ -17,19 +19,43 @@ class SimExecutor:
     mean 1 and that coefficient of variation, as a real machine jitters (the model predicts the mean).
     """
 
-    def __init__(self, latency: LatencyModel, token_id: int = 0, noise: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, latency: LatencyModel, token_id: int = 0, noise: float = 0.0, seed: int = 0,
+                 residuals: dict[str, list[float]] | None = None) -> None:
         if noise < 0:
             raise ValueError(f"noise must be >= 0, got {noise}")
         self.latency = latency
         self.token_id = token_id
         self._sigma = math.sqrt(math.log1p(noise**2))  # log-normal with CV = noise
         self._rng = random.Random(seed)
+        # measured / predicted ratios of real iterations, per regime ("prefill": carries a chunk; "decode"):
+        # each simulated iteration is scaled by one drawn at random, so the machine's own error (bias, spread,
+        # stalls) replays instead of an assumed distribution
+        self.residuals = residuals
 
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
         scheduled = plan.num_scheduled_tokens  # a request samples when its tokens reach its end (plan.samples)
         sampled = {r.request_id: self.token_id for r in plan.requests
                    if r.num_computed_tokens + scheduled[r.request_id] == len(r.token_ids)}
-        elapsed = self.latency.predict(plan.shape)
+        shape = plan.shape
+        elapsed = self.latency.predict(shape)
+        if self.residuals:
+            elapsed *= self._rng.choice(self.residuals["prefill" if shape.num_prefill_tokens else "decode"])
         if self._sigma:
             elapsed *= self._rng.lognormvariate(-self._sigma**2 / 2, self._sigma)
         return ModelOutput(sampled, elapsed_s=elapsed)
+
+
+def load_residuals(path: str | Path) -> dict[str, list[float]]:
+    """Ratios measured / predicted per regime from a record of real iterations: a JSON with "iterations", each
+    holding `raw_predicted_s` (the profile alone), `elapsed_s` and its `shape` (benchmarks/latency_error.py)."""
+    try:
+        iterations = json.loads(Path(path).read_text())["iterations"]
+        ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
+        for it in iterations:
+            regime = "prefill" if it["shape"]["num_prefill_tokens"] else "decode"
+            ratios[regime].append(it["elapsed_s"] / it["raw_predicted_s"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as error:
+        raise ValueError(f"cannot read measured iterations from {path}: {error!r}") from None
+    if not ratios["prefill"] or not ratios["decode"]:
+        raise ValueError(f"{path} needs measured iterations with and without a prefill chunk")
+    return ratios

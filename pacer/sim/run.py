@@ -20,7 +20,7 @@ from pacer.kv import KVCacheManager
 from pacer.request import SLO as RequestSLO
 from pacer.scheduling import scheduler_class
 from pacer.scheduling.router import ROUTERS, router_class
-from pacer.sim.executor import SimExecutor
+from pacer.sim.executor import SimExecutor, load_residuals
 from pacer.sim.gpu import load_sim_profile
 from pacer.sim.simulator import SimRequest, Simulator, VirtualClock
 
@@ -48,6 +48,9 @@ class SimConfig:
     router: str = field(default="round_robin", metadata=_help("routing policy across replicas"))
     noise: float = field(default=0.0, metadata=_help(
         "coefficient of variation of each iteration's time around the prediction (0: exactly as predicted)"))
+    residuals: str | None = field(default=None, metadata=_help(
+        "real iterations measured against this profile (benchmarks/latency_error.py --out): each simulated "
+        "iteration is scaled by one of their measured/predicted ratios, drawn at random per regime"))
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -76,13 +79,14 @@ def build_simulator(sim: SimConfig, scheduler: SchedulerConfig, max_model_len: i
     num_blocks = sim.kv_blocks or (capacity_tokens // sim.block_size if capacity_tokens else None)
     if not num_blocks:
         raise ValueError(f"{sim.profile} does not say how much KV cache there is: give --kv-blocks")
+    residuals = load_residuals(sim.residuals) if sim.residuals else None
     clock = VirtualClock()
     engines = []
     for i in range(sim.replicas):
         kv = KVCacheManager(num_blocks, sim.block_size)
         limit = scheduler.max_model_len or max_model_len
         engines.append(Engine(policy(scheduler, kv, limit, latency=latency.fresh()),
-                              SimExecutor(latency.fresh(), noise=sim.noise, seed=seed + i), Detokenizer(None),
+                              SimExecutor(latency.fresh(), noise=sim.noise, seed=seed + i, residuals=residuals), Detokenizer(None),
                               clock=clock))
     return Simulator(engines, clock, router_class(sim.router)())
 

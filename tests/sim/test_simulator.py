@@ -127,3 +127,22 @@ def test_same_seed_gives_a_byte_identical_report(profile, tmp_path):
     assert outs[0].read_bytes() == outs[1].read_bytes()
     report = json.loads(outs[0].read_text())
     assert report["summary"]["num_requests"] == 50 and len(report["requests"]) == 50
+
+
+def test_residuals_replay_measured_errors_per_regime(tmp_path):
+    from pacer.sim.executor import load_residuals
+
+    path = tmp_path / "iterations.json"
+    rows = [{"raw_predicted_s": 0.1, "elapsed_s": 0.2, "shape": {"num_prefill_tokens": 8}},
+            {"raw_predicted_s": 0.1, "elapsed_s": 0.1, "shape": {"num_prefill_tokens": 0}}]
+    path.write_text(json.dumps({"iterations": rows}))
+    residuals = load_residuals(path)
+    assert residuals == {"prefill": [2.0], "decode": [1.0]}
+    clock = VirtualClock()
+    scheduler = scheduler_class("sarathi")(SchedulerConfig(), KVCacheManager(64, 16), 4096)
+    engine = Engine(scheduler, SimExecutor(constant(0.1), residuals=residuals), Detokenizer(None), clock=clock)
+    (record,) = Simulator([engine], clock).run([SimRequest(0, 0.0, 8, 3)])
+    assert record.token_times_s == pytest.approx([0.2, 0.3, 0.4])  # the prefill ran 2x its prediction
+    path.write_text(json.dumps({"iterations": rows[:1]}))
+    with pytest.raises(ValueError, match="with and without"):
+        load_residuals(path)
