@@ -115,4 +115,4 @@ def test_margin_is_numpys_quantile_of_the_rolling_window():
         calibration.observe(1.0, rng.uniform(0.7, 1.5))
         assert sorted(calibration.errors) == calibration._sorted
     assert len(calibration.errors) == 100
-    assert calibration.margin == pytest.approx(float(np.quantile(list(calibration.errors), 0.99)))
+    assert calibration.margin == pytest.approx(float(np.quantile(list(calibration.errors), calibration.margin_quantile)))
