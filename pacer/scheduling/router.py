@@ -3,10 +3,11 @@ simulator and the scale-out front end. Pure: a router sees each replica only thr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from pacer.request import Request
+from pacer.scheduling.registry import Registry
 
 
 class ReplicaView(Protocol):
@@ -22,34 +23,19 @@ class ReplicaView(Protocol):
         ...
 
 
-class Router:
+class Router(Protocol):
     """Picks a replica index for each arriving request; state (if any) lives in the router."""
 
-    def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int:
-        raise NotImplementedError
+    def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int: ...
 
 
-ROUTERS: dict[str, type[Router]] = {}
-
-
-def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
-    def add(cls: type[Router]) -> type[Router]:
-        if name in ROUTERS:
-            raise ValueError(f"router {name!r} registered twice")
-        ROUTERS[name] = cls
-        return cls
-    return add
-
-
-def router_class(name: str) -> type[Router]:
-    try:
-        return ROUTERS[name]
-    except KeyError:
-        raise ValueError(f"unknown router {name!r}; known: {', '.join(sorted(ROUTERS))}") from None
+ROUTERS: Registry[Router] = Registry("router")
+register_router = ROUTERS.register
+router_class = ROUTERS.lookup
 
 
 @register_router("round_robin")
-class RoundRobinRouter(Router):
+class RoundRobinRouter:
     """Each replica in turn, blind to load."""
 
     def __init__(self) -> None:
@@ -62,7 +48,7 @@ class RoundRobinRouter(Router):
 
 
 @register_router("least_tokens")
-class LeastTokensRouter(Router):
+class LeastTokensRouter:
     """The replica with the fewest outstanding tokens: load-aware, but blind to what the load costs."""
 
     def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int:
@@ -70,7 +56,7 @@ class LeastTokensRouter(Router):
 
 
 @register_router("slo")
-class SloRouter(Router):
+class SloRouter:
     """The replica with the least predicted TTFT for this request, from its latency model and queue (Llumnix's
     load-aware dispatch, with time instead of memory as the load); fewest outstanding tokens breaks ties,
     and decides alone among replicas that cannot predict."""
