@@ -8,7 +8,9 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pacer.config import (
     CacheConfig,
@@ -22,6 +24,9 @@ from pacer.config import (
 )
 from pacer.request import SamplingParams
 from pacer.scheduling import SCHEDULERS
+
+if TYPE_CHECKING:
+    from pacer.bench.metrics import SLO
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -160,11 +165,7 @@ def _sim_configs(args: argparse.Namespace) -> dict[str, tuple]:
     _sim_engine_flags(parser)
     parser.set_defaults(**{k: v for k, v in vars(args).items()})
     flags = {name: ["--scheduler", name] for name in (args.schedulers or "").split(",") if name}
-    for item in args.config:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"--config wants NAME=FLAGS, got {item!r}")
-        flags[name] = shlex.split(value)
+    flags |= _named(args.config, "--config")
     if not flags:
         raise ValueError("pacer sim compare needs --schedulers or --config NAME=FLAGS")
     configs = {}
@@ -186,7 +187,7 @@ def _sim_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, SchedulerConfig, choices={"scheduler": sorted(SCHEDULERS)}, skip=("max_model_len",))
 
 
-def _slo(args: argparse.Namespace):
+def _slo(args: argparse.Namespace) -> SLO:
     from pacer.bench.metrics import SLO, parse_slo_classes
 
     return SLO(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tbt_ms), tbt_stat=args.tbt_stat,
@@ -201,16 +202,22 @@ def _compare_configs(args: argparse.Namespace) -> dict[str, list[str]]:
     common = shlex.split(args.server_args)
     configs = {name: pacer_command(common + ["--scheduler", name])
                for name in (args.schedulers or "").split(",") if name}
-    for option, items, to_command in (("--config", args.config, lambda flags: pacer_command(common + flags)),
-                                      ("--server", args.server, lambda command: command)):
-        for item in items:
-            name, sep, value = item.partition("=")
-            if not sep or not name:
-                raise ValueError(f"{option} wants NAME=..., got {item!r}")
-            configs[name] = to_command(shlex.split(value))
+    configs |= {name: pacer_command(common + flags) for name, flags in _named(args.config, "--config").items()}
+    configs |= _named(args.server, "--server")
     if not configs:
         raise ValueError("pacer bench compare needs --schedulers, --config NAME=FLAGS or --server NAME=COMMAND")
     return configs
+
+
+def _named(items: list[str], option: str) -> dict[str, list[str]]:
+    """The NAME=VALUE items of a repeatable option -> {name: the value split as a shell would}, in order."""
+    named = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{option} wants NAME=..., got {item!r}")
+        named[name] = shlex.split(value)
+    return named
 
 
 def _seconds(ms: float | None) -> float | None:
@@ -258,6 +265,23 @@ def _sim_flags(parser: argparse.ArgumentParser) -> None:
     _report_flags(parser)
 
 
+def _run_capacity_compare(parent: argparse.ArgumentParser, dest: str, add_flags: Callable[[argparse.ArgumentParser], None],
+                          func: Callable[[argparse.Namespace], int], run_help: str,
+                          compare_help: str) -> argparse.ArgumentParser:
+    """`run`, `capacity` and `compare` under `parent` (bench and sim share their shape); returns `compare`'s
+    parser for its own configuration flags."""
+    commands = parent.add_subparsers(dest=dest, required=True)
+    run = commands.add_parser("run", help=run_help, formatter_class=_HelpFormatter)
+    cap = commands.add_parser("capacity", formatter_class=_HelpFormatter,
+                              help="binary-search the highest arrival rate that meets a latency condition")
+    cmp = commands.add_parser("compare", formatter_class=_HelpFormatter, help=compare_help)
+    for parser in (run, cap, cmp):
+        add_flags(parser)
+        parser.set_defaults(func=func)
+    _capacity_flags(cap)
+    return cmp
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pacer", description="An LLM inference server that keeps its promises.")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -268,15 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     _engine_flags(srv)
     srv.set_defaults(func=serve)
     ben = commands.add_parser("bench", help="load-test an OpenAI-compatible server: TTFT, TBT, goodput, capacity")
-    bench_commands = ben.add_subparsers(dest="bench_command", required=True)
-    run = bench_commands.add_parser("run", help="run one workload and report", formatter_class=_HelpFormatter)
-    cap = bench_commands.add_parser("capacity", formatter_class=_HelpFormatter,
-                                    help="binary-search the highest arrival rate that meets a latency condition")
-    cmp = bench_commands.add_parser("compare", formatter_class=_HelpFormatter,
-                                    help="start several server configurations in turn; same workload; side by side")
-    for parser_ in (run, cap, cmp):
-        _bench_flags(parser_)
-        parser_.set_defaults(func=bench)
+    cmp = _run_capacity_compare(ben, "bench_command", _bench_flags, bench, "run one workload and report",
+                                "start several server configurations in turn; same workload; side by side")
     servers = cmp.add_argument_group("configurations (the --base-url flag is ignored: compare starts its servers)")
     servers.add_argument("--schedulers", default=None, help="comma-separated policies, one server each: fcfs,orca,sarathi")
     servers.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
@@ -285,19 +302,10 @@ def main(argv: list[str] | None = None) -> int:
                          help="any OpenAI-compatible server, started the same way; {port} in COMMAND is replaced, "
                               "e.g. 'vllm=vllm serve MODEL --port {port}' (repeatable)")
     servers.add_argument("--server-args", default="", help="flags given to every pacer server, e.g. '--dtype float32'")
-    _capacity_flags(cap)
     sim_parser = commands.add_parser("sim", help="simulate a workload in virtual time: the real scheduler, a latency "
                                                  "model for the model")
-    sim_commands = sim_parser.add_subparsers(dest="sim_command", required=True)
-    sim_run = sim_commands.add_parser("run", help="simulate one workload and report", formatter_class=_HelpFormatter)
-    sim_cap = sim_commands.add_parser("capacity", formatter_class=_HelpFormatter,
-                                      help="binary-search the highest arrival rate that meets a latency condition")
-    sim_cmp = sim_commands.add_parser("compare", formatter_class=_HelpFormatter,
-                                      help="several configurations on the same workload, side by side")
-    for parser_ in (sim_run, sim_cap, sim_cmp):
-        _sim_flags(parser_)
-        parser_.set_defaults(func=sim)
-    _capacity_flags(sim_cap)
+    sim_cmp = _run_capacity_compare(sim_parser, "sim_command", _sim_flags, sim, "simulate one workload and report",
+                                    "several configurations on the same workload, side by side")
     configs = sim_cmp.add_argument_group("configurations")
     configs.add_argument("--schedulers", default=None, help="comma-separated policies, one configuration each")
     configs.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
