@@ -50,13 +50,8 @@ def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, token
         runs[rate] = run_workload(build_workload(config, tokenizer), config, client, slo)
         return summarize(runs[rate].records, slo, runs[rate].duration_s, runs[rate].offered_rate)
 
-    def report(t: Trial) -> None:
-        s = t.summary
-        print(f"rate {t.rate:.3g} req/s: {'meets' if t.met else 'misses'} {condition} | goodput {s.goodput:.3g} "
-              f"req/s, attainment {s.slo_attainment:.1%}, P99 TBT {_ms(s.tbt_s.get('p99'))} ms, "
-              f"TTFT p50 {_ms(s.ttft_s.get('p50'))} ms, rejected {s.num_rejected}, failed {s.num_failed}")
-
-    result = search_capacity(trial, condition, slo, low, high, tolerance, max_trials, on_trial=report)
+    result = search_capacity(trial, condition, slo, low, high, tolerance, max_trials,
+                             on_trial=lambda t: print(format_trial(t, condition)))
     print(f"capacity ({condition}): {result.capacity:.3g} req/s after {len(result.trials)} trials")
     _save(out, {"workload": asdict(workload), "client": next(iter(runs.values())).client_json, "slo": asdict(slo),
                 "condition": condition, "capacity": result.capacity, "curve": result.curve(),
@@ -90,6 +85,16 @@ def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokeni
         _said(plot_compare({name: run.records for name, run in runs.items()}, slo, plots_dir,
                            title=_title(workload)))
     return summaries
+
+
+def format_trial(t: Trial, condition: str) -> str:
+    """One line per capacity trial (bench and sim); the scheduling delay where the server reports it."""
+    s = t.summary
+    delay = _ms(s.scheduling_delay_s.get("p50"))
+    return (f"rate {t.rate:.4g} req/s: {'meets' if t.met else 'misses'} {condition} | goodput {s.goodput:.4g} "
+            f"req/s, attainment {s.slo_attainment:.1%}, P99 TBT {_ms(s.tbt_s.get('p99'))} ms, "
+            f"TTFT p50 {_ms(s.ttft_s.get('p50'))} ms" + (f", scheduling delay p50 {delay} ms" if delay else "")
+            + f", rejected {s.num_rejected}, failed {s.num_failed}")
 
 
 def format_compare(summaries: dict[str, Summary]) -> str:

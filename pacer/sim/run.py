@@ -8,10 +8,10 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pacer.bench.capacity import CapacityResult, Trial, search_capacity
+from pacer.bench.capacity import CapacityResult, search_capacity
 from pacer.bench.metrics import SLO, RequestRecord, Summary, records_json, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
-from pacer.bench.run import _ms, _offered_rate, _said, _save, _title, format_compare, format_summary
+from pacer.bench.run import _offered_rate, _said, _save, _title, format_compare, format_summary, format_trial
 from pacer.bench.workload import WorkloadConfig, request_timings
 from pacer.config import SchedulerConfig
 from pacer.engine.detokenizer import Detokenizer
@@ -158,13 +158,8 @@ def run_sim_capacity(workload: WorkloadConfig, sim: SimConfig, scheduler: Schedu
         runs[rate] = simulate(replace(workload, rate=rate), sim, scheduler, slo)
         return runs[rate].summary(slo)
 
-    def report(t: Trial) -> None:
-        s = t.summary
-        print(f"rate {t.rate:.4g} req/s: {'meets' if t.met else 'misses'} {condition} | goodput {s.goodput:.4g} "
-              f"req/s, attainment {s.slo_attainment:.1%}, P99 TBT {_ms(s.tbt_s.get('p99'))} ms, "
-              f"scheduling delay p50 {_ms(s.scheduling_delay_s.get('p50'))} ms, rejected {s.num_rejected}")
-
-    result = search_capacity(trial, condition, slo, low, high, tolerance, max_trials, on_trial=report)
+    result = search_capacity(trial, condition, slo, low, high, tolerance, max_trials,
+                             on_trial=lambda t: print(format_trial(t, condition)))
     print(f"capacity ({condition}): {result.capacity:.4g} req/s after {len(result.trials)} trials")
     _save(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler), "slo": asdict(slo),
                 "condition": condition, "capacity": result.capacity, "curve": result.curve(),
