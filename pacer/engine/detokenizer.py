@@ -78,19 +78,15 @@ class Detokenizer:
 
     def _token_output(self, request: Request, logprobs: object, finished: bool) -> RequestOutput:
         rid = request.request_id
-        num_prompt = len(request.prompt_token_ids)
-        num_output = len(request.token_ids) - num_prompt
         sent = self._num_sent.pop(rid, 0) if finished else self._num_sent.get(rid, 0)
+        output = _output(request, sent, "", finished, [logprobs] if logprobs else [])
         if not finished:
-            self._num_sent[rid] = num_output
-        return RequestOutput(rid, request.token_ids[num_prompt + sent:], "", finished,
-                             request.finish_reason if finished else None, [logprobs] if logprobs else [],
-                             num_prompt, num_output)
+            self._num_sent[rid] = output.num_output_tokens
+        return output
 
     def _decode(self, request: Request, stream: _Stream) -> bool:
         """Extend stream.text with the request's new tokens; True if a stop string was hit."""
-        if self.tokenizer is None:
-            return False
+        assert self.tokenizer is not None  # outputs() takes the token-only path without one
         ids, skip = request.token_ids, request.sampling.skip_special_tokens
         prefix = self.tokenizer.decode(ids[stream.prefix_offset:stream.read_offset], skip_special_tokens=skip)
         full = self.tokenizer.decode(ids[stream.prefix_offset:], skip_special_tokens=skip)
@@ -109,18 +105,22 @@ class Detokenizer:
         return False
 
     def _emit(self, request: Request, stream: _Stream, finished: bool) -> RequestOutput:
-        # called for every request of every iteration: one pass, no property chains
         stops = request.sampling.stop
         holdback = 0 if finished or not stops else max(map(len, stops)) - 1
         end = max(stream.num_sent_chars, len(stream.text) - holdback)
-        num_prompt = len(request.prompt_token_ids)
-        num_output = len(request.token_ids) - num_prompt
-        output = RequestOutput(request.request_id, request.token_ids[num_prompt + stream.num_sent_tokens:],
-                               stream.text[stream.num_sent_chars:end], finished,
-                               request.finish_reason if finished else None, stream.logprobs, num_prompt, num_output)
-        stream.num_sent_chars, stream.num_sent_tokens = end, num_output
-        if stream.logprobs:
-            stream.logprobs = []
+        output = _output(request, stream.num_sent_tokens, stream.text[stream.num_sent_chars:end], finished,
+                         stream.logprobs)
+        # a fresh list: the output keeps the old one, which must not grow with the next token's logprobs
+        stream.num_sent_chars, stream.num_sent_tokens, stream.logprobs = end, output.num_output_tokens, []
         if finished:
             self._streams.pop(request.request_id, None)
         return output
+
+
+def _output(request: Request, num_sent_tokens: int, new_text: str, finished: bool, logprobs: list) -> RequestOutput:
+    """The output of a request's tokens after the first `num_sent_tokens` outputs. Called for every request of
+    every iteration: one pass, no property chains."""
+    num_prompt = len(request.prompt_token_ids)
+    return RequestOutput(request.request_id, request.token_ids[num_prompt + num_sent_tokens:], new_text, finished,
+                         request.finish_reason if finished else None, logprobs, num_prompt,
+                         len(request.token_ids) - num_prompt)
