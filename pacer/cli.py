@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pacer.config import (
     CacheConfig,
+    ClusterConfig,
     LatencyConfig,
     ModelConfig,
     SchedulerConfig,
@@ -24,6 +25,7 @@ from pacer.config import (
 )
 from pacer.request import SamplingParams
 from pacer.scheduling import SCHEDULERS
+from pacer.scheduling.router import ROUTERS
 
 if TYPE_CHECKING:
     from pacer.bench.metrics import SLO
@@ -88,7 +90,8 @@ def generate(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from pacer.server.launch import serve
 
-    return serve(engine_config_from_args(args), config_from_args(ServerConfig, args))
+    return serve(engine_config_from_args(args), config_from_args(ServerConfig, args),
+                 config_from_args(ClusterConfig, args))
 
 
 def profile(args: argparse.Namespace) -> int:
@@ -290,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                               formatter_class=_HelpFormatter)
     add_config_flags(srv, ServerConfig)
     _engine_flags(srv)
+    add_config_flags(srv, ClusterConfig, choices={"router": sorted(ROUTERS)})
     srv.set_defaults(func=serve)
     ben = commands.add_parser("bench", help="load-test an OpenAI-compatible server: TTFT, TBT, goodput, capacity")
     cmp = _run_capacity_compare(ben, "bench_command", _bench_flags, bench, "run one workload and report",

@@ -119,6 +119,33 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    replicas: int = field(default=1, metadata=_help(
+        "engine replicas; more than one runs them as Ray actors behind one front end and router"))
+    ray_address: str | None = field(default=None, metadata=_help(
+        "join this Ray cluster (e.g. ray://head:10001 or auto); `local` starts a private Ray runtime even for one "
+        "replica; default: a private one when --replicas > 1, no Ray otherwise"))
+    threads_per_replica: int | None = field(default=None, metadata=_help(
+        "CPU threads of each replica (default: --threads, else this machine's cores over the replicas)"))
+    router: str = field(default="slo", metadata=_help(
+        "routing policy: slo (least predicted TTFT; fewest outstanding tokens where the scheduler predicts "
+        "nothing), least_tokens or round_robin"))
+    max_restarts: int = field(default=3, metadata=_help("times Ray restarts a replica that died"))
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        if self.threads_per_replica is not None and self.threads_per_replica < 1:
+            raise ValueError(f"threads_per_replica must be at least 1, got {self.threads_per_replica}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+
+    @property
+    def on_ray(self) -> bool:
+        return self.replicas > 1 or self.ray_address is not None
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -27,7 +27,8 @@ from typing import Protocol, Self
 
 from pacer.engine.engine import Engine, IterationStats, StepError
 from pacer.request import FinishReason, Request, RequestOutput
-from pacer.scheduling.admission import QueueSnapshot, admit
+from pacer.scheduling.admission import QueueView, admit
+from pacer.scheduling.base import RequestLimits
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +64,13 @@ class EngineLoad:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
+    num_outstanding_tokens: int = 0  # the `least_tokens` router's load figure
 
 
 @dataclass(frozen=True)
-class _Failure:
+class Failure:
+    """The engine failed this request (or dropped it, expired): the last item of its outputs."""
+
     request_id: str
     message: str
     expired: bool = False
@@ -95,12 +99,10 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._requests: dict[str, Request] = {}  # engine thread only
         self._finish_times: deque[float] = deque(maxlen=_RATE_WINDOW)
-        # Admission control: the scheduler's queue after the latest iteration, how many submitted requests
-        # the engine thread had taken in by then, and (event loop side) the ones submitted since.
-        self._snapshot: tuple[QueueSnapshot, int] | None = None
+        # Admission control: the scheduler's queue after the latest iteration (published by the engine thread
+        # with how many submitted requests it had taken in by then) and the ones submitted since.
+        self.queue = QueueView()
         self._num_taken = 0  # engine thread
-        self._num_submitted = 0  # event loop
-        self._submitted: deque[tuple[int, Request]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -144,6 +146,14 @@ class AsyncEngine:
         return len(self._queues)
 
     @property
+    def limits(self) -> RequestLimits:
+        return self.engine.scheduler.limits
+
+    def health(self) -> dict[str, object] | None:
+        """Details for /health beyond up or down: none for one local engine."""
+        return None
+
+    @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -157,15 +167,23 @@ class AsyncEngine:
         gone) aborts the unfinished requests at once, which frees their KV blocks.
         """
         self._admit(requests)
-        self._loop = self._loop or asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
+        self.submit(requests, outputs)
+        return RequestStream(self, [r.request_id for r in requests], outputs)
+
+    def submit(self, requests: list[Request], outputs: asyncio.Queue) -> None:
+        """Queue `requests` without admission control (the caller decided): their outputs, and a `Failure` for
+        each one the engine fails, go to `outputs` in order."""
+        self._loop = self._loop or asyncio.get_running_loop()
         for request in requests:
             self._queues[request.request_id] = outputs
-            self._num_submitted += 1
-            if self._snapshot is not None:
-                self._submitted.append((self._num_submitted, request))
+            self.queue.submitted(request)
         self._inbox.put(("add", requests))
-        return RequestStream(self, [r.request_id for r in requests], outputs)
+
+    def detach(self, request_ids: list[str]) -> None:
+        """Deliver nothing more for these requests (their caller has gone)."""
+        for request_id in request_ids:
+            self._queues.pop(request_id, None)
 
     def abort(self, request_ids: list[str]) -> None:
         """Abort from the event loop; each still-open stream gets a final output with reason abort."""
@@ -183,14 +201,12 @@ class AsyncEngine:
             num_queued = max(0, self.num_in_flight - self.load.num_running)
             if num_queued + len(requests) > self.max_queued_requests:
                 raise QueueFullError(num_queued, self.retry_after_s(num_queued))
-        if self._snapshot is not None:
-            snapshot, num_taken = self._snapshot
-            while self._submitted and self._submitted[0][0] <= num_taken:
-                self._submitted.popleft()  # the snapshot already counts these
-            pending = [r for _, r in self._submitted]
+        latency, snapshot = self.engine.scheduler.latency, self.queue.latest[0]
+        if snapshot is not None and latency is not None:
+            pending = self.queue.pending()
             now = time.monotonic()
             for request in requests:  # SLOUnattainable: the server answers 429
-                admit(snapshot, pending, request, self.engine.scheduler.latency, now)
+                admit(snapshot, pending, request, latency, now)
                 pending.append(request)
 
     def retry_after_s(self, num_queued: int) -> int:
@@ -202,14 +218,14 @@ class AsyncEngine:
         rate = (len(times) - 1) / (times[-1] - times[0])
         return max(1, min(3600, math.ceil((num_queued + 1) / rate)))
 
-    def _deliver(self, outputs: list[RequestOutput | _Failure]) -> None:
+    def _deliver(self, outputs: list[RequestOutput | Failure]) -> None:
         now = time.monotonic()
         for item in outputs:
             target = self._queues.get(item.request_id)
             if isinstance(item, RequestOutput) and item.finish_reason is FinishReason.EXPIRED:
-                item = _Failure(item.request_id, "the request could not start before its TTFT deadline "
+                item = Failure(item.request_id, "the request could not start before its TTFT deadline "
                                 "(ttft_slo_ms) and was dropped", expired=True)
-            if isinstance(item, _Failure) or item.finished:
+            if isinstance(item, Failure) or item.finished:
                 self._queues.pop(item.request_id, None)
                 self._finish_times.append(now)
             if target is not None:
@@ -225,7 +241,7 @@ class AsyncEngine:
             self._call_soon(self._fail_all, "the engine thread died; see the server log")
 
     def _fail_all(self, message: str) -> None:
-        self._deliver([_Failure(rid, message) for rid in list(self._queues)])
+        self._deliver([Failure(rid, message) for rid in list(self._queues)])
 
     def _serve(self) -> None:
         while True:
@@ -289,9 +305,9 @@ class AsyncEngine:
             self.observer.request_finished(request)
 
     def _fail(self, request_ids: list[str], message: str) -> None:
-        self._send([_Failure(rid, message) for rid in request_ids])
+        self._send([Failure(rid, message) for rid in request_ids])
 
-    def _send(self, items: list[RequestOutput | _Failure]) -> None:
+    def _send(self, items: list[RequestOutput | Failure]) -> None:
         self._call_soon(self._deliver, items)
 
     def _call_soon(self, callback: Callable, *args: object) -> None:
@@ -304,10 +320,45 @@ class AsyncEngine:
 
     def _publish_load(self) -> None:
         scheduler = self.engine.scheduler
-        self.load = EngineLoad(len(scheduler.running), len(scheduler.waiting), scheduler.kv.usage)
-        snapshot = scheduler.snapshot()
-        if snapshot is not None:
-            self._snapshot = (snapshot, self._num_taken)
+        self.load = EngineLoad(len(scheduler.running), len(scheduler.waiting), scheduler.kv.usage,
+                               scheduler.num_outstanding_tokens)
+        self.queue.latest = (scheduler.snapshot(), self._num_taken)
+
+
+class EngineClient(Protocol):
+    """What the OpenAI app needs of an engine: one local AsyncEngine, or replicas on Ray (cluster.ClusterEngine)."""
+
+    observer: EngineObserver | None
+
+    @property
+    def limits(self) -> RequestLimits: ...
+
+    @property
+    def load(self) -> EngineLoad: ...
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    @property
+    def num_in_flight(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(self, requests: list[Request]) -> RequestStream: ...
+
+    def abort_all(self) -> None: ...
+
+    def health(self) -> dict[str, object] | None: ...
+
+
+class StreamSource(Protocol):
+    """What a RequestStream needs of the engine that feeds it (AsyncEngine, or the cluster's front end)."""
+
+    def detach(self, request_ids: list[str]) -> None: ...
+
+    def abort(self, request_ids: list[str]) -> None: ...
 
 
 class RequestStream:
@@ -317,7 +368,7 @@ class RequestStream:
     `with`, or on cancellation inside it) aborts whatever has not finished.
     """
 
-    def __init__(self, engine: AsyncEngine, request_ids: list[str], outputs: asyncio.Queue) -> None:
+    def __init__(self, engine: StreamSource, request_ids: list[str], outputs: asyncio.Queue) -> None:
         self._engine = engine
         self._request_ids = request_ids
         self._unfinished = set(request_ids)
@@ -330,7 +381,7 @@ class RequestStream:
         if not self._unfinished:
             raise StopAsyncIteration
         item = await self._outputs.get()
-        if isinstance(item, _Failure):
+        if isinstance(item, Failure):
             self._unfinished.discard(item.request_id)
             self.close()
             raise (RequestExpired if item.expired else EngineError)(item.message)
@@ -339,8 +390,7 @@ class RequestStream:
         return item
 
     def close(self) -> None:
-        for request_id in self._request_ids:
-            self._engine._queues.pop(request_id, None)
+        self._engine.detach(self._request_ids)
         if self._unfinished:
             self._engine.abort(list(self._unfinished))
             self._unfinished.clear()

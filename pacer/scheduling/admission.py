@@ -8,6 +8,7 @@ the event loop thread without waiting for the engine, and the simulator can deci
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -69,13 +70,58 @@ def predict_ttft(snapshot: QueueSnapshot, pending: Iterable[Request], request: R
 
 def admit(snapshot: QueueSnapshot, pending: Iterable[Request], request: Request, latency: LatencyModel,
           now: float) -> None:
-    """Raise SLOUnattainable if the request's predicted TTFT misses its SLO; Retry-After is the predicted
-    excess (how long until the work ahead has drained enough), in whole seconds, at least 1."""
+    """Raise SLOUnattainable if the request's predicted TTFT misses its SLO."""
     ttft_slo = request.slo.ttft_s
-    if ttft_slo is None:
-        return
-    waited = now - (request.arrival_s if request.arrival_s is not None else now)
-    predicted = waited + predict_ttft(snapshot, pending, request, latency)
-    if predicted > ttft_slo:
-        excess = predicted - ttft_slo if math.isfinite(predicted) else 60.0
-        raise SLOUnattainable(predicted, ttft_slo, max(1, min(3600, math.ceil(excess))))
+    if ttft_slo is not None:
+        predicted = waited_s(request, now) + predict_ttft(snapshot, pending, request, latency)
+        if predicted > ttft_slo:
+            raise refusal(predicted, ttft_slo)
+
+
+def waited_s(request: Request, now: float) -> float:
+    return now - (request.arrival_s if request.arrival_s is not None else now)
+
+
+def refusal(predicted_ttft_s: float, ttft_slo_s: float) -> SLOUnattainable:
+    """The 429 for a request predicted to reach its first token at `predicted_ttft_s` (from arrival): Retry-After
+    is the predicted excess (how long until the work ahead has drained enough), in whole seconds, at least 1."""
+    excess = predicted_ttft_s - ttft_slo_s if math.isfinite(predicted_ttft_s) else 60.0
+    return SLOUnattainable(predicted_ttft_s, ttft_slo_s, max(1, min(3600, math.ceil(excess))))
+
+
+class QueueView:
+    """A replica's queue as admission sees it from outside the engine's thread or process: the snapshot of its
+    latest iteration, plus the requests submitted since that the snapshot does not count yet.
+
+    The engine side publishes `(snapshot or None, number of submitted requests it had taken in)` as one tuple,
+    so a reader on another thread never sees half an update; the submitting side records each request it sends.
+    """
+
+    def __init__(self, latency: LatencyModel | None = None) -> None:
+        self.latency = latency
+        self.latest: tuple[QueueSnapshot | None, int] = (None, 0)
+        self._num_submitted = 0
+        self._submitted: deque[tuple[int, Request]] = deque()
+
+    def submitted(self, request: Request) -> None:
+        self._num_submitted += 1
+        self._submitted.append((self._num_submitted, request))
+        self._forget_taken()
+
+    def pending(self) -> list[Request]:
+        """Submitted requests the engine had not taken in at its latest publication."""
+        self._forget_taken()
+        return [request for _, request in self._submitted]
+
+    def _forget_taken(self) -> None:
+        num_taken = self.latest[1]
+        while self._submitted and self._submitted[0][0] <= num_taken:
+            self._submitted.popleft()
+
+    def predicted_ttft_s(self, request: Request, extra: Iterable[Request] = ()) -> float | None:
+        """Seconds from now to the request's first token if it were queued here (behind `extra` too); None if
+        this engine does not predict (no latency model, or a policy without admission control)."""
+        snapshot = self.latest[0]
+        if snapshot is None or self.latency is None:
+            return None
+        return predict_ttft(snapshot, [*self.pending(), *extra], request, self.latency)

@@ -183,13 +183,7 @@ class Scheduler:
     def check(self, request: Request) -> None:
         """ValueError if the request could never be served, whatever the load. Reads only fixed
         limits, so the server may call it from another thread before it queues the request."""
-        num_prompt = request.num_prompt_tokens
-        wanted = num_prompt + (request.sampling.max_tokens or 1)
-        if wanted > self.max_request_tokens:
-            raise ValueError(
-                f"request {request.request_id}: {num_prompt} prompt tokens + "
-                f"{request.sampling.max_tokens or 1} output tokens exceed the "
-                f"{self._limit_name()} of {self.max_request_tokens} tokens")
+        self.limits.check(request)
 
     def finish(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> Request | None:
         """End a request wherever it is and free its blocks; unknown or finished ids are ignored."""
@@ -325,9 +319,37 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
-    def _limit_name(self) -> str:
+    @property
+    def limits(self) -> RequestLimits:
         if self.max_request_tokens == self.max_model_len:
-            return "context length"
-        if self.max_request_tokens == self.kv.capacity_tokens:
-            return "KV cache capacity"
-        return "token budget of this non-chunking scheduler"
+            name = "context length"
+        elif self.max_request_tokens == self.kv.capacity_tokens:
+            name = "KV cache capacity"
+        else:
+            name = "token budget of this non-chunking scheduler"
+        return RequestLimits(self.max_model_len, self.max_request_tokens, name)
+
+    @property
+    def num_outstanding_tokens(self) -> int:
+        """Prompt tokens still to prefill plus output tokens still to generate (at most), over all requests:
+        the load figure of the `least_tokens` router."""
+        return sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) + (r.sampling.max_tokens or 1)
+                   - r.num_output_tokens for r in self.requests.values())
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The fixed limits a request must fit, whatever the load: plain data, so a front end in another process can
+    refuse a request (400) before it sends it to a replica."""
+
+    max_model_len: int
+    max_request_tokens: int
+    limit_name: str
+
+    def check(self, request: Request) -> None:
+        wanted = request.num_prompt_tokens + (request.sampling.max_tokens or 1)
+        if wanted > self.max_request_tokens:
+            raise ValueError(
+                f"request {request.request_id}: {request.num_prompt_tokens} prompt tokens + "
+                f"{request.sampling.max_tokens or 1} output tokens exceed the "
+                f"{self.limit_name} of {self.max_request_tokens} tokens")

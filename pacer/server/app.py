@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from pacer import __version__
-from pacer.engine.async_engine import AsyncEngine
+from pacer.engine.async_engine import EngineClient
 from pacer.model.tokenizer import Tokenizer
 from pacer.request import SLO
 from pacer.server.metrics import Metrics
@@ -44,7 +44,7 @@ _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "
 class ServerState:
     """What the routes share; `draining` flips on SIGTERM (new requests then get 503)."""
 
-    engine: AsyncEngine
+    engine: EngineClient
     serving: OpenAIServing
     metrics: Metrics
     model_name: str
@@ -54,13 +54,13 @@ class ServerState:
     draining: bool = False
 
 
-def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, model_root: str,
+def create_app(engine: EngineClient, tokenizer: Tokenizer, model_name: str, model_root: str,
                api_key: str | None = None, metrics: Metrics | None = None, default_slo: SLO | None = None) -> FastAPI:
     """`engine` must be started (its limits shape the API); the app stops it (aborting leftovers) on shutdown."""
     metrics = metrics or Metrics(model_name, lambda: engine.load)
     engine.observer = metrics
     state = ServerState(engine, OpenAIServing(engine, tokenizer, model_name, metrics, default_slo), metrics, model_name,
-                        model_root, engine.engine.scheduler.max_model_len, api_key)
+                        model_root, engine.limits.max_model_len, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,10 +101,12 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, model
 
     @app.get("/health")
     async def health() -> Response:
+        """200 while serving (with each replica's state, on Ray), 503 while draining or with no engine up."""
         if state.draining or not engine.is_alive:
             reason = "shutting down" if state.draining else "the engine is not running"
             raise APIError(503, f"unhealthy: {reason}", type="service_unavailable", code="unhealthy")
-        return Response(status_code=200)
+        details = engine.health()
+        return Response(status_code=200) if details is None else JSONResponse(details)
 
     @app.get("/version")
     async def version() -> dict[str, str]:

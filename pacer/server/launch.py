@@ -8,16 +8,18 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable, Iterable
 from types import FrameType
 
 import uvicorn
 
-from pacer.config import EngineConfig, ServerConfig
+from pacer.config import ClusterConfig, EngineConfig, ServerConfig
 from pacer.engine.async_engine import AsyncEngine
 from pacer.engine.builder import build_engine
-from pacer.model.weights import DEFAULT_MODEL, resolve_model_path
+from pacer.model.weights import DEFAULT_MODEL, load_tokenizer, resolve_model_path
 from pacer.request import SLO
 from pacer.server.app import ServerState, create_app
+from pacer.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +67,43 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
-    """Load the model and serve until SIGTERM; returns the exit code."""
+def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_config: ClusterConfig | None = None) -> int:
+    """Load the model (in this process, or in replicas on Ray) and serve until SIGTERM; returns the exit code."""
     model = engine_config.model.model or DEFAULT_MODEL
-    async_engine = AsyncEngine(lambda: build_engine(engine_config)[0],
-                               max_queued_requests=server_config.max_queued_requests)
-    async_engine.start()  # loads the model in the engine thread
-    tokenizer = async_engine.engine.detokenizer.tokenizer
+    cluster_config = cluster_config or ClusterConfig()
+    metrics = None
+    if cluster_config.on_ray:
+        from pacer.cluster.client import ClusterEngine
+
+        if server_config.max_queued_requests is not None:
+            raise ValueError("--max-queued-requests applies to one local engine; replicas on Ray admit by SLO")
+        async_engine = ClusterEngine(engine_config, cluster_config)
+        async_engine.start()  # starts the replicas and waits until they are ready
+        tokenizer = load_tokenizer(resolve_model_path(engine_config.model.model))
+        name = server_config.served_model_name or model
+        metrics = Metrics(name, lambda: async_engine.load)
+        metrics.registry.register(_Collector(lambda: async_engine.collect(name)))
+    else:
+        async_engine = AsyncEngine(lambda: build_engine(engine_config)[0],
+                                   max_queued_requests=server_config.max_queued_requests)
+        async_engine.start()  # loads the model in the engine thread
+        tokenizer = async_engine.engine.detokenizer.tokenizer
     api_key = server_config.api_key or os.environ.get("PACER_API_KEY") or None
     default_slo = SLO(ttft_s=None if server_config.slo_ttft_ms is None else server_config.slo_ttft_ms / 1e3,
                       tbt_s=None if server_config.slo_tbt_ms is None else server_config.slo_tbt_ms / 1e3)
     app = create_app(async_engine, tokenizer, server_config.served_model_name or model,
-                     str(resolve_model_path(engine_config.model.model)), api_key=api_key, default_slo=default_slo)
+                     str(resolve_model_path(engine_config.model.model)), api_key=api_key, metrics=metrics,
+                     default_slo=default_slo)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, access_log=server_config.access_log,
                             log_level=logging.getLevelName(logging.getLogger().level).lower(),
                             timeout_graceful_shutdown=5, timeout_keep_alive=30)
     server = DrainingServer(config, app.state.pacer, server_config.drain_timeout_s)
     server.run()
     return 0
+
+
+class _Collector:
+    """A prometheus_client collector from a function (the cluster's per-replica series)."""
+
+    def __init__(self, collect: Callable[[], Iterable[object]]) -> None:
+        self.collect = collect

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response, StreamingResponse
 
-from pacer.engine.async_engine import AsyncEngine, EngineError, QueueFullError, RequestExpired
+from pacer.engine.async_engine import EngineClient, EngineError, QueueFullError, RequestExpired
 from pacer.model.tokenizer import Tokenizer
 from pacer.request import SLO, Request, SamplingParams
 from pacer.scheduling import TokenLogprobs
@@ -54,7 +54,7 @@ T = TypeVar("T")
 class OpenAIServing:
     """The logic behind /v1/completions and /v1/chat/completions."""
 
-    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, metrics: Metrics,
+    def __init__(self, engine: EngineClient, tokenizer: Tokenizer, model_name: str, metrics: Metrics,
                  default_slo: SLO | None = None) -> None:
         self.engine = engine
         self.default_slo = default_slo or SLO()
@@ -213,7 +213,7 @@ class OpenAIServing:
         try:
             stream = self.engine.generate(requests)
         except ValueError as error:
-            limit = self.engine.engine.scheduler.max_request_tokens
+            limit = self.engine.limits.max_request_tokens
             param = prompt_param if max(map(len, prompts)) >= limit else "max_tokens"
             hint = "lower max_tokens" if param == "max_tokens" else f"shorten the {param}"
             raise invalid(f"{error}: {hint}", param,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,8 +14,8 @@ from pacer.bench.metrics import RequestRecord
 from pacer.engine.engine import Engine
 from pacer.request import SLO, FinishReason, Request, RequestOutput, SamplingParams
 from pacer.scheduling import ModelOutput, SchedulerOutput
-from pacer.scheduling.admission import SLOUnattainable, admit, predict_ttft
-from pacer.scheduling.router import RoundRobinRouter, Router
+from pacer.scheduling.admission import SLOUnattainable, predict_ttft
+from pacer.scheduling.router import RoundRobinRouter, Router, dispatch
 
 # Simultaneous events are handled in this order: an iteration ending at t frees its KV and emits its tokens,
 # then requests arriving at t are routed and admitted, then the next iterations are planned at t (so they see
@@ -53,21 +52,20 @@ class SimReplica:
         self.engine = engine
         self.clock = clock
         self.busy = False  # an iteration is running, or planned for now
-        self.iteration_end_s = 0.0
         self.num_iterations = 0
 
     @property
     def num_outstanding_tokens(self) -> int:
-        return sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) + r.sampling.max_tokens - r.num_output_tokens
-                   for r in self.engine.scheduler.requests.values())
+        return self.engine.scheduler.num_outstanding_tokens
 
-    def predicted_ttft_s(self, request: Request) -> float:
+    def predicted_ttft_s(self, request: Request) -> float | None:
+        """From the queue after the latest iteration, as the real front end sees a replica (it cannot see how far
+        the running iteration has got either)."""
         scheduler = self.engine.scheduler
         snapshot = scheduler.snapshot()
         if snapshot is None or scheduler.latency is None:
-            return math.inf
-        wait = max(0.0, self.iteration_end_s - self.clock.now) if self.busy else 0.0
-        return wait + predict_ttft(snapshot, (), request, scheduler.latency)
+            return None
+        return predict_ttft(snapshot, (), request, scheduler.latency)
 
 
 class Simulator:
@@ -134,13 +132,9 @@ class Simulator:
         record.scheduled_s = record.sent_s = now
         request = Request(str(sim.index), [0] * sim.num_prompt_tokens,
                           SamplingParams(max_tokens=sim.max_tokens, ignore_eos=True), sim.slo, arrival_s=now)
-        replica = self.replicas[self.router.choose(request, self.replicas)]
-        scheduler = replica.engine.scheduler
         try:
-            scheduler.check(request)  # what the server validates before queueing: a 400
-            snapshot = scheduler.snapshot()
-            if snapshot is not None and scheduler.latency is not None:
-                admit(snapshot, (), request, scheduler.latency, now)
+            self.replicas[0].engine.scheduler.check(request)  # what the server validates before queueing: a 400
+            replica = self.replicas[dispatch(request, self.replicas, self.router, now)]
         except ValueError as error:
             return self._ended(record, "failed", "http_4xx", str(error))
         except SLOUnattainable as error:
@@ -159,9 +153,8 @@ class Simulator:
             replica.busy = False
             return
         result = replica.engine.executor.execute(plan)
-        replica.iteration_end_s = self.clock.now + result.elapsed_s
         replica.num_iterations += 1
-        self._push(replica.iteration_end_s, _END, (replica, plan, result))
+        self._push(self.clock.now + result.elapsed_s, _END, (replica, plan, result))
 
     def _end(self, replica: SimReplica, plan: SchedulerOutput, result: ModelOutput) -> None:
         self._emit(replica.engine.end_step(plan, result))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pytest
@@ -16,9 +15,9 @@ from tests.sim.test_simulator import constant, simulator
 @dataclass
 class View:
     num_outstanding_tokens: int
-    ttft_s: float = math.inf
+    ttft_s: float | None = None
 
-    def predicted_ttft_s(self, request: Request) -> float:
+    def predicted_ttft_s(self, request: Request) -> float | None:
         return self.ttft_s
 
 

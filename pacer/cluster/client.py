@@ -1,0 +1,327 @@
+"""The front end's side of scale-out: N engine replicas as Ray actors behind one router, used by the OpenAI app
+exactly as it uses one local AsyncEngine (generate, abort, load, limits, health).
+
+Routing and admission are the simulator's (`scheduling.router.dispatch`): each replica is seen through its
+latest queue snapshot plus what was sent to it since, so the front end decides at arrival without asking a
+replica anything. Ray does the rest: placement, the streams, and restarting a replica that died
+(`max_restarts`). What the front end adds is that nothing is lost silently when one dies: requests that had
+no token yet go to another replica, streams already under way end with an error, and the router skips the
+replica until it is ready again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from pacer.cluster.replica import Replica, ReplicaInfo, ReplicaUpdate
+from pacer.config import ClusterConfig, EngineConfig
+from pacer.engine.async_engine import EngineError, EngineLoad, EngineObserver, Failure, RequestStream
+from pacer.request import Request
+from pacer.scheduling.admission import QueueView, SLOUnattainable
+from pacer.scheduling.base import RequestLimits
+from pacer.scheduling.router import dispatch, router_class
+
+logger = logging.getLogger(__name__)
+
+_REJOIN_POLL_S = 0.5
+
+
+class ReplicaState(str, enum.Enum):
+    UP = "up"
+    RESTARTING = "restarting"  # died; Ray is restarting it
+    DEAD = "dead"  # out of restarts
+
+
+@dataclass
+class _Flight:
+    """A request sent to a replica and not finished yet."""
+
+    request: Request  # the front end's copy: never mutated, so it can be sent again
+    outputs: asyncio.Queue
+    replica: int
+    started: bool = False  # has produced a token: it can no longer move to another replica
+
+
+class _Replica:
+    """The front end's view of one replica (a `router.ReplicaView`)."""
+
+    def __init__(self, index: int, actor: object) -> None:
+        self.index = index
+        self.actor = actor
+        self.state = ReplicaState.RESTARTING
+        self.queue = QueueView()
+        self.load = EngineLoad()
+        self.num_restarts = 0
+        self.num_routed = 0
+        self.flights: set[str] = set()
+        self.task: asyncio.Task | None = None
+
+    def rejoin(self, info: ReplicaInfo) -> None:
+        self.queue = QueueView(info.latency)
+        self.load = EngineLoad()
+        self.state = ReplicaState.UP
+
+    @property
+    def num_outstanding_tokens(self) -> int:
+        return self.load.num_outstanding_tokens + sum(r.num_prompt_tokens + (r.sampling.max_tokens or 1)
+                                                      for r in self.queue.pending())
+
+    def predicted_ttft_s(self, request: Request) -> float | None:
+        return self.queue.predicted_ttft_s(request)
+
+
+class ClusterEngine:
+    """Replicas on Ray behind a router: the app's engine when `pacer serve --replicas N` (or --ray-address)."""
+
+    def __init__(self, engine_config: EngineConfig, cluster: ClusterConfig) -> None:
+        router_class(cluster.router)  # fail on a bad name before starting anything
+        self.engine_config = engine_config
+        self.cluster = cluster
+        self.router = router_class(cluster.router)()
+        self.observer: EngineObserver | None = None
+        self.limits: RequestLimits | None = None
+        self.replicas: list[_Replica] = []
+        self.num_rerouted = 0
+        self._flights: dict[str, _Flight] = {}
+        self._started_ray = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start (or join) Ray and the replicas, and wait until they are ready; once inside the server's event
+        loop (the app calls it again there), start consuming their streams."""
+        if not self.replicas:
+            self._launch()
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
+        if self._loop is not None:
+            for replica in self.replicas:
+                if replica.task is None and replica.state is ReplicaState.UP:
+                    replica.task = self._loop.create_task(self._consume(replica))
+
+    def _launch(self) -> None:
+        import ray
+
+        cluster = self.cluster
+        threads = (cluster.threads_per_replica or self.engine_config.model.threads
+                   or max(1, (os.cpu_count() or 1) // cluster.replicas))
+        if not ray.is_initialized():
+            local = cluster.ray_address in (None, "local")
+            ray.init(address=cluster.ray_address, include_dashboard=False, log_to_driver=True,
+                     num_cpus=max(os.cpu_count() or 1, cluster.replicas * threads) if local else None)
+            self._started_ray = True
+        config = dataclasses.replace(self.engine_config,
+                                     model=dataclasses.replace(self.engine_config.model, threads=threads))
+        actor_class = ray.remote(Replica).options(num_cpus=threads, max_restarts=cluster.max_restarts,
+                                                  max_task_retries=0, max_concurrency=1000)
+        # The first replica starts alone: if it has to measure a latency profile, it does so on a quiet machine
+        # and caches it, and the others (same model, dtype, device and threads) then load it.
+        self.replicas = [_Replica(i, actor_class.remote(config)) for i in range(cluster.replicas)]
+        infos = [ray.get(self.replicas[0].actor.ready.remote())]
+        infos += ray.get([replica.actor.ready.remote() for replica in self.replicas[1:]])
+        for replica, info in zip(self.replicas, infos):
+            replica.rejoin(info)
+        self.limits = infos[0].limits
+        logger.info("%d replica(s) ready on Ray (%s threads each, router %s): %s", len(self.replicas), threads,
+                    cluster.router, ", ".join(f"pid {i.pid} on {i.host}" for i in infos))
+
+    async def stop(self) -> None:
+        import ray
+
+        self.abort_all()
+        for replica in self.replicas:
+            if replica.task is not None:
+                replica.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await replica.task
+            ray.kill(replica.actor, no_restart=True)
+        self.replicas = []
+        if self._started_ray:
+            ray.shutdown()
+
+    @property
+    def is_alive(self) -> bool:
+        return any(replica.state is ReplicaState.UP for replica in self.replicas)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._flights)
+
+    @property
+    def load(self) -> EngineLoad:
+        """The sum over replicas (KV usage: the mean of those up)."""
+        up = [r.load for r in self.replicas if r.state is ReplicaState.UP]
+        return EngineLoad(sum(s.num_running for s in up), sum(s.num_waiting for s in up),
+                          sum(s.kv_cache_usage for s in up) / max(1, len(up)),
+                          sum(s.num_outstanding_tokens for s in up))
+
+    def health(self) -> dict[str, object]:
+        return {"replicas": [{"replica": r.index, "state": r.state.value, "restarts": r.num_restarts,
+                              "running": r.load.num_running, "waiting": r.load.num_waiting}
+                             for r in self.replicas]}
+
+    # ---- requests -----------------------------------------------------------------------------------------
+
+    def generate(self, requests: list[Request]) -> RequestStream:
+        """Route one call's requests (all to one replica, admitted on the first) and stream their outputs.
+        Raises ValueError (never servable), SLOUnattainable (no replica can meet the TTFT SLO) or EngineError
+        (no replica is up) before anything is sent."""
+        for request in requests:
+            self.limits.check(request)
+        up = self._up()
+        if not up:
+            raise EngineError("no engine replica is up")
+        replica = up[dispatch(requests[0], up, self.router, time.monotonic())]
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._send(replica, requests, outputs)
+        return RequestStream(self, [r.request_id for r in requests], outputs)
+
+    def abort(self, request_ids: list[str]) -> None:
+        by_replica: dict[int, list[str]] = {}
+        for request_id in request_ids:
+            flight = self._flights.get(request_id)
+            if flight is not None:
+                by_replica.setdefault(flight.replica, []).append(request_id)
+        for index, ids in by_replica.items():
+            replica = self.replicas[index]
+            if replica.state is ReplicaState.UP:
+                replica.actor.abort.remote(ids)
+
+    def abort_all(self) -> None:
+        self.abort(list(self._flights))
+
+    def detach(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            flight = self._flights.pop(request_id, None)
+            if flight is not None:
+                self.replicas[flight.replica].flights.discard(request_id)
+
+    def _up(self) -> list[_Replica]:
+        return [replica for replica in self.replicas if replica.state is ReplicaState.UP]
+
+    def _send(self, replica: _Replica, requests: list[Request], outputs: asyncio.Queue) -> None:
+        now = time.monotonic()
+        for request in requests:
+            self._flights[request.request_id] = _Flight(request, outputs, replica.index)
+            replica.flights.add(request.request_id)
+            replica.queue.submitted(request)
+        replica.num_routed += len(requests)
+        replica.actor.submit.remote(requests, [now - (r.arrival_s if r.arrival_s is not None else now)
+                                               for r in requests])
+
+    # ---- each replica's stream ----------------------------------------------------------------------------
+
+    async def _consume(self, replica: _Replica) -> None:
+        import ray
+
+        while True:
+            try:
+                async for ref in replica.actor.updates.options(num_returns="streaming").remote():
+                    self._apply(replica, await ref)
+            except ray.exceptions.RayError as error:
+                logger.error("replica %d is lost: %s", replica.index, error)
+            self._lost(replica)
+            info = await self._rejoin(replica)
+            if info is None:
+                return
+            replica.num_restarts += 1
+            replica.rejoin(info)
+            logger.info("replica %d rejoined (pid %d on %s)", replica.index, info.pid, info.host)
+
+    def _apply(self, replica: _Replica, update: ReplicaUpdate) -> None:
+        replica.load = update.load
+        replica.queue.latest = update.queue
+        if update.latency is not None:
+            replica.queue.latency = update.latency
+        if self.observer is not None:
+            for stats, outputs in update.iterations:
+                self.observer.iteration(stats, outputs)
+            for request in update.finished:
+                self.observer.request_finished(request)
+        for item in update.outputs:
+            flight = self._flights.get(item.request_id)
+            if flight is None or flight.replica != replica.index:
+                continue  # detached, or an abort's echo
+            if isinstance(item, Failure) or item.finished:
+                self.detach([item.request_id])
+            elif item.new_token_ids:
+                flight.started = True
+            flight.outputs.put_nowait(item)
+
+    def _lost(self, replica: _Replica) -> None:
+        """The replica died: re-route what had no token yet, fail what had, stop routing to it."""
+        replica.state = ReplicaState.RESTARTING
+        flights = [self._flights[rid] for rid in replica.flights if rid in self._flights]
+        replica.flights.clear()
+        up = self._up()
+        for flight in flights:
+            self._flights.pop(flight.request.request_id, None)
+            if flight.started or not up:
+                reason = "it had started streaming" if flight.started else "no other replica is up"
+                flight.outputs.put_nowait(Failure(flight.request.request_id, f"engine replica {replica.index} "
+                                                  f"died while serving this request, and {reason}"))
+                continue
+            try:
+                target = up[dispatch(flight.request, up, self.router, time.monotonic())]
+            except SLOUnattainable:  # it was admitted once: serve it late rather than drop it
+                target = up[self.router.choose(flight.request, up)]
+            self.num_rerouted += 1
+            self._send(target, [flight.request], flight.outputs)
+
+    async def _rejoin(self, replica: _Replica) -> ReplicaInfo | None:
+        """Wait until Ray has restarted the replica; None when it is out of restarts."""
+        import ray
+
+        while True:
+            try:
+                return await replica.actor.ready.remote()
+            except ray.exceptions.ActorDiedError as error:
+                if "max_restarts" in str(error) or "restart" not in str(error).lower():
+                    logger.error("replica %d is dead for good: %s", replica.index, error)
+                    replica.state = ReplicaState.DEAD
+                    return None
+            except ray.exceptions.RayError:
+                pass
+            await asyncio.sleep(_REJOIN_POLL_S)
+
+    # ---- metrics ------------------------------------------------------------------------------------------
+
+    def collect(self, model_name: str) -> Iterator[object]:
+        """Per-replica series for /metrics (a prometheus_client collector's `collect`)."""
+        labels = ["model_name", "replica"]
+        families = {
+            "up": GaugeMetricFamily("pacer:replica_up", "1 if the replica is serving, 0 if it is restarting or dead.",
+                                    labels=labels),
+            "running": GaugeMetricFamily("pacer:replica_num_requests_running", "Requests in the replica's batch.",
+                                         labels=labels),
+            "waiting": GaugeMetricFamily("pacer:replica_num_requests_waiting", "Requests waiting in the replica.",
+                                         labels=labels),
+            "kv": GaugeMetricFamily("pacer:replica_kv_cache_usage_perc", "The replica's KV-cache usage (1 = full).",
+                                    labels=labels),
+            "restarts": CounterMetricFamily("pacer:replica_restarts", "Times Ray restarted the replica.",
+                                            labels=labels),
+            "routed": CounterMetricFamily("pacer:replica_requests_routed", "Requests the router sent to the replica.",
+                                          labels=labels),
+        }
+        for r in self.replicas:
+            values = {"up": float(r.state is ReplicaState.UP), "running": r.load.num_running,
+                      "waiting": r.load.num_waiting, "kv": r.load.kv_cache_usage, "restarts": r.num_restarts,
+                      "routed": r.num_routed}
+            for name, family in families.items():
+                family.add_metric([model_name, str(r.index)], values[name])
+        yield from families.values()
+        rerouted = CounterMetricFamily("pacer:requests_rerouted", "Requests moved to another replica because "
+                                       "theirs died before their first token.", labels=["model_name"])
+        rerouted.add_metric([model_name], self.num_rerouted)
+        yield rerouted
