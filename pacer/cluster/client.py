@@ -61,13 +61,16 @@ class _Replica:
         self.state = ReplicaState.RESTARTING
         self.queue = QueueView()
         self.load = EngineLoad()
+        self.info: ReplicaInfo | None = None
         self.num_restarts = 0
         self.num_routed = 0
         self.flights: set[str] = set()
         self.task: asyncio.Task | None = None
 
     def rejoin(self, info: ReplicaInfo) -> None:
+        self.info = info
         self.queue = QueueView(info.latency)
+        self.queue.latest = info.queue
         self.load = EngineLoad()
         self.state = ReplicaState.UP
 

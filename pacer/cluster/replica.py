@@ -36,6 +36,7 @@ class ReplicaInfo:
 
     limits: RequestLimits
     latency: LatencyModel | None
+    queue: tuple[QueueSnapshot | None, int]  # QueueView.latest: admission works before the first update
     pid: int
     host: str
 
@@ -73,7 +74,8 @@ class Replica:
     async def ready(self) -> ReplicaInfo:
         self._loop = asyncio.get_running_loop()
         latency = self._engine.engine.scheduler.latency
-        return ReplicaInfo(self._engine.limits, copy.deepcopy(latency), os.getpid(), socket.gethostname())
+        return ReplicaInfo(self._engine.limits, copy.deepcopy(latency), self._engine.queue.latest, os.getpid(),
+                           socket.gethostname())
 
     async def submit(self, requests: list[Request], ages_s: list[float]) -> None:
         """Queue requests the front end has admitted. Arrival times are rebased on this process's clock from

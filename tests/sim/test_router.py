@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from pacer.request import Request
-from pacer.scheduling.router import ROUTERS, router_class
+from pacer.request import SLO, Request
+from pacer.scheduling.admission import SLOUnattainable
+from pacer.scheduling.router import ROUTERS, dispatch, router_class
 from pacer.sim.simulator import SimRequest
 from tests.sim.test_simulator import constant, simulator
 
@@ -56,3 +57,15 @@ def test_replicas_report_outstanding_tokens_and_predicted_ttft():
     idle = sim.replicas[0]
     assert idle.num_outstanding_tokens == 0
     assert idle.predicted_ttft_s(Request("x", [0] * 8)) == pytest.approx(0.1 * 1.1)  # one chunk, 10 % margin
+
+
+def test_dispatch_refuses_only_when_no_replica_can_meet_the_ttft_slo():
+    router = router_class("round_robin")()
+    due = Request("r", [0] * 8, slo=SLO(ttft_s=1.0), arrival_s=10.0)
+    assert dispatch(due, [View(0, 5.0), View(0, 0.5)], router, now=10.0) == 1  # round robin chose 0: too slow
+    assert dispatch(due, [View(0, 0.2), View(0, 0.5)], router, now=10.0) == 1  # its choice meets the SLO
+    with pytest.raises(SLOUnattainable) as refused:
+        dispatch(due, [View(0, 3.1), View(0, 2.5)], router, now=10.2)  # waited 0.2 s: 2.7 s at best
+    assert refused.value.retry_after_s == 2  # the predicted excess of the best replica, rounded up
+    assert dispatch(due, [View(0), View(0)], router, now=10.0) == 1  # no predictions: no refusal
+    assert dispatch(Request("s", [0] * 8), [View(0, 99.0), View(0, 99.0)], router, now=0.0) == 0  # no SLO

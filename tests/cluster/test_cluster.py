@@ -1,0 +1,131 @@
+"""Replicas on Ray: routing, streaming, usage, a replica killed under load, and the slo router's choice.
+
+Two replicas of the tiny model with one thread each, in the Ray runtime of the `ray_address` fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from pacer.cluster.client import ClusterEngine, ReplicaState
+from pacer.config import ClusterConfig, EngineConfig
+from pacer.engine.async_engine import EngineError
+from pacer.request import SLO, Request, SamplingParams
+from tests.live_server import run_server
+
+PROMPT = [5, 6, 7, 8, 9]
+
+
+def request(request_id: str, max_tokens: int, prompt: list[int] = PROMPT, slo: SLO | None = None) -> Request:
+    return Request(request_id, list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                   slo or SLO(), arrival_s=time.monotonic())
+
+
+async def collect(cluster: ClusterEngine, req: Request, first_token: asyncio.Event | None = None) -> list[int] | str:
+    """The request's token ids, or the message of the error that ended its stream."""
+    tokens: list[int] = []
+    try:
+        with cluster.generate([req]) as stream:
+            async for output in stream:
+                tokens += output.new_token_ids
+                if tokens and first_token is not None:
+                    first_token.set()
+    except EngineError as error:
+        return str(error)
+    return tokens
+
+
+def test_server_routes_streams_and_counts_usage_across_replicas(tiny_model_dir, ray_address, tmp_path):
+    flags = ["--replicas", "2", "--threads-per-replica", "1", "--ray-address", ray_address, "--router",
+             "least_tokens", "--num-blocks", "64", "--max-num-seqs", "4"]
+    with run_server(tiny_model_dir, *flags, log_dir=tmp_path) as server:
+        health = httpx.get(server.url + "/health").json()
+        assert [r["state"] for r in health["replicas"]] == ["up", "up"]
+
+        def complete(i: int) -> dict:
+            body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+            return httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(complete, range(8)))
+        assert all(r["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17} for r in results)
+        assert len({r["choices"][0]["text"] for r in results}) == 1  # greedy: the same text from either replica
+
+        body = {"prompt": PROMPT, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}
+        events = [line[6:] for line in httpx.post(server.url + "/v1/completions", json=body, timeout=60).text
+                  .splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 6
+
+        samples = server.metrics()
+        routed = [samples[f'pacer:replica_requests_routed_total{{replica="{i}"}}'] for i in range(2)]
+        assert sum(routed) == 9 and min(routed) >= 2  # least_tokens spread the concurrent calls
+        assert samples['pacer:replica_up{replica="0"}'] == samples['pacer:replica_up{replica="1"}'] == 1
+        assert samples["pacer:generation_tokens_total"] == 8 * 12 + 6
+
+
+def test_a_killed_replica_reroutes_unstarted_requests_fails_started_streams_and_rejoins(tiny_model_dir,
+                                                                                         ray_address):
+    config = EngineConfig.from_kwargs(model=str(tiny_model_dir), num_blocks=64, max_num_seqs=1)
+    cluster = ClusterEngine(config, ClusterConfig(replicas=2, threads_per_replica=1, router="round_robin",
+                                                  ray_address=ray_address))
+    cluster.start()
+
+    async def main() -> None:
+        cluster.start()
+        started = asyncio.Event()
+        # round robin: even indices on replica 0, odd on replica 1; one runs at a time on each
+        tasks = [asyncio.create_task(collect(cluster, request(f"r{i}", 150), started if i == 0 else None))
+                 for i in range(6)]
+        await started.wait()
+        os.kill(cluster.replicas[0].info.pid, signal.SIGKILL)  # as the OOM killer would
+        results = await asyncio.gather(*tasks)
+        assert "engine replica 0 died while serving this request" in results[0]
+        assert all(isinstance(r, list) and len(r) == 150 for r in results[1:])  # r2, r4 moved to replica 1
+        assert cluster.num_rerouted == 2 and cluster.num_in_flight == 0
+        assert len({tuple(r) for r in results[1:]}) == 1
+
+        deadline = time.monotonic() + 120
+        while cluster.replicas[0].state is not ReplicaState.UP and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert cluster.health()["replicas"][0] | {"running": 0, "waiting": 0} == {
+            "replica": 0, "state": "up", "restarts": 1, "running": 0, "waiting": 0}
+        again = await asyncio.gather(*[collect(cluster, request(f"s{i}", 10)) for i in range(2)])
+        assert again == [results[1][:10]] * 2  # both replicas serve again, with the same ids
+        assert cluster.replicas[0].num_routed == 3 + 1 and cluster.replicas[1].num_routed == 3 + 2 + 1
+        await cluster.stop()
+
+    asyncio.run(main())
+
+
+def test_slo_router_sends_a_request_to_the_replica_with_the_shorter_predicted_ttft(tiny_model_dir, tiny_profile,
+                                                                                   ray_address):
+    config = EngineConfig.from_kwargs(model=str(tiny_model_dir), num_blocks=64, scheduler="slo",
+                                      latency_profile=str(tiny_profile), max_num_batched_tokens=32)
+    cluster = ClusterEngine(config, ClusterConfig(replicas=2, threads_per_replica=1, router="slo",
+                                                  ray_address=ray_address))
+    cluster.start()
+
+    async def main() -> None:
+        cluster.start()
+        busy, idle = cluster.replicas
+        # Load replica 0 directly (not through the router) with long prompts due before the probe, then route it.
+        queued = asyncio.Queue()
+        cluster._send(busy, [request(f"long{i}", 4, prompt=[5] * 200, slo=SLO(ttft_s=10.0)) for i in range(4)],
+                      queued)
+        probe = request("probe", 4, slo=SLO(ttft_s=30.0))
+        assert busy.predicted_ttft_s(probe) > idle.predicted_ttft_s(probe)
+        assert await collect(cluster, probe) != []
+        assert (busy.num_routed, idle.num_routed) == (4, 1)
+        for _ in range(4):
+            while not (await queued.get()).finished:
+                pass
+        await cluster.stop()
+
+    asyncio.run(main())
