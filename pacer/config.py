@@ -131,6 +131,9 @@ class ClusterConfig:
         "routing policy: slo (least predicted TTFT; fewest outstanding tokens where the scheduler predicts "
         "nothing), least_tokens or round_robin"))
     max_restarts: int = field(default=3, metadata=_help("times Ray restarts a replica that died"))
+    prefill_replicas: int = field(default=0, metadata=_help(
+        "disaggregated serving (DistServe): this many of the replicas only prefill, and hand each request's KV "
+        "to one of the others, which only decode; 0: every replica does both"))
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -139,6 +142,9 @@ class ClusterConfig:
             raise ValueError(f"threads_per_replica must be at least 1, got {self.threads_per_replica}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if not 0 <= self.prefill_replicas < self.replicas:
+            raise ValueError(f"prefill_replicas must be in [0, replicas), got {self.prefill_replicas} of "
+                             f"{self.replicas}: disaggregated serving needs at least one decode replica")
 
     @property
     def on_ray(self) -> bool:

@@ -107,6 +107,8 @@ class Request:
     last_token_s: float | None = None
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # Disaggregated prefill: keep a copy of the prompt's KV when it completes, for a decode engine to adopt.
+    export_kv: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pacer.cluster.replica import Replica, ReplicaInfo, ReplicaUpdate
 from pacer.config import ClusterConfig, EngineConfig
 from pacer.engine.async_engine import EngineError, EngineLoad, EngineObserver, Failure, RequestStream
-from pacer.request import Request
+from pacer.request import FinishReason, Request, RequestOutput
 from pacer.scheduling.admission import QueueView, SLOUnattainable
 from pacer.scheduling.base import RequestLimits
 from pacer.scheduling.router import dispatch, router_class
@@ -50,14 +50,16 @@ class _Flight:
     outputs: asyncio.Queue
     replica: int
     started: bool = False  # has produced a token: it can no longer move to another replica
+    handoff: bool = False  # sent to a prefill replica, to be handed to a decode replica after its first token
 
 
 class _Replica:
     """The front end's view of one replica (a `router.ReplicaView`)."""
 
-    def __init__(self, index: int, actor: object) -> None:
+    def __init__(self, index: int, actor: object, prefill_only: bool = False) -> None:
         self.index = index
         self.actor = actor
+        self.prefill_only = prefill_only
         self.state = ReplicaState.RESTARTING
         self.queue = QueueView()
         self.load = EngineLoad()
@@ -130,14 +132,16 @@ class ClusterEngine:
                                                   max_task_retries=0, max_concurrency=1000)
         # The first replica starts alone: if it has to measure a latency profile, it does so on a quiet machine
         # and caches it, and the others (same model, dtype, device and threads) then load it.
-        self.replicas = [_Replica(i, actor_class.remote(config)) for i in range(cluster.replicas)]
+        self.replicas = [_Replica(i, actor_class.remote(config), prefill_only=i < cluster.prefill_replicas)
+                         for i in range(cluster.replicas)]
         infos = [ray.get(self.replicas[0].actor.ready.remote())]
         infos += ray.get([replica.actor.ready.remote() for replica in self.replicas[1:]])
         for replica, info in zip(self.replicas, infos):
             replica.rejoin(info)
         self.limits = infos[0].limits
-        logger.info("%d replica(s) ready on Ray (%s threads each, router %s): %s", len(self.replicas), threads,
-                    cluster.router, ", ".join(f"pid {i.pid} on {i.host}" for i in infos))
+        logger.info("%d replica(s) ready on Ray (%s threads each, router %s%s): %s", len(self.replicas), threads,
+                    cluster.router, f", the first {cluster.prefill_replicas} prefill only" if cluster.prefill_replicas
+                    else "", ", ".join(f"pid {i.pid} on {i.host}" for i in infos))
 
     async def stop(self) -> None:
         import ray
@@ -185,7 +189,7 @@ class ClusterEngine:
         up = self._up()
         if not up:
             raise EngineError("no engine replica is up")
-        replica = up[dispatch(requests[0], up, self.router, time.monotonic())]
+        replica = up[dispatch(requests[0], up, self.router, time.monotonic())]  # admitted on the prefill side
         outputs: asyncio.Queue = asyncio.Queue()
         self._send(replica, requests, outputs)
         return RequestStream(self, [r.request_id for r in requests], outputs)
@@ -210,18 +214,47 @@ class ClusterEngine:
             if flight is not None:
                 self.replicas[flight.replica].flights.discard(request_id)
 
-    def _up(self) -> list[_Replica]:
-        return [replica for replica in self.replicas if replica.state is ReplicaState.UP]
+    def _up(self, prefill: bool = True) -> list[_Replica]:
+        """The replicas up that take new requests (prefill=True: the prefill pool when disaggregated), or
+        that take requests over for decoding (prefill=False)."""
+        disaggregated = self.cluster.prefill_replicas > 0
+        return [r for r in self.replicas if r.state is ReplicaState.UP
+                and (not disaggregated or r.prefill_only == prefill)]
 
     def _send(self, replica: _Replica, requests: list[Request], outputs: asyncio.Queue) -> None:
-        now = time.monotonic()
+        sent = []
         for request in requests:
-            self._flights[request.request_id] = _Flight(request, outputs, replica.index)
+            handoff = replica.prefill_only and request.sampling.max_tokens != 1
+            self._flights[request.request_id] = _Flight(request, outputs, replica.index, handoff=handoff)
             replica.flights.add(request.request_id)
+            if handoff:  # the prefill replica samples the first token, keeps the KV, and stops
+                sampling = dataclasses.replace(request.sampling, max_tokens=1,
+                                               min_tokens=min(1, request.sampling.min_tokens))
+                request = dataclasses.replace(request, sampling=sampling, export_kv=True)
             replica.queue.submitted(request)
+            sent.append(request)
         replica.num_routed += len(requests)
-        replica.actor.submit.remote(requests, [now - (r.arrival_s if r.arrival_s is not None else now)
-                                               for r in requests])
+        replica.actor.submit.remote(sent, [_age(r) for r in sent])
+
+    def _hand_over(self, prefill: _Replica, flight: _Flight, first: RequestOutput) -> None:
+        """Move a prefilled request to the least loaded decode replica; its KV goes from actor to actor
+        through Ray's object store (the front end only passes the reference)."""
+        request_id = flight.request.request_id
+        prefill.flights.discard(request_id)
+        decoders = self._up(prefill=False)
+        if not decoders:
+            self._flights.pop(request_id, None)
+            flight.outputs.put_nowait(Failure(request_id, "no decode replica is up to continue this request"))
+            prefill.actor.abort.remote([request_id])  # drops the KV it kept
+            return
+        target = min(decoders, key=lambda r: r.num_outstanding_tokens)
+        request = dataclasses.replace(flight.request)  # a copy: the front end's stays as sent
+        request.token_ids.extend(first.new_token_ids)
+        request.num_computed_tokens = request.num_prompt_tokens
+        flight.replica, flight.started, flight.handoff = target.index, True, False
+        target.flights.add(request_id)
+        target.num_routed += 1
+        target.actor.adopt.remote(request, _age(request), prefill.actor.take_kv.remote(request_id))
 
     # ---- each replica's stream ----------------------------------------------------------------------------
 
@@ -256,6 +289,10 @@ class ClusterEngine:
             flight = self._flights.get(item.request_id)
             if flight is None or flight.replica != replica.index:
                 continue  # detached, or an abort's echo
+            if flight.handoff and isinstance(item, RequestOutput) and item.finish_reason is FinishReason.LENGTH:
+                flight.outputs.put_nowait(dataclasses.replace(item, finished=False, finish_reason=None))
+                self._hand_over(replica, flight, item)
+                continue
             if isinstance(item, Failure) or item.finished:
                 self.detach([item.request_id])
             elif item.new_token_ids:
@@ -328,3 +365,9 @@ class ClusterEngine:
                                        "theirs died before their first token.", labels=["model_name"])
         rerouted.add_metric([model_name], self.num_rerouted)
         yield rerouted
+
+
+def _age(request: Request) -> float:
+    """Seconds since the request arrived: sent instead of the arrival time, as clocks differ across machines."""
+    now = time.monotonic()
+    return now - (request.arrival_s if request.arrival_s is not None else now)

@@ -23,7 +23,7 @@ from pacer.engine.async_engine import AsyncEngine, EngineLoad, Failure
 from pacer.engine.builder import build_engine
 from pacer.engine.engine import IterationStats
 from pacer.latency.model import LatencyModel
-from pacer.request import Request, RequestOutput
+from pacer.request import FinishReason, Request, RequestOutput
 from pacer.scheduling.admission import QueueSnapshot
 from pacer.scheduling.base import RequestLimits
 
@@ -86,6 +86,16 @@ class Replica:
             request.arrival_s = now - age
         self._engine.submit(requests, self._outputs)
 
+    async def take_kv(self, request_id: str) -> object:
+        """The KV of a finished prefill (disaggregated serving). The front end passes the reference on to a
+        decode replica, so the bytes go from this actor to that one through Ray's object store."""
+        return self._engine.take_kv(request_id)
+
+    async def adopt(self, request: Request, age_s: float, payload: object) -> None:
+        """Decode a request another replica prefilled; Ray has fetched `payload` from the object store."""
+        request.arrival_s = time.monotonic() - age_s
+        self._engine.adopt(request, payload, self._outputs)
+
     async def abort(self, request_ids: list[str]) -> None:
         self._engine.abort(request_ids)
 
@@ -118,5 +128,7 @@ class Replica:
                 pass
 
     def request_finished(self, request: Request) -> None:
+        if request.export_kv and request.finish_reason is FinishReason.LENGTH:
+            return  # handed over to a decode replica, which reports it when it ends
         with self._lock:
             self._finished.append(request)

@@ -180,6 +180,16 @@ class AsyncEngine:
             self.queue.submitted(request)
         self._inbox.put(("add", requests))
 
+    def adopt(self, request: Request, payload: object, outputs: asyncio.Queue) -> None:
+        """Queue a request prefilled by another engine, with its KV (`Engine.adopt`); outputs as `submit`."""
+        self._loop = self._loop or asyncio.get_running_loop()
+        self._queues[request.request_id] = outputs
+        self._inbox.put(("adopt", (request, payload)))
+
+    def take_kv(self, request_id: str) -> object:
+        """The KV its prefill left for a decode engine (`Request.export_kv`); KeyError if there is none."""
+        return self.engine.exported.pop(request_id)
+
     def detach(self, request_ids: list[str]) -> None:
         """Deliver nothing more for these requests (their caller has gone)."""
         for request_id in request_ids:
@@ -254,6 +264,8 @@ class AsyncEngine:
                 if kind == "add":
                     self._num_taken += len(payload)
                     self._add(payload)
+                elif kind == "adopt":
+                    self._adopt(*payload)
                 else:
                     for request_id in payload:
                         self._abort(request_id)
@@ -274,6 +286,15 @@ class AsyncEngine:
                 self._fail([request.request_id], f"could not queue the request: {error}")
             else:
                 self._requests[request.request_id] = request
+
+    def _adopt(self, request: Request, payload: object) -> None:
+        try:
+            self.engine.adopt(request, payload)
+        except Exception as error:  # noqa: BLE001  (no room, or a bad payload: this request's failure alone)
+            logger.warning("request %s could not be adopted: %s", request.request_id, error)
+            self._fail([request.request_id], f"the decode engine could not take the request over: {error}")
+        else:
+            self._requests[request.request_id] = request
 
     def _abort(self, request_id: str) -> None:
         output = self.engine.abort(request_id)
@@ -355,6 +376,16 @@ class EngineClient(Protocol):
 
 class StreamSource(Protocol):
     """What a RequestStream needs of the engine that feeds it (AsyncEngine, or the cluster's front end)."""
+
+    def adopt(self, request: Request, payload: object, outputs: asyncio.Queue) -> None:
+        """Queue a request prefilled by another engine, with its KV (`Engine.adopt`); outputs as `submit`."""
+        self._loop = self._loop or asyncio.get_running_loop()
+        self._queues[request.request_id] = outputs
+        self._inbox.put(("adopt", (request, payload)))
+
+    def take_kv(self, request_id: str) -> object:
+        """The KV its prefill left for a decode engine (`Request.export_kv`); KeyError if there is none."""
+        return self.engine.exported.pop(request_id)
 
     def detach(self, request_ids: list[str]) -> None: ...
 

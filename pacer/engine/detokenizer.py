@@ -61,6 +61,16 @@ class Detokenizer:
             outputs.append(self._emit(request, stream, finished=rid in done))
         return outputs
 
+    def adopt(self, request: Request) -> None:
+        """Continue a request whose first output tokens another engine has already sent (disaggregated
+        serving): outputs start after them. (A stop string spanning the hand-over is not seen.)"""
+        num_sent = request.num_output_tokens
+        if self.tokenizer is None:
+            self._num_sent[request.request_id] = num_sent
+            return
+        n = request.num_tokens
+        self._streams[request.request_id] = _Stream(max(0, n - _CONTEXT_TOKENS), n, num_sent_tokens=num_sent)
+
     def ended(self, request: Request) -> RequestOutput:
         """The final output of a request ended outside an iteration's update (aborted, expired)."""
         if self.tokenizer is None:

@@ -54,6 +54,7 @@ class Engine:
         self.detokenizer = detokenizer
         self.clock = clock
         self.last_iteration: IterationStats | None = None
+        self.exported: dict[str, object] = {}  # request id -> KV payload of a finished prefill (export_kv)
 
     def add_request(self, request: Request) -> None:
         """Queue a request (its arrival_s is stamped now if unset); ValueError if it can never run."""
@@ -61,7 +62,22 @@ class Engine:
             request.arrival_s = self.clock()
         self.scheduler.add(request)
 
+    def adopt(self, request: Request, payload: object) -> None:
+        """Decode a request prefilled elsewhere: `request.token_ids` holds its prompt and first token(s), its
+        first `num_computed_tokens` have KV in `payload` (the other engine's `exported` entry)."""
+        if request.arrival_s is None:
+            request.arrival_s = self.clock()
+        self.scheduler.adopt(request)
+        try:
+            self.executor.import_kv(request.block_ids, payload)
+        except Exception:
+            self.scheduler.finish(request.request_id)
+            raise
+        request.first_scheduled_s = request.first_token_s = request.last_token_s = self.clock()
+        self.detokenizer.adopt(request)
+
     def abort(self, request_id: str) -> RequestOutput | None:
+        self.exported.pop(request_id, None)
         request = self.scheduler.finish(request_id, FinishReason.ABORT)
         return None if request is None else self.detokenizer.ended(request)
 
@@ -88,6 +104,11 @@ class Engine:
 
     def end_step(self, plan: SchedulerOutput, result: ModelOutput) -> list[RequestOutput]:
         """Fold an executed plan back in at the clock's now: new tokens, finished requests, their outputs."""
+        for request in plan.requests:
+            if request.export_kv and request.num_output_tokens == 0 and request.request_id in result.sampled_token_ids:
+                # its prompt is complete: copy the KV out before finishing frees the blocks
+                self.exported[request.request_id] = self.executor.export_kv(request.block_ids,
+                                                                            request.num_prompt_tokens)
         try:
             finished = self.scheduler.update(plan, result, now=self.clock())
             outputs = self.detokenizer.outputs(plan, result, finished)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +20,16 @@ from pacer.scheduling import ModelOutput, SchedulerOutput
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class KVPayload:
+    """The KV of one request's first `num_tokens` tokens, block by block, as `KVCache` lays them out per layer:
+    k [layers, blocks, kv heads, head dim, block size], v [layers, blocks, kv heads, block size, head dim]."""
+
+    num_tokens: int
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -135,6 +146,22 @@ class ModelRunner:
                 if lp is not None:
                     logprobs[r.request_id] = lp
         return ModelOutput(sampled, logprobs, elapsed_s=time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def export_kv(self, block_ids: list[int], num_tokens: int) -> KVPayload:
+        """A copy of the KV of a request's first `num_tokens` tokens (its blocks), on the CPU: what moves to
+        another engine in disaggregated serving."""
+        index = torch.tensor(block_ids[:-(-num_tokens // self.block_size)], device=self.device)
+        return KVPayload(num_tokens, torch.stack([k[index] for k in self.cache.k]).cpu(),
+                         torch.stack([v[index] for v in self.cache.v]).cpu())
+
+    @torch.inference_mode()
+    def import_kv(self, block_ids: list[int], payload: KVPayload) -> None:
+        """Write another engine's `export_kv` into these blocks (same model, dtype and block size)."""
+        index = torch.tensor(block_ids[:payload.k.shape[1]], device=self.device)
+        for layer, (k, v) in enumerate(zip(payload.k, payload.v)):
+            self.cache.k[layer][index] = k.to(self.device, self.dtype)
+            self.cache.v[layer][index] = v.to(self.device, self.dtype)
 
     def _mask_stops_before_min_tokens(self, logits: torch.Tensor, requests: list[Request]) -> None:
         for row, r in enumerate(requests):

@@ -17,6 +17,7 @@ import httpx
 from pacer.cluster.client import ClusterEngine, ReplicaState
 from pacer.config import ClusterConfig, EngineConfig
 from pacer.engine.async_engine import EngineError
+from pacer.llm import LLM
 from pacer.request import SLO, Request, SamplingParams
 from tests.live_server import run_server
 
@@ -126,6 +127,30 @@ def test_slo_router_sends_a_request_to_the_replica_with_the_shorter_predicted_tt
         for _ in range(4):
             while not (await queued.get()).finished:
                 pass
+        await cluster.stop()
+
+    asyncio.run(main())
+
+
+def test_disaggregated_prefill_and_decode_give_the_colocated_ids(tiny_model_dir, ray_address):
+    config = EngineConfig.from_kwargs(model=str(tiny_model_dir), num_blocks=64)
+    local = LLM(config=config)
+    prompts = [[5, 6, 7, 8, 9], list(range(20, 90)), [3] * 33]
+    expected = [r.token_ids for r in local.generate(prompts, SamplingParams(max_tokens=24, temperature=0,
+                                                                            ignore_eos=True), use_tqdm=False)]
+    cluster = ClusterEngine(config, ClusterConfig(replicas=2, prefill_replicas=1, threads_per_replica=1,
+                                                  ray_address=ray_address))
+    cluster.start()
+
+    async def main() -> None:
+        cluster.start()
+        results = await asyncio.gather(*[collect(cluster, request(f"d{i}", 24, prompt=p))
+                                         for i, p in enumerate(prompts)])
+        assert results == expected
+        prefill, decode = cluster.replicas
+        assert (prefill.num_routed, decode.num_routed) == (3, 3)  # every request went through both
+        one = await collect(cluster, request("one", 1))  # nothing to hand over
+        assert one == expected[0][:1] and decode.num_routed == 3
         await cluster.stop()
 
     asyncio.run(main())

@@ -116,3 +116,30 @@ def test_bfloat16_runs():
     engine = tiny_engine(model=tiny_model(torch.bfloat16))
     out = run(engine, prompts(10), GREEDY)
     assert all(len(v) == 12 for v in out.values())
+
+
+def test_a_request_prefilled_on_one_engine_decodes_on_another_with_the_same_ids(model, alone):
+    """Disaggregated serving's hand-over: export_kv keeps the prompt's KV, adopt continues from it elsewhere."""
+    prefill, decode = tiny_engine(model=model), tiny_engine(model=model)
+    prompt = prompts(1)[0]
+    first = Request("p", prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), export_kv=True)
+    prefill.add_request(first)
+    while prefill.has_unfinished:
+        prefill.step()
+    payload = prefill.exported.pop("p")
+    assert payload.num_tokens == len(prompt) and prefill.scheduler.kv.num_free_blocks == 64
+    held = Request("held", [1] * 9)  # occupies the first blocks, so the request gets other block ids
+    held.num_computed_tokens = 9
+    decode.scheduler.kv.allocate(held, 0)
+    request = Request("p", prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    request.token_ids.append(first.output_token_ids[0])
+    request.num_computed_tokens = len(prompt)
+    decode.adopt(request, payload)
+    assert request.block_ids[0] != 0
+    outputs = []
+    while decode.has_unfinished:
+        outputs += decode.step()
+    assert [t for o in outputs for t in o.new_token_ids] == alone["0"][1:]  # the first token came from prefill
+    assert outputs[-1].num_output_tokens == 12
+    decode.scheduler.kv.free(held)
+    assert decode.scheduler.kv.num_free_blocks == 64
