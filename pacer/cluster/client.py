@@ -128,7 +128,8 @@ class ClusterEngine:
             self._started_ray = True
         config = dataclasses.replace(self.engine_config,
                                      model=dataclasses.replace(self.engine_config.model, threads=threads))
-        actor_class = ray.remote(Replica).options(num_cpus=threads, max_restarts=cluster.max_restarts,
+        gpus = 1 if self.engine_config.model.device == "cuda" else 0  # a replica per GPU
+        actor_class = ray.remote(Replica).options(num_cpus=threads, num_gpus=gpus, max_restarts=cluster.max_restarts,
                                                   max_task_retries=0, max_concurrency=1000)
         # The first replica starts alone: if it has to measure a latency profile, it does so on a quiet machine
         # and caches it, and the others (same model, dtype, device and threads) then load it.
