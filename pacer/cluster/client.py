@@ -321,14 +321,15 @@ class ClusterEngine:
             self._send(target, [flight.request], flight.outputs)
 
     async def _rejoin(self, replica: _Replica) -> ReplicaInfo | None:
-        """Wait until Ray has restarted the replica; None when it is out of restarts."""
+        """Wait until Ray has restarted the replica (calls to a restarting actor wait for it); None once it has
+        used up its restarts."""
         import ray
 
         while True:
             try:
                 return await replica.actor.ready.remote()
             except ray.exceptions.ActorDiedError as error:
-                if "max_restarts" in str(error) or "restart" not in str(error).lower():
+                if replica.num_restarts >= self.cluster.max_restarts:
                     logger.error("replica %d is dead for good: %s", replica.index, error)
                     replica.state = ReplicaState.DEAD
                     return None

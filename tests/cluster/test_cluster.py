@@ -158,3 +158,23 @@ def test_disaggregated_prefill_and_decode_give_the_colocated_ids(tiny_model_dir,
         await cluster.stop()
 
     asyncio.run(main())
+
+
+def test_a_replica_out_of_restarts_is_dead_and_the_others_serve_on(tiny_model_dir, ray_address):
+    config = EngineConfig.from_kwargs(model=str(tiny_model_dir), num_blocks=64)
+    cluster = ClusterEngine(config, ClusterConfig(replicas=2, threads_per_replica=1, router="round_robin",
+                                                  max_restarts=0, ray_address=ray_address))
+    cluster.start()
+
+    async def main() -> None:
+        cluster.start()
+        os.kill(cluster.replicas[1].info.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while cluster.replicas[1].state is not ReplicaState.DEAD and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert [r["state"] for r in cluster.health()["replicas"]] == ["up", "dead"] and cluster.is_alive
+        results = await asyncio.gather(*[collect(cluster, request(f"q{i}", 5)) for i in range(3)])
+        assert all(len(tokens) == 5 for tokens in results) and cluster.replicas[0].num_routed == 3
+        await cluster.stop()
+
+    asyncio.run(main())
