@@ -133,10 +133,13 @@ class ClusterEngine:
                                                   max_task_retries=0, max_concurrency=1000)
         # The first replica starts alone: if it has to measure a latency profile, it does so on a quiet machine
         # and caches it, and the others (same model, dtype, device and threads) then load it.
-        self.replicas = [_Replica(i, actor_class.remote(config), prefill_only=i < cluster.prefill_replicas)
-                         for i in range(cluster.replicas)]
+        def replica(i: int) -> _Replica:
+            return _Replica(i, actor_class.remote(config), prefill_only=i < cluster.prefill_replicas)
+
+        self.replicas = [replica(0)]
         infos = [ray.get(self.replicas[0].actor.ready.remote())]
-        infos += ray.get([replica.actor.ready.remote() for replica in self.replicas[1:]])
+        self.replicas += [replica(i) for i in range(1, cluster.replicas)]
+        infos += ray.get([r.actor.ready.remote() for r in self.replicas[1:]])
         for replica, info in zip(self.replicas, infos):
             replica.rejoin(info)
         self.limits = infos[0].limits
