@@ -18,6 +18,7 @@ $PACER bench compare --config "local=--threads 2" --config "ray-1x2=--ray-addres
   --server-args "$COMMON" --arrival concurrency --concurrency 16 --lengths fixed --prompt-tokens 128 \
   --output-tokens 128 --num-requests 96 --out $OUT/cluster_overhead_saturated.json
 
+# 2x1 against 1x2
 $PACER bench compare --config "1x2=--scheduler slo --threads 2" \
   --config "2x1=--scheduler slo --replicas 2 --threads-per-replica 1" \
   --server-args "$COMMON" --arrival trace --lengths trace --trace ../shared/data/traces/azure2023_conv.csv \

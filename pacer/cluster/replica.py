@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import os
 import socket
 import threading
@@ -26,6 +27,8 @@ from pacer.latency.model import LatencyModel
 from pacer.request import FinishReason, Request, RequestOutput
 from pacer.scheduling.admission import QueueSnapshot
 from pacer.scheduling.base import RequestLimits
+
+logger = logging.getLogger(__name__)
 
 LATENCY_EVERY_S = 1.0  # how often a replica sends its latency model's online correction to the front end
 
@@ -61,6 +64,7 @@ class Replica:
     methods run on the actor's event loop, the engine on its own thread, as in `pacer serve`."""
 
     def __init__(self, config: EngineConfig) -> None:
+        _normal_priority()
         self._engine = AsyncEngine(lambda: build_engine(config)[0], observer=self)
         self._engine.start()
         self._outputs: asyncio.Queue = asyncio.Queue()
@@ -132,3 +136,16 @@ class Replica:
             return  # handed over to a decode replica, which reports it when it ends
         with self._lock:
             self._finished.append(request)
+
+
+def _normal_priority() -> None:
+    """Undo Ray's default worker niceness (15) where allowed: a niced replica gives its cores away to any other
+    process, and its OpenMP threads then wait at every barrier. On a cluster started without the permission,
+    start Ray with `--system-config='{"worker_niceness": 0}'` instead."""
+    niceness = os.nice(0)
+    if niceness > 0:
+        try:
+            os.nice(-niceness)
+        except PermissionError:
+            logger.warning("this replica runs at nice %d (Ray's worker_niceness), which slows it when the machine "
+                           "is busy; start Ray with worker_niceness 0", niceness)
