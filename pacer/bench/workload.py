@@ -1,6 +1,6 @@
 """What `pacer bench` sends: when each request goes (Poisson, gamma, closed loop, trace replay), how long its
-prompt and output are (fixed, uniform, trace; traces are read by trace.py), and a prompt text of exactly
-that many tokens.
+prompt and output are (fixed, uniform, a mix of ranges, trace; traces are read by trace.py), and a prompt text of
+exactly that many tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pacer.bench.metrics import parse_slo_classes
 from pacer.bench.trace import FORMATS, TraceRecord, read_trace
 
 ARRIVALS = ("poisson", "gamma", "concurrency", "trace")
-LENGTHS = ("fixed", "uniform", "trace")
+LENGTHS = ("fixed", "uniform", "mix", "trace")
 MOONCAKE_BLOCK_TOKENS = 512  # tokens per hash id in the Mooncake traces (FAST'25 release README)
 
 # ---- configuration and requests ---------------------------------------------------------------------------------
@@ -38,12 +38,16 @@ class WorkloadConfig:
         "help": "gamma arrivals: coefficient of variation of the gaps (1 = Poisson, > 1 burstier)"})
     concurrency: int = field(default=8, metadata={"help": "closed loop: requests in flight"})
     lengths: str = field(default="fixed", metadata={
-        "help": "fixed: --prompt-tokens/--output-tokens; uniform: drawn from [min, max]; trace: from --trace "
-                "(x --length-scale)", "choices": LENGTHS})
+        "help": "fixed: --prompt-tokens/--output-tokens; uniform: drawn from [min, max]; mix: from --length-mix; "
+                "trace: from --trace (x --length-scale)", "choices": LENGTHS})
     prompt_tokens: int = field(default=128, metadata={"help": "prompt tokens (fixed), or the most (uniform)"})
     output_tokens: int = field(default=128, metadata={"help": "max_tokens (fixed), or the most (uniform)"})
     prompt_tokens_min: int = field(default=1, metadata={"help": "uniform lengths: fewest prompt tokens"})
     output_tokens_min: int = field(default=1, metadata={"help": "uniform lengths: fewest output tokens"})
+    length_mix: str | None = field(default=None, metadata={
+        "help": "--lengths mix: SHARE:PROMPT:OUTPUT,... (each length N or MIN-MAX): each request draws a component by "
+                "share (seeded), then its lengths uniformly from that component's ranges; e.g. chat with some long "
+                "documents: 0.9:64-1024:32-512,0.1:6144-7936:64-256"})
     trace: str | None = field(default=None, metadata={
         "help": "trace file for --arrival trace or --lengths trace (the first --num-requests records are used)"})
     trace_format: str | None = field(default=None, metadata={
@@ -86,11 +90,57 @@ class WorkloadConfig:
             raise ValueError("trace_sample draws lengths at random, so it cannot replay the trace's arrivals")
         if self.trace_format is not None and self.trace_format not in FORMATS:
             raise ValueError(f"trace_format must be one of {', '.join(FORMATS)} or None, got {self.trace_format!r}")
+        if (self.lengths == "mix") != (self.length_mix is not None):
+            raise ValueError(f"length_mix must be set exactly when lengths='mix', got lengths={self.lengths!r}, "
+                             f"length_mix={self.length_mix!r}")
+        parse_length_mix(self.length_mix)
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         parse_slo_classes(self.slo_classes)
+
+
+@dataclass(frozen=True)
+class LengthRange:
+    """One component of a length mix: its share of the requests, and the [min, max] of its prompt and output."""
+
+    share: float
+    prompt: tuple[int, int]
+    output: tuple[int, int]
+
+
+def parse_length_mix(text: str | None) -> tuple[LengthRange, ...]:
+    """'0.9:64-1024:32-512,0.1:6144-7936:64-256' (SHARE:PROMPT:OUTPUT, each length N or MIN-MAX)."""
+    if not text:
+        return ()
+    mix = []
+    for item in text.split(","):
+        component = _length_component(item)
+        if component is None:
+            raise ValueError(f"length_mix: a component is SHARE:PROMPT:OUTPUT with a share in (0, 1] and lengths N or "
+                             f"MIN-MAX of at least 1, got {item!r}")
+        mix.append(component)
+    if abs(sum(c.share for c in mix) - 1) > 1e-6:
+        raise ValueError(f"length_mix shares must add up to 1, got {sum(c.share for c in mix):g}")
+    return tuple(mix)
+
+
+def _length_component(item: str) -> LengthRange | None:
+    """One SHARE:PROMPT:OUTPUT component, or None if it is malformed."""
+    parts = item.strip().split(":")
+    if len(parts) != 3:
+        return None
+    try:
+        share = float(parts[0])
+        (prompt_min, _, prompt_max), (output_min, _, output_max) = (part.partition("-") for part in parts[1:])
+        prompt = int(prompt_min), int(prompt_max or prompt_min)
+        output = int(output_min), int(output_max or output_min)
+    except ValueError:
+        return None
+    if not 0 < share <= 1 or min(*prompt, *output) < 1 or prompt[0] > prompt[1] or output[0] > output[1]:
+        return None
+    return LengthRange(share, prompt, output)
 
 
 @dataclass(frozen=True)
@@ -200,11 +250,23 @@ def _lengths(config: WorkloadConfig, records: list[TraceRecord] | None) -> list[
         prompts = rng.integers(config.prompt_tokens_min, config.prompt_tokens + 1, n)
         outputs = rng.integers(config.output_tokens_min, config.output_tokens + 1, n)
         raw = list(zip(prompts.tolist(), outputs.tolist()))
+    elif config.lengths == "mix":
+        raw = _mixed_lengths(parse_length_mix(config.length_mix), n, config.seed)
     else:
         assert records is not None
         scale = config.length_scale
         raw = [(max(1, round(r.prompt_tokens * scale)), max(1, round(r.output_tokens * scale))) for r in records]
     return [_cap(prompt, output, config.max_model_len) for prompt, output in raw]
+
+
+def _mixed_lengths(mix: tuple[LengthRange, ...], n: int, seed: int) -> list[tuple[int, int]]:
+    rng = np.random.default_rng([seed, 4])  # its own stream: arrivals stay put if the mix changes
+    picks = rng.choice(len(mix), size=n, p=[c.share for c in mix])
+    prompt_low, prompt_high, output_low, output_high = (np.array(bounds)[picks] for bounds in zip(
+        *((c.prompt[0], c.prompt[1], c.output[0], c.output[1]) for c in mix)))
+    prompts = rng.integers(prompt_low, prompt_high + 1)
+    outputs = rng.integers(output_low, output_high + 1)
+    return list(zip(prompts.tolist(), outputs.tolist()))
 
 
 def _cap(prompt: int, output: int, max_model_len: int) -> tuple[int, int]:

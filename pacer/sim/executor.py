@@ -44,6 +44,14 @@ class SimExecutor:
             elapsed *= self._rng.lognormvariate(-self._sigma**2 / 2, self._sigma)
         return ModelOutput(sampled, elapsed_s=elapsed)
 
+    def export_kv(self, block_ids: list[int], num_tokens: int) -> int:
+        """Disaggregated serving's hand-over (the model runner's, in kind): no tensors here, so the payload is the
+        number of tokens whose KV moves; the simulator times the transfer from it."""
+        return num_tokens
+
+    def import_kv(self, block_ids: list[int], payload: int) -> None:
+        """Nothing to copy: the blocks the scheduler allocated stand for the KV that arrived."""
+
 
 def load_residuals(path: str | Path) -> dict[str, list[float]]:
     """Ratios measured / predicted per regime from a record of real iterations: a JSON with "iterations", each

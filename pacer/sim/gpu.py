@@ -49,6 +49,15 @@ MODELS = {m.name: m for m in (
 )}
 
 
+def model_shape(latency: LinearLatencyModel) -> ModelShape:
+    """The model a GPU profile was measured with (its key names it): what sizes a KV transfer."""
+    name = latency.key.get("model")
+    if name not in MODELS:
+        raise ValueError(f"the profile's model {name!r} has no known shape (known: {', '.join(MODELS)}): "
+                         "disaggregation needs a GPU profile to size the KV it moves")
+    return MODELS[name]
+
+
 def kv_capacity_tokens(model: ModelShape, gpu: GPU, tensor_parallel: int, memory_utilization: float = 0.9) -> int:
     """Tokens of KV cache that fit once the weights are loaded: the usable memory of `tensor_parallel` GPUs (vLLM's
     gpu_memory_utilization) less the weights, over the KV bytes per token. Activations are not reserved, as in

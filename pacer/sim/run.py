@@ -20,8 +20,9 @@ from pacer.kv import KVCacheManager
 from pacer.request import SLO as RequestSLO
 from pacer.scheduling import scheduler_class
 from pacer.scheduling.router import ROUTERS, router_class
+from pacer.sim.disagg import DecodePool, KVTransfer
 from pacer.sim.executor import SimExecutor, load_residuals
-from pacer.sim.gpu import load_sim_profile
+from pacer.sim.gpu import load_sim_profile, model_shape
 from pacer.sim.simulator import SimRequest, Simulator, VirtualClock
 
 
@@ -51,6 +52,16 @@ class SimConfig:
     residuals: str | None = field(default=None, metadata=_help(
         "real iterations measured against this profile (benchmarks/latency_error.py --out): each simulated "
         "iteration is scaled by one of their measured/predicted ratios, drawn at random per regime"))
+    prefill_replicas: int = field(default=0, metadata=_help(
+        "disaggregated serving (DistServe): this many of --replicas only prefill (each request's first token) and "
+        "hand its KV over to the others, which only decode; 0: every replica does both"))
+    kv_transfer_gbps: float = field(default=100.0, metadata=_help(
+        "with --prefill-replicas: Gbit/s from a prefill replica to a decode replica; a prompt's KV takes "
+        "prompt tokens x the model's KV bytes per token / this"))
+    send_ttft_slo: bool = field(default=True, metadata=_help(
+        "send each request's TTFT SLO with it, as `pacer bench` does: admission control and the router's fallback "
+        "act on it; --no-send-ttft-slo sends only the TBT SLO, and the TTFT SLO only judges the run (what a "
+        "router achieves without admission control)"))
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -63,6 +74,11 @@ class SimConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.noise < 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
+        if not 0 <= self.prefill_replicas < self.replicas:
+            raise ValueError(f"prefill_replicas must be in [0, replicas), got {self.prefill_replicas} of "
+                             f"{self.replicas}: disaggregated serving needs at least one decode replica")
+        if not self.kv_transfer_gbps > 0:
+            raise ValueError(f"kv_transfer_gbps must be positive, got {self.kv_transfer_gbps}")
         router_class(self.router)
 
 
@@ -88,14 +104,19 @@ def build_simulator(sim: SimConfig, scheduler: SchedulerConfig, max_model_len: i
         engines.append(Engine(policy(scheduler, kv, limit, latency=latency.fresh()),
                               SimExecutor(latency.fresh(), noise=sim.noise, seed=seed + i, residuals=residuals), Detokenizer(None),
                               clock=clock))
-    return Simulator(engines, clock, router_class(sim.router)())
+    if not sim.prefill_replicas:
+        return Simulator(engines, clock, router_class(sim.router)())
+    transfer = KVTransfer(model_shape(latency).kv_bytes_per_token, sim.kv_transfer_gbps * 1e9 / 8)
+    return Simulator(engines[:sim.prefill_replicas], clock, router_class(sim.router)(),
+                     DecodePool(engines[sim.prefill_replicas:], transfer))
 
 
-def sim_requests(workload: WorkloadConfig, slo: SLO) -> list[SimRequest]:
+def sim_requests(workload: WorkloadConfig, slo: SLO, send_ttft_slo: bool = True) -> list[SimRequest]:
     """The bench workload's requests (same seed, same times and lengths), carrying the run's SLO as `pacer bench`
-    sends it."""
+    sends it (less its TTFT part unless `send_ttft_slo`)."""
     slos = {None: slo} | {c.name: slo.of(c.name) for c in slo.classes}
-    request_slos = {name: RequestSLO(ttft_s=s.ttft_s, tbt_s=s.tbt_s) for name, s in slos.items()}
+    request_slos = {name: RequestSLO(ttft_s=s.ttft_s if send_ttft_slo else None, tbt_s=s.tbt_s)
+                    for name, s in slos.items()}
     return [SimRequest(i, arrival, prompt, output, request_slos[slo_class], slo_class)
             for i, (arrival, prompt, output, slo_class) in enumerate(request_timings(workload))]
 
@@ -122,7 +143,7 @@ class SimRun:
 
 
 def simulate(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLO) -> SimRun:
-    requests = sim_requests(workload, slo)
+    requests = sim_requests(workload, slo, sim.send_ttft_slo)
     simulator = build_simulator(sim, scheduler, workload.max_model_len, workload.seed)
     start = time.perf_counter()
     closed_loop = workload.arrival == "concurrency"
@@ -130,7 +151,7 @@ def simulate(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfi
     wall = time.perf_counter() - start
     duration = max((r.finished_s for r in records if r.finished_s is not None), default=0.0)
     offered = None if closed_loop else _offered_rate(requests)
-    return SimRun(records, duration, offered, wall, sum(r.num_iterations for r in simulator.replicas))
+    return SimRun(records, duration, offered, wall, sum(r.num_iterations for r in simulator.all_replicas))
 
 
 def run_sim(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLO, out: Path | None,

@@ -1,12 +1,14 @@
 """Discrete-event simulation in virtual time. The real Engine, Scheduler, KV manager, admission control and
 router run unchanged; only the executor is simulated. Nothing here sleeps or reads the wall clock: pop the
-earliest event, set the clock, handle it, push what it causes (Vidur's loop).
+earliest event, set the clock, handle it, push what it causes (Vidur's loop). With a decode pool, prefill and decode
+run on separate replicas (disagg.py).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -14,13 +16,16 @@ from pacer.bench.metrics import RequestRecord
 from pacer.engine.engine import Engine
 from pacer.request import SLO, FinishReason, Request, RequestOutput, SamplingParams
 from pacer.scheduling import ModelOutput, SchedulerOutput
-from pacer.scheduling.admission import SLOUnattainable, predict_ttft
+from pacer.scheduling.admission import SLOUnattainable
 from pacer.scheduling.router import RoundRobinRouter, Router, dispatch
+from pacer.sim.disagg import DecodePool, decode_request, prefill_only
+from pacer.sim.replica import SimReplica
 
 # Simultaneous events are handled in this order: an iteration ending at t frees its KV and emits its tokens,
-# then requests arriving at t are routed and admitted, then the next iterations are planned at t (so they see
-# both). Among events of one kind, first pushed first.
-_END, _ARRIVE, _START = 0, 1, 2
+# then requests arriving at t are routed and admitted, and prefilled requests whose KV arrives at t are handed to
+# a decode replica, then the next iterations are planned at t (so they see all that). Among events of one kind,
+# first pushed first.
+_END, _ARRIVE, _HANDOFF, _START = 0, 1, 2, 3
 
 
 class VirtualClock:
@@ -45,42 +50,27 @@ class SimRequest:
     slo_class: str | None = None  # for the report, as the bench records it
 
 
-class SimReplica:
-    """One engine replica and whether it is working; what a router sees of it (`router.ReplicaView`)."""
-
-    def __init__(self, engine: Engine, clock: VirtualClock) -> None:
-        self.engine = engine
-        self.clock = clock
-        self.busy = False  # an iteration is running, or planned for now
-        self.num_iterations = 0
-
-    @property
-    def num_outstanding_tokens(self) -> int:
-        return self.engine.scheduler.num_outstanding_tokens
-
-    def predicted_ttft_s(self, request: Request) -> float | None:
-        """From the queue after the latest iteration, as the real front end sees a replica (it cannot see how far
-        the running iteration has got either)."""
-        scheduler = self.engine.scheduler
-        snapshot = scheduler.snapshot()
-        if snapshot is None or scheduler.latency is None:
-            return None
-        return predict_ttft(snapshot, (), request, scheduler.latency)
-
-
 class Simulator:
     """Runs a workload through one or more engine replicas behind a router, in virtual time.
 
     Every request ends exactly once, as the bench client would record it: "ok", "rejected" (admission's 429)
     or "failed" (refused as too long: a 400; expired in the queue: a 503).
+
+    With `decode`, `engines` only prefill: a request runs there to its first token, its KV moves to the decode
+    pool in `decode.transfer.seconds`, and a decode replica adopts it (`Engine.adopt`), or, while none has room
+    (KV blocks or batch slots), it waits in arrival order, its KV parked on neither replica.
     """
 
-    def __init__(self, engines: Sequence[Engine], clock: VirtualClock, router: Router | None = None) -> None:
+    def __init__(self, engines: Sequence[Engine], clock: VirtualClock, router: Router | None = None,
+                 decode: DecodePool | None = None) -> None:
         if not engines:
             raise ValueError("the simulator needs at least one engine")
         self.clock = clock
-        self.replicas = [SimReplica(engine, clock) for engine in engines]
+        self.replicas = [SimReplica(engine) for engine in engines]
         self.router = router or RoundRobinRouter()
+        self.decode = decode
+        self._in_transfer: set[str] = set()  # prefilled, their first token out, their KV on its way
+        self._parked: deque[tuple[Request, object]] = deque()  # arrived, waiting for room on a decode replica
         self._events: list[tuple[float, int, int, object]] = []
         self._order = itertools.count()
         self._records: dict[int, RequestRecord] = {}
@@ -114,6 +104,8 @@ class Simulator:
                 self._end(*data)  # type: ignore[misc]
             elif kind == _ARRIVE:
                 self._arrive(data)  # type: ignore[arg-type]
+            elif kind == _HANDOFF:
+                self._handoff(*data)  # type: ignore[misc]
             else:
                 self._start(data)  # type: ignore[arg-type]
         unfinished = [r.index for r in self._records.values() if r.finished_s is None]
@@ -123,6 +115,10 @@ class Simulator:
 
     def _push(self, time_s: float, kind: int, data: object) -> None:
         heapq.heappush(self._events, (time_s, kind, next(self._order), data))
+
+    @property
+    def all_replicas(self) -> list[SimReplica]:
+        return self.replicas + (self.decode.replicas if self.decode else [])
 
     # ---- event handlers -----------------------------------------------------------------------------------
 
@@ -134,20 +130,25 @@ class Simulator:
                           SamplingParams(max_tokens=sim.max_tokens, ignore_eos=True), sim.slo, arrival_s=now)
         try:
             self.replicas[0].engine.scheduler.check(request)  # what the server validates before queueing: a 400
+            if self.decode is not None and sim.max_tokens > 1:
+                request = prefill_only(request)
             replica = self.replicas[dispatch(request, self.replicas, self.router, now)]
         except ValueError as error:
             return self._ended(record, "failed", "http_4xx", str(error))
         except SLOUnattainable as error:
             record.retry_after_s = error.retry_after_s
             return self._ended(record, "rejected", "http_429", str(error))
-        replica.engine.add_request(request)
+        replica.add_request(request)
         self._live[request.request_id] = request
+        self._wake(replica)
+
+    def _wake(self, replica: SimReplica) -> None:
         if not replica.busy:
             replica.busy = True
-            self._push(now, _START, replica)
+            self._push(self.clock.now, _START, replica)
 
     def _start(self, replica: SimReplica) -> None:
-        plan, dropped = replica.engine.begin_step()
+        plan, dropped = replica.begin_step()
         self._emit(dropped)
         if plan.is_empty:
             replica.busy = False
@@ -157,11 +158,53 @@ class Simulator:
         self._push(self.clock.now + result.elapsed_s, _END, (replica, plan, result))
 
     def _end(self, replica: SimReplica, plan: SchedulerOutput, result: ModelOutput) -> None:
-        self._emit(replica.engine.end_step(plan, result))
+        outputs = replica.end_step(plan, result)
+        if self.decode is not None:
+            self._send_kv(replica.engine.exported)
+            if self._parked and replica in self.decode.replicas:  # it may have freed room
+                self._adopt_parked(replica)
+        self._emit(outputs)
         if replica.engine.has_unfinished:
             self._push(self.clock.now, _START, replica)
         else:
             replica.busy = False
+
+    # ---- disaggregation: prefill replica -> KV transfer -> decode replica --------------------------------
+
+    def _send_kv(self, exported: dict[str, object]) -> None:
+        """Prompts a prefill replica has just finished: their KV leaves for the decode pool."""
+        assert self.decode is not None
+        for request_id, payload in exported.items():
+            prefilled = self._live[request_id]
+            self._in_transfer.add(request_id)
+            self._by_id[request_id].server_scheduling_delay_s = prefilled.first_scheduled_s - prefilled.arrival_s
+            self._push(self.clock.now + self.decode.transfer.seconds(prefilled.num_prompt_tokens), _HANDOFF,
+                       (prefilled, payload))
+        exported.clear()
+
+    def _handoff(self, prefilled: Request, payload: object) -> None:
+        """The KV has arrived: a decode replica adopts the request, or it waits behind those already waiting."""
+        assert self.decode is not None
+        request = decode_request(prefilled, self._by_id[prefilled.request_id].max_tokens)
+        self._live[request.request_id] = request
+        self._in_transfer.discard(request.request_id)
+        self._parked.append((request, payload))
+        if len(self._parked) == 1:  # none waiting before it: the router's choice, else any with room
+            first = self.decode.choose(request)
+            for replica in [first, *(r for r in self.decode.replicas if r is not first)]:
+                self._adopt_parked(replica)
+                if not self._parked:
+                    break
+
+    def _adopt_parked(self, replica: SimReplica) -> None:
+        while self._parked:
+            request, payload = self._parked[0]
+            try:
+                replica.adopt(request, payload)
+            except ValueError:
+                return  # no room (KV blocks or batch slots) until one of its requests ends
+            self._parked.popleft()
+            self._wake(replica)
 
     # ---- what the client would have seen ------------------------------------------------------------------
 
@@ -170,11 +213,12 @@ class Simulator:
         for output in outputs:
             record = self._by_id[output.request_id]
             record.token_times_s.extend([now] * len(output.new_token_ids))
-            if not output.finished:
+            if not output.finished or output.request_id in self._in_transfer:
                 continue
             request = self._live.pop(output.request_id)
             record.output_tokens = output.num_output_tokens
-            if request.first_scheduled_s is not None and request.arrival_s is not None:
+            if record.server_scheduling_delay_s is None and request.first_scheduled_s is not None \
+                    and request.arrival_s is not None:
                 record.server_scheduling_delay_s = request.first_scheduled_s - request.arrival_s
             if output.finish_reason is FinishReason.EXPIRED:
                 self._ended(record, "failed", "http_5xx", "slo_expired: the TTFT deadline passed in the queue")

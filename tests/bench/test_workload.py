@@ -114,6 +114,37 @@ def test_slo_classes_are_drawn_by_share_and_seeded(tokenizer):
         WorkloadConfig(slo_classes="a:0.5:100:100")
 
 
+def test_length_mix_draws_components_by_share_within_their_ranges():
+    from pacer.bench.workload import request_timings
+
+    config = WorkloadConfig(num_requests=2000, lengths="mix", length_mix="0.9:64-1024:32-512,0.1:6000:64-256",
+                            max_model_len=8192)
+    timings = request_timings(config)
+    lengths = [(prompt, output) for _, prompt, output, _ in timings]
+    long = [(p, o) for p, o in lengths if p == 6000]
+    assert len(long) / 2000 == pytest.approx(0.1, abs=0.02)
+    assert all(64 <= o <= 256 for _, o in long)
+    assert all(64 <= p <= 1024 and 32 <= o <= 512 for p, o in lengths if p != 6000)
+    assert len({p for p, _ in lengths}) > 500  # uniform within the range, not a few values
+    assert timings == request_timings(config)
+    fixed = dataclasses.replace(config, lengths="fixed", length_mix=None)
+    assert [t[0] for t in timings] == [t[0] for t in request_timings(fixed)]  # its own stream: arrivals stay put
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"lengths": "mix"}, "length_mix must be set"),
+    ({"length_mix": "1:10:10"}, "length_mix must be set"),
+    ({"lengths": "mix", "length_mix": "0.5:10:10"}, "add up to 1"),
+    ({"lengths": "mix", "length_mix": "1:10-5:10"}, "length_mix: a component"),
+    ({"lengths": "mix", "length_mix": "1:10:0"}, "length_mix: a component"),
+    ({"lengths": "mix", "length_mix": "1:ten:10"}, "length_mix: a component"),
+    ({"lengths": "mix", "length_mix": "1:10"}, "length_mix: a component"),
+])
+def test_length_mix_errors_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        WorkloadConfig(**kwargs)
+
+
 # ---- seeds and prompts ----------------------------------------------------------------------------------------------
 
 

@@ -53,3 +53,15 @@ def test_sim_errors_are_clear(profile, capsys):
     assert "give --kv-blocks" in capsys.readouterr().err
     assert main(["sim", "compare", "--profile", profile, *WORKLOAD, "--config", "x=--bogus 1"]) == 2
     assert "unknown flags --bogus" in capsys.readouterr().err
+
+
+def test_without_the_ttft_slo_nothing_is_refused_but_ttft_still_judges(profile, tmp_path):
+    reports = {}
+    for flag in ("--send-ttft-slo", "--no-send-ttft-slo"):
+        out = tmp_path / f"{flag}.json"
+        assert main(["sim", "run", "--profile", profile, *WORKLOAD, "--rate", "20", "--scheduler", "slo", flag,
+                     "--out", str(out)]) == 0
+        reports[flag] = json.loads(out.read_text())["summary"]
+    assert reports["--send-ttft-slo"]["num_rejected"] > 0  # overload: admission refuses
+    assert reports["--no-send-ttft-slo"]["num_rejected"] == 0
+    assert reports["--no-send-ttft-slo"]["ttft_attainment"] < 1  # the TTFT SLO was not promised, but still counts

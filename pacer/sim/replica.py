@@ -1,0 +1,118 @@
+"""One simulated engine replica, as a router sees it. A router reads every replica at every arrival, but a replica's
+state changes only when it takes a request or an iteration starts or ends; so its load figures are computed once per
+change and kept, and at 128 replicas most reads between two arrivals cost a lookup, not a pass over its requests.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from dataclasses import dataclass
+
+from pacer.engine.engine import Engine
+from pacer.latency.model import BatchShape, LatencyModel, largest_chunk
+from pacer.request import Request, RequestOutput
+from pacer.scheduling import ModelOutput, SchedulerOutput
+from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot
+
+
+@dataclass(frozen=True)
+class QueueTimes:
+    """`admission.predict_ttft` for one snapshot, split in two: what does not depend on the request (the chunk
+    size beside the current decodes and its predicted time, the queue sorted by its order with running sums of
+    its tokens) is computed here once; `ttft_s` then costs a bisection and at most one prediction. The result is
+    the same float as `predict_ttft(snapshot, (), request, latency)` (a test checks it)."""
+
+    keys: list[tuple[int, float]]  # (priority, TTFT deadline) of the queued requests, sorted
+    tokens_through: list[int]  # tokens_through[i]: prompt tokens still to prefill of keys[:i]
+    decodes: BatchShape
+    chunk: int  # 0: no room beside the decodes, the request would never start
+    chunk_s: float  # predicted time of an iteration of the decodes and one full chunk
+    scale: float  # 1 + the latency model's margin
+    latency: LatencyModel
+
+    @classmethod
+    def of(cls, snapshot: QueueSnapshot, latency: LatencyModel) -> QueueTimes:
+        queue = sorted((priority, deadline, tokens) for priority, deadline, tokens in snapshot.queue)
+        keys = [(priority, deadline) for priority, deadline, _ in queue]
+        tokens_through = list(itertools.accumulate((tokens for _, _, tokens in queue), initial=0))
+        decodes, room = snapshot.decodes, snapshot.token_budget - snapshot.decodes.num_tokens
+        chunk, chunk_s = 0, math.inf
+        if room > 0:
+            limit = snapshot.tbt_limit_s / (1 + latency.margin)
+            chunk = max(largest_chunk(latency, decodes, 0, room, limit), min(MIN_CHUNK, room))
+            chunk_s = latency.predict(decodes.with_chunk(chunk, 0))
+        return cls(keys, tokens_through, decodes, chunk, chunk_s, 1 + latency.margin, latency)
+
+    def ttft_s(self, request: Request) -> float:
+        if not self.chunk:
+            return math.inf
+        ahead = self.tokens_through[bisect.bisect_right(self.keys, (request.slo.priority, request.ttft_deadline_s))]
+        full, rest = divmod(ahead + request.num_prompt_tokens, self.chunk)
+        seconds = full * self.chunk_s
+        if rest:
+            seconds += self.latency.predict(self.decodes.with_chunk(rest, 0))
+        return seconds * self.scale
+
+
+class SimReplica:
+    """One engine replica and whether it is working; what a router sees of it (`router.ReplicaView`).
+
+    The simulator changes the engine only through `add_request`, `adopt`, `begin_step` and `end_step`, each of which drops
+    the cached load figures, so a cached figure is always the one the engine's state gives now.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.busy = False  # an iteration is running, or planned for now
+        self.num_iterations = 0
+        self._outstanding: int | None = None
+        self._queue_times: QueueTimes | None = None
+        self._ttft: tuple[str, float | None] | None = None  # (request id, its prediction): dispatch asks twice
+
+    # ---- the engine, through the only calls that change it ----------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        self._changed()
+        self.engine.add_request(request)
+
+    def adopt(self, request: Request, payload: object) -> None:
+        """A request prefilled elsewhere (`Engine.adopt`); ValueError, and nothing changed, if there is no room."""
+        self._changed()
+        self.engine.adopt(request, payload)
+
+    def begin_step(self) -> tuple[SchedulerOutput, list[RequestOutput]]:
+        self._changed()
+        return self.engine.begin_step()
+
+    def end_step(self, plan: SchedulerOutput, result: ModelOutput) -> list[RequestOutput]:
+        self._changed()
+        return self.engine.end_step(plan, result)
+
+    def _changed(self) -> None:
+        self._outstanding = self._queue_times = self._ttft = None
+
+    # ---- what a router reads ---------------------------------------------------------------------------------
+
+    @property
+    def num_outstanding_tokens(self) -> int:
+        if self._outstanding is None:
+            self._outstanding = self.engine.scheduler.num_outstanding_tokens
+        return self._outstanding
+
+    def predicted_ttft_s(self, request: Request) -> float | None:
+        """From the queue after the latest iteration, as the real front end sees a replica (it cannot see how far
+        the running iteration has got either)."""
+        if self._ttft is not None and self._ttft[0] == request.request_id:
+            return self._ttft[1]
+        scheduler = self.engine.scheduler
+        if scheduler.latency is None:
+            return None
+        if self._queue_times is None:
+            snapshot = scheduler.snapshot()
+            if snapshot is None:
+                return None
+            self._queue_times = QueueTimes.of(snapshot, scheduler.latency)
+        self._ttft = (request.request_id, self._queue_times.ttft_s(request))
+        return self._ttft[1]

@@ -1,0 +1,99 @@
+"""A replica's cached load figures are always what its engine's state gives now, and are computed once per change."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pacer.latency.model import BatchShape, LinearLatencyModel
+from pacer.request import SLO, Request
+from pacer.scheduling.admission import QueueSnapshot, predict_ttft
+from pacer.scheduling.router import router_class
+from pacer.sim.replica import QueueTimes
+from pacer.sim.simulator import SimRequest
+from tests.sim.test_simulator import simulator
+
+
+def curved() -> LinearLatencyModel:
+    """10 ms + 0.5 ms a token + a hinge at 64 tokens + attention and decode-context terms, so chunk sizes vary with
+    the decodes beside them."""
+    return LinearLatencyModel([0.010, 0.0005, 0.0003, 0.0002, 1e-7, 0.0, 2e-7], (64,))
+
+
+def request(rng: random.Random, index: int) -> Request:
+    slo = SLO(ttft_s=rng.choice([None, 0.5, 2.0]), tbt_s=0.1, priority=rng.choice([0, 0, 1]))
+    return Request(f"q{index}", [0] * rng.randint(1, 400), slo=slo, arrival_s=rng.uniform(0, 5))
+
+
+def test_queue_times_give_exactly_what_predict_ttft_gives():
+    rng = random.Random(0)
+    latency = curved()
+    prefill = BatchShape().with_chunk(100, 0)
+    for measured in (0.09, 0.1, 0.08):  # a bias and a margin, so neither is a no-op
+        latency.observe(prefill, latency.predict(prefill), measured)
+    assert latency.margin > 0
+    for _ in range(200):
+        queue = tuple((rng.choice([0, 1]), rng.choice([1.0, 2.5, float("inf")]), rng.randint(1, 500))
+                      for _ in range(rng.randint(0, 12)))
+        decodes = BatchShape()
+        for _ in range(rng.randint(0, 40)):
+            decodes = decodes.with_decode(rng.randint(10, 3000))
+        snapshot = QueueSnapshot(queue, decodes, rng.choice([0.05, 0.2, float("inf")]), rng.choice([32, 512]))
+        times = QueueTimes.of(snapshot, latency)
+        for i in range(5):
+            probe = request(rng, i)
+            assert times.ttft_s(probe) == predict_ttft(snapshot, (), probe, latency)
+
+
+class Checking:
+    """The slo router, checking at every arrival that each replica's cached figures equal fresh ones."""
+
+    def __init__(self) -> None:
+        self.router = router_class("slo")()
+        self.num_checked = 0
+
+    def choose(self, request, replicas):
+        for replica in replicas:
+            scheduler = replica.engine.scheduler
+            assert replica.num_outstanding_tokens == scheduler.num_outstanding_tokens
+            fresh = predict_ttft(scheduler.snapshot(), (), request, scheduler.latency)
+            assert replica.predicted_ttft_s(request) == fresh
+            self.num_checked += 1
+        return self.router.choose(request, replicas)
+
+
+def test_cached_figures_follow_every_change_of_the_engine():
+    sim = simulator(curved(), policy="slo", replicas=3, num_blocks=64)
+    sim.router = checking = Checking()
+    rng = random.Random(1)
+    requests = [SimRequest(i, 0.02 * i, rng.randint(8, 300), rng.randint(1, 30),
+                           SLO(ttft_s=rng.choice([0.3, 1.0]), tbt_s=0.1, priority=rng.choice([0, 1])))
+                for i in range(120)]
+    records = sim.run(requests)
+    assert checking.num_checked == 3 * 120
+    statuses = {r.status for r in records}
+    assert "ok" in statuses and "rejected" in statuses  # the queues were long enough to refuse some
+
+
+def test_figures_are_computed_once_per_change(monkeypatch):
+    sim = simulator(curved(), policy="slo", replicas=1)
+    replica = sim.replicas[0]
+    scheduler = replica.engine.scheduler
+    calls = []
+    snapshot = scheduler.snapshot
+    monkeypatch.setattr(scheduler, "snapshot", lambda: calls.append(1) or snapshot())
+    probe = Request("p", [0] * 50, slo=SLO(ttft_s=1.0))
+    first = replica.predicted_ttft_s(probe)
+    assert replica.predicted_ttft_s(Request("p2", [0] * 50, slo=SLO(ttft_s=1.0))) == first
+    assert len(calls) == 1
+    replica.add_request(Request("r", [0] * 200, slo=SLO(ttft_s=1.0), arrival_s=0.0))
+    assert replica.predicted_ttft_s(probe) > first and len(calls) == 2
+    assert replica.num_outstanding_tokens == 200 + 16  # prompt + default max_tokens
+    plan, _ = replica.begin_step()
+    replica.predicted_ttft_s(probe)
+    assert len(calls) == 3
+    replica.end_step(plan, replica.engine.executor.execute(plan))
+    assert replica.num_outstanding_tokens == scheduler.num_outstanding_tokens
+    assert replica.predicted_ttft_s(probe) == pytest.approx(predict_ttft(snapshot(), (), probe, scheduler.latency))
+    assert len(calls) == 4
