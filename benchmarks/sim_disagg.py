@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/sim_disagg"))
     parser.add_argument("--mixes", default=",".join(MIXES))
     parser.add_argument("--tbt-ms", default="100,200,1000", help="P99 TBT SLOs")
-    parser.add_argument("--prefill", default="1,2,3", help="prefill replicas of the 4 to try")
+    parser.add_argument("--prefill", default="0,1,2,3", help="prefill replicas of the 4 to try (0: colocated)")
     parser.add_argument("--gbps", type=float, default=100.0, help="KV transfer bandwidth, Gbit/s")
     parser.add_argument("--per-replica", type=int, default=300, help="requests per replica in each trial")
     parser.add_argument("--tolerance", type=float, default=0.03)
@@ -47,9 +47,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     scheduler = SchedulerConfig(scheduler="slo", max_num_seqs=args.max_num_seqs)
-    configs = {"colocated": SimConfig(profile=PROFILE, replicas=4, router="slo")}
-    configs |= {f"{p}P{4 - p}D": replace(configs["colocated"], prefill_replicas=p, kv_transfer_gbps=args.gbps)
-                for p in map(int, args.prefill.split(","))}
+    colocated = SimConfig(profile=PROFILE, replicas=4, router="slo")
+    configs = {f"{p}P{4 - p}D" if p else "colocated": replace(colocated, prefill_replicas=p, kv_transfer_gbps=args.gbps)
+               for p in map(int, args.prefill.split(","))}
     results = []
     for mix in args.mixes.split(","):
         workload = WorkloadConfig(num_requests=4 * args.per_replica, max_model_len=8192, **MIXES[mix])
@@ -69,14 +69,17 @@ def main() -> None:
 
 def table(results: list[dict]) -> str:
     names = list(results[0]["capacity"])
-    lines = ["| mix | TBT SLO | " + " | ".join(f"{n} (req/s)" for n in names) + " | best disaggregated / colocated |",
-             "|" + "---|" * (len(names) + 3)]
+    disaggregated = [n for n in names if n != "colocated"]
+    compare = "colocated" in names and disaggregated
+    lines = ["| mix | TBT SLO | " + " | ".join(f"{n} (req/s)" for n in names)
+             + (" | best disaggregated / colocated |" if compare else " |"), "|" + "---|" * (len(names) + 2 + compare)]
     for r in results:
         cap = r["capacity"]
-        best = max((n for n in names if n != "colocated"), key=cap.__getitem__)
-        ratio = cap[best] / cap["colocated"] if cap["colocated"] else float("inf")
-        lines.append(f"| {r['mix']} | {r['tbt_stat']} {r['tbt_ms']:g} ms | " + " | ".join(f"{cap[n]:.3g}" for n in names)
-                     + f" | {ratio:.2f}x ({best}) |")
+        row = f"| {r['mix']} | {r['tbt_stat']} {r['tbt_ms']:g} ms | " + " | ".join(f"{cap[n]:.3g}" for n in names) + " |"
+        if compare:
+            best = max(disaggregated, key=cap.__getitem__)
+            row += f" {cap[best] / cap['colocated']:.2f}x ({best}) |" if cap["colocated"] else " - |"
+        lines.append(row)
     return "\n".join(lines)
 
 

@@ -4,11 +4,10 @@ the engine's own hand-over: a prefill replica serves each request with max_token
 token is the prefill's; the engine keeps the prompt's KV as a payload when the request ends, and frees its blocks),
 and a decode replica takes the request with `Engine.adopt`, which allocates its blocks and imports the payload.
 
-KV accounting during a transfer: freed on the prefill replica when the first token is out, allocated on the decode
-replica at adoption, so in flight (and while no decode replica has room) the KV is held on *neither* replica's
-blocks, as the engine's payload is a copy. That is optimistic about prefill memory if the real link can only send
-from GPU memory, and it leaves the prefill pool without backpressure: when the decode pool is full, requests keep
-getting their first token and then wait for a decode slot, a stall between their first and second tokens.
+KV accounting: the prefill replica keeps the prompt's KV in its blocks from the first token until a decode replica
+adopts the request (the transfer, then any wait for a decode replica with room), and the decode replica allocates
+its blocks at adoption; never both at once. So a full decode pool fills the prefill replicas' KV and slows their
+prefills down, as the sender's memory would in a real deployment.
 """
 
 from __future__ import annotations

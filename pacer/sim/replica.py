@@ -59,8 +59,9 @@ class QueueTimes:
 class SimReplica:
     """One engine replica and whether it is working; what a router sees of it (`router.ReplicaView`).
 
-    The simulator changes the engine only through `add_request`, `adopt`, `begin_step` and `end_step`, each of which drops
-    the cached load figures, so a cached figure is always the one the engine's state gives now.
+    The simulator changes the engine only through `add_request`, `adopt`, `hold_kv`, `release_kv`, `begin_step` and
+    `end_step`, each of which drops the cached load figures, so a cached figure is always what the engine's state
+    gives now.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -81,6 +82,17 @@ class SimReplica:
         """A request prefilled elsewhere (`Engine.adopt`); ValueError, and nothing changed, if there is no room."""
         self._changed()
         self.engine.adopt(request, payload)
+
+    def hold_kv(self, num_tokens: int) -> list[int]:
+        """Blocks for the KV of a prompt this replica prefilled and is sending away: its scheduler sees them in use
+        (and admits less) until `release_kv`. Called right after the request ended and freed at least as many."""
+        self._changed()
+        kv = self.engine.scheduler.kv
+        return kv.pool.allocate(-(-num_tokens // kv.block_size))
+
+    def release_kv(self, blocks: list[int]) -> None:
+        self._changed()
+        self.engine.scheduler.kv.pool.release(blocks)
 
     def begin_step(self) -> tuple[SchedulerOutput, list[RequestOutput]]:
         self._changed()

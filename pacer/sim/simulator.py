@@ -50,6 +50,23 @@ class SimRequest:
     slo_class: str | None = None  # for the report, as the bench records it
 
 
+@dataclass(frozen=True)
+class _Held:
+    """KV blocks a prefill replica keeps for a prompt it sent, until a decode replica adopts the request."""
+
+    replica: SimReplica
+    blocks: list[int]
+
+
+@dataclass(frozen=True)
+class _Handoff:
+    """A prefilled request whose KV has reached the decode pool, waiting for a decode replica with room."""
+
+    request: Request
+    payload: object
+    held: _Held
+
+
 class Simulator:
     """Runs a workload through one or more engine replicas behind a router, in virtual time.
 
@@ -58,7 +75,7 @@ class Simulator:
 
     With `decode`, `engines` only prefill: a request runs there to its first token, its KV moves to the decode
     pool in `decode.transfer.seconds`, and a decode replica adopts it (`Engine.adopt`), or, while none has room
-    (KV blocks or batch slots), it waits in arrival order, its KV parked on neither replica.
+    (KV blocks or batch slots), it waits in arrival order. Its KV stays on the prefill replica until adopted.
     """
 
     def __init__(self, engines: Sequence[Engine], clock: VirtualClock, router: Router | None = None,
@@ -70,7 +87,7 @@ class Simulator:
         self.router = router or RoundRobinRouter()
         self.decode = decode
         self._in_transfer: set[str] = set()  # prefilled, their first token out, their KV on its way
-        self._parked: deque[tuple[Request, object]] = deque()  # arrived, waiting for room on a decode replica
+        self._parked: deque[_Handoff] = deque()  # arrived, waiting for room on a decode replica
         self._events: list[tuple[float, int, int, object]] = []
         self._order = itertools.count()
         self._records: dict[int, RequestRecord] = {}
@@ -160,7 +177,7 @@ class Simulator:
     def _end(self, replica: SimReplica, plan: SchedulerOutput, result: ModelOutput) -> None:
         outputs = replica.end_step(plan, result)
         if self.decode is not None:
-            self._send_kv(replica.engine.exported)
+            self._send_kv(replica)
             if self._parked and replica in self.decode.replicas:  # it may have freed room
                 self._adopt_parked(replica)
         self._emit(outputs)
@@ -171,24 +188,26 @@ class Simulator:
 
     # ---- disaggregation: prefill replica -> KV transfer -> decode replica --------------------------------
 
-    def _send_kv(self, exported: dict[str, object]) -> None:
-        """Prompts a prefill replica has just finished: their KV leaves for the decode pool."""
+    def _send_kv(self, replica: SimReplica) -> None:
+        """Prompts a prefill replica has just finished: their KV leaves for the decode pool, and stays in the prefill
+        replica's blocks until a decode replica has it (so a full decode pool slows the prefill pool down)."""
         assert self.decode is not None
-        for request_id, payload in exported.items():
+        for request_id, payload in replica.engine.exported.items():
             prefilled = self._live[request_id]
             self._in_transfer.add(request_id)
             self._by_id[request_id].server_scheduling_delay_s = prefilled.first_scheduled_s - prefilled.arrival_s
+            held = _Held(replica, replica.hold_kv(prefilled.num_prompt_tokens))
             self._push(self.clock.now + self.decode.transfer.seconds(prefilled.num_prompt_tokens), _HANDOFF,
-                       (prefilled, payload))
-        exported.clear()
+                       (prefilled, payload, held))
+        replica.engine.exported.clear()
 
-    def _handoff(self, prefilled: Request, payload: object) -> None:
+    def _handoff(self, prefilled: Request, payload: object, held: _Held) -> None:
         """The KV has arrived: a decode replica adopts the request, or it waits behind those already waiting."""
         assert self.decode is not None
         request = decode_request(prefilled, self._by_id[prefilled.request_id].max_tokens)
         self._live[request.request_id] = request
         self._in_transfer.discard(request.request_id)
-        self._parked.append((request, payload))
+        self._parked.append(_Handoff(request, payload, held))
         if len(self._parked) == 1:  # none waiting before it: the router's choice, else any with room
             first = self.decode.choose(request)
             for replica in [first, *(r for r in self.decode.replicas if r is not first)]:
@@ -198,13 +217,16 @@ class Simulator:
 
     def _adopt_parked(self, replica: SimReplica) -> None:
         while self._parked:
-            request, payload = self._parked[0]
+            handoff = self._parked[0]
             try:
-                replica.adopt(request, payload)
+                replica.adopt(handoff.request, handoff.payload)
             except ValueError:
                 return  # no room (KV blocks or batch slots) until one of its requests ends
             self._parked.popleft()
             self._wake(replica)
+            handoff.held.replica.release_kv(handoff.held.blocks)
+            if handoff.held.replica.engine.has_unfinished:  # it may have been waiting for those blocks
+                self._wake(handoff.held.replica)
 
     # ---- what the client would have seen ------------------------------------------------------------------
 

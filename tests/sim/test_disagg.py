@@ -75,7 +75,7 @@ def test_conservation_with_kv_pressure_on_both_sides():
     sim = disaggregated(linear(), policy="slo", prefill=2, decode=2, num_blocks=24, drop_expired=True)
     rng = random.Random(0)
     slo = SLO(ttft_s=0.5, tbt_s=0.2)
-    records = sim.run([SimRequest(i, 0.01 * i, rng.randint(20, 120), rng.randint(1, 40), slo) for i in range(80)])
+    records = sim.run([SimRequest(i, 0.01 * i, rng.randint(20, 120), rng.randint(1, 150), slo) for i in range(80)])
     assert all(r.finished_s is not None for r in records)
     assert {"ok", "rejected"} <= {r.status for r in records}
     assert sum(r.engine.scheduler.num_preemptions for r in sim.decode.replicas) > 0
@@ -112,3 +112,14 @@ def test_sim_compare_colocated_against_disaggregated(profiles, tmp_path):  # noq
                  "--out", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]
     assert runs["1P1D"]["summary"]["num_completed"] == runs["colocated"]["summary"]["num_completed"] == 60
+
+
+def test_the_prefill_replica_holds_the_kv_until_a_decode_replica_adopts_it():
+    """Two blocks a replica (one 20-token prompt's KV): r1 cannot start its prefill while r0's KV waits out its
+    transfer (20 x 6.25 ms = 0.125 s) on the prefill replica, so it starts at 0.225, not at 0.1."""
+    sim = disaggregated(constant(0.1), num_blocks=2)
+    records = sim.run([SimRequest(0, 0.0, 20, 2), SimRequest(1, 0.0, 20, 2)])
+    assert records[0].token_times_s == pytest.approx([0.1, 0.325])
+    assert records[1].token_times_s == pytest.approx([0.325, 0.55])
+    for replica in sim.all_replicas:
+        assert replica.engine.scheduler.kv.num_free_blocks == 2
