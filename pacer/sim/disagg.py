@@ -6,8 +6,10 @@ and a decode replica takes the request with `Engine.adopt`, which allocates its 
 
 KV accounting: the prefill replica keeps the prompt's KV in its blocks from the first token until a decode replica
 adopts the request (the transfer, then any wait for a decode replica with room), and the decode replica allocates
-its blocks at adoption; never both at once. So a full decode pool fills the prefill replicas' KV and slows their
-prefills down, as the sender's memory would in a real deployment.
+its blocks at adoption; never both at once. While a prefilled request waits for a decode replica with room, the
+prefill pool pauses (the simulator's backpressure): a first token the decode pool cannot continue would otherwise
+be followed by a stall that a request's P99 or mean gap hides when its output is long, so the wait is moved before
+the first token, where the TTFT SLO judges it.
 """
 
 from __future__ import annotations

@@ -123,3 +123,14 @@ def test_the_prefill_replica_holds_the_kv_until_a_decode_replica_adopts_it():
     assert records[1].token_times_s == pytest.approx([0.325, 0.55])
     for replica in sim.all_replicas:
         assert replica.engine.scheduler.kv.num_free_blocks == 2
+
+
+def test_the_prefill_pool_pauses_while_a_hand_over_waits_for_the_decode_pool():
+    """Backpressure: one batch slot on the decode replica, taken by r0 until 0.55. r1's KV arrives at 0.25 and
+    waits; r2, arriving at 0.3, gets no first token until r1 is adopted (0.55), so its wait shows in its TTFT
+    (first token at 0.65, not 0.4) instead of as a stall after its first token."""
+    sim = disaggregated(constant(0.1), max_num_seqs=1)
+    records = sim.run([SimRequest(0, 0.0, 8, 5), SimRequest(1, 0.0, 8, 2), SimRequest(2, 0.3, 8, 2)])
+    assert records[0].token_times_s == pytest.approx([0.1, 0.25, 0.35, 0.45, 0.55])
+    assert records[1].token_times_s == pytest.approx([0.2, 0.65])
+    assert records[2].token_times_s == pytest.approx([0.65, 0.8])
