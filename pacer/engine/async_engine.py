@@ -377,16 +377,6 @@ class EngineClient(Protocol):
 class StreamSource(Protocol):
     """What a RequestStream needs of the engine that feeds it (AsyncEngine, or the cluster's front end)."""
 
-    def adopt(self, request: Request, payload: object, outputs: asyncio.Queue) -> None:
-        """Queue a request prefilled by another engine, with its KV (`Engine.adopt`); outputs as `submit`."""
-        self._loop = self._loop or asyncio.get_running_loop()
-        self._queues[request.request_id] = outputs
-        self._inbox.put(("adopt", (request, payload)))
-
-    def take_kv(self, request_id: str) -> object:
-        """The KV its prefill left for a decode engine (`Request.export_kv`); KeyError if there is none."""
-        return self.engine.exported.pop(request_id)
-
     def detach(self, request_ids: list[str]) -> None: ...
 
     def abort(self, request_ids: list[str]) -> None: ...

@@ -61,7 +61,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
 def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
     """Sample one token from `logits` [V] after temperature and the top-k, top-p, min-p filters."""
     probs = torch.softmax(logits / p.temperature, dim=-1)
-    top_k = p.top_k if p.top_k > 0 else 0
+    top_k = max(0, p.top_k)
     if top_k or p.top_p < 1 or p.min_p > 0:
         k = min(probs.numel(), top_k or NUCLEUS_CANDIDATES)
         values, indices = probs.topk(k)

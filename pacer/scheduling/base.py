@@ -361,21 +361,6 @@ class RequestLimits:
     max_request_tokens: int
     limit_name: str
 
-    def adopt(self, request: Request) -> None:
-        """Run a request whose prompt another engine prefilled (disaggregated serving): its KV blocks are
-        allocated here, for the caller to fill, and it joins the running batch as a decode. ValueError if it
-        does not fit now (KV blocks or batch slots)."""
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
-        self.check(request)
-        if len(self.running) >= self.max_num_seqs or not self.kv.can_allocate(request, 0):
-            raise ValueError(f"request {request.request_id}: no room to adopt it now "
-                             f"({len(self.running)} running, {self.kv.num_free_blocks} free KV blocks)")
-        self.kv.allocate(request, 0)
-        request.status = RequestStatus.RUNNING
-        self.requests[request.request_id] = request
-        self.running.append(request)
-
     def check(self, request: Request) -> None:
         wanted = request.num_prompt_tokens + (request.sampling.max_tokens or 1)
         if wanted > self.max_request_tokens:

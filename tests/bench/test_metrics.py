@@ -10,10 +10,10 @@ import pytest
 
 from pacer.bench.metrics import (
     SLO,
-    parse_slo_classes,
     RequestRecord,
     fluidity_index,
     meets_slo,
+    parse_slo_classes,
     percentiles,
     request_metrics,
     summarize,

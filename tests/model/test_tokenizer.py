@@ -12,7 +12,6 @@ from pacer.model.tokenizer import Tokenizer
 from pacer.model.weights import load_tokenizer
 
 
-
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_path: Path) -> Tokenizer:
     return load_tokenizer(smollm2_path)

@@ -29,7 +29,6 @@ from pacer.model.weights import (
     resolve_model_path,
 )
 
-
 # ---- a tiny GGUF written by gguf's own writer, every supported type used once -------------------
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
