@@ -18,6 +18,13 @@ $PACER bench compare --config "local=--threads 2" --config "ray-1x2=--ray-addres
   --server-args "$COMMON" --arrival concurrency --concurrency 16 --lengths fixed --prompt-tokens 128 \
   --output-tokens 128 --num-requests 96 --out $OUT/cluster_overhead_saturated.json
 
+# The path alone: short requests (16 prompt + 16 output tokens) one at a time, so TTFT is mostly the path, with
+# 1 torch thread (a core left for the front end and Ray's own threads) and with 2 (none left).
+$PACER bench compare --config "local-t1=--threads 1" --config "ray-t1=--ray-address local --threads-per-replica 1" \
+  --config "local-t2=--threads 2" --config "ray-t2=--ray-address local --threads-per-replica 2" \
+  --server-args "$COMMON" --arrival concurrency --concurrency 1 --lengths fixed --prompt-tokens 16 \
+  --output-tokens 16 --num-requests 100 --out $OUT/cluster_overhead_path.json
+
 # 2x1 against 1x2
 $PACER bench compare --config "1x2=--scheduler slo --threads 2" \
   --config "2x1=--scheduler slo --replicas 2 --threads-per-replica 1" \
