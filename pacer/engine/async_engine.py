@@ -98,6 +98,9 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._requests: dict[str, Request] = {}  # engine thread only
+        # Prefilled elsewhere, waiting in arrival order for a batch slot and KV blocks here (engine thread only):
+        # a full decode engine holds hand-overs back instead of failing them.
+        self._adoptions: deque[tuple[Request, object]] = deque()
         self._finish_times: deque[float] = deque(maxlen=_RATE_WINDOW)
         # Admission control: the scheduler's queue after the latest iteration (published by the engine thread
         # with how many submitted requests it had taken in by then) and the ones submitted since.
@@ -271,10 +274,13 @@ class AsyncEngine:
                         self._abort(request_id)
             if self.engine.has_unfinished:
                 self._step()
+                self._adopt_waiting()  # the step may have freed room
             self._publish_load()
         for request_id in list(self._requests):
             self.engine.abort(request_id)
             self._finished(request_id)
+        self._fail([request.request_id for request, _ in self._adoptions], "the engine stopped")
+        self._adoptions.clear()
         self._publish_load()
 
     def _add(self, requests: list[Request]) -> None:
@@ -288,15 +294,30 @@ class AsyncEngine:
                 self._requests[request.request_id] = request
 
     def _adopt(self, request: Request, payload: object) -> None:
-        try:
-            self.engine.adopt(request, payload)
-        except Exception as error:  # noqa: BLE001  (no room, or a bad payload: this request's failure alone)
-            logger.warning("request %s could not be adopted: %s", request.request_id, error)
-            self._fail([request.request_id], f"the decode engine could not take the request over: {error}")
-        else:
-            self._requests[request.request_id] = request
+        self._adoptions.append((request, payload))
+        self._adopt_waiting()
+
+    def _adopt_waiting(self) -> None:
+        """Take over waiting hand-overs, in arrival order, while there is room; one that cannot fit even in an
+        idle engine, or whose payload does not import, fails alone."""
+        while self._adoptions:
+            request, payload = self._adoptions[0]
+            if not self.engine.scheduler.has_room_for(request) and self.engine.has_unfinished:
+                return  # room comes back as running requests end
+            self._adoptions.popleft()
+            try:
+                self.engine.adopt(request, payload)
+            except Exception as error:  # noqa: BLE001  (too big, or a bad payload: this request's failure alone)
+                logger.warning("request %s could not be adopted: %s", request.request_id, error)
+                self._fail([request.request_id], f"the decode engine could not take the request over: {error}")
+            else:
+                self._requests[request.request_id] = request
 
     def _abort(self, request_id: str) -> None:
+        waiting = [a for a in self._adoptions if a[0].request_id == request_id]
+        for adoption in waiting:  # never started here: its stream ends with an error, like a failed hand-over
+            self._adoptions.remove(adoption)
+            self._fail([request_id], "aborted while waiting to be taken over")
         output = self.engine.abort(request_id)
         self._finished(request_id)
         if output is not None:

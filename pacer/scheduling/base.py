@@ -187,13 +187,17 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.check(request)
-        if len(self.running) >= self.max_num_seqs or not self.kv.can_allocate(request, 0):
+        if not self.has_room_for(request):
             raise ValueError(f"request {request.request_id}: no room to adopt it now "
                              f"({len(self.running)} running, {self.kv.num_free_blocks} free KV blocks)")
         self.kv.allocate(request, 0)
         request.status = RequestStatus.RUNNING
         self.requests[request.request_id] = request
         self.running.append(request)
+
+    def has_room_for(self, request: Request) -> bool:
+        """Could `adopt` take this request now: a batch slot and KV blocks for all its tokens so far?"""
+        return len(self.running) < self.max_num_seqs and self.kv.can_allocate(request, 0)
 
     def check(self, request: Request) -> None:
         """ValueError if the request could never be served, whatever the load. Reads only fixed

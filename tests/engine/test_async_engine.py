@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from pacer.engine.async_engine import AsyncEngine, QueueFullError
-from pacer.request import FinishReason, Request, SamplingParams
-from tests.tiny import tiny_engine
+from pacer.request import FinishReason, Request, RequestOutput, SamplingParams
+from tests.tiny import tiny_engine, tiny_model
 
 
 def started(**kwargs) -> AsyncEngine:
@@ -89,3 +89,43 @@ def test_limits_refuse_before_anything_is_queued():
             await engine.stop()
 
     asyncio.run(main())
+
+
+def test_a_full_decode_engine_holds_hand_overs_back_until_it_has_room():
+    """Disaggregated serving: with one batch slot, a second prefilled request waits for the first to end instead
+    of failing, and both finish with all their tokens, in arrival order."""
+    model = tiny_model()
+
+    def prefilled(rid: str) -> tuple[Request, object]:
+        prefill = tiny_engine(model=model)
+        first = Request(rid, [3, 4, 5, 6], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+                        export_kv=True)
+        prefill.add_request(first)
+        while prefill.has_unfinished:
+            prefill.step()
+        request = Request(rid, [3, 4, 5, 6], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        request.token_ids.append(first.output_token_ids[0])
+        request.num_computed_tokens = 4
+        return request, prefill.exported.pop(rid)
+
+    async def main():
+        engine = AsyncEngine(lambda: tiny_engine(model=model, max_num_seqs=1))
+        engine.start()
+        try:
+            outputs: asyncio.Queue = asyncio.Queue()
+            for rid in ("a", "b"):
+                engine.adopt(*prefilled(rid), outputs)
+            ended, tokens = [], {"a": 0, "b": 0}
+            while len(ended) < 2:
+                item = await asyncio.wait_for(outputs.get(), 30)
+                assert isinstance(item, RequestOutput), item
+                tokens[item.request_id] += len(item.new_token_ids)
+                if item.finished:
+                    ended.append(item.request_id)
+            return ended, tokens, engine.load
+        finally:
+            await engine.stop()
+
+    ended, tokens, load = asyncio.run(main())
+    assert ended == ["a", "b"] and tokens == {"a": 5, "b": 5}  # the first of the 6 came from the prefill
+    assert load.num_running == 0 and load.kv_cache_usage == 0
