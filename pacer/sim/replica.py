@@ -79,7 +79,7 @@ class SimReplica:
         self.engine.add_request(request)
 
     def adopt(self, request: Request, payload: object) -> None:
-        """A request prefilled elsewhere (`Engine.adopt`); ValueError, and nothing changed, if there is no room."""
+        """A request prefilled elsewhere (`Engine.adopt`); the caller checks `Scheduler.has_room_for` first."""
         self._changed()
         self.engine.adopt(request, payload)
 

@@ -222,10 +222,9 @@ class Simulator:
     def _adopt_parked(self, replica: SimReplica) -> None:
         while self._parked:
             handoff = self._parked[0]
-            try:
-                replica.adopt(handoff.request, handoff.payload)
-            except ValueError:
+            if not replica.engine.scheduler.has_room_for(handoff.request):
                 return  # no room (KV blocks or batch slots) until one of its requests ends
+            replica.adopt(handoff.request, handoff.payload)
             self._parked.popleft()
             self._wake(replica)
             handoff.held.replica.release_kv(handoff.held.blocks)
