@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from pacer.cluster.client import ClusterEngine, ReplicaState
 from pacer.config import ClusterConfig, EngineConfig
@@ -178,3 +179,20 @@ def test_a_replica_out_of_restarts_is_dead_and_the_others_serve_on(tiny_model_di
         await cluster.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"replicas": 0}, "replicas must be at least 1"),
+    ({"replicas": 2, "threads_per_replica": 0}, "threads_per_replica must be at least 1"),
+    ({"replicas": 2, "max_restarts": -1}, "max_restarts must be >= 0"),
+    ({"replicas": 2, "prefill_replicas": 2}, "needs at least one decode replica"),
+    ({"replicas": 2, "prefill_replicas": -1}, "prefill_replicas must be in"),
+])
+def test_cluster_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ClusterConfig(**kwargs)
+
+
+def test_a_bad_router_name_fails_before_ray_starts():
+    with pytest.raises(ValueError, match="router"):
+        ClusterEngine(EngineConfig(), ClusterConfig(replicas=2, router="fastest"))
