@@ -12,7 +12,7 @@ from pacer.config import EngineConfig
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
 from pacer.kv import KVCacheManager
-from pacer.latency.profile import resolve_latency_model
+from pacer.latency.profile import resolve_latency_model, warm_up
 from pacer.model.runner import ModelRunner, resolve_dtype
 from pacer.model.tokenizer import Tokenizer
 from pacer.model.weights import load_checkpoint, resolve_model_path
@@ -41,6 +41,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
     kv = KVCacheManager(runner.num_blocks, config.cache.block_size)
     logger.info("loaded %s in %.1f s (%s, %s)", path.name, time.perf_counter() - start, runner.dtype,
                 config.model.device)
+    warm_up(runner, kv, checkpoint.config.vocab_size)
     key = profile_key(path, runner.dtype, config.model.device)
     latency = resolve_latency_model(config.latency.latency_profile, runner, kv, checkpoint.config.vocab_size,
                                     max_model_len, key, required=policy.needs_latency_model)

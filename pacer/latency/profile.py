@@ -80,11 +80,19 @@ def time_batch(executor: Executor, kv: KVCacheManager, batch: Batch, vocab_size:
             kv.free(request)
 
 
+def warm_up(executor: Executor, kv: KVCacheManager, vocab_size: int) -> None:
+    """Run a prefill chunk and a decode batch once, so that the first served iteration is not the one that
+    allocates and builds (it took up to 2x its predicted time). A slow first iteration would also sit in the
+    latency model's error window and inflate its planning margin for hundreds of iterations after."""
+    for batch in ([(64, 0)], [(1, 64)] * 4):
+        if sum(n + ctx for n, ctx in batch) <= kv.capacity_tokens:
+            time_batch(executor, kv, batch, vocab_size)
+
+
 def profile(executor: Executor, kv: KVCacheManager, vocab_size: int, max_model_len: int, grid: ProfileGrid,
             key: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> LinearLatencyModel:
     """Time every batch of the grid and fit; the fit's error on the grid is in `fit_error`."""
     batches = grid.batches(kv.capacity_tokens, max_model_len)
-    time_batch(executor, kv, batches[0], vocab_size)  # warm-up: first calls allocate and build
     shapes = [_shape(batch) for batch in batches]
     # Rounds over the whole grid rather than repeats in a row: a slow spell of the machine then
     # lands on one sample of many shapes, and the median per shape drops it.

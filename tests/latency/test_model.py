@@ -73,7 +73,20 @@ def test_online_correction_learns_a_constant_bias_and_tracks_the_error():
     assert model.predict(chunk) == pytest.approx(0.1) and model.margin == 0.1  # no history yet: the default
     for _ in range(100):
         model.observe(chunk, model.predict(chunk), 0.08)
-    assert model.predict(chunk) == pytest.approx(0.08, rel=1e-2) and model.predict(shape) == pytest.approx(0.13)
+    # each regime keeps its own bias; the shared factor for the machine's recent speed has settled back
+    assert model.predict(chunk) == pytest.approx(0.08, rel=1e-2) and model.predict(shape) == pytest.approx(0.13, rel=1e-2)
+
+
+def test_a_slow_spell_seen_in_decodes_carries_over_to_prefills():
+    model = LinearLatencyModel([0.1, 0.0, 0.0, 0.0, 0.0, 0.0], ())
+    decode, chunk = BatchShape().with_decode(10), BatchShape().with_chunk(64, 0)
+    for _ in range(10):  # the machine turns 40 % slower (another job); only decodes run meanwhile
+        model.observe(decode, model.predict(decode), 0.14)
+    assert model.predict(chunk) > 0.12  # the next prefill is expected slow too, though none was seen
+    assert model.predict(decode) == pytest.approx(0.14, rel=0.05)
+    for _ in range(30):  # and back to normal
+        model.observe(decode, model.predict(decode), 0.1)
+    assert model.predict(chunk) == pytest.approx(0.1, rel=0.05)
 
 
 def test_margin_is_a_high_quantile_of_under_predictions():
