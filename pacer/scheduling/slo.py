@@ -3,7 +3,8 @@
 1. Running decodes first, always.
 2. The prefill tokens of an iteration are the most whose *predicted* iteration time fits the tightest
    TBT slack among running requests, less the model's learned error margin; `max_num_batched_tokens`
-   is only a cap.
+   is only a cap. A request starts only while the decodes, with it, leave room for a minimum chunk:
+   the TBT SLO bounds the batch.
 3. Prefills in priority order, then TTFT deadline (EDF), with aging so nothing starves.
 4. Under KV pressure, preempt the least important request with the least sunk work, and none more
    than `MAX_PREEMPTIONS` times while another can go.
@@ -18,7 +19,7 @@ from collections.abc import Iterable
 
 from pacer.config import SchedulerConfig
 from pacer.latency.model import BatchShape, largest_chunk
-from pacer.request import FinishReason, Request
+from pacer.request import FinishReason, Request, RequestStatus
 from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot, queue_key
 from pacer.scheduling.base import Scheduler, SchedulerOutput
 from pacer.scheduling.registry import register
@@ -39,6 +40,7 @@ class SloScheduler(Scheduler):
         super().__init__(config, *args, **kwargs)
         self.drop_expired = config.drop_expired
         self._time_limit_s = math.inf
+        self._tbt_bounds_batch = False
 
     @classmethod
     def default_token_budget(cls, max_model_len: int) -> int:
@@ -50,6 +52,11 @@ class SloScheduler(Scheduler):
         for request in expired:
             self.finish(request.request_id, FinishReason.EXPIRED)
         self._time_limit_s = self.iteration_time_limit(now)
+        # Can the tightest TBT be kept at all, by one decode beside a minimum chunk? Then it bounds the batch:
+        # requests start only while the decodes leave room, and no chunk overruns it. If not, it is lost
+        # whatever we do, and prefills keep a minimum chunk each iteration rather than run one request at a time.
+        self._tbt_bounds_batch = self.latency.predict(BatchShape().with_decode(1).with_chunk(MIN_CHUNK, 0)) \
+            <= self._time_limit_s
         plan = super().schedule(now)
         plan.dropped = expired
         return plan
@@ -68,13 +75,29 @@ class SloScheduler(Scheduler):
 
     def chunk_tokens(self, request: Request, plan: SchedulerOutput, now: float) -> int:
         cap = min(request.num_uncomputed_tokens, self.token_budget - plan.total_num_scheduled_tokens)
-        if not request.is_prefilling or cap <= 0 or math.isinf(self._time_limit_s):
-            return max(0, cap)
+        started = request.status is RequestStatus.RUNNING
+        if cap <= 0 or math.isinf(self._time_limit_s) or (started and not request.is_prefilling):
+            return max(0, cap)  # running decodes always go (a one-token prompt is not one: it joins the batch)
+        if self._tbt_bounds_batch and not started and not self.decodes_leave_room(request, plan):
+            return 0
         shape = plan.shape
         chunk = largest_chunk(self.latency, shape, request.num_computed_tokens, cap, self._time_limit_s)
-        if chunk == 0 and shape.num_prefill_tokens == 0:
-            chunk = min(cap, MIN_CHUNK)  # progress: the queue must drain even when decodes fill the limit
+        if chunk == 0 and shape.num_prefill_tokens == 0 and not self._tbt_bounds_batch:
+            chunk = min(cap, MIN_CHUNK)  # progress, when the decodes alone overrun a TBT that cannot be kept
         return chunk
+
+    def decodes_leave_room(self, request: Request, plan: SchedulerOutput) -> bool:
+        """May `request` start? Once it and every started prefill decode beside this plan's decodes, an iteration
+        with them and a `MIN_CHUNK` chunk must still fit the time limit. Otherwise the batch would grow until the
+        decodes alone overrun their TBT SLO (the progress chunk, which started requests always get, overruns
+        first): the TBT SLO bounds how many requests may decode at once, as KV bounds it for memory."""
+        shape = plan.shape
+        future = BatchShape(num_decodes=shape.num_decodes, decode_context=shape.decode_context)
+        for other in self.running:
+            if other.is_prefilling:
+                future = future.with_decode(other.num_tokens)
+        future = future.with_decode(request.num_tokens).with_chunk(MIN_CHUNK, 0)
+        return self.latency.predict(future) <= self._time_limit_s
 
     def victim(self, plan: SchedulerOutput) -> Request:
         candidates = [r for r in self.running if r.num_preemptions < MAX_PREEMPTIONS] or self.running

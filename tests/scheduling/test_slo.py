@@ -32,9 +32,9 @@ def request(rid: str, prompt_len: int, ttft_s: float | None = None, tbt_s: float
     return r
 
 
-def decoding(scheduler, rid: str, tbt_s: float, now: float = 0.0):
+def decoding(scheduler, rid: str, tbt_s: float, now: float = 0.0, max_tokens: int = 50):
     """A request past its prompt (first token at `now`), so it decodes from the next iteration on."""
-    r = request(rid, 8, tbt_s=tbt_s, arrival_s=now)
+    r = request(rid, 8, tbt_s=tbt_s, arrival_s=now, max_tokens=max_tokens)
     scheduler.add(r)
     step(scheduler, now)
     assert r.num_output_tokens == 1 and not r.is_prefilling
@@ -75,6 +75,24 @@ def test_decodes_that_fill_the_limit_still_leave_a_minimum_chunk():
     scheduler.add(request("b", 1000))
     plan = scheduler.schedule(now=0.0)
     assert plan.num_scheduled_tokens["b"] == MIN_CHUNK and sum(plan.num_scheduled_tokens.values()) == 8 + MIN_CHUNK
+
+
+def test_a_request_starts_only_while_the_decodes_leave_room_for_it():
+    """The TBT SLO bounds the batch: with 100 ms promised (limit 100/1.1 ms), one more decode beside 64 and a
+    minimum chunk would take 10 + 65 + 16 = 91 ms, over the limit, so the next request waits, without overrunning
+    (a one-token prompt too, which would join as a decode at once); a finished decode makes room."""
+    scheduler = slo_scheduler(max_num_seqs=128, num_blocks=2048)
+    decodes = [decoding(scheduler, f"d{i}", tbt_s=0.1, max_tokens=200) for i in range(64)]
+    scheduler.add(request("b", 100))
+    scheduler.add(request("one", 1))
+    plan, _ = step(scheduler, now=0.0)
+    assert plan.num_scheduled_tokens.keys() == {d.request_id for d in decodes}
+    assert plan.predicted_s <= 0.1 / (1 + MARGIN)
+    scheduler.finish("d0", FinishReason.ABORT)
+    scheduler.finish("d1", FinishReason.ABORT)
+    plan, _ = step(scheduler, now=0.0)
+    assert plan.num_scheduled_tokens["b"] == 18  # 62 decodes + 18 tokens: 90 ms
+    assert "one" not in plan.num_scheduled_tokens and plan.predicted_s <= 0.1 / (1 + MARGIN)
 
 
 def test_prefills_run_in_deadline_order():
