@@ -67,10 +67,10 @@ class LatencyModel(Protocol):
         """Fold in a measured iteration: corrects bias, tracks the recent error."""
         ...
 
-    @property
-    def margin(self) -> float:
+    def margin(self, num_decodes: int = 1) -> float:
         """Relative safety margin a planner should add to the predicted time of an iteration that carries
-        a prefill chunk (the only kind it sizes): a high quantile of recent under-predictions."""
+        a prefill chunk (the only kind it sizes) beside `num_decodes` decodes: a high quantile of recent
+        under-predictions, higher the more decodes an overrun would delay."""
         ...
 
 
@@ -105,6 +105,9 @@ def feature_names(knots: tuple[int, ...]) -> list[str]:
             "prefill_context", "decode_context"]
 
 
+MIN_SAMPLES = 20  # errors seen before the margin is read from them
+
+
 @dataclass
 class Calibration:
     """Online correction for one regime: a slow multiplicative bias (EWMA of log measured/predicted: how far
@@ -113,11 +116,17 @@ class Calibration:
 
     alpha: float = 0.05  # EWMA weight of the newest iteration
     window: int = 500
-    # The p99, not the worst recent run: on this shared CPU about one iteration in 200-500 runs 1.4-2x long
-    # at random, whatever its shape, and the p99.9 of a window is then that one spike, which held the margin
-    # at 1.4 for a whole run and halved the prefill chunks. Overruns at high load came mostly from the batch
-    # growing past what the TBT allows, which the slo policy now bounds (benchmarks/RESULTS.md).
+    # With few decodes, the p99, not the worst recent run: on this shared CPU about one iteration in 200-500
+    # runs 1.4-2x long at random, whatever its shape, and the p99.9 of a window is then that one spike, which
+    # held the margin at 1.4 for a whole run and halved the prefill chunks (benchmarks/RESULTS.md).
     margin_quantile: float = 0.99
+    # But an overrun delays every running decode past its TBT, and a request's P99 over fewer than 100 gaps is
+    # its worst one. Beyond `base_decodes` decodes the quantile's tail shrinks in proportion, so the requests
+    # an overrun is expected to hit stay the same: the p99.8 with 25 decodes, the p99.9 with 50.
+    base_decodes: int = 5
+    # Until `MIN_SAMPLES` errors are in: about the p99 of the errors of serving replays on this machine. The
+    # 0.1 it replaces let most of a run's overruns happen in its first 20 prefill iterations.
+    initial_margin: float = 0.3
     log_bias: float = 0.0
     errors: deque[float] = field(default_factory=deque)  # measured / predicted - 1, newest last
     _sorted: list[float] = field(default_factory=list, repr=False)  # the same errors, ascending
@@ -141,14 +150,15 @@ class Calibration:
     def bias(self) -> float:
         return math.exp(self.log_bias)
 
-    @property
-    def margin(self) -> float:
-        """The `margin_quantile` of recent errors (linear interpolation, as numpy's default), at least 0;
-        0.1 until 20 iterations have been seen."""
+    def margin(self, num_decodes: int = 1) -> float:
+        """A quantile of recent errors (linear interpolation, as numpy's default), at least 0: the
+        `margin_quantile`, its tail shrunk beyond `base_decodes` decodes; `initial_margin` until
+        `MIN_SAMPLES` iterations have been seen."""
         values = self._sorted
-        if len(values) < 20:
-            return 0.1
-        position = self.margin_quantile * (len(values) - 1)
+        if len(values) < MIN_SAMPLES:
+            return self.initial_margin
+        quantile = 1 - (1 - self.margin_quantile) * min(1.0, self.base_decodes / max(1, num_decodes))
+        position = quantile * (len(values) - 1)
         low = int(position)
         high = min(low + 1, len(values) - 1)
         return max(0.0, values[low] + (values[high] - values[low]) * (position - low))
@@ -208,9 +218,8 @@ class LinearLatencyModel:
             residual = calibration.learn(math.log(measured_s / self.predict_raw(shape)))
             self.log_drift += self.drift_alpha * (residual - self.log_drift)
 
-    @property
-    def margin(self) -> float:
-        return self.calibrations["prefill"].margin
+    def margin(self, num_decodes: int = 1) -> float:
+        return self.calibrations["prefill"].margin(num_decodes)
 
     @classmethod
     def fit(cls, shapes: list[BatchShape], times_s: list[float], knots: tuple[int, ...] = (),

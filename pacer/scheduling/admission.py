@@ -59,13 +59,14 @@ def predict_ttft(snapshot: QueueSnapshot, pending: Iterable[Request], request: R
     room = snapshot.token_budget - snapshot.decodes.num_tokens
     if room <= 0:
         return math.inf
-    limit = snapshot.tbt_limit_s / (1 + latency.margin)
+    margin = latency.margin(snapshot.decodes.num_decodes)
+    limit = snapshot.tbt_limit_s / (1 + margin)
     chunk = max(largest_chunk(latency, snapshot.decodes, 0, room, limit), min(MIN_CHUNK, room))
     full, rest = divmod(tokens, chunk)  # full chunks, then one of the remainder
     seconds = full * latency.predict(snapshot.decodes.with_chunk(chunk, 0))
     if rest:
         seconds += latency.predict(snapshot.decodes.with_chunk(rest, 0))
-    return seconds * (1 + latency.margin)
+    return seconds * (1 + margin)
 
 
 def admit(snapshot: QueueSnapshot, pending: Iterable[Request], request: Request, latency: LatencyModel,

@@ -63,12 +63,12 @@ class SloScheduler(Scheduler):
 
     def iteration_time_limit(self, now: float) -> float:
         """The tightest TBT slack among running decodes (time until each one's next token is due), less the
-        latency model's error margin; inf when no running request has a TBT SLO."""
+        latency model's error margin for as many decodes; inf when no running request has a TBT SLO."""
         slacks = [r.last_token_s + r.slo.tbt_s - now for r in self.running
                   if r.slo.tbt_s is not None and r.last_token_s is not None]
         if not slacks:
             return math.inf
-        return max(0.0, min(slacks)) / (1 + self.latency.margin)
+        return max(0.0, min(slacks)) / (1 + self.latency.margin(len(slacks)))
 
     def prefill_order(self, waiting: Iterable[Request], now: float) -> Iterable[Request]:
         return sorted(waiting, key=lambda r: queue_key(r, now, AGING_S))

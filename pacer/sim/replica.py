@@ -40,10 +40,10 @@ class QueueTimes:
         decodes, room = snapshot.decodes, snapshot.token_budget - snapshot.decodes.num_tokens
         chunk, chunk_s = 0, math.inf
         if room > 0:
-            limit = snapshot.tbt_limit_s / (1 + latency.margin)
+            limit = snapshot.tbt_limit_s / (1 + latency.margin(decodes.num_decodes))
             chunk = max(largest_chunk(latency, decodes, 0, room, limit), min(MIN_CHUNK, room))
             chunk_s = latency.predict(decodes.with_chunk(chunk, 0))
-        return cls(keys, tokens_through, decodes, chunk, chunk_s, 1 + latency.margin, latency)
+        return cls(keys, tokens_through, decodes, chunk, chunk_s, 1 + latency.margin(decodes.num_decodes), latency)
 
     def ttft_s(self, request: Request) -> float:
         if not self.chunk:

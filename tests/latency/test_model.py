@@ -70,7 +70,7 @@ def test_online_correction_learns_a_constant_bias_and_tracks_the_error():
     # the corrected predictions are now right: the window's median |error| is tiny
     assert np.quantile(np.abs(model.calibrations["decode"].errors), 0.5) < 1e-3
     chunk = BatchShape().with_chunk(64, 0)  # iterations with a prefill are corrected on their own
-    assert model.predict(chunk) == pytest.approx(0.1) and model.margin == 0.1  # no history yet: the default
+    assert model.predict(chunk) == pytest.approx(0.1) and model.margin() == Calibration.initial_margin  # no history yet
     for _ in range(100):
         model.observe(chunk, model.predict(chunk), 0.08)
     # each regime keeps its own bias; the shared factor for the machine's recent speed has settled back
@@ -93,11 +93,20 @@ def test_margin_is_a_high_quantile_of_under_predictions():
     calibration = Calibration(alpha=0.0, margin_quantile=0.9)  # no bias correction: errors stay as observed
     for i in range(100):
         calibration.observe(1.0, 1.2 if i % 10 == 0 else 1.0)  # one iteration in ten runs 20 % long
-    assert calibration.margin == pytest.approx(0.02)  # the 90th percentile falls between 0 and 0.2
-    assert Calibration(margin_quantile=0.95).margin == 0.1  # no history yet: a default margin
+    assert calibration.margin() == pytest.approx(0.02)  # the 90th percentile falls between 0 and 0.2
+    assert Calibration(margin_quantile=0.95, initial_margin=0.25).margin() == 0.25  # no history yet: the default
     for i in range(100):
         calibration.observe(1.0, 1.2 if i % 2 == 0 else 1.0)
-    assert calibration.margin == pytest.approx(0.2)
+    assert calibration.margin() == pytest.approx(0.2)
+
+
+def test_the_more_decodes_an_overrun_would_delay_the_higher_the_quantile():
+    calibration = Calibration(alpha=0.0, window=1001)
+    for i in range(1001):
+        calibration.observe(1.0, 1.0 + i / 1000)  # errors 0, 0.001, ..., 1.0
+    assert calibration.margin() == calibration.margin(5) == pytest.approx(0.99)  # a few decodes: the p99
+    assert calibration.margin(25) == pytest.approx(0.998)  # 5x the decodes, a 5x thinner tail
+    assert calibration.margin(50) == pytest.approx(0.999)
 
 
 def test_largest_chunk_is_the_most_tokens_within_the_limit():
@@ -128,4 +137,4 @@ def test_margin_is_numpys_quantile_of_the_rolling_window():
         calibration.observe(1.0, rng.uniform(0.7, 1.5))
         assert sorted(calibration.errors) == calibration._sorted
     assert len(calibration.errors) == 100
-    assert calibration.margin == pytest.approx(float(np.quantile(list(calibration.errors), calibration.margin_quantile)))
+    assert calibration.margin() == pytest.approx(float(np.quantile(list(calibration.errors), calibration.margin_quantile)))

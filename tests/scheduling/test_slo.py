@@ -6,13 +6,13 @@ import math
 
 import pytest
 
-from pacer.latency.model import LinearLatencyModel
+from pacer.latency.model import Calibration, LinearLatencyModel
 from pacer.request import SLO, FinishReason, RequestStatus
 from pacer.scheduling.admission import MIN_CHUNK, SLOUnattainable, admit, predict_ttft
 from pacer.scheduling.slo import AGING_S, MAX_PREEMPTIONS
 from tests.scheduling.helpers import check_invariants, make_request, make_scheduler, step
 
-MARGIN = 0.1  # the model's margin before it has seen 20 iterations (the fake outputs report no time)
+MARGIN = Calibration.initial_margin  # the model's margin before it has seen 20 iterations (the fakes report no time)
 
 
 def model() -> LinearLatencyModel:
@@ -78,21 +78,23 @@ def test_decodes_that_fill_the_limit_still_leave_a_minimum_chunk():
 
 
 def test_a_request_starts_only_while_the_decodes_leave_room_for_it():
-    """The TBT SLO bounds the batch: with 100 ms promised (limit 100/1.1 ms), one more decode beside 64 and a
-    minimum chunk would take 10 + 65 + 16 = 91 ms, over the limit, so the next request waits, without overrunning
-    (a one-token prompt too, which would join as a decode at once); a finished decode makes room."""
+    """The TBT SLO bounds the batch: an iteration may hold `room` tokens within the limit, so beside room - 16
+    decodes one more request and a minimum chunk would overrun. The next request waits, without overrunning (a
+    one-token prompt too, which would join as a decode at once); two finished decodes make room for it."""
+    limit = 0.1 / (1 + MARGIN)
+    room = math.floor((limit - 0.010) / 0.001)
     scheduler = slo_scheduler(max_num_seqs=128, num_blocks=2048)
-    decodes = [decoding(scheduler, f"d{i}", tbt_s=0.1, max_tokens=200) for i in range(64)]
+    decodes = [decoding(scheduler, f"d{i}", tbt_s=0.1, max_tokens=200) for i in range(room - MIN_CHUNK)]
     scheduler.add(request("b", 100))
     scheduler.add(request("one", 1))
     plan, _ = step(scheduler, now=0.0)
     assert plan.num_scheduled_tokens.keys() == {d.request_id for d in decodes}
-    assert plan.predicted_s <= 0.1 / (1 + MARGIN)
+    assert plan.predicted_s <= limit
     scheduler.finish("d0", FinishReason.ABORT)
     scheduler.finish("d1", FinishReason.ABORT)
     plan, _ = step(scheduler, now=0.0)
-    assert plan.num_scheduled_tokens["b"] == 18  # 62 decodes + 18 tokens: 90 ms
-    assert "one" not in plan.num_scheduled_tokens and plan.predicted_s <= 0.1 / (1 + MARGIN)
+    assert plan.num_scheduled_tokens["b"] == MIN_CHUNK + 2  # the room the two freed, beside room - 18 decodes
+    assert "one" not in plan.num_scheduled_tokens and plan.predicted_s <= limit
 
 
 def test_prefills_run_in_deadline_order():
@@ -125,13 +127,13 @@ def test_admission_rejects_what_it_cannot_serve_with_the_predicted_wait():
     snapshot = scheduler.snapshot()
     latency = scheduler.latency
     # 6 x 600 queued ahead + 200 of its own = 3800, 512 a chunk (no decodes): 7 iterations of 10 + 512 ms
-    # and one of 10 + 216 ms, +10 %
+    # and one of 10 + 216 ms, plus the margin
     hopeless = request("late", 200, ttft_s=2.0)
     predicted = predict_ttft(snapshot, [], hopeless, latency)
     assert predicted == pytest.approx((7 * 0.522 + 0.226) * (1 + MARGIN))
     with pytest.raises(SLOUnattainable) as refused:
         admit(snapshot, [], hopeless, latency, now=0.0)
-    assert refused.value.retry_after_s == math.ceil(predicted - 2.0) == 3
+    assert refused.value.retry_after_s == math.ceil(predicted - 2.0)
     # an earlier deadline goes ahead of the queue (EDF): 1 iteration of 200 tokens, accepted
     admit(snapshot, [], request("urgent", 200, ttft_s=1.0), latency, now=0.0)
     # requests submitted since the snapshot count too
@@ -147,7 +149,7 @@ def test_admission_counts_the_decode_load_and_the_time_already_waited():
     snapshot = scheduler.snapshot()
     assert snapshot.decodes.num_decodes == 4 and snapshot.tbt_limit_s == 0.1
     r = request("r", 300, ttft_s=1.0, arrival_s=0.0)
-    # chunks fit 0.1 / 1.1 s beside 4 decodes: 76 tokens; 3 of them and the rest
+    # chunks fit 0.1 / (1 + margin) s beside 4 decodes; as many as it takes, and the rest
     chunk = math.floor((0.1 / (1 + MARGIN) - 0.010) / 0.001) - 4
     full, rest = divmod(300, chunk)
     expected = (full * (0.010 + 0.001 * (chunk + 4)) + (0.010 + 0.001 * (rest + 4))) * (1 + MARGIN)
