@@ -132,6 +132,12 @@ class Request:
         return self.token_ids[len(self.prompt_token_ids):]
 
     @property
+    def num_outstanding_tokens(self) -> int:
+        """Prompt tokens still to prefill plus output tokens still to generate (at most): a load figure."""
+        return (max(0, self.num_prompt_tokens - self.num_computed_tokens) + (self.sampling.max_tokens or 1)
+                - self.num_output_tokens)
+
+    @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 

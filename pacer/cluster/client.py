@@ -78,8 +78,7 @@ class _Replica:
 
     @property
     def num_outstanding_tokens(self) -> int:
-        return self.load.num_outstanding_tokens + sum(r.num_prompt_tokens + (r.sampling.max_tokens or 1)
-                                                      for r in self.queue.pending())
+        return self.load.num_outstanding_tokens + sum(r.num_outstanding_tokens for r in self.queue.pending())
 
     def predicted_ttft_s(self, request: Request) -> float | None:
         return self.queue.predicted_ttft_s(request)
@@ -261,6 +260,7 @@ class ClusterEngine:
         flight.replica, flight.started, flight.handoff = target.index, True, False
         target.flights.add(request_id)
         target.num_routed += 1
+        target.queue.submitted(request)  # counted in its load until its next update, as a submitted request is
         target.actor.adopt.remote(request, _age(request), prefill.actor.take_kv.remote(request_id))
 
     # ---- each replica's stream ----------------------------------------------------------------------------

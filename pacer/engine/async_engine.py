@@ -187,6 +187,7 @@ class AsyncEngine:
         """Queue a request prefilled by another engine, with its KV (`Engine.adopt`); outputs as `submit`."""
         self._loop = self._loop or asyncio.get_running_loop()
         self._queues[request.request_id] = outputs
+        self.queue.submitted(request)  # the engine thread counts it taken, like a submitted request
         self._inbox.put(("adopt", (request, payload)))
 
     def take_kv(self, request_id: str) -> object:
@@ -268,6 +269,7 @@ class AsyncEngine:
                     self._num_taken += len(payload)
                     self._add(payload)
                 elif kind == "adopt":
+                    self._num_taken += 1
                     self._adopt(*payload)
                 else:
                     for request_id in payload:
@@ -362,8 +364,9 @@ class AsyncEngine:
 
     def _publish_load(self) -> None:
         scheduler = self.engine.scheduler
+        waiting = sum(request.num_outstanding_tokens for request, _ in self._adoptions)  # hand-overs held back
         self.load = EngineLoad(len(scheduler.running), len(scheduler.waiting), scheduler.kv.usage,
-                               scheduler.num_outstanding_tokens)
+                               scheduler.num_outstanding_tokens + waiting)
         self.queue.latest = (scheduler.snapshot(), self._num_taken)
 
 

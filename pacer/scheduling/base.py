@@ -352,8 +352,7 @@ class Scheduler:
     def num_outstanding_tokens(self) -> int:
         """Prompt tokens still to prefill plus output tokens still to generate (at most), over all requests:
         the load figure of the `least_tokens` router."""
-        return sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) + (r.sampling.max_tokens or 1)
-                   - r.num_output_tokens for r in self.requests.values())
+        return sum(r.num_outstanding_tokens for r in self.requests.values())
 
 
 @dataclass(frozen=True)

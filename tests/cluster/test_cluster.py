@@ -196,3 +196,28 @@ def test_cluster_config_rejects_bad_values(kwargs, message):
 def test_a_bad_router_name_fails_before_ray_starts():
     with pytest.raises(ValueError, match="router"):
         ClusterEngine(EngineConfig(), ClusterConfig(replicas=2, router="fastest"))
+
+
+def test_hand_overs_count_on_their_decode_replica_until_it_reports():
+    """Two prompts prefilled between two load updates go to different decode replicas: the first one's tokens
+    count on its target from the moment it is sent (no Ray here: the actors only record their calls)."""
+    from types import SimpleNamespace
+
+    from pacer.cluster.client import _Flight, _Replica
+    from pacer.request import RequestOutput
+
+    def actor(calls: list):
+        record = SimpleNamespace(remote=lambda *args: calls.append(args))
+        return SimpleNamespace(adopt=record, take_kv=SimpleNamespace(remote=lambda rid: f"kv-{rid}"), abort=record)
+
+    cluster = ClusterEngine(EngineConfig(), ClusterConfig(replicas=3, prefill_replicas=1))
+    calls: list[list] = [[], [], []]
+    cluster.replicas = [_Replica(i, actor(calls[i]), prefill_only=i == 0) for i in range(3)]
+    for replica in cluster.replicas:
+        replica.state = ReplicaState.UP
+    for rid in ("a", "b"):
+        flight = _Flight(request(rid, max_tokens=50), asyncio.Queue(), replica=0, handoff=True)
+        cluster._flights[rid] = flight
+        cluster._hand_over(cluster.replicas[0], flight, RequestOutput(rid, [11], "x", finished=False))
+    assert [len(c) for c in calls] == [0, 1, 1]
+    assert cluster.replicas[1].num_outstanding_tokens == 49  # 50 to generate, one came from the prefill

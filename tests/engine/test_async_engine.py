@@ -115,17 +115,21 @@ def test_a_full_decode_engine_holds_hand_overs_back_until_it_has_room():
             outputs: asyncio.Queue = asyncio.Queue()
             for rid in ("a", "b"):
                 engine.adopt(*prefilled(rid), outputs)
-            ended, tokens = [], {"a": 0, "b": 0}
+            ended, tokens, outstanding = [], {"a": 0, "b": 0}, []
             while len(ended) < 2:
                 item = await asyncio.wait_for(outputs.get(), 30)
                 assert isinstance(item, RequestOutput), item
                 tokens[item.request_id] += len(item.new_token_ids)
+                outstanding.append(engine.load.num_outstanding_tokens)
                 if item.finished:
                     ended.append(item.request_id)
-            return ended, tokens, engine.load
+            return ended, tokens, engine.load, outstanding, engine.queue.pending()
         finally:
             await engine.stop()
 
-    ended, tokens, load = asyncio.run(main())
+    ended, tokens, load, outstanding, pending = asyncio.run(main())
     assert ended == ["a", "b"] and tokens == {"a": 5, "b": 5}  # the first of the 6 came from the prefill
     assert load.num_running == 0 and load.kv_cache_usage == 0
+    # while "b" waited, the published load counted it: "a" alone never has more than 5 tokens to go
+    assert max(outstanding) > 5
+    assert pending == []  # both hand-overs counted as taken in, as submitted requests are
