@@ -146,10 +146,6 @@ class Calibration:
         self.log_bias += self.alpha * (log_ratio - self.log_bias)
         return log_ratio - self.log_bias
 
-    @property
-    def bias(self) -> float:
-        return math.exp(self.log_bias)
-
     def margin(self, num_decodes: int = 1) -> float:
         """A quantile of recent errors (linear interpolation, as numpy's default), at least 0: the
         `margin_quantile`, its tail shrunk beyond `base_decodes` decodes; `initial_margin` until

@@ -39,11 +39,11 @@ class QueueTimes:
         tokens_through = list(itertools.accumulate((tokens for _, _, tokens in queue), initial=0))
         decodes, room = snapshot.decodes, snapshot.token_budget - snapshot.decodes.num_tokens
         chunk, chunk_s = 0, math.inf
+        scale = 1 + latency.margin(decodes.num_decodes)
         if room > 0:
-            limit = snapshot.tbt_limit_s / (1 + latency.margin(decodes.num_decodes))
-            chunk = max(largest_chunk(latency, decodes, 0, room, limit), min(MIN_CHUNK, room))
+            chunk = max(largest_chunk(latency, decodes, 0, room, snapshot.tbt_limit_s / scale), min(MIN_CHUNK, room))
             chunk_s = latency.predict(decodes.with_chunk(chunk, 0))
-        return cls(keys, tokens_through, decodes, chunk, chunk_s, 1 + latency.margin(decodes.num_decodes), latency)
+        return cls(keys, tokens_through, decodes, chunk, chunk_s, scale, latency)
 
     def ttft_s(self, request: Request) -> float:
         if not self.chunk:
