@@ -108,24 +108,34 @@ def test_a_full_decode_engine_holds_hand_overs_back_until_it_has_room():
         request.num_computed_tokens = 4
         return request, prefill.exported.pop(rid)
 
+    handed_over = [prefilled(rid) for rid in ("a", "b")]  # both ready first, so they arrive back to back
+
     async def main():
         engine = AsyncEngine(lambda: tiny_engine(model=model, max_num_seqs=1))
+        outstanding: list[int] = []  # every load the engine thread publishes
+        publish = engine._publish_load
+
+        def recording_publish() -> None:
+            publish()
+            outstanding.append(engine.load.num_outstanding_tokens)
+
+        engine._publish_load = recording_publish
         engine.start()
         try:
             outputs: asyncio.Queue = asyncio.Queue()
-            for rid in ("a", "b"):
-                engine.adopt(*prefilled(rid), outputs)
-            ended, tokens, outstanding = [], {"a": 0, "b": 0}, []
+            for request, payload in handed_over:
+                engine.adopt(request, payload, outputs)
+            ended, tokens = [], {"a": 0, "b": 0}
             while len(ended) < 2:
                 item = await asyncio.wait_for(outputs.get(), 30)
                 assert isinstance(item, RequestOutput), item
                 tokens[item.request_id] += len(item.new_token_ids)
-                outstanding.append(engine.load.num_outstanding_tokens)
                 if item.finished:
                     ended.append(item.request_id)
-            return ended, tokens, engine.load, outstanding, engine.queue.pending()
         finally:
             await engine.stop()
+        # read after stop: the engine thread publishes its last load after delivering the last output
+        return ended, tokens, engine.load, outstanding, engine.queue.pending()
 
     ended, tokens, load, outstanding, pending = asyncio.run(main())
     assert ended == ["a", "b"] and tokens == {"a": 5, "b": 5}  # the first of the 6 came from the prefill
