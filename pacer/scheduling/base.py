@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -149,9 +150,10 @@ class Scheduler:
     def default_token_budget(cls, max_model_len: int) -> int:
         return 512 if cls.chunked_prefill else max(max_model_len, 2048)
 
-    def prefill_order(self, waiting: Iterable[Request], now: float) -> Iterable[Request]:
-        """The order in which waiting requests are admitted; first come, first served by default."""
-        return waiting
+    def prefill_order(self, started: list[Request], waiting: Iterable[Request], now: float) -> Iterable[Request]:
+        """The order in which prompts get chunks: `started` ones (running, part of the prompt computed) and
+        `waiting` ones. By default a started prompt finishes first, and waiting ones come first served."""
+        return chain(started, waiting)
 
     def chunk_tokens(self, request: Request, plan: SchedulerOutput, now: float) -> int:
         """How many of the request's uncomputed tokens to run now, joining `plan` as it stands."""
@@ -228,49 +230,70 @@ class Scheduler:
     def schedule(self, now: float) -> SchedulerOutput:
         plan = SchedulerOutput()
         if self.prefill_first:
-            self._schedule_waiting(plan, now)
+            self._schedule_prompts(plan, now)
             if plan.is_empty:
-                self._schedule_running(plan, now)
+                self._schedule_decodes(plan, now)
         else:
-            self._schedule_running(plan, now)
-            if not plan.preempted_ids:  # KV is short: don't admit what would be preempted next
-                self._schedule_waiting(plan, now)
+            self._schedule_decodes(plan, now)
+            self._schedule_prompts(plan, now)
         if not plan.is_empty:  # an empty plan is not executed: keep the ids for the next one
             plan.finished_ids, self._finished_ids = self._finished_ids, []
             if self.latency is not None:
                 plan.predicted_s = self.latency.predict(plan.shape)
         return plan
 
-    def _schedule_running(self, plan: SchedulerOutput, now: float) -> None:
-        """Running decodes first (they never wait for a prefill), then ongoing prefill chunks."""
-        for request in sorted(self.running, key=_is_prefilling):  # stable: decodes, then prefills, each in order
+    def _schedule_decodes(self, plan: SchedulerOutput, now: float) -> None:
+        """Running decodes first: they never wait for a prefill."""
+        for request in [r for r in self.running if not _is_prefilling(r)]:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = self.chunk_tokens(request, plan, now)
             if n > 0 and self._reserve(request, n, plan):
                 plan.add(request, n)
 
-    def _schedule_waiting(self, plan: SchedulerOutput, now: float) -> None:
-        """Admit waiting requests in policy order while the batch, the budget and free KV allow.
+    def _schedule_prompts(self, plan: SchedulerOutput, now: float) -> None:
+        """Prompt chunks in policy order, over started prompts and waiting ones.
 
-        The order is read lazily and the admitted leave the queue after the loop, so an iteration costs what
-        it admits, not the length of the queue (which grows without bound under overload)."""
+        A started prompt takes its chunk as a decode does (preempting if KV runs out). A waiting one is
+        admitted only while the batch, the budget and free KV allow and nothing was preempted this iteration
+        (KV is short: don't admit what would be preempted next); the first that cannot go ends admission, so
+        none overtakes it, while started prompts after it in the order still get their chunks. The order is
+        read lazily and the admitted leave the queue after the loop, so an iteration costs what it admits, not
+        the length of the queue (which grows without bound under overload)."""
+        started = [r for r in self.running if _is_prefilling(r)]
+        unvisited = {r.request_id for r in started}
+        admitting = True
         admitted = []
-        for request in self.prefill_order(self.waiting, now):
-            if len(self.running) >= self.max_num_seqs:
+        for request in self.prefill_order(started, self.waiting, now):
+            if request.request_id in unvisited:
+                unvisited.remove(request.request_id)
+                if request.status is RequestStatus.RUNNING:  # not preempted earlier in this loop
+                    n = self.chunk_tokens(request, plan, now)
+                    if n > 0 and self._reserve(request, n, plan):
+                        plan.add(request, n)
+            elif admitting and self._admit(request, plan, now):
+                admitted.append(request)
+            elif not unvisited:
                 break
-            n = self.chunk_tokens(request, plan, now)
-            if n == 0 or not self.kv.can_allocate(request, n):
-                break  # keep the order: no overtaking the head of the queue
-            self.kv.allocate(request, n)
-            admitted.append(request)
-            self.running.append(request)
-            request.status = RequestStatus.RUNNING
-            if request.first_scheduled_s is None:
-                request.first_scheduled_s = now
-            plan.add(request, n)
+            else:
+                admitting = False
         for request in admitted:
             self.waiting.remove(request)  # in FIFO order each is at the head: O(1)
+
+    def _admit(self, request: Request, plan: SchedulerOutput, now: float) -> bool:
+        """Start a waiting request with its first chunk, if it may go now."""
+        if plan.preempted_ids or len(self.running) >= self.max_num_seqs:
+            return False
+        n = self.chunk_tokens(request, plan, now)
+        if n == 0 or not self.kv.can_allocate(request, n):
+            return False
+        self.kv.allocate(request, n)
+        self.running.append(request)
+        request.status = RequestStatus.RUNNING
+        if request.first_scheduled_s is None:
+            request.first_scheduled_s = now
+        plan.add(request, n)
+        return True
 
     def _reserve(self, request: Request, n: int, plan: SchedulerOutput) -> bool:
         """Allocate KV for n more tokens, preempting the newest requests if needed.

@@ -5,7 +5,8 @@
    TBT slack among running requests, less the model's learned error margin; `max_num_batched_tokens`
    is only a cap. A request starts only while the decodes, with it, leave room for a minimum chunk:
    the TBT SLO bounds the batch.
-3. Prefills in priority order, then TTFT deadline (EDF), with aging so nothing starves.
+3. Prefills in priority order, then TTFT deadline (EDF), with aging so nothing starves; a prompt already
+   under way is in the same order, so it yields its chunks to a more urgent one that arrives after it.
 4. Under KV pressure, preempt the least important request with the least sunk work, and none more
    than `MAX_PREEMPTIONS` times while another can go.
 5. With `drop_expired`, a request still waiting for its first chunk past its TTFT deadline is
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from itertools import chain
 
 from pacer.config import SchedulerConfig
 from pacer.latency.model import BatchShape, largest_chunk
@@ -70,8 +72,10 @@ class SloScheduler(Scheduler):
             return math.inf
         return max(0.0, min(slacks)) / (1 + self.latency.margin(len(slacks)))
 
-    def prefill_order(self, waiting: Iterable[Request], now: float) -> Iterable[Request]:
-        return sorted(waiting, key=lambda r: queue_key(r, now, AGING_S))
+    def prefill_order(self, started: list[Request], waiting: Iterable[Request], now: float) -> Iterable[Request]:
+        """Started and waiting prompts in one deadline order, as admission predicts it: a long prompt already
+        under way yields its chunks to a more urgent one that arrives after it."""
+        return sorted(chain(started, waiting), key=lambda r: queue_key(r, now, AGING_S))
 
     def chunk_tokens(self, request: Request, plan: SchedulerOutput, now: float) -> int:
         cap = min(request.num_uncomputed_tokens, self.token_budget - plan.total_num_scheduled_tokens)

@@ -108,6 +108,33 @@ def test_prefills_run_in_deadline_order():
     assert order == ["urgent", "middle", "late", "none"]
 
 
+def test_a_started_long_prompt_yields_its_chunks_to_a_more_urgent_arrival():
+    """EDF over started and waiting prompts alike, as admission predicts it: a loose-deadline prompt already under
+    way does not hold a tight one behind its remaining chunks; it takes what the urgent one leaves, and resumes."""
+    scheduler = slo_scheduler(budget=100)
+    long = request("long", 1000, ttft_s=20.0)
+    scheduler.add(long)
+    step(scheduler, now=0.0)
+    assert long.num_computed_tokens == 100 and long.is_prefilling
+    scheduler.add(request("urgent", 60, ttft_s=1.0, arrival_s=0.1))
+    plan, _ = step(scheduler, now=0.1)
+    assert [r.request_id for r in plan.requests] == ["urgent", "long"]
+    assert plan.num_scheduled_tokens == {"urgent": 60, "long": 40}
+    plan, _ = step(scheduler, now=0.2)
+    assert plan.num_scheduled_tokens == {"urgent": 1, "long": 99}  # the urgent one decodes first
+    check_invariants(scheduler)
+
+
+def test_sarathi_finishes_a_started_prompt_before_admitting_another():
+    scheduler = make_scheduler("sarathi", num_blocks=512, block_size=16, budget=100, max_num_seqs=64,
+                               max_model_len=4096)
+    scheduler.add(request("long", 1000))
+    step(scheduler, now=0.0)
+    scheduler.add(request("next", 60))
+    plan, _ = step(scheduler, now=0.1)
+    assert plan.num_scheduled_tokens == {"long": 100}
+
+
 def test_priority_comes_first_and_aging_prevents_starvation():
     scheduler = slo_scheduler(budget=16)
     scheduler.add(request("unimportant", 16, ttft_s=0.5, priority=1))
