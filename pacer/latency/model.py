@@ -106,6 +106,13 @@ def feature_names(knots: tuple[int, ...]) -> list[str]:
 
 
 MIN_SAMPLES = 20  # errors seen before the margin is read from them
+# An iteration measured at more than this times its prediction counts as exactly this much, in the margin and in
+# the online correction. Beyond it the error is a stall, not a misjudged shape: on this VM the process sometimes
+# stops for 1-5 s (8 iterations of a 4-minute serving run). Taken whole, one such iteration early in a run made
+# the margin about 10 for the rest of it (a chunk of 16 tokens, refusals with a Retry-After of minutes), and no
+# margin short of idling covers a stall anyway. A persistent slowdown is still learned: the surprise is taken
+# against the corrected prediction, so each iteration moves the correction up to this factor further.
+MAX_SURPRISE = 2.0
 
 
 @dataclass
@@ -135,7 +142,7 @@ class Calibration:
         """Record the error of a prediction the planner used."""
         if predicted_s <= 0 or measured_s <= 0:
             return
-        error = measured_s / predicted_s - 1
+        error = min(measured_s / predicted_s, MAX_SURPRISE) - 1
         self.errors.append(error)
         bisect.insort(self._sorted, error)
         if len(self.errors) > self.window:
@@ -211,7 +218,9 @@ class LinearLatencyModel:
         calibration = self.calibrations[_regime(shape)]
         calibration.observe(predicted_s, measured_s)
         if measured_s > 0:
-            residual = calibration.learn(math.log(measured_s / self.predict_raw(shape)))
+            corrected = self.predict(shape)
+            log_ratio = math.log(min(measured_s / corrected, MAX_SURPRISE) * corrected / self.predict_raw(shape))
+            residual = calibration.learn(log_ratio)
             self.log_drift += self.drift_alpha * (residual - self.log_drift)
 
     def margin(self, num_decodes: int = 1) -> float:

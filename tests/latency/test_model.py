@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from pacer.latency.model import BatchShape, Calibration, LinearLatencyModel, feature_names, largest_chunk
+from pacer.latency.model import (
+    MAX_SURPRISE,
+    BatchShape,
+    Calibration,
+    LinearLatencyModel,
+    feature_names,
+    largest_chunk,
+)
 from pacer.request import Request
 from pacer.scheduling import SchedulerOutput
 
@@ -138,3 +145,17 @@ def test_margin_is_numpys_quantile_of_the_rolling_window():
         assert sorted(calibration.errors) == calibration._sorted
     assert len(calibration.errors) == 100
     assert calibration.margin() == pytest.approx(float(np.quantile(list(calibration.errors), calibration.margin_quantile)))
+
+
+def test_a_stall_counts_as_twice_the_prediction_and_a_lasting_slowdown_is_still_learned():
+    model = LinearLatencyModel([0.1, 0.0, 0.0, 0.0, 0.0, 0.0], ())
+    chunk = BatchShape().with_chunk(64, 0)
+    for _ in range(100):
+        model.observe(chunk, model.predict(chunk), 0.1)
+    model.observe(chunk, model.predict(chunk), 5.0)  # the process stopped for 5 s in one iteration
+    assert model.calibrations["prefill"].errors[-1] == MAX_SURPRISE - 1
+    assert model.margin(50) <= MAX_SURPRISE - 1  # was 49: every later chunk planned for a 50x overrun
+    assert model.predict(chunk) < 0.1 * MAX_SURPRISE
+    for _ in range(30):  # the machine is now 5x slower for good
+        model.observe(chunk, model.predict(chunk), 0.5)
+    assert model.predict(chunk) == pytest.approx(0.5, rel=0.1)
