@@ -19,6 +19,7 @@ from pacer.bench.metrics import SLO, RequestRecord, Summary, meets_slo, records_
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
 from pacer.bench.servers import server_process
 from pacer.bench.workload import BenchRequest, WorkloadConfig, build_workload
+from pacer.heap import freeze_startup_heap
 from pacer.model.weights import load_tokenizer, resolve_model_path
 
 
@@ -142,6 +143,7 @@ def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client:
             bar.update(1)
 
         load = LoadClient(client, on_record=progress, slo=slo)
+        freeze_startup_heap()  # a full GC pass here would delay the tokens it timestamps
         start = time.perf_counter()
         records = run_loop(load.run(requests, workload.concurrency if closed_loop else None))
         duration_s = time.perf_counter() - start

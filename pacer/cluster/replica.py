@@ -23,6 +23,7 @@ from pacer.config import EngineConfig
 from pacer.engine.async_engine import AsyncEngine, EngineLoad, Failure
 from pacer.engine.builder import build_engine
 from pacer.engine.engine import IterationStats
+from pacer.heap import freeze_startup_heap
 from pacer.latency.model import LatencyModel
 from pacer.request import FinishReason, Request, RequestOutput
 from pacer.scheduling.admission import QueueSnapshot
@@ -67,6 +68,7 @@ class Replica:
         _normal_priority()
         self._engine = AsyncEngine(lambda: build_engine(config)[0], observer=self)
         self._engine.start()
+        freeze_startup_heap()
         self._outputs: asyncio.Queue = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()  # guards what the engine thread hands over below

@@ -16,6 +16,7 @@ import uvicorn
 from pacer.config import ClusterConfig, EngineConfig, ServerConfig
 from pacer.engine.async_engine import AsyncEngine
 from pacer.engine.builder import build_engine
+from pacer.heap import freeze_startup_heap
 from pacer.model.weights import DEFAULT_MODEL, load_tokenizer, resolve_model_path
 from pacer.request import SLO
 from pacer.server.app import ServerState, create_app
@@ -98,6 +99,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_conf
                             log_level=logging.getLevelName(logging.getLogger().level).lower(),
                             timeout_graceful_shutdown=5, timeout_keep_alive=30)
     server = DrainingServer(config, app.state.pacer, server_config.drain_timeout_s)
+    freeze_startup_heap()
     server.run()
     return 0
 
