@@ -28,9 +28,12 @@ class SimExecutor:
         self._sigma = math.sqrt(math.log1p(noise**2))  # log-normal with CV = noise
         self._rng = random.Random(seed)
         # measured / predicted ratios of real iterations, per regime ("prefill": carries a chunk; "decode"):
-        # each simulated iteration is scaled by one drawn at random, so the machine's own error (bias, spread,
-        # stalls) replays instead of an assumed distribution
+        # each simulated iteration is scaled by the next one in recorded order (from a seeded offset, wrapping),
+        # so the machine's own error (bias, spread, stalls, and slow spells that last) replays instead of an
+        # assumed distribution. Drawn at random, a slow spell became uncorrelated noise, which the latency
+        # model's fast factor cannot track as it does on the real machine.
         self.residuals = residuals
+        self._cursor = {regime: self._rng.randrange(len(r)) for regime, r in residuals.items()} if residuals else {}
 
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
         scheduled = plan.num_scheduled_tokens  # a request samples when its tokens reach its end (plan.samples)
@@ -39,7 +42,10 @@ class SimExecutor:
         shape = plan.shape
         elapsed = self.latency.predict(shape)
         if self.residuals:
-            elapsed *= self._rng.choice(self.residuals["prefill" if shape.num_prefill_tokens else "decode"])
+            regime = "prefill" if shape.num_prefill_tokens else "decode"
+            ratios, i = self.residuals[regime], self._cursor[regime]
+            elapsed *= ratios[i]
+            self._cursor[regime] = (i + 1) % len(ratios)
         if self._sigma:
             elapsed *= self._rng.lognormvariate(-self._sigma**2 / 2, self._sigma)
         return ModelOutput(sampled, elapsed_s=elapsed)

@@ -51,7 +51,7 @@ class SimConfig:
         "coefficient of variation of each iteration's time around the prediction (0: exactly as predicted)"))
     residuals: str | None = field(default=None, metadata=_help(
         "real iterations measured against this profile (benchmarks/latency_error.py --out): each simulated "
-        "iteration is scaled by one of their measured/predicted ratios, drawn at random per regime"))
+        "iteration is scaled by their measured/predicted ratios in recorded order, per regime, from a seeded offset"))
     prefill_replicas: int = field(default=0, metadata=_help(
         "disaggregated serving (DistServe): this many of --replicas only prefill (each request's first token) and "
         "hand its KV over to the others, which only decode; 0: every replica does both"))
