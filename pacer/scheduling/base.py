@@ -278,7 +278,9 @@ class Scheduler:
             else:
                 admitting = False
         for request in admitted:
-            self.waiting.remove(request)  # in FIFO order each is at the head: O(1)
+            # In FIFO order each is at the head: O(1). One admitted here and then preempted by a later started
+            # prompt's reservation was also queued again at the head; this removes that copy, leaving one.
+            self.waiting.remove(request)
 
     def _admit(self, request: Request, plan: SchedulerOutput, now: float) -> bool:
         """Start a waiting request with its first chunk, if it may go now."""
