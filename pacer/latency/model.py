@@ -64,7 +64,8 @@ class LatencyModel(Protocol):
         ...
 
     def observe(self, shape: BatchShape, predicted_s: float, measured_s: float) -> None:
-        """Fold in a measured iteration: corrects bias, tracks the recent error."""
+        """Fold in a measured iteration (`predicted_s`: what `predict(shape)` gave its plan): corrects bias,
+        tracks the recent error."""
         ...
 
     def margin(self, num_decodes: int = 1) -> float:
@@ -217,10 +218,10 @@ class LinearLatencyModel:
     def observe(self, shape: BatchShape, predicted_s: float, measured_s: float) -> None:
         calibration = self.calibrations[_regime(shape)]
         calibration.observe(predicted_s, measured_s)
-        if measured_s > 0:
-            corrected = self.predict(shape)
-            log_ratio = math.log(min(measured_s / corrected, MAX_SURPRISE) * corrected / self.predict_raw(shape))
-            residual = calibration.learn(log_ratio)
+        if measured_s > 0 and predicted_s > 0:
+            # log(measured / profile), with the surprise over the corrected prediction capped at MAX_SURPRISE
+            surprise = math.log(min(measured_s / predicted_s, MAX_SURPRISE))
+            residual = calibration.learn(calibration.log_bias + self.log_drift + surprise)
             self.log_drift += self.drift_alpha * (residual - self.log_drift)
 
     def margin(self, num_decodes: int = 1) -> float:
