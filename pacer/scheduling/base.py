@@ -99,10 +99,6 @@ class ModelOutput:
     elapsed_s: float = 0.0
 
 
-def _is_prefilling(request: Request) -> bool:
-    return len(request.token_ids) - request.num_computed_tokens > 1
-
-
 class Scheduler:
     """Continuous batching with a per-iteration token budget.
 
@@ -244,7 +240,7 @@ class Scheduler:
 
     def _schedule_decodes(self, plan: SchedulerOutput, now: float) -> None:
         """Running decodes first: they never wait for a prefill."""
-        for request in [r for r in self.running if not _is_prefilling(r)]:
+        for request in [r for r in self.running if not r.is_prefilling]:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = self.chunk_tokens(request, plan, now)
@@ -260,7 +256,7 @@ class Scheduler:
         none overtakes it, while started prompts after it in the order still get their chunks. The order is
         read lazily and the admitted leave the queue after the loop, so an iteration costs what it admits, not
         the length of the queue (which grows without bound under overload)."""
-        started = [r for r in self.running if _is_prefilling(r)]
+        started = [r for r in self.running if r.is_prefilling]
         unvisited = {r.request_id for r in started}
         admitting = True
         admitted = []
