@@ -118,12 +118,31 @@ MAX_SURPRISE = 2.0
 
 @dataclass
 class Calibration:
-    """Online correction for one regime: a slow multiplicative bias (EWMA of log measured/predicted: how far
-    this regime drifted from its profile) and a rolling window of relative errors of the full prediction,
-    also kept sorted so the margin is an index, not a sort (the scheduler reads it every iteration)."""
+    """Online correction for one regime: a slow multiplicative bias, the EWMA of log measured/predicted (how far
+    this regime drifted from its profile)."""
 
     alpha: float = 0.05  # EWMA weight of the newest iteration
-    window: int = 500
+    log_bias: float = 0.0
+
+    def learn(self, log_ratio: float) -> float:
+        """Move the bias toward log(measured / profile); returns what the bias does not explain."""
+        self.log_bias += self.alpha * (log_ratio - self.log_bias)
+        return log_ratio - self.log_bias
+
+
+@dataclass
+class ErrorWindow:
+    """The relative errors of recent predictions (measured / predicted - 1) of every iteration, whatever its
+    regime, kept in arrival order and sorted, so the margin is an index, not a sort (the scheduler reads it every
+    iteration).
+
+    One window for both regimes, because the margin lives in the tail, and the tail here is the machine, not the
+    shape: about one iteration in 100-300 runs 1.3-2x long, decode-only or not (p99.8 of serving replays: 0.45-1.6
+    for iterations with a chunk, 0.48-1.0 for decode-only ones). Decode-only iterations are 10x more frequent, so
+    pooled the tail is read from ten times the samples: with 25 decodes running, ten seconds into a run, the margin
+    was the largest of some 25 chunk errors (about 0.3) while 1.5-1.6x overruns hit every stream at once."""
+
+    window: int = 1000
     # With few decodes, the p99, not the worst recent run: on this shared CPU about one iteration in 200-500
     # runs 1.4-2x long at random, whatever its shape, and the p99.9 of a window is then that one spike, which
     # held the margin at 1.4 for a whole run and halved the prefill chunks (benchmarks/RESULTS.md).
@@ -132,11 +151,11 @@ class Calibration:
     # its worst one. Beyond `base_decodes` decodes the quantile's tail shrinks in proportion, so the requests
     # an overrun is expected to hit stay the same: the p99.8 with 25 decodes, the p99.9 with 50.
     base_decodes: int = 5
-    # Until `MIN_SAMPLES` errors are in: about the p99 of the errors of serving replays on this machine. The
-    # 0.1 it replaces let most of a run's overruns happen in its first 20 prefill iterations.
+    # The prior: about the p99 of the errors of serving replays on this machine. It stands until the window
+    # holds enough errors to read the quantile from (1 / (1 - quantile): 100 for the p99), and is a floor until
+    # then: the largest of 20 errors is about their p95, far below a p99.8.
     initial_margin: float = 0.3
-    log_bias: float = 0.0
-    errors: deque[float] = field(default_factory=deque)  # measured / predicted - 1, newest last
+    errors: deque[float] = field(default_factory=deque)  # newest last
     _sorted: list[float] = field(default_factory=list, repr=False)  # the same errors, ascending
 
     def observe(self, predicted_s: float, measured_s: float) -> None:
@@ -149,23 +168,19 @@ class Calibration:
         if len(self.errors) > self.window:
             del self._sorted[bisect.bisect_left(self._sorted, self.errors.popleft())]
 
-    def learn(self, log_ratio: float) -> float:
-        """Move the bias toward log(measured / profile); returns what the bias does not explain."""
-        self.log_bias += self.alpha * (log_ratio - self.log_bias)
-        return log_ratio - self.log_bias
-
     def margin(self, num_decodes: int = 1) -> float:
         """A quantile of recent errors (linear interpolation, as numpy's default), at least 0: the
-        `margin_quantile`, its tail shrunk beyond `base_decodes` decodes; `initial_margin` until
-        `MIN_SAMPLES` iterations have been seen."""
+        `margin_quantile`, its tail shrunk beyond `base_decodes` decodes; at least `initial_margin` while
+        the window is too short to hold that quantile."""
         values = self._sorted
         if len(values) < MIN_SAMPLES:
             return self.initial_margin
         quantile = 1 - (1 - self.margin_quantile) * min(1.0, self.base_decodes / max(1, num_decodes))
+        floor = self.initial_margin if len(values) * (1 - quantile) < 1 else 0.0
         position = quantile * (len(values) - 1)
         low = int(position)
         high = min(low + 1, len(values) - 1)
-        return max(0.0, values[low] + (values[high] - values[low]) * (position - low))
+        return max(floor, values[low] + (values[high] - values[low]) * (position - low))
 
 
 @dataclass
@@ -187,6 +202,7 @@ class LinearLatencyModel:
     # the decodes around them (benchmarks/RESULTS.md, "Latency model").
     drift_alpha: float = 0.3
     log_drift: float = 0.0
+    errors: ErrorWindow = field(default_factory=ErrorWindow)  # of every prediction: the margin
 
     def __post_init__(self) -> None:
         self.knots = tuple(self.knots)
@@ -216,16 +232,16 @@ class LinearLatencyModel:
         return self.predict_raw(shape) * math.exp(self.calibrations[_regime(shape)].log_bias + self.log_drift)
 
     def observe(self, shape: BatchShape, predicted_s: float, measured_s: float) -> None:
-        calibration = self.calibrations[_regime(shape)]
-        calibration.observe(predicted_s, measured_s)
+        self.errors.observe(predicted_s, measured_s)
         if measured_s > 0 and predicted_s > 0:
+            calibration = self.calibrations[_regime(shape)]
             # log(measured / profile), with the surprise over the corrected prediction capped at MAX_SURPRISE
             surprise = math.log(min(measured_s / predicted_s, MAX_SURPRISE))
             residual = calibration.learn(calibration.log_bias + self.log_drift + surprise)
             self.log_drift += self.drift_alpha * (residual - self.log_drift)
 
     def margin(self, num_decodes: int = 1) -> float:
-        return self.calibrations["prefill"].margin(num_decodes)
+        return self.errors.margin(num_decodes)
 
     @classmethod
     def fit(cls, shapes: list[BatchShape], times_s: list[float], knots: tuple[int, ...] = (),

@@ -10,7 +10,7 @@ import pytest
 from pacer.latency.model import (
     MAX_SURPRISE,
     BatchShape,
-    Calibration,
+    ErrorWindow,
     LinearLatencyModel,
     feature_names,
     largest_chunk,
@@ -71,13 +71,13 @@ def test_profile_json_round_trip(tmp_path):
 def test_online_correction_learns_a_constant_bias_and_tracks_the_error():
     model = LinearLatencyModel([0.1, 0.0, 0.0, 0.0, 0.0, 0.0], ())
     shape = BatchShape().with_decode(10)
-    for _ in range(600):  # the machine is 30 % slower than profiled (the window keeps the last 500)
+    for _ in range(1200):  # the machine is 30 % slower than profiled (the window keeps the last 1000)
         model.observe(shape, model.predict(shape), 0.13)
     assert model.predict(shape) == pytest.approx(0.13, rel=1e-3)
     # the corrected predictions are now right: the window's median |error| is tiny
-    assert np.quantile(np.abs(model.calibrations["decode"].errors), 0.5) < 1e-3
+    assert np.quantile(np.abs(model.errors.errors), 0.5) < 1e-3
     chunk = BatchShape().with_chunk(64, 0)  # iterations with a prefill are corrected on their own
-    assert model.predict(chunk) == pytest.approx(0.1) and model.margin() == Calibration.initial_margin  # no history yet
+    assert model.predict(chunk) == pytest.approx(0.1)  # no history yet
     for _ in range(100):
         model.observe(chunk, model.predict(chunk), 0.08)
     # each regime keeps its own bias; the shared factor for the machine's recent speed has settled back
@@ -97,18 +97,40 @@ def test_a_slow_spell_seen_in_decodes_carries_over_to_prefills():
 
 
 def test_margin_is_a_high_quantile_of_under_predictions():
-    calibration = Calibration(alpha=0.0, margin_quantile=0.9)  # no bias correction: errors stay as observed
+    errors = ErrorWindow(margin_quantile=0.9)
     for i in range(100):
-        calibration.observe(1.0, 1.2 if i % 10 == 0 else 1.0)  # one iteration in ten runs 20 % long
-    assert calibration.margin() == pytest.approx(0.02)  # the 90th percentile falls between 0 and 0.2
-    assert Calibration(margin_quantile=0.95, initial_margin=0.25).margin() == 0.25  # no history yet: the default
+        errors.observe(1.0, 1.2 if i % 10 == 0 else 1.0)  # one iteration in ten runs 20 % long
+    assert errors.margin() == pytest.approx(0.02)  # the 90th percentile falls between 0 and 0.2
+    assert ErrorWindow(margin_quantile=0.95, initial_margin=0.25).margin() == 0.25  # no history yet: the default
     for i in range(100):
-        calibration.observe(1.0, 1.2 if i % 2 == 0 else 1.0)
-    assert calibration.margin() == pytest.approx(0.2)
+        errors.observe(1.0, 1.2 if i % 2 == 0 else 1.0)
+    assert errors.margin() == pytest.approx(0.2)
+
+
+def test_the_prior_is_a_floor_until_the_window_can_hold_the_quantile():
+    errors = ErrorWindow(initial_margin=0.3)  # the p99 with up to 5 decodes, the p99.8 with 25
+    for _ in range(100):
+        errors.observe(1.0, 1.1)
+    assert errors.margin(5) == pytest.approx(0.1)  # 100 errors hold a p99
+    assert errors.margin(25) == 0.3  # but not a p99.8: their largest would be read as one
+    for _ in range(400):
+        errors.observe(1.0, 1.1)
+    assert errors.margin(25) == pytest.approx(0.1)
+
+
+def test_one_window_for_both_regimes():
+    """The tail is the machine's: an overrun of a decode-only iteration raises the margin of chunked ones."""
+    model = LinearLatencyModel([0.1, 0.0, 0.0, 0.0, 0.0, 0.0], ())
+    decode, chunk = BatchShape().with_decode(10), BatchShape().with_chunk(64, 0)
+    for i in range(200):
+        shape = chunk if i % 10 == 0 else decode
+        model.observe(shape, model.predict(shape), model.predict(shape) * (1.5 if i % 50 == 49 else 1.0))
+    assert len(model.errors.errors) == 200
+    assert model.margin(5) > 0.3  # four decode-only overruns of 50 % in 200 iterations: above the p99
 
 
 def test_the_more_decodes_an_overrun_would_delay_the_higher_the_quantile():
-    calibration = Calibration(alpha=0.0, window=1001)
+    calibration = ErrorWindow(window=1001)
     for i in range(1001):
         calibration.observe(1.0, 1.0 + i / 1000)  # errors 0, 0.001, ..., 1.0
     assert calibration.margin() == calibration.margin(5) == pytest.approx(0.99)  # a few decodes: the p99
@@ -139,7 +161,7 @@ def test_margin_is_numpys_quantile_of_the_rolling_window():
     import random
 
     rng = random.Random(0)
-    calibration = Calibration(window=100)
+    calibration = ErrorWindow(window=100)
     for _ in range(350):
         calibration.observe(1.0, rng.uniform(0.7, 1.5))
         assert sorted(calibration.errors) == calibration._sorted
@@ -153,7 +175,7 @@ def test_a_stall_counts_as_twice_the_prediction_and_a_lasting_slowdown_is_still_
     for _ in range(100):
         model.observe(chunk, model.predict(chunk), 0.1)
     model.observe(chunk, model.predict(chunk), 5.0)  # the process stopped for 5 s in one iteration
-    assert model.calibrations["prefill"].errors[-1] == MAX_SURPRISE - 1
+    assert model.errors.errors[-1] == MAX_SURPRISE - 1
     assert model.margin(50) <= MAX_SURPRISE - 1  # was 49: every later chunk planned for a 50x overrun
     assert model.predict(chunk) < 0.1 * MAX_SURPRISE
     for _ in range(30):  # the machine is now 5x slower for good

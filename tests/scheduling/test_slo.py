@@ -6,13 +6,13 @@ import math
 
 import pytest
 
-from pacer.latency.model import Calibration, LinearLatencyModel
+from pacer.latency.model import ErrorWindow, LinearLatencyModel
 from pacer.request import SLO, FinishReason, RequestStatus
 from pacer.scheduling.admission import MIN_CHUNK, SLOUnattainable, admit, predict_ttft
 from pacer.scheduling.slo import AGING_S, MAX_PREEMPTIONS
 from tests.scheduling.helpers import check_invariants, make_request, make_scheduler, step
 
-MARGIN = Calibration.initial_margin  # the model's margin before it has seen 20 iterations (the fakes report no time)
+MARGIN = ErrorWindow.initial_margin  # the model's margin before it has seen 20 iterations (the fakes report no time)
 
 
 def model() -> LinearLatencyModel:

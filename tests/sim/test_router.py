@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pacer.latency.model import Calibration
+from pacer.latency.model import ErrorWindow
 from pacer.request import SLO, Request
 from pacer.scheduling.admission import SLOUnattainable
 from pacer.scheduling.router import ROUTERS, dispatch, router_class
@@ -58,7 +58,7 @@ def test_replicas_report_outstanding_tokens_and_predicted_ttft():
     idle = sim.replicas[0]
     assert idle.num_outstanding_tokens == 0
     # one chunk, times 1 + the margin of a model that has seen nothing yet
-    assert idle.predicted_ttft_s(Request("x", [0] * 8)) == pytest.approx(0.1 * (1 + Calibration.initial_margin))
+    assert idle.predicted_ttft_s(Request("x", [0] * 8)) == pytest.approx(0.1 * (1 + ErrorWindow.initial_margin))
 
 
 def test_dispatch_refuses_only_when_no_replica_can_meet_the_ttft_slo():
