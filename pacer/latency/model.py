@@ -139,8 +139,9 @@ class ErrorWindow:
     One window for both regimes, because the margin lives in the tail, and the tail here is the machine, not the
     shape: about one iteration in 100-300 runs 1.3-2x long, decode-only or not (p99.8 of serving replays: 0.45-1.6
     for iterations with a chunk, 0.48-1.0 for decode-only ones). Decode-only iterations are 10x more frequent, so
-    pooled the tail is read from ten times the samples: with 25 decodes running, ten seconds into a run, the margin
-    was the largest of some 25 chunk errors (about 0.3) while 1.5-1.6x overruns hit every stream at once."""
+    pooled the tail is read from ten times the samples. (Read from chunked iterations alone, the margin for 25
+    decodes ten seconds into a run was the largest of some 25 errors, about 0.3, while 1.5-1.6x overruns hit
+    every stream at once.)"""
 
     window: int = 1000
     # With few decodes, the p99, not the worst recent run: on this shared CPU about one iteration in 200-500
@@ -151,9 +152,10 @@ class ErrorWindow:
     # its worst one. Beyond `base_decodes` decodes the quantile's tail shrinks in proportion, so the requests
     # an overrun is expected to hit stay the same: the p99.8 with 25 decodes, the p99.9 with 50.
     base_decodes: int = 5
-    # The prior: about the p99 of the errors of serving replays on this machine. It stands until the window
-    # holds enough errors to read the quantile from (1 / (1 - quantile): 100 for the p99), and is a floor until
-    # then: the largest of 20 errors is about their p95, far below a p99.8.
+    # The prior: about the p99 of the errors of serving replays on this machine. It is the margin until
+    # `MIN_SAMPLES` errors are in, then a floor under the quantile while the window holds fewer than
+    # 1 / (1 - quantile) errors (100 for the p99, 500 for the p99.8): the largest of 25 errors is about
+    # their p96, far below a p99.8.
     initial_margin: float = 0.3
     errors: deque[float] = field(default_factory=deque)  # newest last
     _sorted: list[float] = field(default_factory=list, repr=False)  # the same errors, ascending
