@@ -130,12 +130,12 @@ def test_one_window_for_both_regimes():
 
 
 def test_the_more_decodes_an_overrun_would_delay_the_higher_the_quantile():
-    calibration = ErrorWindow(window=1001)
+    window = ErrorWindow(window=1001)
     for i in range(1001):
-        calibration.observe(1.0, 1.0 + i / 1000)  # errors 0, 0.001, ..., 1.0
-    assert calibration.margin() == calibration.margin(5) == pytest.approx(0.99)  # a few decodes: the p99
-    assert calibration.margin(25) == pytest.approx(0.998)  # 5x the decodes, a 5x thinner tail
-    assert calibration.margin(50) == pytest.approx(0.999)
+        window.observe(1.0, 1.0 + i / 1000)  # errors 0, 0.001, ..., 1.0
+    assert window.margin() == window.margin(5) == pytest.approx(0.99)  # a few decodes: the p99
+    assert window.margin(25) == pytest.approx(0.998)  # 5x the decodes, a 5x thinner tail
+    assert window.margin(50) == pytest.approx(0.999)
 
 
 def test_largest_chunk_is_the_most_tokens_within_the_limit():
@@ -161,12 +161,12 @@ def test_margin_is_numpys_quantile_of_the_rolling_window():
     import random
 
     rng = random.Random(0)
-    calibration = ErrorWindow(window=100)
+    window = ErrorWindow(window=100)
     for _ in range(350):
-        calibration.observe(1.0, rng.uniform(0.7, 1.5))
-        assert sorted(calibration.errors) == calibration._sorted
-    assert len(calibration.errors) == 100
-    assert calibration.margin() == pytest.approx(float(np.quantile(list(calibration.errors), calibration.margin_quantile)))
+        window.observe(1.0, rng.uniform(0.7, 1.5))
+        assert sorted(window.errors) == window._sorted
+    assert len(window.errors) == 100
+    assert window.margin() == pytest.approx(float(np.quantile(list(window.errors), window.margin_quantile)))
 
 
 def test_a_stall_counts_as_twice_the_prediction_and_a_lasting_slowdown_is_still_learned():
