@@ -7,6 +7,8 @@ the event loop thread without waiting for the engine, and the simulator can deci
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -47,26 +49,53 @@ class QueueSnapshot:
     token_budget: int  # the policy's cap on tokens per iteration
 
 
+@dataclass(frozen=True)
+class QueueTimes:
+    """Seconds from a snapshot to a request's first token: the prompt tokens queued ahead of it (in priority/deadline
+    order) plus its own, prefilled in chunks sized as the scheduler would size them beside the current decodes.
+
+    Split in two, so a router reading many replicas at every arrival pays for the request-independent half (the
+    chunk size and its predicted time, the queue sorted with running sums of its tokens) once per snapshot, and
+    `ttft_s` then costs a bisection and at most one prediction."""
+
+    keys: list[tuple[int, float]]  # (priority, TTFT deadline) of the queued requests, sorted
+    tokens_through: list[int]  # tokens_through[i]: prompt tokens still to prefill of keys[:i]
+    decodes: BatchShape
+    chunk: int  # 0: no room beside the decodes, the request would never start
+    chunk_s: float  # predicted time of an iteration of the decodes and one full chunk
+    scale: float  # 1 + the latency model's margin
+    latency: LatencyModel
+
+    @classmethod
+    def of(cls, snapshot: QueueSnapshot, latency: LatencyModel, pending: Iterable[Request] = ()) -> QueueTimes:
+        """`pending`: requests submitted since the snapshot, which it does not count yet."""
+        queue = sorted((*snapshot.queue,
+                        *((r.slo.priority, r.ttft_deadline_s, r.num_prompt_tokens) for r in pending)))
+        keys = [(priority, deadline) for priority, deadline, _ in queue]
+        tokens_through = list(itertools.accumulate((tokens for _, _, tokens in queue), initial=0))
+        decodes, room = snapshot.decodes, snapshot.token_budget - snapshot.decodes.num_tokens
+        chunk, chunk_s = 0, math.inf
+        scale = 1 + latency.margin(decodes.num_decodes)
+        if room > 0:
+            chunk = max(largest_chunk(latency, decodes, 0, room, snapshot.tbt_limit_s / scale), min(MIN_CHUNK, room))
+            chunk_s = latency.predict(decodes.with_chunk(chunk, 0))
+        return cls(keys, tokens_through, decodes, chunk, chunk_s, scale, latency)
+
+    def ttft_s(self, request: Request) -> float:
+        if not self.chunk:
+            return math.inf
+        ahead = self.tokens_through[bisect.bisect_right(self.keys, (request.slo.priority, request.ttft_deadline_s))]
+        full, rest = divmod(ahead + request.num_prompt_tokens, self.chunk)  # full chunks, then one of the remainder
+        seconds = full * self.chunk_s
+        if rest:
+            seconds += self.latency.predict(self.decodes.with_chunk(rest, 0))
+        return seconds * self.scale
+
+
 def predict_ttft(snapshot: QueueSnapshot, pending: Iterable[Request], request: Request,
                  latency: LatencyModel) -> float:
-    """Seconds from the snapshot to the request's first token: the prompt tokens queued ahead of it (in
-    priority/deadline order, including requests submitted since the snapshot) plus its own, prefilled
-    in chunks sized as the scheduler would size them beside the current decodes."""
-    priority, deadline = request.slo.priority, request.ttft_deadline_s
-    ahead = sum(n for p, d, n in snapshot.queue if (p, d) <= (priority, deadline))
-    ahead += sum(r.num_prompt_tokens for r in pending if (r.slo.priority, r.ttft_deadline_s) <= (priority, deadline))
-    tokens = ahead + request.num_prompt_tokens
-    room = snapshot.token_budget - snapshot.decodes.num_tokens
-    if room <= 0:
-        return math.inf
-    margin = latency.margin(snapshot.decodes.num_decodes)
-    limit = snapshot.tbt_limit_s / (1 + margin)
-    chunk = max(largest_chunk(latency, snapshot.decodes, 0, room, limit), min(MIN_CHUNK, room))
-    full, rest = divmod(tokens, chunk)  # full chunks, then one of the remainder
-    seconds = full * latency.predict(snapshot.decodes.with_chunk(chunk, 0))
-    if rest:
-        seconds += latency.predict(snapshot.decodes.with_chunk(rest, 0))
-    return seconds * (1 + margin)
+    """Seconds from the snapshot to the request's first token, behind the snapshot's queue and `pending`."""
+    return QueueTimes.of(snapshot, latency, pending).ttft_s(request)
 
 
 def admit(snapshot: QueueSnapshot, pending: Iterable[Request], request: Request, latency: LatencyModel,

@@ -5,55 +5,10 @@ change and kept, and at 128 replicas most reads between two arrivals cost a look
 
 from __future__ import annotations
 
-import bisect
-import itertools
-import math
-from dataclasses import dataclass
-
 from pacer.engine.engine import Engine
-from pacer.latency.model import BatchShape, LatencyModel, largest_chunk
 from pacer.request import Request, RequestOutput
 from pacer.scheduling import ModelOutput, SchedulerOutput
-from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot
-
-
-@dataclass(frozen=True)
-class QueueTimes:
-    """`admission.predict_ttft` for one snapshot, split in two: what does not depend on the request (the chunk
-    size beside the current decodes and its predicted time, the queue sorted by its order with running sums of
-    its tokens) is computed here once; `ttft_s` then costs a bisection and at most one prediction. The result is
-    the same float as `predict_ttft(snapshot, (), request, latency)` (a test checks it)."""
-
-    keys: list[tuple[int, float]]  # (priority, TTFT deadline) of the queued requests, sorted
-    tokens_through: list[int]  # tokens_through[i]: prompt tokens still to prefill of keys[:i]
-    decodes: BatchShape
-    chunk: int  # 0: no room beside the decodes, the request would never start
-    chunk_s: float  # predicted time of an iteration of the decodes and one full chunk
-    scale: float  # 1 + the latency model's margin
-    latency: LatencyModel
-
-    @classmethod
-    def of(cls, snapshot: QueueSnapshot, latency: LatencyModel) -> QueueTimes:
-        queue = sorted((priority, deadline, tokens) for priority, deadline, tokens in snapshot.queue)
-        keys = [(priority, deadline) for priority, deadline, _ in queue]
-        tokens_through = list(itertools.accumulate((tokens for _, _, tokens in queue), initial=0))
-        decodes, room = snapshot.decodes, snapshot.token_budget - snapshot.decodes.num_tokens
-        chunk, chunk_s = 0, math.inf
-        scale = 1 + latency.margin(decodes.num_decodes)
-        if room > 0:
-            chunk = max(largest_chunk(latency, decodes, 0, room, snapshot.tbt_limit_s / scale), min(MIN_CHUNK, room))
-            chunk_s = latency.predict(decodes.with_chunk(chunk, 0))
-        return cls(keys, tokens_through, decodes, chunk, chunk_s, scale, latency)
-
-    def ttft_s(self, request: Request) -> float:
-        if not self.chunk:
-            return math.inf
-        ahead = self.tokens_through[bisect.bisect_right(self.keys, (request.slo.priority, request.ttft_deadline_s))]
-        full, rest = divmod(ahead + request.num_prompt_tokens, self.chunk)
-        seconds = full * self.chunk_s
-        if rest:
-            seconds += self.latency.predict(self.decodes.with_chunk(rest, 0))
-        return seconds * self.scale
+from pacer.scheduling.admission import QueueTimes
 
 
 class SimReplica:

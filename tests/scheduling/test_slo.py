@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from pacer.latency.model import ErrorWindow, LinearLatencyModel
+from pacer.latency.model import BatchShape, ErrorWindow, LinearLatencyModel, largest_chunk
 from pacer.request import SLO, FinishReason, RequestStatus
-from pacer.scheduling.admission import MIN_CHUNK, SLOUnattainable, admit, predict_ttft
+from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot, SLOUnattainable, admit, predict_ttft
 from pacer.scheduling.slo import AGING_S, MAX_PREEMPTIONS
 from tests.scheduling.helpers import check_invariants, make_request, make_scheduler, step
 
@@ -243,3 +244,43 @@ def test_drop_expired_fails_requests_that_never_started_in_time():
 def test_the_slo_policy_requires_a_latency_model():
     with pytest.raises(ValueError, match="needs a latency model"):
         make_scheduler("slo")
+
+
+def test_predicted_ttft_is_the_queue_ahead_in_chunks_beside_the_decodes():
+    """Random snapshots (priorities, deadlines with and without a TTFT SLO, no room, requests pending since the
+    snapshot), against the rule written out plainly."""
+    rng = random.Random(0)
+    latency = LinearLatencyModel([0.010, 0.0005, 0.0003, 0.0002, 1e-7, 0.0, 2e-7], (64,))  # hinge: chunks vary
+    prefill = BatchShape().with_chunk(100, 0)
+    for measured in (0.09, 0.1, 0.08):  # a bias and a margin, so neither is a no-op
+        latency.observe(prefill, latency.predict(prefill), measured)
+    scale = 1 + latency.margin()
+    assert scale > 1
+
+    def probe(i: int):
+        return request(f"q{i}", rng.randint(1, 400), ttft_s=rng.choice([None, 0.5, 2.0]), tbt_s=0.1,
+                       priority=rng.choice([0, 0, 1]), arrival_s=rng.uniform(0, 5))
+
+    for _ in range(200):
+        queue = tuple((rng.choice([0, 1]), rng.choice([1.0, 2.5, math.inf]), rng.randint(1, 500))
+                      for _ in range(rng.randint(0, 12)))
+        decodes = BatchShape()
+        for _ in range(rng.randint(0, 40)):
+            decodes = decodes.with_decode(rng.randint(10, 3000))
+        snapshot = QueueSnapshot(queue, decodes, rng.choice([0.05, 0.2, math.inf]), rng.choice([32, 512]))
+        pending = [probe(100 + i) for i in range(rng.randint(0, 3))]
+        for i in range(5):
+            r = probe(i)
+            key = (r.slo.priority, r.ttft_deadline_s)
+            tokens = r.num_prompt_tokens + sum(n for p, d, n in queue if (p, d) <= key) \
+                + sum(q.num_prompt_tokens for q in pending if (q.slo.priority, q.ttft_deadline_s) <= key)
+            room = snapshot.token_budget - decodes.num_tokens
+            if room <= 0:
+                assert predict_ttft(snapshot, pending, r, latency) == math.inf
+                continue
+            chunk = max(largest_chunk(latency, decodes, 0, room, snapshot.tbt_limit_s / scale), min(MIN_CHUNK, room))
+            full, rest = divmod(tokens, chunk)
+            seconds = full * latency.predict(decodes.with_chunk(chunk, 0))
+            if rest:
+                seconds += latency.predict(decodes.with_chunk(rest, 0))
+            assert predict_ttft(snapshot, pending, r, latency) == pytest.approx(seconds * scale, rel=1e-12)

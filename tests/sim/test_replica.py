@@ -6,11 +6,10 @@ import random
 
 import pytest
 
-from pacer.latency.model import BatchShape, LinearLatencyModel
+from pacer.latency.model import LinearLatencyModel
 from pacer.request import SLO, Request
-from pacer.scheduling.admission import QueueSnapshot, predict_ttft
+from pacer.scheduling.admission import predict_ttft
 from pacer.scheduling.router import router_class
-from pacer.sim.replica import QueueTimes
 from pacer.sim.simulator import SimRequest
 from tests.sim.test_simulator import simulator
 
@@ -19,31 +18,6 @@ def curved() -> LinearLatencyModel:
     """10 ms + 0.5 ms a token + a hinge at 64 tokens + attention and decode-context terms, so chunk sizes vary with
     the decodes beside them."""
     return LinearLatencyModel([0.010, 0.0005, 0.0003, 0.0002, 1e-7, 0.0, 2e-7], (64,))
-
-
-def request(rng: random.Random, index: int) -> Request:
-    slo = SLO(ttft_s=rng.choice([None, 0.5, 2.0]), tbt_s=0.1, priority=rng.choice([0, 0, 1]))
-    return Request(f"q{index}", [0] * rng.randint(1, 400), slo=slo, arrival_s=rng.uniform(0, 5))
-
-
-def test_queue_times_give_exactly_what_predict_ttft_gives():
-    rng = random.Random(0)
-    latency = curved()
-    prefill = BatchShape().with_chunk(100, 0)
-    for measured in (0.09, 0.1, 0.08):  # a bias and a margin, so neither is a no-op
-        latency.observe(prefill, latency.predict(prefill), measured)
-    assert latency.margin() > 0
-    for _ in range(200):
-        queue = tuple((rng.choice([0, 1]), rng.choice([1.0, 2.5, float("inf")]), rng.randint(1, 500))
-                      for _ in range(rng.randint(0, 12)))
-        decodes = BatchShape()
-        for _ in range(rng.randint(0, 40)):
-            decodes = decodes.with_decode(rng.randint(10, 3000))
-        snapshot = QueueSnapshot(queue, decodes, rng.choice([0.05, 0.2, float("inf")]), rng.choice([32, 512]))
-        times = QueueTimes.of(snapshot, latency)
-        for i in range(5):
-            probe = request(rng, i)
-            assert times.ttft_s(probe) == predict_ttft(snapshot, (), probe, latency)
 
 
 class Checking:
