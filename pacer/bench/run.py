@@ -69,14 +69,15 @@ def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokeni
     """Start each server command in turn (`pacer_command` for pacer's own; any OpenAI-compatible server with
     `{port}` in its command), send it the identical workload, stop it; report side by side."""
     requests = build_workload(workload, load_tokenizer(resolve_model_path(tokenizer_model)))
-    log_dir = out.parent if out is not None else Path(tempfile.mkdtemp(prefix="pacer-compare-"))
+    # each server's log and final /metrics beside the report, named after it, so runs sharing a folder keep theirs
+    logs = out.with_suffix("") if out is not None else Path(tempfile.mkdtemp(prefix="pacer-compare-")) / "compare"
     runs: dict[str, WorkloadRun] = {}
     summaries: dict[str, Summary] = {}
     for name, command in configs.items():
         print(f"--- {name}: {shlex.join(command)}")
-        with server_process(command, log_dir / f"compare-{name}.log") as server:
+        with server_process(command, Path(f"{logs}-{name}.log")) as server:
             runs[name] = run_workload(requests, workload, replace(client, base_url=server.url, model=None), slo)
-            _save_metrics(server.url, log_dir / f"compare-{name}.metrics.txt")
+            _save_metrics(server.url, Path(f"{logs}-{name}.metrics.txt"))
         summaries[name] = summarize(runs[name].records, slo, runs[name].duration_s, runs[name].offered_rate)
     print(format_compare(summaries))
     _save(out, {"workload": asdict(workload), "slo": asdict(slo), "configs": configs,

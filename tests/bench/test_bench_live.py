@@ -52,7 +52,7 @@ def test_capacity_search_against_a_live_server(tiny_server, tiny_model_dir, tmp_
 
 
 def test_compare_starts_each_configuration_and_reports_side_by_side(tiny_model_dir, tmp_path, capsys):
-    out = tmp_path / "compare.json"
+    out = tmp_path / "run1.json"
     rc = main(["bench", "compare", "--schedulers", "fcfs,sarathi", "--config",
                "small-budget=--scheduler sarathi --max-num-batched-tokens 16", "--server",
                f"external={sys.executable} -m pacer.cli serve --port {{port}} --model {tiny_model_dir} --threads 1",
@@ -65,4 +65,6 @@ def test_compare_starts_each_configuration_and_reports_side_by_side(tiny_model_d
     table = capsys.readouterr().out
     assert "| | fcfs | sarathi | small-budget | external |" in table and "goodput (req/s)" in table
     assert (tmp_path / "compare_tbt_cdf.png").stat().st_size > 5000
-    assert "pacer:iteration_time_seconds" in (tmp_path / "compare-external.metrics.txt").read_text()
+    # each server's log and final /metrics are named after the report, so runs sharing a folder keep their own
+    assert "pacer:iteration_time_seconds" in (tmp_path / "run1-external.metrics.txt").read_text()
+    assert (tmp_path / "run1-fcfs.log").stat().st_size > 0
