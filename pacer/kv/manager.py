@@ -35,9 +35,12 @@ class KVCacheManager:
         """Fraction of blocks in use (vLLM's kv_cache_usage_perc)."""
         return self.pool.num_used / self.pool.num_blocks
 
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold `num_tokens` tokens."""
+        return -(-num_tokens // self.block_size)
+
     def num_new_blocks(self, request: Request, num_new_tokens: int) -> int:
-        num_needed = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
-        return max(0, num_needed - len(request.block_ids))
+        return max(0, self.blocks_for(request.num_computed_tokens + num_new_tokens) - len(request.block_ids))
 
     def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
         return self.num_new_blocks(request, num_new_tokens) <= self.pool.num_free

@@ -43,7 +43,7 @@ class SimReplica:
         (and admits less) until `release_kv`. Called right after the request ended and freed at least as many."""
         self._changed()
         kv = self.engine.scheduler.kv
-        return kv.pool.allocate(-(-num_tokens // kv.block_size))
+        return kv.pool.allocate(kv.blocks_for(num_tokens))
 
     def release_kv(self, blocks: list[int]) -> None:
         self._changed()
