@@ -62,14 +62,18 @@ class Detokenizer:
         return outputs
 
     def adopt(self, request: Request) -> None:
-        """Continue a request whose first output tokens another engine has already sent (disaggregated
-        serving): outputs start after them. (A stop string spanning the hand-over is not seen.)"""
+        """Continue a request whose first output tokens another engine has already sent (disaggregated serving):
+        outputs start after them. The text so far is rebuilt as that engine built it, so a stop string spanning
+        the hand-over is found, and what it held back (a stop string's possible start) is sent from here."""
         num_sent = request.num_output_tokens
         if self.tokenizer is None:
             self._num_sent[request.request_id] = num_sent
             return
-        n = request.num_tokens
-        self._streams[request.request_id] = _Stream(max(0, n - _CONTEXT_TOKENS), n, num_sent_tokens=num_sent)
+        offset = request.num_prompt_tokens
+        stream = _Stream(max(0, offset - _CONTEXT_TOKENS), offset, num_sent_tokens=num_sent)
+        self._decode(request, stream)  # no stop string in these tokens: the prefill engine would have ended there
+        stream.num_sent_chars = max(0, len(stream.text) - _holdback(request.sampling.stop))
+        self._streams[request.request_id] = stream
 
     def ended(self, request: Request) -> RequestOutput:
         """The final output of a request ended outside an iteration's update (aborted, expired)."""
@@ -115,8 +119,9 @@ class Detokenizer:
         return False
 
     def _emit(self, request: Request, stream: _Stream, finished: bool) -> RequestOutput:
-        stops = request.sampling.stop
-        holdback = 0 if finished or not stops else max(map(len, stops)) - 1
+        # a stop string's possible start waits for the next tokens, here or, after a hand-over, on the decode engine
+        goes_on = not finished or (request.export_kv and request.finish_reason is FinishReason.LENGTH)
+        holdback = _holdback(request.sampling.stop) if goes_on else 0
         end = max(stream.num_sent_chars, len(stream.text) - holdback)
         output = _output(request, stream.num_sent_tokens, stream.text[stream.num_sent_chars:end], finished,
                          stream.logprobs)
@@ -125,6 +130,11 @@ class Detokenizer:
         if finished:
             self._streams.pop(request.request_id, None)
         return output
+
+
+def _holdback(stops: list[str]) -> int:
+    """Characters of text not yet streamed while a stop string may still complete: one less than the longest."""
+    return max(map(len, stops)) - 1 if stops else 0
 
 
 def _output(request: Request, num_sent_tokens: int, new_text: str, finished: bool, logprobs: list) -> RequestOutput:

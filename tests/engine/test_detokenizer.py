@@ -49,3 +49,44 @@ def test_stop_string_is_cut_and_never_partly_streamed(tokenizer):
 def test_stop_string_spanning_tokens(tokenizer):
     deltas, stopped = stream(tokenizer, "one two three four", stop=["o thr"])
     assert stopped and "".join(deltas) == "one tw"
+
+
+def test_stop_string_spanning_a_hand_over_is_found_and_never_partly_streamed(tokenizer):
+    """Disaggregated serving: the prefill engine streams the first token and hands the request over at its token
+    limit; the decode engine continues the same text, so a stop string across the two is cut as on one engine."""
+    text, stop = "one two three four", "one tw"  # across the first two tokens ("one", " two")
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids[:1]) == "one"
+    prompt = tokenizer.encode("Hello")
+    sampling = SamplingParams(max_tokens=10, stop=[stop])
+
+    first = Request("r", prompt, SamplingParams(max_tokens=1, stop=[stop]), export_kv=True)
+    first.token_ids.append(ids[0])
+    first.finish_reason = FinishReason.LENGTH
+    plan = SchedulerOutput(requests=[first], num_scheduled_tokens={"r": len(prompt)})
+    [handed] = Detokenizer(tokenizer).outputs(plan, ModelOutput({"r": ids[0]}), [first])
+    assert handed.new_text == "" and handed.new_token_ids == ids[:1]  # "one" may begin the stop string: held back
+
+    decode = Detokenizer(tokenizer)
+    request = Request("r", prompt, sampling)
+    request.token_ids.append(ids[0])
+    decode.adopt(request)
+    deltas = []
+    for token in ids[1:]:
+        request.token_ids.append(token)
+        plan = SchedulerOutput(requests=[request], num_scheduled_tokens={"r": 1})
+        [out] = decode.outputs(plan, ModelOutput({"r": token}), [])
+        assert out.new_token_ids == [token]
+        deltas.append(out.new_text)
+        if out.finished:
+            break
+    assert out.finished and out.finish_reason is FinishReason.STOP and "".join(deltas) == ""
+
+    # no stop string across the hand-over: what the prefill engine held back is streamed by the decode engine
+    other = Request("r2", prompt, SamplingParams(max_tokens=10, stop=["four."]))
+    other.token_ids.append(ids[0])
+    decode.adopt(other)
+    other.token_ids.append(ids[1])
+    plan = SchedulerOutput(requests=[other], num_scheduled_tokens={"r2": 1})
+    [out] = decode.outputs(plan, ModelOutput({"r2": ids[1]}), [])
+    assert out.new_text == "one"  # "one two" less the 4 characters "four." could still begin with
