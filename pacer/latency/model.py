@@ -152,11 +152,18 @@ class ErrorWindow:
     # its worst one. Beyond `base_decodes` decodes the quantile's tail shrinks in proportion, so the requests
     # an overrun is expected to hit stay the same: the p99.8 with 25 decodes, the p99.9 with 50.
     base_decodes: int = 5
-    # The prior: about the p99 of the errors of serving replays on this machine. It is the margin until
-    # `MIN_SAMPLES` errors are in, then a floor under the quantile while the window holds fewer than
-    # 1 / (1 - quantile) errors (100 for the p99, 500 for the p99.8): the largest of 25 errors is about
-    # their p96, far below a p99.8.
+    # The prior, for the p99: about the p99 of the errors of serving replays on this machine. The prior for the
+    # quantile asked is the margin until `MIN_SAMPLES` errors are in, then a floor under the quantile while the
+    # window holds fewer than 1 / (1 - quantile) errors (100 for the p99, 500 for the p99.8): the largest of 25
+    # errors is about their p96, far below a p99.8.
     initial_margin: float = 0.3
+    # Beyond the p99 the prior's tail is exponential (peaks over a threshold): each e-fold further into the tail
+    # adds this much, so the p99.8 prior (25 decodes) is 0.49 and the p99.9 one 0.58. Measured: iterations with a
+    # chunk of 250 ms or more in seven serving replays ran p99 1.32x and p99.8 1.52x their prediction. A 0.3 floor
+    # for every quantile left chunks beside 20-30 decodes sized for a p99 until 500 errors were in, longer than a
+    # 2x-overload run of 120 requests (about 250 iterations), and one 1.3-1.6x overrun cost 11-18 requests their
+    # TBT (benchmarks/RESULTS.md, "Overload").
+    prior_tail: float = 0.12
     errors: deque[float] = field(default_factory=deque)  # newest last
     _sorted: list[float] = field(default_factory=list, repr=False)  # the same errors, ascending
 
@@ -172,13 +179,15 @@ class ErrorWindow:
 
     def margin(self, num_decodes: int = 1) -> float:
         """A quantile of recent errors (linear interpolation, as numpy's default), at least 0: the
-        `margin_quantile`, its tail shrunk beyond `base_decodes` decodes; at least `initial_margin` while
-        the window is too short to hold that quantile."""
+        `margin_quantile`, its tail shrunk beyond `base_decodes` decodes; at least the prior for that quantile
+        while the window is too short to hold it."""
         values = self._sorted
+        tail = min(1.0, self.base_decodes / max(1, num_decodes))  # of 1 - margin_quantile
+        quantile = 1 - (1 - self.margin_quantile) * tail
+        prior = self.initial_margin - self.prior_tail * math.log(tail)
         if len(values) < MIN_SAMPLES:
-            return self.initial_margin
-        quantile = 1 - (1 - self.margin_quantile) * min(1.0, self.base_decodes / max(1, num_decodes))
-        floor = self.initial_margin if len(values) * (1 - quantile) < 1 else 0.0
+            return prior
+        floor = prior if len(values) * (1 - quantile) < 1 else 0.0
         position = quantile * (len(values) - 1)
         low = int(position)
         high = min(low + 1, len(values) - 1)

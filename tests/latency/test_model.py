@@ -108,11 +108,13 @@ def test_margin_is_a_high_quantile_of_under_predictions():
 
 
 def test_the_prior_is_a_floor_until_the_window_can_hold_the_quantile():
-    errors = ErrorWindow(initial_margin=0.3)  # the p99 with up to 5 decodes, the p99.8 with 25
+    errors = ErrorWindow(initial_margin=0.3, prior_tail=0.12)  # the p99 with up to 5 decodes, the p99.8 with 25
+    p998 = 0.3 + 0.12 * math.log(5)  # the prior's exponential tail, one fifth as deep as the p99's
+    assert errors.margin(5) == 0.3 and errors.margin(25) == pytest.approx(p998)  # no history yet: the prior
     for _ in range(100):
         errors.observe(1.0, 1.1)
     assert errors.margin(5) == pytest.approx(0.1)  # 100 errors hold a p99
-    assert errors.margin(25) == 0.3  # but not a p99.8: their largest would be read as one
+    assert errors.margin(25) == pytest.approx(p998)  # but not a p99.8: their largest would be read as one
     for _ in range(400):
         errors.observe(1.0, 1.1)
     assert errors.margin(25) == pytest.approx(0.1)

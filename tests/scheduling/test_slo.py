@@ -84,7 +84,9 @@ def test_a_request_starts_only_while_the_decodes_leave_room_for_it():
     one-token prompt too, which would join as a decode at once); two finished decodes make room for it."""
     limit = 0.1 / (1 + MARGIN)
     room = math.floor((limit - 0.010) / 0.001)
-    scheduler = slo_scheduler(max_num_seqs=128, num_blocks=2048)
+    latency = model()
+    latency.errors.prior_tail = 0.0  # the same margin for any number of decodes, so the room is known ahead
+    scheduler = slo_scheduler(max_num_seqs=128, num_blocks=2048, latency=latency)
     decodes = [decoding(scheduler, f"d{i}", tbt_s=0.1, max_tokens=200) for i in range(room - MIN_CHUNK)]
     scheduler.add(request("b", 100))
     scheduler.add(request("one", 1))
@@ -254,8 +256,7 @@ def test_predicted_ttft_is_the_queue_ahead_in_chunks_beside_the_decodes():
     prefill = BatchShape().with_chunk(100, 0)
     for measured in (0.09, 0.1, 0.08):  # a bias and a margin, so neither is a no-op
         latency.observe(prefill, latency.predict(prefill), measured)
-    scale = 1 + latency.margin()
-    assert scale > 1
+    assert latency.margin() > 0
 
     def probe(i: int):
         return request(f"q{i}", rng.randint(1, 400), ttft_s=rng.choice([None, 0.5, 2.0]), tbt_s=0.1,
@@ -278,6 +279,7 @@ def test_predicted_ttft_is_the_queue_ahead_in_chunks_beside_the_decodes():
             if room <= 0:
                 assert predict_ttft(snapshot, pending, r, latency) == math.inf
                 continue
+            scale = 1 + latency.margin(decodes.num_decodes)
             chunk = max(largest_chunk(latency, decodes, 0, room, snapshot.tbt_limit_s / scale), min(MIN_CHUNK, room))
             full, rest = divmod(tokens, chunk)
             seconds = full * latency.predict(decodes.with_chunk(chunk, 0))
