@@ -23,7 +23,7 @@ import numpy as np
 from pacer.bench.metrics import SLO, meets_slo, parse_slo_classes, request_metrics
 from pacer.bench.workload import WorkloadConfig
 from pacer.config import SchedulerConfig
-from pacer.scheduling.admission import SLOUnattainable
+from pacer.scheduling.admission import QueueTimes, SLOUnattainable
 from pacer.sim import simulator
 from pacer.sim.run import SimConfig, sim_requests, simulate
 
@@ -55,9 +55,9 @@ def watching(seen: Seen, admit_refused: bool):
             index = min(range(len(replicas)), key=lambda i: times[i])
         predicted = replicas[index].predicted_ttft_s(request)
         if predicted is not None:
-            queue = replicas[index]._queue_times
+            scheduler = replicas[index].engine.scheduler
             seen.predicted_s[request.request_id] = predicted
-            seen.raw_s[request.request_id] = predicted / queue.scale
+            seen.raw_s[request.request_id] = predicted / QueueTimes.of(scheduler.snapshot(), scheduler.latency).scale
         return index
 
     return wrapped
