@@ -42,22 +42,22 @@ DISPATCH = simulator.dispatch
 
 def watching(seen: Seen, admit_refused: bool):
     """`dispatch`, recording its prediction for the chosen replica, and (admit_refused) admitting what it refuses."""
-    dispatch = DISPATCH
 
     def wrapped(request, replicas, router, now):
         try:
-            index = dispatch(request, replicas, router, now)
+            index = DISPATCH(request, replicas, router, now)
         except SLOUnattainable:
             seen.refused.add(request.request_id)
             if not admit_refused:
                 raise
             times = [replica.predicted_ttft_s(request) for replica in replicas]
             index = min(range(len(replicas)), key=lambda i: times[i])
-        predicted = replicas[index].predicted_ttft_s(request)
-        if predicted is not None:
-            scheduler = replicas[index].engine.scheduler
-            seen.predicted_s[request.request_id] = predicted
-            seen.raw_s[request.request_id] = predicted / QueueTimes.of(scheduler.snapshot(), scheduler.latency).scale
+        scheduler = replicas[index].engine.scheduler
+        snapshot = scheduler.snapshot()
+        if snapshot is not None:
+            times = QueueTimes.of(snapshot, scheduler.latency)  # what the replica predicted from
+            seen.predicted_s[request.request_id] = predicted = times.ttft_s(request)
+            seen.raw_s[request.request_id] = predicted / times.scale
         return index
 
     return wrapped
@@ -71,10 +71,6 @@ def run(workload: WorkloadConfig, sim: SimConfig, slo: SLO, admit_refused: bool)
     finally:
         simulator.dispatch = DISPATCH
     return result, seen
-
-
-def ttft(record) -> float | None:
-    return record.token_times_s[0] - record.sent_s if record.token_times_s else None
 
 
 def main() -> int:
@@ -103,13 +99,13 @@ def main() -> int:
         deployed, seen = run(workload, sim, slo, admit_refused=False)
         for i, record in enumerate(deployed.records):
             if record.status == "ok" and str(i) in seen.raw_s:
-                ratios.append(ttft(record) / seen.raw_s[str(i)])
+                ratios.append(request_metrics(record).ttft_s / seen.raw_s[str(i)])
         forced, forced_seen = run(workload, sim, slo, admit_refused=True)
         for rid in sorted(seen.refused, key=int):
             record, request = forced.records[int(rid)], requests[int(rid)]
             limit = slo.of(request.slo_class).ttft_s
             rows.append((seed, request.num_prompt_tokens, request.slo_class, forced_seen.predicted_s.get(rid),
-                         ttft(record), limit))
+                         request_metrics(record).ttft_s, limit))
         others = [i for i in range(len(requests)) if str(i) not in seen.refused]
         met = [sum(1 for i in others if _met(result.records[i], slo)) for result in (deployed, forced)]
         costs.append((seed, len(seen.refused), *met, len(others)))
