@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from tests.live_server import API_KEY, Server, run_server
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE = SHARED / "reference" / "smollm2_greedy.json"
+# CPU is what CI tests; on a machine with a GPU, `PACER_TEST_DEVICE=cuda pytest tests/integration` runs
+# SmolLM2's reference checks on it (benchmarks/cuda_check.sh).
+DEVICE = os.environ.get("PACER_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

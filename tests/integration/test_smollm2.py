@@ -14,6 +14,7 @@ from pacer.kv import KVCacheManager
 from pacer.model.attention import AttentionMetadata
 from pacer.request import FinishReason
 from pacer.scheduling import scheduler_class
+from tests.conftest import DEVICE
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ OTHERS = ["Hi", "Write a haiku about the sea.", "List three prime numbers and ex
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(dtype="float32", kv_cache_memory="256MiB")
+    return LLM(dtype="float32", kv_cache_memory="256MiB", device=DEVICE)
 
 
 def with_policy(llm: LLM, policy: str, budget: int | None) -> None:
@@ -90,13 +91,14 @@ def test_too_long_prompt_is_refused_without_leaking(llm):
 def full_logits(model, ids: list[int], block_size: int, cache) -> torch.Tensor:
     """Logits at every position of one prompt run in a single prefill."""
     blocks = list(range(-(-len(ids) // block_size)))
-    meta = AttentionMetadata.build(block_size, prefill=[(blocks, 0, len(ids))])
-    positions = torch.arange(len(ids))
-    return model(torch.tensor(ids), positions, cache, meta, positions)
+    device = model.embed_tokens.weight.device
+    meta = AttentionMetadata.build(block_size, prefill=[(blocks, 0, len(ids))], device=device)
+    positions = torch.arange(len(ids), device=device)
+    return model(torch.tensor(ids, device=device), positions, cache, meta, positions)
 
 
 def test_bfloat16_teacher_forced_top1_within_reference_top5(reference):
-    llm = LLM(dtype="bfloat16", kv_cache_memory="64MiB")
+    llm = LLM(dtype="bfloat16", kv_cache_memory="64MiB", device=DEVICE)
     runner = llm.engine.executor
     for case in reference["cases"]:
         ids = case["prompt_ids"] + case["generated_ids"]

@@ -8,12 +8,14 @@ from pacer.config import EngineConfig
 from pacer.engine.builder import build_engine
 from pacer.latency.model import LinearLatencyModel
 from pacer.latency.profile import QUICK_GRID, default_profile_path
+from pacer.model.runner import resolve_dtype
 
 
 def test_profile_measures_the_grid_and_fits(tiny_profile):
     model = LinearLatencyModel.load(tiny_profile)
     assert model.key["model"].endswith("-dir")  # an HF-style directory, not a .gguf file
-    assert model.key["threads"] == 1 and model.key["dtype"] == "float32" and model.key["device"] == "cpu"
+    auto = str(resolve_dtype("auto", "cpu")).removeprefix("torch.")  # bfloat16 on CPUs that compute it natively
+    assert model.key["threads"] == 1 and model.key["dtype"] == auto and model.key["device"] == "cpu"
     assert len(model.samples) == model.key["num_shapes"] >= 8
     assert all(seconds > 0 for _, seconds in model.samples)
     # the fit is close on its own grid (a ~1 ms model is noisy, so loosely)
