@@ -43,11 +43,12 @@ def main() -> int:
     ap.add_argument("--slo-ttft-ms", type=float, default=3000, help="0: no TTFT SLO (Sarathi's condition)")
     ap.add_argument("--slo-tbt-ms", type=float, default=500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     engine, tokenizer = build_engine(EngineConfig.from_kwargs(scheduler=args.scheduler, dtype="float32",
-                                                              threads=args.threads, max_model_len=2048,
+                                                              device=args.device, threads=args.threads, max_model_len=2048,
                                                               max_num_batched_tokens=args.max_num_batched_tokens))
     latency = engine.scheduler.latency
     if latency is None:
