@@ -44,12 +44,14 @@ def main() -> int:
     ap.add_argument("--slo-tbt-ms", type=float, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    engine, tokenizer = build_engine(EngineConfig.from_kwargs(scheduler=args.scheduler, dtype="float32",
-                                                              device=args.device, threads=args.threads, max_model_len=2048,
-                                                              max_num_batched_tokens=args.max_num_batched_tokens))
+    config = EngineConfig.from_kwargs(model=args.model, scheduler=args.scheduler, dtype="float32", device=args.device,
+                                      threads=args.threads, max_model_len=2048,
+                                      max_num_batched_tokens=args.max_num_batched_tokens)
+    engine, tokenizer = build_engine(config)
     latency = engine.scheduler.latency
     if latency is None:
         raise SystemExit("no latency profile: run `pacer profile` first")
