@@ -11,6 +11,7 @@ cache reused 30 times, as in shared/perf/paged_gather.py (KV stays in the 48 MB 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -88,32 +89,41 @@ def run_decode(dtype: torch.dtype) -> None:
             print(f"  B={B:2d} ctx={ctx:4d} {mode}: {cells}", flush=True)
 
 
+def prefill_case(n: int, past: int, dtype: torch.dtype) -> dict[str, float]:
+    """ms per chunk of `n` tokens after `past` cached ones, over L layers, for each way to compute it."""
+    q = torch.randn(H, n, HD).to(dtype)
+    k = torch.randn(KV, past + n, HD).to(dtype)
+    v = torch.randn(KV, past + n, HD).to(dtype)
+    mask = torch.ones(n, past + n, dtype=torch.bool).tril(past) if past else None
+    kw = {"attn_mask": mask, "is_causal": mask is None, "scale": SCALE}
+    bs = 16
+    nblk = -(-(past + n) // bs)
+    cache = A.allocate_kv_cache(1, nblk + 4, bs, KV, HD, dtype, "cpu")
+    for t in cache.k + cache.v:
+        t.normal_()
+    meta = A.AttentionMetadata.build(bs, prefill=[(torch.randperm(nblk + 4)[:nblk].tolist(), past, n)])
+    qt, kt, vt = q.transpose(0, 1), k[:, past:].transpose(0, 1), v[:, past:].transpose(0, 1)
+    variants = {
+        "3d repeat": lambda: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(3, 0), v.repeat_interleave(3, 0), **kw),
+        "4d repeat": lambda: F.scaled_dot_product_attention(
+            q[None], k.repeat_interleave(3, 0)[None], v.repeat_interleave(3, 0)[None], **kw),
+        "4d enable_gqa": lambda: F.scaled_dot_product_attention(q[None], k[None], v[None], enable_gqa=True, **kw),
+        "pacer paged_attention": lambda: A.paged_attention(qt, kt, vt, cache, 0, meta, SCALE),
+    }
+    return {name: median_ms(functools.partial(repeat, f, L), 3) for name, f in variants.items()}
+
+
+def repeat(f, times: int) -> None:
+    for _ in range(times):
+        f()
+
+
 def run_prefill() -> None:
     print(f"prefill attention per chunk, {L} layers, ms: SDPA variants on dense k/v, and pacer's paged path")
     for dtype in (torch.bfloat16, torch.float32):
         for n, past in ((128, 0), (512, 0), (512, 1536)):
-            q = torch.randn(H, n, HD).to(dtype)
-            k = torch.randn(KV, past + n, HD).to(dtype)
-            v = torch.randn(KV, past + n, HD).to(dtype)
-            mask = torch.ones(n, past + n, dtype=torch.bool).tril(past) if past else None
-            kw = dict(attn_mask=mask, is_causal=mask is None, scale=SCALE)
-            variants = {
-                "3d repeat": lambda: F.scaled_dot_product_attention(
-                    q, k.repeat_interleave(3, 0), v.repeat_interleave(3, 0), **kw),
-                "4d repeat": lambda: F.scaled_dot_product_attention(
-                    q[None], k.repeat_interleave(3, 0)[None], v.repeat_interleave(3, 0)[None], **kw),
-                "4d enable_gqa": lambda: F.scaled_dot_product_attention(
-                    q[None], k[None], v[None], enable_gqa=True, **kw),
-            }
-            bs = 16
-            nblk = -(-(past + n) // bs)
-            cache = A.allocate_kv_cache(1, nblk + 4, bs, KV, HD, dtype, "cpu")
-            for t in cache.k + cache.v:
-                t.normal_()
-            meta = A.AttentionMetadata.build(bs, prefill=[(torch.randperm(nblk + 4)[:nblk].tolist(), past, n)])
-            qt, kt, vt = q.transpose(0, 1), k[:, past:].transpose(0, 1), v[:, past:].transpose(0, 1)
-            variants["pacer paged_attention"] = lambda: A.paged_attention(qt, kt, vt, cache, 0, meta, SCALE)
-            ms = {name: median_ms(lambda: [f() for _ in range(L)], 3) for name, f in variants.items()}
+            ms = prefill_case(n, past, dtype)
             cells = "  ".join(f"{name} {t:7.1f}" for name, t in ms.items())
             print(f"  {str(dtype)[6:]:8s} chunk {n:3d} past {past:4d}: {cells}", flush=True)
 

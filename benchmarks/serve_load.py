@@ -69,7 +69,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
-from common import make_prompts  # noqa: E402  (stdlib only; the same prompt ids as the offline benchmarks)
+from common import make_prompts  # stdlib only; the same prompt ids as the offline benchmarks
 
 PROMPT_SEED, WARMUP_SEED = 0, 1
 HEALTH_POLL_S = 1.0

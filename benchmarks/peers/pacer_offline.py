@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parser, run_cases  # noqa: E402
+from common import parser, run_cases
 
-from pacer import LLM, SamplingParams  # noqa: E402
+from pacer import LLM, SamplingParams
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parser, run_cases  # noqa: E402
+from common import parser, run_cases
 
 
 def main() -> None:

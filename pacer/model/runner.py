@@ -128,7 +128,7 @@ class ModelRunner:
             if plan.samples(r):
                 sampling.append((len(input_ids) - 1, r))
         meta = AttentionMetadata.build(self.block_size, decode, prefill, self.device)
-        to = dict(device=self.device, dtype=torch.long)
+        to = {"device": self.device, "dtype": torch.long}
         sampled: dict[str, int] = {}
         logprobs = {}
         logits_indices = torch.tensor([i for i, _ in sampling], **to)

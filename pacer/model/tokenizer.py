@@ -247,7 +247,7 @@ class _GenerationTag(jinja2.ext.Extension):
     """Accept `{% generation %}...{% endgeneration %}` (transformers' assistant-mask markers)
     and render the body unchanged: we never need the mask, but templates that use it must parse."""
 
-    tags = {"generation"}
+    tags = frozenset({"generation"})
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno

@@ -110,7 +110,7 @@ def _load_directory(path: Path, dtype: torch.dtype) -> Checkpoint:
     weights = {}
     for file in files:
         with safe_open(file, framework="pt") as shard:
-            for name in shard.keys():
+            for name in shard.keys():  # noqa: SIM118  (safe_open is not a mapping)
                 if name.endswith("rotary_emb.inv_freq"):  # buffer saved by old transformers
                     continue
                 weights[name] = shard.get_tensor(name).to(dtype)

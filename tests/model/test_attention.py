@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pacer.model import attention as A
 from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache, paged_attention
 
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 
 
 @pytest.fixture(autouse=True)

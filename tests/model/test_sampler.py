@@ -67,7 +67,7 @@ def test_repetition_penalty_pushes_seen_tokens_down_whatever_their_sign():
 def test_penalty_ranges_are_validated():
     import pytest
 
-    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(repetition_penalty=0)):
+    for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -3}, {"repetition_penalty": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pacer.config import SchedulerConfig
 from pacer.kv import KVCacheManager
-from pacer.latency.model import BatchShape, LatencyModel
+from pacer.latency.model import BatchShape, LatencyModel, LinearLatencyModel
 from pacer.request import Request, SamplingParams
 from pacer.scheduling import ModelOutput, Scheduler, SchedulerOutput, scheduler_class
 
@@ -18,6 +18,12 @@ def make_scheduler(policy: str = "sarathi", num_blocks: int = 64, block_size: in
                              drop_expired=drop_expired)
     return scheduler_class(policy)(config, KVCacheManager(num_blocks, block_size), max_model_len, eos_token_id=EOS,
                                    latency=latency)
+
+
+def curved() -> LinearLatencyModel:
+    """10 ms + 0.5 ms a token + a hinge at 64 tokens + attention and decode-context terms, so chunk sizes vary with
+    the decodes beside them."""
+    return LinearLatencyModel([0.010, 0.0005, 0.0003, 0.0002, 1e-7, 0.0, 2e-7], (64,))
 
 
 def make_request(rid: str, prompt_len: int, max_tokens: int = 4, arrival_s: float = 0.0, **sampling) -> Request:

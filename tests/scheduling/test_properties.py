@@ -35,7 +35,7 @@ def test_every_request_ends_and_no_block_leaks(policy, requests, num_blocks, blo
             if abort and i % 2:
                 s.finish(f"r{i}")
                 ended.add(f"r{i}")
-        plan, finished = step(s, now=float(t))
+        _plan, finished = step(s, now=float(t))
         for r in finished:
             assert r.request_id not in ended, "a request finished twice"
             ended.add(r.request_id)

@@ -11,7 +11,7 @@ from pacer.latency.model import BatchShape, ErrorWindow, LinearLatencyModel, lar
 from pacer.request import SLO, FinishReason, RequestStatus
 from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot, SLOUnattainable, admit, predict_ttft
 from pacer.scheduling.slo import AGING_S, MAX_PREEMPTIONS
-from tests.scheduling.helpers import check_invariants, make_request, make_scheduler, step
+from tests.scheduling.helpers import check_invariants, curved, make_request, make_scheduler, step
 
 MARGIN = ErrorWindow.initial_margin  # the model's margin before it has seen 20 iterations (the fakes report no time)
 
@@ -252,7 +252,7 @@ def test_predicted_ttft_is_the_queue_ahead_in_chunks_beside_the_decodes():
     """Random snapshots (priorities, deadlines with and without a TTFT SLO, no room, requests pending since the
     snapshot), against the rule written out plainly."""
     rng = random.Random(0)
-    latency = LinearLatencyModel([0.010, 0.0005, 0.0003, 0.0002, 1e-7, 0.0, 2e-7], (64,))  # hinge: chunks vary
+    latency = curved()  # a hinge: chunks vary
     prefill = BatchShape().with_chunk(100, 0)
     for measured in (0.09, 0.1, 0.08):  # a bias and a margin, so neither is a no-op
         latency.observe(prefill, latency.predict(prefill), measured)

@@ -13,7 +13,7 @@ from tests.live_server import run_server
 pytestmark = pytest.mark.slow
 
 # The reference masks EOS for its 32 tokens (transformers' min_new_tokens): vLLM's min_tokens does the same.
-GREEDY32 = dict(max_tokens=32, temperature=0, extra_body={"min_tokens": 32})
+GREEDY32 = {"max_tokens": 32, "temperature": 0, "extra_body": {"min_tokens": 32}}
 
 
 @pytest.fixture(scope="module")

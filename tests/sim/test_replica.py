@@ -6,18 +6,12 @@ import random
 
 import pytest
 
-from pacer.latency.model import LinearLatencyModel
 from pacer.request import SLO, Request
 from pacer.scheduling.admission import predict_ttft
 from pacer.scheduling.router import router_class
 from pacer.sim.simulator import SimRequest
+from tests.scheduling.helpers import curved
 from tests.sim.test_simulator import simulator
-
-
-def curved() -> LinearLatencyModel:
-    """10 ms + 0.5 ms a token + a hinge at 64 tokens + attention and decode-context terms, so chunk sizes vary with
-    the decodes beside them."""
-    return LinearLatencyModel([0.010, 0.0005, 0.0003, 0.0002, 1e-7, 0.0, 2e-7], (64,))
 
 
 class Checking:
