@@ -21,11 +21,12 @@ from pacer.scheduling import scheduler_class
 logger = logging.getLogger(__name__)
 
 
-def profile_key(path: Path, dtype: torch.dtype, device: str) -> dict[str, object]:
-    """What a latency profile is valid for: the model file, dtype, device and torch's thread count."""
+def profile_key(path: Path, runner: ModelRunner, device: str) -> dict[str, object]:
+    """What a latency profile is valid for: the model file, dtype, device, torch's thread count and the
+    GEMM path (a profile measured before the projections were prepacked overstates every iteration)."""
     size = path.stat().st_size if path.is_file() else "dir"
-    return {"model": f"{path.name}-{size}", "dtype": str(dtype).removeprefix("torch."), "device": device,
-            "threads": torch.get_num_threads()}
+    return {"model": f"{path.name}-{size}", "dtype": str(runner.dtype).removeprefix("torch."), "device": device,
+            "threads": torch.get_num_threads(), "gemm": runner.gemm}
 
 
 def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
@@ -42,7 +43,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
     logger.info("loaded %s in %.1f s (%s, %s)", path.name, time.perf_counter() - start, runner.dtype,
                 config.model.device)
     warm_up(runner, kv, checkpoint.config.vocab_size)
-    key = profile_key(path, runner.dtype, config.model.device)
+    key = profile_key(path, runner, config.model.device)
     latency = resolve_latency_model(config.latency.latency_profile, runner, kv, checkpoint.config.vocab_size,
                                     max_model_len, key, required=policy.needs_latency_model)
     scheduler = policy(config.scheduler, kv, max_model_len, eos_token_id=checkpoint.tokenizer.eos_token_id,

@@ -129,7 +129,8 @@ def default_profile_path(key: dict[str, Any]) -> Path:
 def resolve_latency_model(setting: str, executor: Executor, kv: KVCacheManager, vocab_size: int,
                           max_model_len: int, key: dict[str, Any], required: bool) -> LinearLatencyModel | None:
     """--latency-profile: a path loads that profile; `none` gives none (an error if the scheduler needs
-    one); `auto` loads the cached profile for `key`, or measures QUICK_GRID and caches it if `required`."""
+    one); `auto` loads the cached profile for `key`, or measures QUICK_GRID and caches it if `required`
+    (also when the cached one was measured on another setup, e.g. before an engine upgrade)."""
     if setting == "none":
         if required:
             raise ValueError("this scheduler plans with a latency model: --latency-profile none is not allowed")
@@ -141,8 +142,11 @@ def resolve_latency_model(setting: str, executor: Executor, kv: KVCacheManager, 
         return model
     path = default_profile_path(key)
     if path.exists():
-        logger.info("latency profile: %s", path)
-        return LinearLatencyModel.load(path)
+        cached = LinearLatencyModel.load(path)
+        if all(cached.key.get(k) == v for k, v in key.items()):
+            logger.info("latency profile: %s", path)
+            return cached
+        logger.info("cached latency profile %s was measured on %s: measuring again", path, cached.key)
     if not required:
         return None
     logger.info("no latency profile cached for %s: measuring one (run `pacer profile` to do it ahead)", key)
@@ -158,6 +162,6 @@ def profile_engine(engine: Engine, model_config: ModelConfig, grid: ProfileGrid,
     from pacer.model.weights import resolve_model_path
 
     runner = engine.executor
-    key = profile_key(resolve_model_path(model_config.model), runner.dtype, model_config.device)
+    key = profile_key(resolve_model_path(model_config.model), runner, model_config.device)
     vocab = runner.model.embed_tokens.num_embeddings
     return profile(runner, engine.scheduler.kv, vocab, engine.scheduler.max_model_len, grid, key, progress)

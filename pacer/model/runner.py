@@ -11,7 +11,7 @@ import torch
 from pacer.config import CacheConfig, ModelConfig, parse_bytes
 from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache, load_cpu_kernel
 from pacer.model.config import LlamaConfig
-from pacer.model.llama import LlamaModel
+from pacer.model.llama import LlamaModel, PackedLinear
 from pacer.model.sampler import apply_penalties, sample
 from pacer.model.weights import Checkpoint
 from pacer.request import Request
@@ -73,8 +73,8 @@ class ModelRunner:
         model.rope.reset(device)
         model.load_weights(checkpoint.weights)
         model.eval()
-        if dtype == torch.float32 and device.type == "cpu":
-            model.to_column_major()
+        if PackedLinear.available(device):
+            model.prepack_for_cpu()
         if device.type == "cpu" and not load_cpu_kernel():  # build now, not in the first step
             logger.warning("no C++ decode kernel: decode attention gathers KV blocks (slow)")
         num_blocks = cache_config.num_blocks or cls.num_blocks_for(cache_config, config, dtype)
@@ -102,6 +102,11 @@ class ModelRunner:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+    @property
+    def gemm(self) -> str:
+        """Which GEMM path the projections take: part of what a latency profile is valid for."""
+        return "onednn-prepacked" if isinstance(self.model.lm_head, PackedLinear) else "torch-linear"
 
     @property
     def num_blocks(self) -> int:
