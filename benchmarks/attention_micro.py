@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pacer.model import attention as A
+from pacer.model import cpu_kernels as K
 
 L, H, KV, HD = 30, 9, 3, 64
 SCALE = HD**-0.5
@@ -49,7 +50,7 @@ def decode_case(B: int, ctx: int, block_size: int, dtype: torch.dtype, layers: i
     q = torch.randn(B, H, HD).to(dtype)
     k = torch.randn(B, KV, HD).to(dtype)
     v = torch.randn(B, KV, HD).to(dtype)
-    ops = A._kernel_ops()
+    ops = K.attention_ops()
     out = torch.empty_like(q)
     lay = [i % layers for i in range(L)]
 
@@ -138,7 +139,7 @@ def main() -> None:
     global USE_MIN
     USE_MIN = args.min
     start = time.perf_counter()
-    if A._kernel_ops() is None:
+    if K.attention_ops() is None:
         raise SystemExit("C++ kernel unavailable")
     print(f"kernel load (build if not cached): {time.perf_counter() - start:.1f} s")
     with torch.inference_mode():

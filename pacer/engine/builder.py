@@ -22,11 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 def profile_key(path: Path, runner: ModelRunner, device: str) -> dict[str, object]:
-    """What a latency profile is valid for: the model file, dtype, device, torch's thread count and the
-    GEMM path (a profile measured before the projections were prepacked overstates every iteration)."""
+    """What a latency profile is valid for: the model file, dtype, device, torch's thread count and the kernels
+    (a profile measured with slower kernels overstates every iteration)."""
     size = path.stat().st_size if path.is_file() else "dir"
     return {"model": f"{path.name}-{size}", "dtype": str(runner.dtype).removeprefix("torch."), "device": device,
-            "threads": torch.get_num_threads(), "gemm": runner.gemm}
+            "threads": torch.get_num_threads(), "kernels": runner.kernels}
 
 
 def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:

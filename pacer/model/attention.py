@@ -3,22 +3,13 @@ device, and a fused C++ decode kernel for CPU that reads K/V where they lie in t
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
-
-# Set to 1 to skip building/using the C++ kernel (the reference path is used instead).
-NO_KERNEL_ENV = "PACER_NO_CPP_KERNEL"
+from pacer.model import cpu_kernels
 
 
 @dataclass
@@ -168,7 +159,7 @@ def paged_attention(
     Decodes go to the C++ kernel on CPU when it is available, otherwise to the reference path.
     """
     k_cache, v_cache = cache.k[layer], cache.v[layer]
-    ops = _kernel_ops() if _kernel_applies(q, k_cache) else None
+    ops = cpu_kernels.attention_ops() if _kernel_applies(q, k_cache) else None
     if ops is None:
         return paged_attention_reference(q, k, v, cache, layer, meta, scale)
     ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -284,68 +275,8 @@ def _kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
         q.is_cpu
         and q.dtype in _KERNEL_DTYPES
         and k_cache.dtype == q.dtype
-        and os.environ.get(NO_KERNEL_ENV, "0") in ("", "0")
+        and cpu_kernels.enabled()
     )
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def load_cpu_kernel() -> bool:
-    """Build (or load the cached build of) the CPU decode kernel now, e.g. at engine start, rather
-    than inside the first forward pass (a cold build takes ~10 s). False if it is unavailable."""
-    return os.environ.get(NO_KERNEL_ENV, "0") in ("", "0") and _kernel_ops() is not None
-
-
-class _KernelLoader:
-    """Builds the C++ kernel on first use, once per process, thread-safe. A failed build logs one
-    warning and leaves the reference path in charge."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._tried = False
-        self._ops: object | None = None
-
-    def get(self) -> object | None:
-        if not self._tried:
-            with self._lock:
-                if not self._tried:
-                    self._ops = self._build()
-                    self._tried = True
-        return self._ops
-
-    @staticmethod
-    def _build() -> object | None:
-        from torch.utils import cpp_extension
-
-        source = Path(__file__).with_name("attention_cpu.cpp")
-        flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fopenmp"]
-        try:
-            cpp_extension.load(
-                name=f"pacer_attention_cpu_{_cpu_fingerprint()}",
-                sources=[str(source)],
-                extra_cflags=flags,
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-            )
-            return torch.ops.pacer_attention
-        except Exception as e:  # noqa: BLE001 - any build failure means: use the reference path
-            logger.warning("paged attention C++ kernel unavailable, using the torch reference path: %s", e)
-            return None
-
-
-def _cpu_fingerprint() -> str:
-    """-march=native builds are only valid on CPUs with the same features: key the cached build on
-    them, so a cache directory shared between machines cannot hand out an illegal instruction."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor() or platform.machine()
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
-
-
-_loader = _KernelLoader()
-
-
-def _kernel_ops() -> object | None:
-    return _loader.get()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pacer.model import cpu_kernels
 from pacer.model.attention import AttentionMetadata, KVCache, paged_attention
 from pacer.model.config import LlamaConfig
 
@@ -40,6 +41,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: [T, heads, head_dim] rotated by each token's position (rotate-half layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _fused_ops(x: torch.Tensor) -> object | None:
+    """pacer's fused C++ layers where they apply to x (CPU, fp32/bf16, kernels built), else None."""
+    return cpu_kernels.layer_ops() if x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) else None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm that can take the residual stream too: `norm(x, residual)` adds x into the residual (in place where
+    fused) and returns (normed sum, residual), as vLLM's fused_add_rms_norm does. On CPU both run as one C++ pass
+    instead of torch's chain of eight ops."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        ops = _fused_ops(x)
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps) if ops is not None else super().forward(x)
+        if ops is not None:
+            return ops.add_rms_norm(x, residual, self.weight, self.eps), residual
+        residual = x + residual
+        return super().forward(residual), residual
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up over the fused projection's [gate | up] halves; one C++ pass on CPU."""
+    ops = _fused_ops(gate_up)
+    if ops is not None:
+        return ops.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class PackedLinear(nn.Module):
@@ -97,22 +127,23 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, layer, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache, layer: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output, not yet added into the residual stream -> this layer's (x, residual)."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, cache, layer, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -121,7 +152,7 @@ class LlamaModel(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
@@ -130,11 +161,12 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]; logits_indices: [S] rows of the batch that sample -> [S, V] fp32."""
-        x = self.embed_tokens(input_ids)
-        rope = self.rope(positions, x.dtype)
+        residual = self.embed_tokens(input_ids)
+        x = torch.zeros_like(residual)  # layer 0 adds nothing into the stream
+        rope = self.rope(positions, residual.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, cache, i, meta)
-        x = self.norm(x[logits_indices])  # only the rows that sample pay for the norm and the head
+            x, residual = layer(x, residual, rope, cache, i, meta)
+        x, _ = self.norm(x[logits_indices], residual[logits_indices])  # only the rows that sample pay for these
         logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
         return logits.float()
 

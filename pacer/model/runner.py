@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from pacer.config import CacheConfig, ModelConfig, parse_bytes
-from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache, load_cpu_kernel
+from pacer.model import cpu_kernels
+from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache
 from pacer.model.config import LlamaConfig
 from pacer.model.llama import LlamaModel, PackedLinear
 from pacer.model.sampler import apply_penalties, sample
@@ -75,8 +76,8 @@ class ModelRunner:
         model.eval()
         if PackedLinear.available(device):
             model.prepack_for_cpu()
-        if device.type == "cpu" and not load_cpu_kernel():  # build now, not in the first step
-            logger.warning("no C++ decode kernel: decode attention gathers KV blocks (slow)")
+        if device.type == "cpu" and not cpu_kernels.load():  # build now, not in the first step
+            logger.warning("no C++ kernels: decode attention gathers KV blocks, norms run unfused (slow)")
         num_blocks = cache_config.num_blocks or cls.num_blocks_for(cache_config, config, dtype)
         cache = allocate_kv_cache(config.num_layers, num_blocks, cache_config.block_size, config.num_kv_heads,
                                   config.head_dim, dtype, device)
@@ -104,9 +105,10 @@ class ModelRunner:
         return self.model.embed_tokens.weight.dtype
 
     @property
-    def gemm(self) -> str:
-        """Which GEMM path the projections take: part of what a latency profile is valid for."""
-        return "onednn-prepacked" if isinstance(self.model.lm_head, PackedLinear) else "torch-linear"
+    def kernels(self) -> str:
+        """The GEMM path and the C++ kernels' revision: part of what a latency profile is valid for."""
+        gemm = "onednn-prepacked" if isinstance(self.model.lm_head, PackedLinear) else "torch-linear"
+        return f"{gemm}+cpp-{cpu_kernels.revision()}" if self.device.type == "cpu" and cpu_kernels.load() else gemm
 
     @property
     def num_blocks(self) -> int:

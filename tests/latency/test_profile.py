@@ -41,16 +41,16 @@ def test_serve_picks_the_cached_profile_or_measures_one(tiny_model_dir, tmp_path
     assert measured is not None and default_profile_path(measured.key).is_file()
     engine, _ = build_engine(EngineConfig.from_kwargs(scheduler="sarathi", **options))
     assert engine.scheduler.latency.coefficients == measured.coefficients  # cached now: every policy gets it
-    assert measured.key["gemm"] == engine.executor.gemm
+    assert measured.key["kernels"] == engine.executor.kernels
 
-    # a profile measured by another engine build (here: another GEMM path) is measured again, not trusted
+    # a profile measured with other kernels (an older build) is measured again, not trusted
     stale = LinearLatencyModel.load(default_profile_path(measured.key))
-    stale.key["gemm"] = "something-older"
+    stale.key["kernels"] = "something-older"
     stale.save(default_profile_path(measured.key))
     engine, _ = build_engine(EngineConfig.from_kwargs(scheduler="sarathi", **options))
     assert engine.scheduler.latency is None  # not trusted, and sarathi does not need one
     engine, _ = build_engine(EngineConfig.from_kwargs(scheduler="slo", **options))
-    assert engine.scheduler.latency.key["gemm"] == engine.executor.gemm
-    assert LinearLatencyModel.load(default_profile_path(measured.key)).key["gemm"] == engine.executor.gemm
+    assert engine.scheduler.latency.key["kernels"] == engine.executor.kernels
+    assert LinearLatencyModel.load(default_profile_path(measured.key)).key["kernels"] == engine.executor.kernels
     with pytest.raises(ValueError, match="plans with a latency model"):
         build_engine(EngineConfig.from_kwargs(scheduler="slo", latency_profile="none", **options))

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pacer.model import attention as A
+from pacer.model import cpu_kernels as K
 from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache, paged_attention
 
 TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
@@ -29,7 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def kernel():
-    ops = A._kernel_ops()
+    ops = K.attention_ops()
     if ops is None:
         pytest.skip("C++ paged attention kernel unavailable (no compiler?)")
     return ops
@@ -182,8 +183,8 @@ def test_empty_batch(kernel):
 
 
 def test_no_kernel_env_uses_reference(monkeypatch):
-    monkeypatch.setenv(A.NO_KERNEL_ENV, "1")
-    monkeypatch.setattr(A, "_kernel_ops", lambda: pytest.fail("kernel used despite the env var"))
+    monkeypatch.setenv(K.NO_KERNEL_ENV, "1")
+    monkeypatch.setattr(K, "attention_ops", lambda: pytest.fail("kernel used despite the env var"))
     case = Case([5, 17], [(0, 7), (9, 6)], 3, torch.float32)
     out, cache = case.run(paged_attention)
     assert_close(out, case.naive(), torch.float32)
@@ -191,19 +192,19 @@ def test_no_kernel_env_uses_reference(monkeypatch):
 
 
 def test_load_cpu_kernel(kernel, monkeypatch):
-    assert A.load_cpu_kernel()
-    monkeypatch.setenv(A.NO_KERNEL_ENV, "1")
-    assert not A.load_cpu_kernel()
+    assert K.load()
+    monkeypatch.setenv(K.NO_KERNEL_ENV, "1")
+    assert not K.load()
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(A, "_loader", A._KernelLoader())
+    monkeypatch.setattr(K, "_loader", K._KernelLoader())
     monkeypatch.setattr("torch.utils.cpp_extension.load", broken)
     case = Case([5], [(2, 3)], 4, torch.float32)
-    with caplog.at_level(logging.WARNING, logger=A.__name__):
+    with caplog.at_level(logging.WARNING, logger=K.__name__):
         for _ in range(3):
             out, _ = case.run(paged_attention)
             assert_close(out, case.naive(), torch.float32)
@@ -212,7 +213,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
 
 def test_kernel_builds_once_under_threads(monkeypatch):
     calls = []
-    loader = A._KernelLoader()
+    loader = K._KernelLoader()
     monkeypatch.setattr(loader, "_build", lambda: calls.append(1) or "ops")
     threads = [threading.Thread(target=loader.get) for _ in range(8)]
     for t in threads:
