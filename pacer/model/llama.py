@@ -138,10 +138,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: KVCache, layer: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the previous layer's output, not yet added into the residual stream -> this layer's (x, residual)."""
-        h, residual = self.input_layernorm(x, residual)
+        """x: the previous layer's output, not yet added into the residual stream (the embeddings, with no stream
+        yet, for the first layer) -> this layer's (output, residual stream)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
         h, residual = self.post_attention_layernorm(self.self_attn(h, rope, cache, layer, meta), residual)
         return self.mlp(h), residual
 
@@ -161,9 +165,8 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]; logits_indices: [S] rows of the batch that sample -> [S, V] fp32."""
-        residual = self.embed_tokens(input_ids)
-        x = torch.zeros_like(residual)  # layer 0 adds nothing into the stream
-        rope = self.rope(positions, residual.dtype)
+        x, residual = self.embed_tokens(input_ids), None
+        rope = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, rope, cache, i, meta)
         x, _ = self.norm(x[logits_indices], residual[logits_indices])  # only the rows that sample pay for these
