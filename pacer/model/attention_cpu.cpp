@@ -1,6 +1,6 @@
 // Fused paged decode attention for CPU: reads K/V blocks where they lie in the pool (no gather).
 //
-// Built lazily by pacer/model/attention.py (torch.utils.cpp_extension.load); registers
+// Built lazily with layers_cpu.cpp by pacer/model/cpu_kernels.py (torch.utils.cpp_extension.load); registers
 // torch.ops.pacer_attention.{write_kv, decode}. Light headers only (no torch/extension.h) so the
 // one-time build stays short.
 //
@@ -44,9 +44,7 @@ inline float softmax(float* s, int64_t n) {
     std::memcpy(s + i, &p, sizeof(p));
     sum += p;
   }
-  float total = 0.0f;
-  for (int j = 0; j < 16; ++j) total += sum[j];
-  return 1.0f / total;
+  return 1.0f / hsum(sum);
 }
 
 // Below this many (context token, kv head) pairs a decode call runs on one thread: ~50 us of work
