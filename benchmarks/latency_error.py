@@ -43,12 +43,14 @@ def main() -> int:
     ap.add_argument("--slo-ttft-ms", type=float, default=3000, help="0: no TTFT SLO (Sarathi's condition)")
     ap.add_argument("--slo-tbt-ms", type=float, default=500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
+                    help="float32 as in the first runs; bfloat16 is what `auto` picks on a CPU with AVX-512 BF16")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    config = EngineConfig.from_kwargs(model=args.model, scheduler=args.scheduler, dtype="float32", device=args.device,
+    config = EngineConfig.from_kwargs(model=args.model, scheduler=args.scheduler, dtype=args.dtype, device=args.device,
                                       threads=args.threads, max_model_len=2048,
                                       max_num_batched_tokens=args.max_num_batched_tokens)
     engine, tokenizer = build_engine(config)
