@@ -2,9 +2,9 @@
 //
 // torch runs RMSNorm as a chain of eight ops (cast, pow, mean, add, rsqrt, mul, cast, mul) and SiLU-and-mul as
 // two, each a pass over the activations and a dispatch; 61 norms and 30 activations a step took ~10 % of a bf16
-// decode step under torch.profiler (replacing them gained 3-12 % end to end, benchmarks/RESULTS.md). Rounding follows torch's ops step for step (normalise in fp32, round to the dtype, scale by
-// the weight, round; SiLU rounded before the product), so outputs differ from the unfused path only by the order
-// of the sum of squares.
+// decode step under torch.profiler (replacing them gained 3-12 % end to end, benchmarks/RESULTS.md). Rounding
+// follows torch's ops step for step (normalise in fp32, round to the dtype, scale by the weight, round; SiLU
+// rounded before the product), so outputs differ from the unfused path only by the order of the sum of squares.
 //
 // Built with attention_cpu.cpp into one extension (pacer/model/cpu_kernels.py); registers
 // torch.ops.pacer_layers.{rms_norm, add_rms_norm, silu_and_mul}.
