@@ -5,7 +5,7 @@
 # plans its chunks with it and, promised no TTFT, refuses nothing. Results: benchmarks/out/capacity_tbt_*
 # (capacity_${DTYPE}_tbt${SLO_TBT_MS}_* for another dtype). DTYPE (default float32, the Xeon-era runs; bfloat16 is
 # what `auto` picks on a CPU with AVX-512 BF16), SLO_TBT_MS (500), MIN_RATE and MAX_RATE (0.5, 1: where the search
-# starts) and NAMES pick the run. Run alone (2 cores).
+# starts), NAMES and TAG (a suffix for repeated searches) pick the run. Run alone (2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACER=${PACER:-.venv/bin/pacer}
@@ -13,8 +13,10 @@ DTYPE=${DTYPE:-float32}
 SLO_TBT_MS=${SLO_TBT_MS:-500}
 PREFIX=benchmarks/out/capacity_tbt
 [ "$DTYPE" = float32 ] || PREFIX=benchmarks/out/capacity_${DTYPE}_tbt${SLO_TBT_MS}
+PREFIX=$PREFIX${TAG:-}  # TAG: keeps repeated searches apart, e.g. TAG=_2
 PORT=8123
 declare -A CONFIGS=([slo]="--scheduler slo" [sarathi]="--scheduler sarathi" \
+                    [sarathi64]="--scheduler sarathi --max-num-batched-tokens 64" \
                     [sarathi128]="--scheduler sarathi --max-num-batched-tokens 128" \
                     [sarathi256]="--scheduler sarathi --max-num-batched-tokens 256")
 for name in ${NAMES:-slo sarathi128 sarathi}; do
