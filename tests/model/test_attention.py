@@ -252,7 +252,11 @@ def test_bytes_per_block():
     cache = allocate_kv_cache(2, 5, 16, 3, 64, torch.float32, "cpu")
     assert cache.num_blocks == 5 and cache.block_size == 16
     assert cache.k[1].shape == (5, 3, 64, 16) and cache.v[1].shape == (5, 3, 16, 64)
-    # written at allocation (zeros), not left to first touch: see allocate_kv_cache
+
+
+def test_kv_pool_is_written_at_allocation():
+    # zeros, not left to first touch: see allocate_kv_cache
+    cache = allocate_kv_cache(2, 5, 16, 3, 64, torch.float32, "cpu")
     assert all(not t.any() for t in cache.k + cache.v)
 
 
