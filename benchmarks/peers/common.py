@@ -17,6 +17,8 @@ def parser(doc: str, default_dtype: str = "float32") -> argparse.ArgumentParser:
     ap.add_argument("--cases", default="1x128x128,8x128x128,32x128x128,1x512x1",
                     help="NxPxO: N requests of P random prompt tokens, O output tokens (O=1: prefill)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="token budget per iteration (decodes count); default: the engine's own")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per case; the median is reported")
     ap.add_argument("--json", help="write the results here")
     return ap

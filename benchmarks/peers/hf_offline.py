@@ -17,7 +17,10 @@ from common import parser, run_cases
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    ap = parser(__doc__)
+    args = ap.parse_args()
+    if args.max_num_batched_tokens:
+        ap.error("transformers runs whole batches: it has no token budget")
     import torch
     from transformers import AutoModelForCausalLM
 

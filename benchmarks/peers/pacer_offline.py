@@ -19,7 +19,6 @@ from pacer import LLM, SamplingParams
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--scheduler", default="sarathi")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     args = ap.parse_args()
     start = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, scheduler=args.scheduler,

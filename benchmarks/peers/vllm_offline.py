@@ -31,7 +31,11 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype, seed=0, enable_prefix_caching=False, max_model_len=4096)
+    budget = {}
+    if args.max_num_batched_tokens:  # vLLM wants max_num_seqs <= max_num_batched_tokens
+        budget = {"max_num_batched_tokens": args.max_num_batched_tokens,
+                  "max_num_seqs": min(256, args.max_num_batched_tokens)}
+    llm = LLM(model=args.model, dtype=args.dtype, seed=0, enable_prefix_caching=False, max_model_len=4096, **budget)
     load_s = time.perf_counter() - start
 
     def generate(prompts: list[list[int]], output_len: int) -> list[int]:
@@ -39,7 +43,7 @@ def main() -> None:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [len(o.outputs[0].token_ids) for o in outs]
 
-    run_cases(args, "vllm-cpu", generate, {"load_s": load_s})
+    run_cases(args, "vllm-cpu", generate, {"load_s": load_s, "token_budget": args.max_num_batched_tokens})
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process: the guard is required
