@@ -172,7 +172,7 @@ def paged_attention(
         return out
     if n:
         ops.decode(q[:n], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, out[:n])
-    _prefill_attention(q, k, v, k_cache, v_cache, meta, scale, out)
+    _prefill_attention(q, k, v, k_cache, v_cache, meta, scale, out, ops)
     return out
 
 
@@ -247,11 +247,15 @@ def _prefill_attention(
     meta: AttentionMetadata,
     scale: float,
     out: torch.Tensor,
+    ops: object | None = None,
 ) -> None:
-    """Per chunk: SDPA over the fresh k/v (no earlier context, is_causal) or over the request's blocks
-    gathered once (earlier context, causal mask aligned bottom-right). Prefill is compute bound."""
+    """Per chunk: the C++ kernel where `ops` has one for it (bf16 on a CPU with AVX-512 BF16: it reads the pool in
+    place), else SDPA over the fresh k/v (no earlier context, is_causal) or over the request's blocks gathered once
+    (earlier context, causal mask aligned bottom-right). Prefill is compute bound."""
     for c in meta.prefills:
         rows = slice(c.start, c.start + c.num_tokens)
+        if ops is not None and ops.prefill(q[rows], k_cache, v_cache, c.block_ids, c.num_cached, scale, out[rows]):
+            continue
         qc = q[rows].transpose(0, 1)  # [H, n, hd]
         if c.num_cached == 0:
             kc, vc = k[rows].transpose(0, 1), v[rows].transpose(0, 1)

@@ -254,6 +254,39 @@ def test_bytes_per_block():
     assert cache.k[1].shape == (5, 3, 64, 16) and cache.v[1].shape == (5, 3, 16, 64)
 
 
+def _has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="the bf16 prefill kernel needs AVX-512 BF16")
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefill_kernel_over_long_context(kernel, block_size):
+    # Chunks over contexts that span many blocks and tiles, a one-token chunk, a fresh prompt, and decodes beside
+    # them: the bf16 kernel within bf16 tolerance of the naive fp32 attention, and no worse than the SDPA path.
+    case = Case([30, 5], [(300, 64), (0, 40), (200, 1), (17, 33), (700, 100)], block_size, torch.bfloat16, seed=3)
+    fast, fast_cache = case.run(paged_attention)
+    ref, _ = case.run(A.paged_attention_reference)
+    naive = case.naive()
+    assert_close(fast, naive, torch.bfloat16)
+    assert (fast.float() - naive.float()).abs().max() <= (ref.float() - naive.float()).abs().max() * 1.5
+    assert_written(case, fast_cache)
+
+
+def test_prefill_kernel_declines_what_it_does_not_cover(kernel):
+    # float32, and a block size that is not a multiple of 16: it returns False and writes nothing (SDPA runs).
+    for dtype, block_size in ((torch.float32, 16), (torch.bfloat16, 8)):
+        cache = allocate_kv_cache(1, 4, block_size, 3, 64, dtype, "cpu")
+        q = torch.randn(5, 9, 64).to(dtype)
+        out = torch.zeros_like(q)
+        ids = torch.arange(4, dtype=torch.int64)
+        assert not kernel.prefill(q, cache.k[0], cache.v[0], ids, 3, 0.125, out)
+        assert not out.any()
+
+
 def test_kv_pool_is_written_at_allocation():
     # zeros, not left to first touch: see allocate_kv_cache
     cache = allocate_kv_cache(2, 5, 16, 3, 64, torch.float32, "cpu")
