@@ -383,13 +383,14 @@ class PrefillTask {
     sc.probs.resize(rows * stride);
     sc.inv_sum.resize(rows);
 
-    // K and V of the tile's keys in pair order. Slots past num_keys may hold anything (another request's data,
-    // never NaN-safe): their V pairs are zero and their scores are overwritten with -inf below.
+    // K and V of the tile's keys in pair order. Slots past num_keys may hold anything (another request's data, or
+    // values that were never finite): their V pairs are zero and their scores are overwritten with -inf below.
     alignas(64) uint16_t zeros[32] = {};
     for (int64_t kb = 0; kb < key_blocks; ++kb) {
       const int64_t pos = kb * 16;
       const bf16* kt = tile(k_pool_, pos, h, kDim * bs) + pos % bs;
-      for (int j = 0; j < kDim / 2; ++j) sc.k_pairs[kb * kDim / 2 + j] = interleave(kt + 2 * j * bs, kt + (2 * j + 1) * bs);
+      for (int j = 0; j < kDim / 2; ++j)
+        sc.k_pairs[kb * kDim / 2 + j] = interleave(kt + 2 * j * bs, kt + (2 * j + 1) * bs);
       const bf16* vt = tile(v_pool_, pos, h, bs * kDim) + (pos % bs) * kDim;
       for (int u = 0; u < 8; ++u) {
         const int64_t t0 = pos + 2 * u;
@@ -407,7 +408,8 @@ class PrefillTask {
     for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
       const int nr = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
       const uint32_t* qrow[kRows];
-      for (int r = 0; r < nr; ++r) qrow[r] = reinterpret_cast<const uint32_t*>(query(q, q_token_stride, q_head_stride, h, first, r0 + r));
+      for (int r = 0; r < nr; ++r)
+        qrow[r] = reinterpret_cast<const uint32_t*>(query(q, q_token_stride, q_head_stride, h, first, r0 + r));
       const int64_t row_keys = num_cached_ + first + (r0 + nr - 1) / group + 1;  // keys the last of these rows sees
       for (int64_t kb = 0; kb < (row_keys + 15) / 16; ++kb) {
         __m512 acc[kRows];
