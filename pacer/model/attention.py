@@ -1,5 +1,6 @@
 """Paged attention over a block-pooled KV cache: a plain-torch reference path that runs on any
-device, and a fused C++ decode kernel for CPU that reads K/V where they lie in the pool."""
+device, and C++ kernels for CPU that read K/V where they lie in the pool (decode; bf16 prefill
+chunks where the CPU has AVX-512 BF16)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-// Fused paged decode attention for CPU: reads K/V blocks where they lie in the pool (no gather).
+// Fused paged attention for CPU: decode, and bf16 prefill chunks on CPUs with AVX-512 BF16; both read K/V blocks
+// where they lie in the pool (no gather).
 //
 // Built lazily with layers_cpu.cpp by pacer/model/cpu_kernels.py (torch.utils.cpp_extension.load); registers
-// torch.ops.pacer_attention.{write_kv, decode}. Light headers only (no torch/extension.h) so the
+// torch.ops.pacer_attention.{write_kv, decode, prefill}. Light headers only (no torch/extension.h) so the
 // one-time build stays short.
 //
 // Pool layout per layer (contiguous):

@@ -1,6 +1,7 @@
 """pacer's C++ kernels for CPU, built once per process on first use (torch's cpp_extension, cached on disk):
 
-- `torch.ops.pacer_attention` (attention_cpu.cpp): paged decode attention and KV writes;
+- `torch.ops.pacer_attention` (attention_cpu.cpp): paged decode attention, bf16 prefill attention (AVX-512 BF16)
+  and KV writes;
 - `torch.ops.pacer_layers` (layers_cpu.cpp): RMSNorm with the residual add fused in, and SiLU-and-mul.
 
 Both are one extension, so one build. Without a compiler, the callers fall back to plain torch.
