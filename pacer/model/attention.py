@@ -4,6 +4,7 @@ chunks where the CPU has AVX-512 BF16)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,15 +73,17 @@ class PrefillChunk:
     num_tokens: int
     num_cached: int  # tokens of this request already in the cache before this chunk
     block_ids: torch.Tensor  # [ceil((num_cached + num_tokens) / block_size)] int64: the blocks it reads
-    # [num_tokens, num_cached + num_tokens] bool, True where a query may attend (causal, aligned
-    # bottom-right); None without earlier context (SDPA's is_causal). Built once, used by every layer.
-    mask: torch.Tensor | None = None
 
-    def __post_init__(self) -> None:
-        if self.mask is None and self.num_cached:
-            total = self.num_cached + self.num_tokens
-            keys = torch.arange(total, device=self.block_ids.device)
-            self.mask = keys[None, :] <= torch.arange(self.num_cached, total, device=self.block_ids.device)[:, None]
+    @functools.cached_property
+    def mask(self) -> torch.Tensor | None:
+        """[num_tokens, num_cached + num_tokens] bool, True where a query may attend (causal, aligned
+        bottom-right); None without earlier context (SDPA's is_causal). Built on first use, by the SDPA
+        path only (the C++ prefill kernel needs none), then shared by every layer of the step."""
+        if not self.num_cached:
+            return None
+        total = self.num_cached + self.num_tokens
+        keys = torch.arange(total, device=self.block_ids.device)
+        return keys[None, :] <= torch.arange(self.num_cached, total, device=self.block_ids.device)[:, None]
 
 
 @dataclass

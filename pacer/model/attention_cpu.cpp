@@ -279,6 +279,18 @@ void check_pools(const at::Tensor& k_pool, const at::Tensor& v_pool) {
   TORCH_CHECK(k_pool.device().is_cpu(), "K/V pools must be on the CPU");
 }
 
+// q and out of decode and prefill: [num_tokens, num_heads, head_dim] (head_dim contiguous) in the pools' dtype,
+// after check_pools.
+void check_queries(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& out) {
+  check_pools(k_pool, v_pool);
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && out.dim() == 3 && out.stride(2) == 1 && q.sizes() == out.sizes(),
+              "q and out must be [num_tokens, num_heads, head_dim], head_dim contiguous");
+  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "q, out and the pools must share a dtype");
+  TORCH_CHECK(q.size(2) == v_pool.size(3) && q.size(1) % k_pool.size(1) == 0,
+              "head_dim must match and num_heads be a multiple of num_kv_heads");
+}
+
 template <typename T>
 void decode_dispatch(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, at::Tensor& out) {
@@ -296,13 +308,7 @@ void decode_dispatch(const at::Tensor& q, const at::Tensor& k_pool, const at::Te
 // int32; context_lens: [num_seqs] int32 including the new token (already written to the pool).
 void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, at::Tensor out) {
-  check_pools(k_pool, v_pool);
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && out.dim() == 3 && out.stride(2) == 1 && q.sizes() == out.sizes(),
-              "q and out must be [num_seqs, num_heads, head_dim], head_dim contiguous");
-  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "q, out and the pools must share a dtype");
-  TORCH_CHECK(q.size(2) == v_pool.size(3) && q.size(1) % k_pool.size(1) == 0,
-              "head_dim must match and num_heads be a multiple of num_kv_heads");
+  check_queries(q, k_pool, v_pool, out);
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
                   block_tables.dim() == 2 && block_tables.is_contiguous() && context_lens.is_contiguous() &&
                   block_tables.size(0) == q.size(0) && context_lens.size(0) == q.size(0),
@@ -550,13 +556,7 @@ void prefill_bf16(const at::Tensor&, const at::Tensor&, const at::Tensor&, const
 // BF16): the caller then uses SDPA on the gathered K/V.
 bool prefill(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& block_ids,
              int64_t num_cached, double scale, at::Tensor out) {
-  check_pools(k_pool, v_pool);
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && out.dim() == 3 && out.stride(2) == 1 && q.sizes() == out.sizes(),
-              "q and out must be [num_tokens, num_heads, head_dim], head_dim contiguous");
-  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "q, out and the pools must share a dtype");
-  TORCH_CHECK(q.size(2) == v_pool.size(3) && q.size(1) % k_pool.size(1) == 0,
-              "head_dim must match and num_heads be a multiple of num_kv_heads");
+  check_queries(q, k_pool, v_pool, out);
   TORCH_CHECK(block_ids.scalar_type() == at::kLong && block_ids.dim() == 1 && block_ids.is_contiguous(),
               "block_ids must be contiguous int64");
   TORCH_CHECK(num_cached >= 0, "num_cached must be >= 0");
