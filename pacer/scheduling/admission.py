@@ -12,7 +12,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pacer.latency.model import BatchShape, LatencyModel, largest_chunk
 from pacer.request import Request
@@ -42,54 +42,219 @@ def queue_key(request: Request, now: float, aging_s: float) -> tuple[float, floa
 class QueueSnapshot:
     """What admission needs of the scheduler's state, frozen after an iteration."""
 
-    # (priority, TTFT deadline, prompt tokens still to prefill) of every request not yet past its prompt
-    queue: tuple[tuple[int, float, int], ...]
-    decodes: BatchShape  # the running decodes, as one iteration would hold them
-    tbt_limit_s: float  # the tightest TBT SLO among running requests (inf if none)
+    # (priority, TTFT deadline, prompt tokens still to prefill, tokens already computed, output tokens it may still
+    # generate) of every request not yet past its prompt
+    queue: tuple[tuple[int, float, int, int, int], ...]
+    decodes: tuple[tuple[int, int], ...]  # (context, output tokens it may still generate) of each running decode
+    tbt_limit_s: float  # the tightest TBT SLO among the requests (inf if none)
     token_budget: int  # the policy's cap on tokens per iteration
+    max_request_tokens: int  # where a request without max_tokens stops
+
+
+def tokens_to_go(request: Request, max_request_tokens: int) -> int:
+    """Output tokens the request may still generate: up to its max_tokens, or to the request length limit."""
+    left = max_request_tokens - request.num_tokens
+    if request.sampling.max_tokens is not None:
+        left = min(left, request.sampling.max_tokens - request.num_output_tokens)
+    return max(0, left)
+
+
+class _Decodes:
+    """The decodes as admission plays iterations forward: each reads one more token of context every iteration and
+    leaves after its last output token (at max_tokens; an EOS can only make it leave sooner)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.context = 0
+        self._leaving: dict[int, list[int]] = {}  # iteration -> [decodes whose last it is, their context after it]
+
+    def add(self, context: int, to_go: int, first: int) -> None:
+        """A decode of `context` tokens that generates one token in each iteration from `first` on, `to_go` in all."""
+        if to_go > 0:
+            self.count += 1
+            self.context += context
+            leaving = self._leaving.setdefault(first + to_go - 1, [0, 0])
+            leaving[0] += 1
+            leaving[1] += context + to_go
+
+    def step(self, iteration: int) -> None:
+        """After `iteration`: every decode has one more token, and those that generated their last are gone."""
+        self.context += self.count
+        count, context = self._leaving.pop(iteration, (0, 0))
+        self.count -= count
+        self.context -= context
+
+    @property
+    def shape(self) -> BatchShape:
+        return BatchShape(num_decodes=self.count, decode_context=self.context)
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Where a request stands behind a prefix of the queue: the iteration that finishes that prefix's prompts starts
+    at `start_s` and holds `shape` once they are in, with room for `room` of the request's prompt tokens; after it,
+    the request goes on in chunks beside `decodes` within `limit_s`."""
+
+    start_s: float
+    shape: BatchShape
+    room: int
+    decodes: BatchShape
+    limit_s: float
+
+
+@dataclass
+class _Chunks:
+    """A request's own iterations behind a boundary, which are the same whatever its length until its last chunk: so
+    they are played once per boundary, and further as longer prompts ask. Iteration k starts at `seconds[k]` with
+    `shapes[k]` and takes its prompt up to `ends[k]` tokens; k = 0 is the boundary's iteration, with its room."""
+
+    ends: list[int]
+    seconds: list[float]  # one more: when the next iteration, not yet played, starts
+    shapes: list[BatchShape]  # likewise: the decodes of the next
+
+    @classmethod
+    def of(cls, at: Boundary, latency: LatencyModel) -> _Chunks:
+        whole = at.shape.with_chunk(at.room, 0) if at.room else at.shape
+        return cls([at.room], [at.start_s, at.start_s + latency.predict(whole)], [at.shape, at.decodes])
+
+    def fits(self, tokens: int, latency: LatencyModel, budget: int, limit_s: float) -> bool:
+        """Would the rest of a prompt of `tokens` fit the next iteration? (The common case, so it is checked with one
+        prediction before the next iteration's largest chunk is searched for.)"""
+        decodes, start = self.shapes[-1], self.ends[-1]
+        return tokens - start <= budget - decodes.num_decodes and \
+            latency.predict(decodes.with_chunk(tokens - start, start)) <= limit_s
+
+    def extend(self, latency: LatencyModel, budget: int, limit_s: float) -> bool:
+        """Play the next iteration; False if it cannot take a prompt token (the decodes fill the budget)."""
+        decodes, start = self.shapes[-1], self.ends[-1]
+        left = budget - decodes.num_decodes
+        if left <= 0:
+            return False
+        chunk = largest_chunk(latency, decodes, start, left, limit_s) or min(MIN_CHUNK, left)
+        self.ends.append(start + chunk)
+        self.seconds.append(self.seconds[-1] + latency.predict(decodes.with_chunk(chunk, start)))
+        self.shapes.append(decodes._replace(decode_context=decodes.decode_context + decodes.num_decodes))
+        return True
+
+
+MAX_ITERATIONS = 256  # played forward per snapshot (cost); a longer queue's rest is extrapolated at the rate so far
 
 
 @dataclass(frozen=True)
 class QueueTimes:
-    """Seconds from a snapshot to a request's first token: the prompt tokens queued ahead of it (in priority/deadline
-    order) plus its own, prefilled in chunks sized as the scheduler would size them beside the current decodes.
+    """Seconds from a snapshot to a request's first token, from the scheduler's iterations played forward on the
+    latency model: the decodes, then chunks of the prompts in priority/deadline order, each as large as the
+    tightest TBT allows beside them. A prompt becomes a decode when it is done (so later chunks shrink), each decode
+    leaves at its max_tokens, and a chunk over earlier context costs its attention. The iteration in flight at the
+    snapshot was planned without the request.
 
-    Split in two, so a router reading many replicas at every arrival pays for the request-independent half (the
-    chunk size and its predicted time, the queue sorted with running sums of its tokens) once per snapshot, and
-    `ttft_s` then costs a bisection and at most one prediction."""
+    Split in two, so a router reading many replicas at every arrival pays for the request-independent half (where
+    each prefix of the queue is done) once per snapshot, and `ttft_s` then costs a bisection and the request's
+    own chunks."""
 
     keys: list[tuple[int, float]]  # (priority, TTFT deadline) of the queued requests, sorted
-    tokens_through: list[int]  # tokens_through[i]: prompt tokens still to prefill of keys[:i]
-    decodes: BatchShape
-    chunk: int  # 0: no room beside the decodes, the request would never start
-    chunk_s: float  # predicted time of an iteration of the decodes and one full chunk
-    scale: float  # 1 + the latency model's margin
+    prompts: list[tuple[int, int]]  # (tokens to prefill, tokens computed) of each, after the iteration in flight
+    boundaries: list[Boundary]  # boundaries[i]: behind keys[:i]
+    budget: int
+    scale: float  # 1 + the margin for a sum of iterations
     latency: LatencyModel
+    _chunks: dict[int, _Chunks] = field(default_factory=dict)  # behind boundaries[i], played as far as asked
 
     @classmethod
     def of(cls, snapshot: QueueSnapshot, latency: LatencyModel, pending: Iterable[Request] = ()) -> QueueTimes:
         """`pending`: requests submitted since the snapshot, which it does not count yet."""
-        queue = sorted((*snapshot.queue,
-                        *((r.slo.priority, r.ttft_deadline_s, r.num_prompt_tokens) for r in pending)))
-        keys = [(priority, deadline) for priority, deadline, _ in queue]
-        tokens_through = list(itertools.accumulate((tokens for _, _, tokens in queue), initial=0))
-        decodes, room = snapshot.decodes, snapshot.token_budget - snapshot.decodes.num_tokens
-        chunk, chunk_s = 0, math.inf
-        scale = 1 + latency.margin(decodes.num_decodes)
-        if room > 0:
-            chunk = max(largest_chunk(latency, decodes, 0, room, snapshot.tbt_limit_s / scale), min(MIN_CHUNK, room))
-            chunk_s = latency.predict(decodes.with_chunk(chunk, 0))
-        return cls(keys, tokens_through, decodes, chunk, chunk_s, scale, latency)
+        pending = list(pending)
+        queue = sorted((*snapshot.queue, *((r.slo.priority, r.ttft_deadline_s, r.num_prompt_tokens, 0,
+                                            tokens_to_go(r, snapshot.max_request_tokens)) for r in pending)),
+                       key=lambda entry: entry[:2])  # stable: ties stay in arrival order, as the scheduler has them
+        keys = [(priority, deadline) for priority, deadline, *_ in queue]
+        tbt = min((snapshot.tbt_limit_s, *(r.slo.tbt_s for r in pending if r.slo.tbt_s is not None)))
+        budget = snapshot.token_budget
+        decodes = _Decodes()
+        for context, to_go in snapshot.decodes:
+            decodes.add(context, to_go, 0)
+
+        def limit_s() -> float:
+            return tbt / (1 + latency.margin(decodes.count)) if decodes.count else math.inf
+
+        def boundary(start_s: float, shape: BatchShape, room: int) -> Boundary:
+            return Boundary(start_s, shape, room, decodes.shape, limit_s())
+
+        times = cls(keys, [entry[2:4] for entry in queue], [], budget, 1 + latency.margin(), latency)
+        if not queue and not decodes.count:  # idle: nothing in flight, nothing ahead
+            times.boundaries.append(boundary(0.0, BatchShape(), budget))
+            return times
+        seconds, prefilled, index = 0.0, 0, 0
+        todo, start = queue[0][2:4] if queue else (0, 0)
+        for iteration in range(MAX_ITERATIONS):
+            shape, limit, room = decodes.shape, limit_s(), budget - decodes.count
+            first_done, behind = index, []  # behind: (shape, room) right after each prompt this iteration finishes
+            while index < len(queue) and room > 0:
+                chunk = largest_chunk(latency, shape, start, min(todo, room), limit)
+                if chunk == 0 and shape.num_prefill_tokens == 0:
+                    chunk = min(MIN_CHUNK, todo, room)  # progress, as the scheduler makes it
+                if chunk == 0:
+                    break
+                shape, room, prefilled = shape.with_chunk(chunk, start), room - chunk, prefilled + chunk
+                if chunk < todo:
+                    todo, start = todo - chunk, start + chunk
+                    break
+                behind.append((shape, largest_chunk(latency, shape, 0, room, limit)))  # what a request behind gets
+                index += 1
+                if index < len(queue):
+                    todo, start = queue[index][2:4]
+            if iteration == 0:  # in flight at the snapshot, planned without the request: it joins the next at best
+                behind = [(shape, 0)] * (1 + len(behind))
+                times.prompts[:index] = [(0, 0)] * index  # what the prompts have left when it comes
+                if index < len(queue):
+                    times.prompts[index] = (todo, start)
+            decodes.step(iteration)
+            done = queue[first_done:index]  # prompts whose first token this iteration gives: decodes from the next
+            if iteration == 0:  # all of it runs whatever comes
+                for entry in done:
+                    decodes.add(entry[3] + entry[2] + 1, entry[4] - 1, 1)
+                times.boundaries.extend(boundary(seconds, after, room_behind) for after, room_behind in behind)
+            else:  # a request behind a prompt takes the room of the prompts after it, which do not finish
+                for entry, (after, room_behind) in zip(done, behind):
+                    decodes.add(entry[3] + entry[2] + 1, entry[4] - 1, iteration + 1)
+                    times.boundaries.append(boundary(seconds, after, room_behind))
+            seconds += latency.predict(shape)
+            if index == len(queue):
+                return times
+        per_token_s = seconds / prefilled if prefilled else math.inf  # the rest, at the rate so far
+        ahead = 0
+        for i in range(index, len(queue)):
+            ahead += todo if i == index else queue[i][2]
+            times.boundaries.append(boundary(seconds + ahead * per_token_s, BatchShape(), 0))
+        return times
 
     def ttft_s(self, request: Request) -> float:
-        if not self.chunk:
+        index = bisect.bisect_right(self.keys, (request.slo.priority, request.ttft_deadline_s))
+        at, tokens = self.boundaries[index], request.num_prompt_tokens
+        if not math.isfinite(at.start_s):
             return math.inf
-        ahead = self.tokens_through[bisect.bisect_right(self.keys, (request.slo.priority, request.ttft_deadline_s))]
-        full, rest = divmod(ahead + request.num_prompt_tokens, self.chunk)  # full chunks, then one of the remainder
-        seconds = full * self.chunk_s
-        if rest:
-            seconds += self.latency.predict(self.decodes.with_chunk(rest, 0))
-        return seconds * self.scale
+        chunks = self._chunks.get(index) or self._chunks.setdefault(index, _Chunks.of(at, self.latency))
+        while chunks.ends[-1] < tokens and not chunks.fits(tokens, self.latency, self.budget, at.limit_s):
+            if not chunks.extend(self.latency, self.budget, at.limit_s):
+                return math.inf
+        k = bisect.bisect_left(chunks.ends, tokens)  # the iteration that gives its first token
+        start = chunks.ends[k - 1] if k else 0
+        shape = chunks.shapes[k].with_chunk(tokens - start, start)
+        shape = self._filled(shape, index, self.budget - shape.num_tokens, at.limit_s)  # the prompts behind it
+        return (chunks.seconds[k] + self.latency.predict(shape)) * self.scale
+
+    def _filled(self, shape: BatchShape, index: int, room: int, limit_s: float) -> BatchShape:
+        """`shape` with chunks of the prompts from `index` on packed into its `room`, as the scheduler packs them."""
+        for todo, start in itertools.islice(self.prompts, index, None):
+            if todo == 0:  # done in the iteration in flight
+                continue
+            chunk = largest_chunk(self.latency, shape, start, min(todo, room), limit_s) if room > 0 else 0
+            if chunk == 0:
+                break
+            shape, room = shape.with_chunk(chunk, start), room - chunk
+            if chunk < todo:
+                break
+        return shape
 
 
 def predict_ttft(snapshot: QueueSnapshot, pending: Iterable[Request], request: Request,

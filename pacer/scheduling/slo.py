@@ -22,7 +22,7 @@ from itertools import chain
 from pacer.config import SchedulerConfig
 from pacer.latency.model import BatchShape, largest_chunk
 from pacer.request import FinishReason, Request, RequestStatus
-from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot, queue_key
+from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot, queue_key, tokens_to_go
 from pacer.scheduling.base import Scheduler, SchedulerOutput
 from pacer.scheduling.registry import register
 
@@ -108,14 +108,16 @@ class SloScheduler(Scheduler):
         return max(candidates, key=lambda r: (r.slo.priority, -r.num_computed_tokens))
 
     def snapshot(self) -> QueueSnapshot:
-        """For admission (admission.py): the queue in prefill order and the decode load."""
-        decodes = BatchShape()
-        queue = []
-        for request in self.running:
-            if request.is_prefilling:
-                queue.append((request.slo.priority, request.ttft_deadline_s, request.num_uncomputed_tokens))
+        """For admission (admission.py): the prompts to prefill (started ones first, so prompts of equal priority and
+        deadline are in arrival order, as `queue_key` has them) and the running decodes."""
+        queue, decodes = [], []
+        for request in chain(self.running, self.waiting):
+            to_go = tokens_to_go(request, self.max_request_tokens)
+            if request.status is RequestStatus.WAITING or request.is_prefilling:
+                queue.append((request.slo.priority, request.ttft_deadline_s, request.num_uncomputed_tokens,
+                              request.num_computed_tokens, to_go))
             else:
-                decodes = decodes.with_decode(request.num_tokens)
-        queue += [(r.slo.priority, r.ttft_deadline_s, r.num_uncomputed_tokens) for r in self.waiting]
-        tbt = min((r.slo.tbt_s for r in self.running if r.slo.tbt_s is not None), default=math.inf)
-        return QueueSnapshot(tuple(queue), decodes, tbt, self.token_budget)
+                decodes.append((request.num_tokens, to_go))
+        tbt = min((r.slo.tbt_s for r in chain(self.running, self.waiting) if r.slo.tbt_s is not None),
+                  default=math.inf)
+        return QueueSnapshot(tuple(queue), tuple(decodes), tbt, self.token_budget, self.max_request_tokens)
