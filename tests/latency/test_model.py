@@ -149,6 +149,24 @@ def test_largest_chunk_is_the_most_tokens_within_the_limit():
     assert largest_chunk(model, BatchShape(), 0, 512, math.inf) == 512
 
 
+def test_largest_chunk_agrees_with_trying_every_size():
+    """The interpolating search gives the bisection's answer on a model with hinges, attention and a bias."""
+    import random
+
+    rng = random.Random(0)
+    model = LinearLatencyModel([0.01, 4e-4, 3e-4, -1e-4, 2e-4, 1e-7, 2e-6, 1e-8], (64, 256))
+    model.calibrations["prefill"].log_bias = 0.2
+    for _ in range(300):
+        shape = BatchShape()
+        for _ in range(rng.randint(0, 30)):
+            shape = shape.with_decode(rng.randint(1, 2000))
+        if rng.random() < 0.3:
+            shape = shape.with_chunk(rng.randint(2, 300), rng.randint(0, 500))
+        start, cap, limit = rng.randint(0, 1500), rng.randint(0, 600), rng.uniform(0.005, 0.4)
+        fitting = [c for c in range(1, cap + 1) if model.predict(shape.with_chunk(c, start)) <= limit]
+        assert largest_chunk(model, shape, start, cap, limit) == max(fitting, default=0)
+
+
 def test_predict_equals_the_features_dot_the_coefficients():
     from pacer.latency.model import _features
 
