@@ -199,21 +199,20 @@ class QueueTimes:
                 if chunk < todo:
                     todo, start = todo - chunk, start + chunk
                     break
-                behind.append((shape, largest_chunk(latency, shape, 0, room, limit)))  # what a request behind gets
+                if iteration:  # what a request queued right behind it would get of the iteration
+                    behind.append((shape, largest_chunk(latency, shape, 0, room, limit)))
                 index += 1
                 if index < len(queue):
                     todo, start = queue[index][2:4]
-            if iteration == 0:  # in flight at the snapshot, planned without the request: it joins the next at best
-                behind = [(shape, 0)] * (1 + len(behind))
-                times.prompts[:index] = [(0, 0)] * index  # what the prompts have left when it comes
-                if index < len(queue):
-                    times.prompts[index] = (todo, start)
             decodes.step(iteration)
             done = queue[first_done:index]  # prompts whose first token this iteration gives: decodes from the next
-            if iteration == 0:  # all of it runs whatever comes
-                for entry in done:
+            if iteration == 0:  # in flight at the snapshot, planned without the request: it all runs, the request
+                for entry in done:  # joins the next iteration at best, and the prompts have this much left then
                     decodes.add(entry[3] + entry[2] + 1, entry[4] - 1, 1)
-                times.boundaries.extend(boundary(seconds, after, room_behind) for after, room_behind in behind)
+                times.boundaries.extend(boundary(seconds, shape, 0) for _ in range(1 + len(done)))
+                times.prompts[:index] = [(0, 0)] * index
+                if index < len(queue):
+                    times.prompts[index] = (todo, start)
             else:  # a request behind a prompt takes the room of the prompts after it, which do not finish
                 for entry, (after, room_behind) in zip(done, behind):
                     decodes.add(entry[3] + entry[2] + 1, entry[4] - 1, iteration + 1)
