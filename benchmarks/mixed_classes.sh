@@ -3,7 +3,8 @@
 # request drawing a class: 30 % interactive (TTFT 2.5 s, TBT 500 ms), 70 % batch (TTFT 20 s, TBT 1 s).
 # SCHEDULERS (default "sarathi slo") run one after the other on the same load; RUNS repeats slo alone.
 # DTYPE (default float32, the Xeon-era runs; bfloat16 is what `auto` picks on a CPU with AVX-512 BF16).
-# Results: benchmarks/out/classes_${RATE}/ (classes_${DTYPE}_${RATE}/ for another dtype). Run alone (2 cores).
+# Results: benchmarks/out/classes_${RATE}/ (classes_${DTYPE}_${RATE}/ for another dtype; TAG is appended, to keep
+# repeated runs apart). Run alone (2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACER=${PACER:-.venv/bin/pacer}
@@ -11,6 +12,7 @@ RATE=${RATE:?set RATE, requests/s}
 DTYPE=${DTYPE:-float32}
 out=benchmarks/out/classes_${RATE}
 [ "$DTYPE" = float32 ] || out=benchmarks/out/classes_${DTYPE}_${RATE}
+out=$out${TAG:-}
 mkdir -p "$out"
 run() {  # NAME SCHEDULERS...
   local name=$1; shift
