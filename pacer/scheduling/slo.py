@@ -110,7 +110,7 @@ class SloScheduler(Scheduler):
     def snapshot(self) -> QueueSnapshot:
         """For admission (admission.py): the prompts to prefill (started ones first, so prompts of equal priority and
         deadline are in arrival order, as `queue_key` has them) and the running decodes."""
-        queue, decodes = [], []
+        queue, decodes, tbt = [], [], math.inf
         for request in chain(self.running, self.waiting):
             to_go = tokens_to_go(request, self.max_request_tokens)
             if request.status is RequestStatus.WAITING or request.is_prefilling:
@@ -118,6 +118,6 @@ class SloScheduler(Scheduler):
                               request.num_computed_tokens, to_go))
             else:
                 decodes.append((request.num_tokens, to_go))
-        tbt = min((r.slo.tbt_s for r in chain(self.running, self.waiting) if r.slo.tbt_s is not None),
-                  default=math.inf)
+            if request.slo.tbt_s is not None:
+                tbt = min(tbt, request.slo.tbt_s)
         return QueueSnapshot(tuple(queue), tuple(decodes), tbt, self.token_budget, self.max_request_tokens)
