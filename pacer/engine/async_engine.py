@@ -27,7 +27,7 @@ from typing import Protocol, Self
 
 from pacer.engine.engine import Engine, IterationStats, StepError
 from pacer.request import FinishReason, Request, RequestOutput
-from pacer.scheduling.admission import QueueView, admit
+from pacer.scheduling.admission import QueueView
 from pacer.scheduling.base import RequestLimits
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class AsyncEngine:
         def main() -> None:
             try:
                 self.engine = self._build()
+                self.queue.latency = self.engine.scheduler.latency
                 self._publish_load()  # admission control has a snapshot before the first request
             except BaseException as error:  # noqa: BLE001  (handed to the caller of start)
                 failure.append(error)
@@ -215,13 +216,9 @@ class AsyncEngine:
             num_queued = max(0, self.num_in_flight - self.load.num_running)
             if num_queued + len(requests) > self.max_queued_requests:
                 raise QueueFullError(num_queued, self.retry_after_s(num_queued))
-        latency, snapshot = self.engine.scheduler.latency, self.queue.latest[0]
-        if snapshot is not None and latency is not None:
-            pending = self.queue.pending()
-            now = time.monotonic()
-            for request in requests:  # SLOUnattainable: the server answers 429
-                admit(snapshot, pending, request, latency, now)
-                pending.append(request)
+        now = time.monotonic()
+        for i, request in enumerate(requests):  # SLOUnattainable: the server answers 429
+            self.queue.admit(request, now, extra=requests[:i])
 
     def retry_after_s(self, num_queued: int) -> int:
         """A first estimate of when a queued request could be taken: the queue over the recent

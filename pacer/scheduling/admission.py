@@ -11,7 +11,7 @@ import bisect
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pacer.latency.model import BatchShape, LatencyModel, largest_chunk
@@ -262,16 +262,6 @@ def predict_ttft(snapshot: QueueSnapshot, pending: Iterable[Request], request: R
     return QueueTimes.of(snapshot, latency, pending).ttft_s(request)
 
 
-def admit(snapshot: QueueSnapshot, pending: Iterable[Request], request: Request, latency: LatencyModel,
-          now: float) -> None:
-    """Raise SLOUnattainable if the request's predicted TTFT misses its SLO."""
-    ttft_slo = request.slo.ttft_s
-    if ttft_slo is not None:
-        predicted = waited_s(request, now) + predict_ttft(snapshot, pending, request, latency)
-        if predicted > ttft_slo:
-            raise refusal(predicted, ttft_slo)
-
-
 def waited_s(request: Request, now: float) -> float:
     return now - (request.arrival_s if request.arrival_s is not None else now)
 
@@ -296,6 +286,9 @@ class QueueView:
         self.latest: tuple[QueueSnapshot | None, int] = (None, 0)
         self._num_submitted = 0
         self._submitted: deque[tuple[int, Request]] = deque()
+        # The queue played forward for (latest, _num_submitted): until the engine publishes again or a request is
+        # submitted, every arrival reads the same play, so a burst of refused requests pays for it once.
+        self._times: tuple[tuple[QueueSnapshot | None, int], int, QueueTimes] | None = None
 
     def submitted(self, request: Request) -> None:
         self._num_submitted += 1
@@ -312,10 +305,25 @@ class QueueView:
         while self._submitted and self._submitted[0][0] <= num_taken:
             self._submitted.popleft()
 
-    def predicted_ttft_s(self, request: Request, extra: Iterable[Request] = ()) -> float | None:
+    def predicted_ttft_s(self, request: Request, extra: Sequence[Request] = ()) -> float | None:
         """Seconds from now to the request's first token if it were queued here (behind `extra` too); None if
         this engine does not predict (no latency model, or a policy without admission control)."""
-        snapshot = self.latest[0]
+        latest = self.latest  # one read: the engine thread replaces the tuple whole
+        snapshot = latest[0]
         if snapshot is None or self.latency is None:
             return None
-        return predict_ttft(snapshot, [*self.pending(), *extra], request, self.latency)
+        if extra:
+            return predict_ttft(snapshot, [*self.pending(), *extra], request, self.latency)
+        if self._times is None or self._times[0] is not latest or self._times[1] != self._num_submitted:
+            self._times = (latest, self._num_submitted, QueueTimes.of(snapshot, self.latency, self.pending()))
+        return self._times[2].ttft_s(request)
+
+    def admit(self, request: Request, now: float, extra: Sequence[Request] = ()) -> None:
+        """Raise SLOUnattainable if the request, queued here behind `extra` too, is predicted to miss its TTFT
+        SLO; accept it if it has none, or if this engine does not predict."""
+        ttft_slo = request.slo.ttft_s
+        if ttft_slo is None:
+            return
+        predicted = self.predicted_ttft_s(request, extra)
+        if predicted is not None and waited_s(request, now) + predicted > ttft_slo:
+            raise refusal(waited_s(request, now) + predicted, ttft_slo)

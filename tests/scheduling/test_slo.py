@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+from unittest.mock import patch
 
 import pytest
 
 from pacer.latency.model import BatchShape, ErrorWindow, LinearLatencyModel, largest_chunk
 from pacer.request import SLO, FinishReason, RequestStatus
-from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot, SLOUnattainable, admit, predict_ttft
+from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot, QueueTimes, QueueView, SLOUnattainable, predict_ttft
 from pacer.scheduling.slo import AGING_S, MAX_PREEMPTIONS
 from tests.scheduling.helpers import check_invariants, curved, fake_output, make_request, make_scheduler, step
 
@@ -161,18 +162,55 @@ def test_admission_rejects_what_it_cannot_serve_with_the_predicted_wait():
     hopeless = request("late", 200, ttft_s=2.0)
     predicted = predict_ttft(snapshot, [], hopeless, latency)
     assert predicted == pytest.approx((7 * 0.522 + 0.226) * (1 + MARGIN))
+    queue = view_of(scheduler)
     with pytest.raises(SLOUnattainable) as refused:
-        admit(snapshot, [], hopeless, latency, now=0.0)
+        queue.admit(hopeless, now=0.0)
     assert refused.value.retry_after_s == math.ceil(predicted - 2.0)
     # an earlier deadline goes ahead of the queue (EDF) from the iteration after the one in flight, which the queue
     # behind it fills to the budget: accepted
     urgent = request("urgent", 200, ttft_s=1.4)
     assert predict_ttft(snapshot, [], urgent, latency) == pytest.approx(2 * 0.522 * (1 + MARGIN))
-    admit(snapshot, [], urgent, latency, now=0.0)
+    queue.admit(urgent, now=0.0)
     # requests submitted since the snapshot count too
     pending = [request(f"p{i}", 600, ttft_s=0.5) for i in range(2)]
     assert predict_ttft(snapshot, pending, hopeless, latency) > predicted
-    admit(snapshot, [], request("no-slo", 5000), latency, now=0.0)  # no TTFT promise: nothing to refuse
+    queue.admit(request("no-slo", 5000), now=0.0)  # no TTFT promise: nothing to refuse
+
+
+def view_of(scheduler) -> QueueView:
+    """The front end's view of the scheduler's queue right after an iteration (nothing submitted since)."""
+    queue = QueueView(scheduler.latency)
+    queue.latest = (scheduler.snapshot(), 0)
+    return queue
+
+
+def test_admission_plays_the_queue_once_until_it_changes():
+    """A burst of refused arrivals reads one play of the queue; a submission or a new snapshot plays it again,
+    and every answer is the one a fresh play gives."""
+    scheduler = slo_scheduler()
+    decoding(scheduler, "d", tbt_s=0.2)
+    for i in range(6):
+        scheduler.add(request(f"q{i}", 600, ttft_s=1.5))
+    queue, plays, answers = view_of(scheduler), [], []
+    original = QueueTimes.of
+    with patch.object(QueueTimes, "of", lambda *a, **k: plays.append(1) or original(*a, **k)):
+        for i in range(5):
+            late = request(f"late{i}", 100 + 50 * i, ttft_s=2.0)  # behind the queue (EDF): hopeless
+            with pytest.raises(SLOUnattainable):
+                queue.admit(late, now=0.0)
+            answers.append((queue.latest[0], [], late, queue.predicted_ttft_s(late)))
+        assert len(plays) == 1
+        submitted = request("ok", 100, ttft_s=60.0)
+        queue.admit(submitted, now=0.0)
+        queue.submitted(submitted)
+        probe = request("probe", 100, ttft_s=60.0)
+        answers.append((queue.latest[0], [submitted], probe, queue.predicted_ttft_s(probe)))
+        assert len(plays) == 2
+        queue.latest = (scheduler.snapshot(), 1)  # the engine took it in and published again
+        answers.append((queue.latest[0], [], probe, queue.predicted_ttft_s(probe)))
+        assert len(plays) == 3
+    for snapshot, pending, r, predicted in answers:
+        assert predicted == predict_ttft(snapshot, pending, r, scheduler.latency)
 
 
 def test_admission_counts_the_decode_load_and_the_time_already_waited():
@@ -187,9 +225,10 @@ def test_admission_counts_the_decode_load_and_the_time_already_waited():
     full, rest = divmod(300, chunk)
     expected = (0.014 + full * (0.010 + 0.001 * (chunk + 4)) + (0.010 + 0.001 * (rest + 4))) * (1 + MARGIN)
     assert predict_ttft(snapshot, [], r, scheduler.latency) == pytest.approx(expected)
-    admit(snapshot, [], r, scheduler.latency, now=0.0)
+    queue = view_of(scheduler)
+    queue.admit(r, now=0.0)
     with pytest.raises(SLOUnattainable):  # the same request, but it already waited 0.9 s in the server
-        admit(snapshot, [], r, scheduler.latency, now=0.9)
+        queue.admit(r, now=0.9)
 
 
 def test_admission_plays_prompts_into_decodes_and_decodes_out_at_max_tokens():
