@@ -293,15 +293,15 @@ class QueueView:
     def submitted(self, request: Request) -> None:
         self._num_submitted += 1
         self._submitted.append((self._num_submitted, request))
-        self._forget_taken()
+        self._forget_taken(self.latest[1])
 
-    def pending(self) -> list[Request]:
-        """Submitted requests the engine had not taken in at its latest publication."""
-        self._forget_taken()
+    def pending(self, num_taken: int | None = None) -> list[Request]:
+        """Submitted requests the engine had not taken in at its latest publication (or when it had taken
+        `num_taken`: the count published with the snapshot they are added to)."""
+        self._forget_taken(self.latest[1] if num_taken is None else num_taken)
         return [request for _, request in self._submitted]
 
-    def _forget_taken(self) -> None:
-        num_taken = self.latest[1]
+    def _forget_taken(self, num_taken: int) -> None:
         while self._submitted and self._submitted[0][0] <= num_taken:
             self._submitted.popleft()
 
@@ -309,13 +309,13 @@ class QueueView:
         """Seconds from now to the request's first token if it were queued here (behind `extra` too); None if
         this engine does not predict (no latency model, or a policy without admission control)."""
         latest = self.latest  # one read: the engine thread replaces the tuple whole
-        snapshot = latest[0]
+        snapshot, num_taken = latest
         if snapshot is None or self.latency is None:
             return None
         if extra:
-            return predict_ttft(snapshot, [*self.pending(), *extra], request, self.latency)
+            return predict_ttft(snapshot, [*self.pending(num_taken), *extra], request, self.latency)
         if self._times is None or self._times[0] is not latest or self._times[1] != self._num_submitted:
-            self._times = (latest, self._num_submitted, QueueTimes.of(snapshot, self.latency, self.pending()))
+            self._times = (latest, self._num_submitted, QueueTimes.of(snapshot, self.latency, self.pending(num_taken)))
         return self._times[2].ttft_s(request)
 
     def admit(self, request: Request, now: float, extra: Sequence[Request] = ()) -> None:
