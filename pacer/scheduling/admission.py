@@ -324,6 +324,9 @@ class QueueView:
         ttft_slo = request.slo.ttft_s
         if ttft_slo is None:
             return
-        predicted = self.predicted_ttft_s(request, extra)
-        if predicted is not None and waited_s(request, now) + predicted > ttft_slo:
-            raise refusal(waited_s(request, now) + predicted, ttft_slo)
+        ahead = self.predicted_ttft_s(request, extra)
+        if ahead is None:
+            return
+        predicted = waited_s(request, now) + ahead
+        if predicted > ttft_slo:
+            raise refusal(predicted, ttft_slo)
