@@ -120,6 +120,30 @@ def test_the_prior_is_a_floor_until_the_window_can_hold_the_quantile():
     assert errors.margin(25) == pytest.approx(0.1)
 
 
+def test_a_quantile_deeper_than_the_window_is_extrapolated_from_its_tail():
+    """Beside 128 decodes the margin asks a p99.96, which 1,000 errors cannot hold: once they hold ten beyond
+    their p99 it is read from an exponential fitted to those, not from the prior."""
+    exact = ErrorWindow()
+    for _ in range(999):
+        exact.observe(1.0, 1.0)  # a noiseless executor: every prediction right
+    assert exact.margin(128) == pytest.approx(exact.initial_margin + exact.prior_tail * math.log(128 / 5))
+    exact.observe(1.0, 1.0)  # the thousandth: ten errors beyond the p99
+    assert exact.margin(128) == 0.0  # was the prior, 0.69, for good
+
+    scale = 0.1  # errors exponential with mean 0.1, at their expected quantiles
+    window = ErrorWindow()
+    for i in range(1000):
+        window.observe(1.0, 1.0 - scale * math.log(1 - (i + 0.5) / 1000))
+    for decodes in (64, 128, 256):
+        quantile = 1 - 0.01 * 5 / decodes
+        assert window.margin(decodes) == pytest.approx(-scale * math.log(1 - quantile), rel=0.03)
+
+    heavy = ErrorWindow()
+    for i in range(1000):
+        heavy.observe(1.0, 1.5 + i / 2000 if i % 50 == 0 else 1.0)  # one in 50 runs 50-98 % long
+    assert heavy.margin(128) == MAX_SURPRISE - 1  # no deeper than the largest error it could ever see
+
+
 def test_one_window_for_both_regimes():
     """The tail is the machine's: an overrun of a decode-only iteration raises the margin of chunked ones."""
     model = LinearLatencyModel([0.1, 0.0, 0.0, 0.0, 0.0, 0.0], ())
