@@ -105,6 +105,9 @@ class ServerConfig:
         "TTFT SLO for requests that set none (body ttft_slo_ms or header x-slo-ttft-ms); default: none"))
     slo_tbt_ms: float | None = field(default=None, metadata=_help(
         "TBT SLO for requests that set none (body tbt_slo_ms or header x-slo-tbt-ms); default: none"))
+    engine_process: bool | None = field(default=None, metadata=_help(
+        "run the engine in a process of its own, apart from the HTTP front end, so the two never share the GIL "
+        "(default: on with a CUDA device, where a step is many short GIL-holding torch calls; off on a CPU)"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -10,6 +10,9 @@ The engine is also *built* in the engine thread, so every torch op of the proces
 thread. OpenMP (libgomp) keeps a worker pool per calling thread; a second pool (say, the main
 thread's, left over from loading the weights) makes it count more threads than cores and stop
 spinning between parallel regions, which cost 20 % of decode throughput here (benchmarks/RESULTS.md).
+
+What the engine thread does is `EngineLoop`, apart from how commands reach it and results leave it, so the same
+loop also runs alone in a process of its own (engine/process.py).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Protocol, Self
 
 from pacer.engine.engine import Engine, IterationStats, StepError
 from pacer.request import FinishReason, Request, RequestOutput
-from pacer.scheduling.admission import QueueView
+from pacer.scheduling.admission import QueueSnapshot, QueueView
 from pacer.scheduling.base import RequestLimits
 
 logger = logging.getLogger(__name__)
@@ -76,7 +79,7 @@ class Failure:
     expired: bool = False
 
 
-_STOP = object()
+STOP = ("stop", None)  # the command that ends the engine loop
 _RATE_WINDOW = 64  # recent completions used to estimate how fast the queue drains
 
 
@@ -97,15 +100,11 @@ class AsyncEngine:
         self.load = EngineLoad()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}
-        self._requests: dict[str, Request] = {}  # engine thread only
-        # Prefilled elsewhere, waiting in arrival order for a batch slot and KV blocks here (engine thread only):
-        # a full decode engine holds hand-overs back instead of failing them.
-        self._adoptions: deque[tuple[Request, object]] = deque()
         self._finish_times: deque[float] = deque(maxlen=_RATE_WINDOW)
         # Admission control: the scheduler's queue after the latest iteration (published by the engine thread
         # with how many submitted requests it had taken in by then) and the ones submitted since.
         self.queue = QueueView()
-        self._num_taken = 0  # engine thread
+        self._engine_loop: EngineLoop | None = None  # engine thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -121,6 +120,7 @@ class AsyncEngine:
         def main() -> None:
             try:
                 self.engine = self._build()
+                self._engine_loop = EngineLoop(self.engine, self)
                 self.queue.latency = self.engine.scheduler.latency
                 self._publish_load()  # admission control has a snapshot before the first request
             except BaseException as error:  # noqa: BLE001  (handed to the caller of start)
@@ -141,7 +141,7 @@ class AsyncEngine:
         """Abort whatever is left and join the engine thread."""
         if self._thread is None:
             return
-        self._inbox.put(_STOP)
+        self._command(STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
 
@@ -182,14 +182,14 @@ class AsyncEngine:
         for request in requests:
             self._queues[request.request_id] = outputs
             self.queue.submitted(request)
-        self._inbox.put(("add", requests))
+        self._command(("add", requests))
 
     def adopt(self, request: Request, payload: object, outputs: asyncio.Queue) -> None:
         """Queue a request prefilled by another engine, with its KV (`Engine.adopt`); outputs as `submit`."""
         self._loop = self._loop or asyncio.get_running_loop()
         self._queues[request.request_id] = outputs
         self.queue.submitted(request)  # the engine thread counts it taken, like a submitted request
-        self._inbox.put(("adopt", (request, payload)))
+        self._command(("adopt", (request, payload)))
 
     def take_kv(self, request_id: str) -> object:
         """The KV its prefill left for a decode engine (`Request.export_kv`); KeyError if there is none."""
@@ -202,7 +202,7 @@ class AsyncEngine:
 
     def abort(self, request_ids: list[str]) -> None:
         """Abort from the event loop; each still-open stream gets a final output with reason abort."""
-        self._inbox.put(("abort", list(request_ids)))
+        self._command(("abort", list(request_ids)))
 
     def abort_all(self) -> None:
         self.abort(list(self._queues))
@@ -211,7 +211,7 @@ class AsyncEngine:
         if not self.is_alive:
             raise EngineError("the engine is not running")
         for request in requests:
-            self.engine.scheduler.check(request)  # fixed limits only: safe from this thread
+            self.limits.check(request)  # fixed limits only: safe from this thread
         if self.max_queued_requests is not None:
             num_queued = max(0, self.num_in_flight - self.load.num_running)
             if num_queued + len(requests) > self.max_queued_requests:
@@ -219,6 +219,9 @@ class AsyncEngine:
         now = time.monotonic()
         for i, request in enumerate(requests):  # SLOUnattainable: the server answers 429
             self.queue.admit(request, now, extra=requests[:i])
+
+    def _command(self, command: tuple[str, object]) -> None:
+        self._inbox.put(command)
 
     def retry_after_s(self, num_queued: int) -> int:
         """A first estimate of when a queued request could be taken: the queue over the recent
@@ -245,8 +248,14 @@ class AsyncEngine:
     # ---- engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        def receive(block: bool) -> list[tuple[str, object]]:
+            commands = [self._inbox.get()] if block else []
+            while not self._inbox.empty():
+                commands.append(self._inbox.get_nowait())
+            return commands
+
         try:
-            self._serve()
+            self._engine_loop.serve(receive, self._publish_load)
         except Exception:  # a scheduler bug: fail every caller loudly rather than leave them hanging
             logger.exception("the engine thread died")
             self._call_soon(self._fail_all, "the engine thread died; see the server log")
@@ -254,19 +263,67 @@ class AsyncEngine:
     def _fail_all(self, message: str) -> None:
         self._deliver([Failure(rid, message) for rid in list(self._queues)])
 
-    def _serve(self) -> None:
+    # EngineSink, on the engine thread
+
+    def send(self, items: list[RequestOutput | Failure]) -> None:
+        self._call_soon(self._deliver, items)
+
+    def iteration(self, stats: IterationStats, outputs: list[RequestOutput]) -> None:
+        if self.observer is not None:
+            self.observer.iteration(stats, outputs)
+
+    def request_finished(self, request: Request) -> None:
+        if self.observer is not None:
+            self.observer.request_finished(request)
+
+    def _call_soon(self, callback: Callable, *args: object) -> None:
+        """Run `callback` on the event loop, which may not exist yet (no request) or be gone (shutdown)."""
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(callback, *args)
+            except RuntimeError:
+                pass
+
+    def _publish_load(self) -> None:
+        self.load, self.queue.latest = self._engine_loop.state()
+
+
+class EngineSink(Protocol):
+    """Where the engine loop's results go: the event loop of its own process, or a pipe to another."""
+
+    def send(self, items: list[RequestOutput | Failure]) -> None: ...
+
+    def iteration(self, stats: IterationStats, outputs: list[RequestOutput]) -> None: ...
+
+    def request_finished(self, request: Request) -> None: ...
+
+
+class EngineLoop:
+    """The engine's side of a served engine: takes commands (add, adopt, abort, stop), steps the engine while it
+    has work, and hands outputs and failures to a sink. Only the thread running `serve` touches the engine."""
+
+    def __init__(self, engine: Engine, sink: EngineSink) -> None:
+        self.engine = engine
+        self.sink = sink
+        self.num_taken = 0  # submitted requests taken in (QueueView.latest pairs it with the snapshot)
+        self._requests: dict[str, Request] = {}
+        # Prefilled elsewhere, waiting in arrival order for a batch slot and KV blocks here: a full decode engine
+        # holds hand-overs back instead of failing them.
+        self._adoptions: deque[tuple[Request, object]] = deque()
+
+    def serve(self, receive: Callable[[bool], list[tuple[str, object]]], publish: Callable[[], None]) -> None:
+        """Until a stop command: `receive(block)` the commands sent so far (waiting for one while idle), act on
+        them, run an iteration if there is work, then `publish()` the state (`state`). Aborts what is left."""
         while True:
-            commands = [self._inbox.get()] if not self.engine.has_unfinished else []
-            while not self._inbox.empty():
-                commands.append(self._inbox.get_nowait())
-            if _STOP in commands:
+            commands = receive(not self.engine.has_unfinished)
+            if STOP in commands:
                 break
             for kind, payload in commands:
                 if kind == "add":
-                    self._num_taken += len(payload)
+                    self.num_taken += len(payload)
                     self._add(payload)
                 elif kind == "adopt":
-                    self._num_taken += 1
+                    self.num_taken += 1
                     self._adopt(*payload)
                 else:
                     for request_id in payload:
@@ -274,13 +331,21 @@ class AsyncEngine:
             if self.engine.has_unfinished:
                 self._step()
                 self._adopt_waiting()  # the step may have freed room
-            self._publish_load()
+            publish()
         for request_id in list(self._requests):
             self.engine.abort(request_id)
             self._finished(request_id)
         self._fail([request.request_id for request, _ in self._adoptions], "the engine stopped")
         self._adoptions.clear()
-        self._publish_load()
+        publish()
+
+    def state(self) -> tuple[EngineLoad, tuple[QueueSnapshot, int]]:
+        """The load and `QueueView.latest` after the latest iteration."""
+        scheduler = self.engine.scheduler
+        waiting = sum(request.num_outstanding_tokens for request, _ in self._adoptions)  # hand-overs held back
+        load = EngineLoad(len(scheduler.running), len(scheduler.waiting), scheduler.kv.usage,
+                          scheduler.num_outstanding_tokens + waiting)
+        return load, (scheduler.snapshot(), self.num_taken)
 
     def _add(self, requests: list[Request]) -> None:
         for request in requests:
@@ -320,7 +385,7 @@ class AsyncEngine:
         output = self.engine.abort(request_id)
         self._finished(request_id)
         if output is not None:
-            self._send([output])
+            self.sink.send([output])
 
     def _step(self) -> None:
         try:
@@ -332,39 +397,22 @@ class AsyncEngine:
                 self._finished(request_id)
             self._fail(error.request_ids, f"the engine failed while serving this request: {error.__cause__!r}")
             return
-        if self.observer is not None and self.engine.last_iteration is not None:
-            self.observer.iteration(self.engine.last_iteration, outputs)
+        if self.engine.last_iteration is not None:
+            self.sink.iteration(self.engine.last_iteration, outputs)
         for output in outputs:
             if output.finished:
                 self._finished(output.request_id)
         if outputs:
-            self._send(outputs)
+            self.sink.send(outputs)
 
     def _finished(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
-        if request is not None and self.observer is not None:
-            self.observer.request_finished(request)
+        if request is not None:
+            self.sink.request_finished(request)
 
     def _fail(self, request_ids: list[str], message: str) -> None:
-        self._send([Failure(rid, message) for rid in request_ids])
-
-    def _send(self, items: list[RequestOutput | Failure]) -> None:
-        self._call_soon(self._deliver, items)
-
-    def _call_soon(self, callback: Callable, *args: object) -> None:
-        """Run `callback` on the event loop, which may not exist yet (no request) or be gone (shutdown)."""
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(callback, *args)
-            except RuntimeError:
-                pass
-
-    def _publish_load(self) -> None:
-        scheduler = self.engine.scheduler
-        waiting = sum(request.num_outstanding_tokens for request, _ in self._adoptions)  # hand-overs held back
-        self.load = EngineLoad(len(scheduler.running), len(scheduler.waiting), scheduler.kv.usage,
-                               scheduler.num_outstanding_tokens + waiting)
-        self.queue.latest = (scheduler.snapshot(), self._num_taken)
+        if request_ids:
+            self.sink.send([Failure(rid, message) for rid in request_ids])
 
 
 class EngineClient(Protocol):

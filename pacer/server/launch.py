@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -16,6 +17,8 @@ import uvicorn
 from pacer.config import ClusterConfig, EngineConfig, ServerConfig
 from pacer.engine.async_engine import AsyncEngine
 from pacer.engine.builder import build_engine
+from pacer.engine.engine import Engine
+from pacer.engine.process import ProcessEngine
 from pacer.heap import freeze_startup_heap
 from pacer.model.weights import DEFAULT_MODEL, load_tokenizer, resolve_model_path
 from pacer.request import SLO
@@ -84,8 +87,14 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_conf
         name = server_config.served_model_name or model
         metrics = Metrics(name, lambda: async_engine.load)
         metrics.registry.register(_Collector(lambda: async_engine.collect(name)))
+    elif uses_engine_process(engine_config, server_config):
+        async_engine = ProcessEngine(functools.partial(build_served_engine, engine_config),
+                                     max_queued_requests=server_config.max_queued_requests,
+                                     log_level=logging.getLogger().level)
+        async_engine.start()  # loads the model in the engine process
+        tokenizer = load_tokenizer(resolve_model_path(engine_config.model.model))
     else:
-        async_engine = AsyncEngine(lambda: build_engine(engine_config)[0],
+        async_engine = AsyncEngine(functools.partial(build_served_engine, engine_config),
                                    max_queued_requests=server_config.max_queued_requests)
         async_engine.start()  # loads the model in the engine thread
         tokenizer = async_engine.engine.detokenizer.tokenizer
@@ -102,6 +111,17 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_conf
     freeze_startup_heap()
     server.run()
     return 0
+
+
+def uses_engine_process(engine_config: EngineConfig, server_config: ServerConfig) -> bool:
+    if server_config.engine_process is not None:
+        return server_config.engine_process
+    return engine_config.model.device.startswith("cuda")
+
+
+def build_served_engine(config: EngineConfig) -> Engine:
+    """The engine alone (a module-level function, so an engine process can be handed it pickled)."""
+    return build_engine(config)[0]
 
 
 class _Collector:

@@ -1,0 +1,213 @@
+"""ProcessEngine: the engine loop alone in a process of its own, the server's front end in this one.
+
+In one process the engine thread shares the GIL with the event loop that parses HTTP and writes SSE chunks. On a
+CPU that costs little, because the kernels run long without the GIL; on a GPU a step is about a thousand short
+torch calls, each giving the GIL up and winning it back, and a front end busy 10 % of the time made every step
+1.5-1.9x as long on an H100 (benchmarks/RESULTS.md, "On a GPU"). vLLM moved its engine core into a process of its
+own for the same reason. Here the child runs `EngineLoop` on its main thread and nothing else: it reads commands
+from one pipe between iterations and writes one `EngineUpdate` per iteration to another. The parent keeps the
+front-end half of `AsyncEngine` (admission, per-call queues, streams) and a reader thread that hands each update
+to the event loop and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+from pacer.engine.async_engine import STOP, AsyncEngine, EngineError, EngineLoad, EngineLoop, EngineObserver, Failure
+from pacer.engine.engine import Engine, IterationStats
+from pacer.heap import freeze_startup_heap
+from pacer.latency.model import LatencyModel
+from pacer.request import Request, RequestOutput
+from pacer.scheduling.admission import QueueSnapshot
+from pacer.scheduling.base import RequestLimits
+
+logger = logging.getLogger(__name__)
+
+LATENCY_EVERY_S = 1.0  # how often the engine sends its latency model, with its online correction, for admission
+
+
+@dataclass(frozen=True)
+class EngineReady:
+    """The child's first message: what admission needs before the first iteration."""
+
+    limits: RequestLimits
+    latency: LatencyModel | None
+    queue: tuple[QueueSnapshot | None, int]
+    load: EngineLoad
+
+
+@dataclass
+class EngineUpdate:
+    """One message per iteration of the engine loop: what it produced, and the state after it."""
+
+    outputs: list[RequestOutput | Failure] = field(default_factory=list)
+    iterations: list[tuple[IterationStats, list[RequestOutput]]] = field(default_factory=list)  # for metrics
+    finished: list[Request] = field(default_factory=list)  # for the request-level metrics
+    load: EngineLoad = field(default_factory=EngineLoad)
+    queue: tuple[QueueSnapshot | None, int] = (None, 0)  # QueueView.latest
+    latency: LatencyModel | None = None  # at most every LATENCY_EVERY_S
+
+
+class ProcessEngine(AsyncEngine):
+    """An AsyncEngine whose engine loop runs in a child process (spawned, so CUDA can start there). `build` must
+    pickle (a module-level function, or a partial of one): the child calls it to load the model."""
+
+    def __init__(self, build: Callable[[], Engine], max_queued_requests: int | None = None,
+                 observer: EngineObserver | None = None, log_level: int = logging.INFO) -> None:
+        super().__init__(build, max_queued_requests, observer)
+        self._log_level = log_level
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._commands: Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._limits: RequestLimits | None = None
+        self._alive = False
+
+    def start(self) -> None:
+        """Spawn the engine process and wait until it has built the engine (re-raising its error here)."""
+        if self._process is not None:
+            return
+        context = multiprocessing.get_context("spawn")
+        commands_out, commands_in = context.Pipe(duplex=False)
+        updates_out, updates_in = context.Pipe(duplex=False)
+        process = context.Process(target=_engine_main, args=(self._build, commands_out, updates_in, self._log_level),
+                                  name="pacer-engine", daemon=True)
+        process.start()
+        commands_out.close()
+        updates_in.close()
+        try:
+            ready = updates_out.recv()
+        except EOFError:
+            process.join()
+            raise EngineError(f"the engine process exited with code {process.exitcode} before it was ready") from None
+        if isinstance(ready, BaseException):
+            process.join()
+            raise ready
+        self._process, self._commands = process, commands_in
+        self._limits = ready.limits
+        self.queue.latency = ready.latency
+        self.load, self.queue.latest = ready.load, ready.queue
+        self._alive = True
+        self._reader = threading.Thread(target=self._read, args=(updates_out,), name="pacer-engine-reader",
+                                        daemon=True)
+        self._reader.start()
+
+    async def stop(self) -> None:
+        """Abort whatever is left, and wait for the engine process to end."""
+        if self._process is None:
+            return
+        try:
+            self._command(STOP)
+        except OSError:  # already gone
+            pass
+        await asyncio.to_thread(self._reader.join)
+        await asyncio.to_thread(self._process.join)
+        self._process = None
+
+    @property
+    def limits(self) -> RequestLimits:
+        return self._limits
+
+    @property
+    def is_alive(self) -> bool:
+        return self._alive
+
+    def take_kv(self, request_id: str) -> object:
+        raise NotImplementedError("disaggregated serving runs its engines as Ray replicas, not engine processes")
+
+    def _command(self, command: tuple[str, object]) -> None:
+        self._commands.send(command)
+
+    def _read(self, updates: Connection) -> None:
+        """The reader thread: every update from the engine process, until it closes its end."""
+        while True:
+            try:
+                update = updates.recv()
+            except (EOFError, OSError):
+                break
+            if isinstance(update, str):  # the engine loop failed: the child's last words
+                logger.error("the engine process failed: %s", update)
+                break
+            self.load, self.queue.latest = update.load, update.queue
+            if update.latency is not None:
+                self.queue.latency = update.latency
+            if self.observer is not None:
+                for stats, outputs in update.iterations:
+                    self.observer.iteration(stats, outputs)
+                for request in update.finished:
+                    self.observer.request_finished(request)
+            if update.outputs:
+                self._call_soon(self._deliver, update.outputs)
+        self._alive = False
+        self._call_soon(self._fail_all, "the engine process ended; see the server log")
+
+
+class _PipeSink:
+    """The child's EngineSink: collects what an iteration produced, sent as one EngineUpdate by `flush`."""
+
+    def __init__(self, latency: LatencyModel | None, updates: Connection) -> None:
+        self._latency = latency
+        self._latency_at = time.monotonic()
+        self._updates = updates
+        self._update = EngineUpdate()
+
+    def send(self, items: list[RequestOutput | Failure]) -> None:
+        self._update.outputs += items
+
+    def iteration(self, stats: IterationStats, outputs: list[RequestOutput]) -> None:
+        self._update.iterations.append((stats, outputs))
+
+    def request_finished(self, request: Request) -> None:
+        self._update.finished.append(request)
+
+    def flush(self, loop: EngineLoop) -> None:
+        update, self._update = self._update, EngineUpdate()
+        update.load, update.queue = loop.state()
+        if self._latency is not None and time.monotonic() - self._latency_at >= LATENCY_EVERY_S:
+            update.latency, self._latency_at = copy.deepcopy(self._latency), time.monotonic()
+        self._updates.send(update)
+
+
+def _engine_main(build: Callable[[], Engine], commands: Connection, updates: Connection, log_level: int) -> None:
+    """The engine process: build, say ready, then serve until a stop command or the parent's end of the pipe
+    closes. Ctrl-C goes to the whole process group; the parent drains and then stops this process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = build()
+    except BaseException as error:  # noqa: BLE001  (handed to the parent's start)
+        try:
+            updates.send(error)
+        except Exception:  # noqa: BLE001  (an exception that does not pickle)
+            updates.send(RuntimeError(repr(error)))
+        return
+    latency = engine.scheduler.latency
+    sink = _PipeSink(latency, updates)
+    loop = EngineLoop(engine, sink)
+    load, queue = loop.state()
+    updates.send(EngineReady(engine.scheduler.limits, copy.deepcopy(latency), queue, load))
+    freeze_startup_heap()
+
+    def receive(block: bool) -> list[tuple[str, object]]:
+        try:
+            received = [commands.recv()] if block else []
+            while commands.poll():
+                received.append(commands.recv())
+        except (EOFError, OSError):  # the parent is gone
+            received = [STOP]
+        return received
+
+    try:
+        loop.serve(receive, lambda: sink.flush(loop))
+    except Exception as error:  # a scheduler bug: the parent fails every caller
+        logger.exception("the engine loop died")
+        updates.send(f"the engine loop died: {error!r}")

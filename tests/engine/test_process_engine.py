@@ -1,0 +1,90 @@
+"""ProcessEngine on the tiny model: the engine loop in a spawned process gives the same outputs as the engine
+thread, aborts free its blocks, and its death fails the requests in flight instead of leaving them hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+
+import pytest
+
+from pacer.engine.async_engine import EngineError, QueueFullError
+from pacer.engine.process import ProcessEngine
+from pacer.request import FinishReason, Request, SamplingParams
+from tests.tiny import tiny_engine
+
+
+def request(rid: str, max_tokens: int = 8) -> Request:
+    return Request(rid, [3, 4, 5], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+
+
+def _broken() -> None:
+    raise FileNotFoundError("no such model")
+
+
+def test_a_build_error_in_the_engine_process_reaches_the_caller_of_start():
+    with pytest.raises(FileNotFoundError, match="no such model"):
+        ProcessEngine(_broken).start()
+
+
+def test_outputs_aborts_and_limits_as_the_engine_thread():
+    expected = tiny_engine()
+    expected.add_request(request("ref", 12))
+    ids = []
+    while expected.has_unfinished:
+        ids += [t for out in expected.step() for t in out.new_token_ids]
+
+    async def collect(engine: ProcessEngine, rid: str) -> tuple[list[int], FinishReason]:
+        tokens, reason = [], None
+        with engine.generate([request(rid, 12)]) as stream:
+            async for output in stream:
+                tokens += output.new_token_ids
+                reason = output.finish_reason
+        return tokens, reason
+
+    async def main():
+        engine = ProcessEngine(functools.partial(tiny_engine), max_queued_requests=4)
+        engine.start()
+        try:
+            results = await asyncio.gather(*(collect(engine, f"r{i}") for i in range(4)))
+            with pytest.raises(ValueError, match="exceed the KV cache capacity"):
+                engine.generate([request("huge", 10_000)])
+            with pytest.raises(QueueFullError):
+                engine.generate([request(f"q{i}") for i in range(5)])
+            stream = engine.generate([request("long", 200)])
+            await stream.__anext__()
+            stream.close()  # the client went away: the engine process aborts it and frees its blocks
+            for _ in range(500):
+                if engine.load.kv_cache_usage == 0 and engine.load.num_running == 0 and not engine.num_in_flight:
+                    break
+                await asyncio.sleep(0.01)
+            return results, engine.load, engine.num_in_flight
+        finally:
+            await engine.stop()
+
+    results, load, in_flight = asyncio.run(main())
+    for tokens, reason in results:
+        assert tokens == ids and reason is FinishReason.LENGTH
+    assert load.kv_cache_usage == 0 and load.num_running == 0 and in_flight == 0
+
+
+def test_a_dead_engine_process_fails_the_requests_in_flight():
+    async def main():
+        engine = ProcessEngine(functools.partial(tiny_engine))
+        engine.start()
+        try:
+            stream = engine.generate([request("doomed", 200)])
+            await stream.__anext__()
+            os.kill(engine._process.pid, signal.SIGKILL)  # as the OOM killer would
+            with pytest.raises(EngineError, match="engine process ended"):
+                async for _ in stream:
+                    pass
+            assert not engine.is_alive and engine.num_in_flight == 0
+            with pytest.raises(EngineError, match="not running"):
+                engine.generate([request("late")])
+        finally:
+            await engine.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
