@@ -54,11 +54,16 @@ def main() -> int:
     ap.add_argument("--busy", type=float, nargs="+", default=[0.0, 0.1, 0.3])
     ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=150)
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --device cuda: replay decode steps from CUDA graphs")
     args = ap.parse_args()
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, threads=args.threads, num_blocks=2048)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, threads=args.threads, num_blocks=2048,
+              cuda_graphs=args.cuda_graphs)
     median_step_ms(llm, "warm-up", args.num_requests, args.max_tokens)
-    print(f"{args.device}, switch interval {sys.getswitchinterval() * 1e3:g} ms, {args.num_requests} decodes a step")
+    graphs = " (CUDA graphs)" if llm.engine.executor.graphs is not None else ""
+    print(f"{args.device}{graphs}, switch interval {sys.getswitchinterval() * 1e3:g} ms, {args.num_requests} decodes "
+          "a step")
     print("| busy | step alone (ms) | beside the busy thread (ms) | slowdown |\n|---|---|---|---|")
     for busy in args.busy:
         alone = median_step_ms(llm, f"alone-{busy}", args.num_requests, args.max_tokens)

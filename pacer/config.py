@@ -37,6 +37,9 @@ class ModelConfig:
     device: str = field(default="cpu", metadata=_help("torch device: cpu or cuda", choices=("cpu", "cuda")))
     threads: int | None = field(default=None, metadata=_help("CPU threads for torch (default: torch's choice)"))
     seed: int = field(default=0, metadata=_help("seed for requests that do not set their own"))
+    cuda_graphs: bool = field(default=True, metadata=_help(
+        "with --device cuda: capture decode steps as CUDA graphs at start-up and replay them (one launch instead of "
+        "one per kernel); no effect on a CPU"))
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

@@ -105,12 +105,10 @@ class ProcessEngine(AsyncEngine):
         """Abort whatever is left, and wait for the engine process to end."""
         if self._process is None:
             return
-        try:
-            self._command(STOP)
-        except OSError:  # already gone
-            pass
+        self._command(STOP)
         await asyncio.to_thread(self._reader.join)
         await asyncio.to_thread(self._process.join)
+        self._commands.close()
         self._process = None
 
     @property
@@ -125,7 +123,11 @@ class ProcessEngine(AsyncEngine):
         raise NotImplementedError("disaggregated serving runs its engines as Ray replicas, not engine processes")
 
     def _command(self, command: tuple[str, object]) -> None:
-        self._commands.send(command)
+        try:
+            self._commands.send(command)
+        except OSError:  # the engine process is gone; what was just queued fails with the rest
+            self._alive = False
+            self._call_soon(self._fail_all, "the engine process ended; see the server log")
 
     def _read(self, updates: Connection) -> None:
         """The reader thread: every update from the engine process, until it closes its end."""

@@ -12,6 +12,7 @@ from pacer.config import CacheConfig, ModelConfig, parse_bytes
 from pacer.model import cpu_kernels
 from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache
 from pacer.model.config import LlamaConfig
+from pacer.model.cuda_graphs import DecodeGraphs
 from pacer.model.llama import LlamaModel, PackedLinear
 from pacer.model.sampler import apply_penalties, sample
 from pacer.model.weights import Checkpoint
@@ -52,7 +53,8 @@ class ModelRunner:
     """
 
     def __init__(self, model: LlamaModel, cache: KVCache, block_size: int, device: torch.device,
-                 seed: int = 0, eos_token_id: int | None = None) -> None:
+                 seed: int = 0, eos_token_id: int | None = None, null_block: int | None = None) -> None:
+        """`null_block`: a block of `cache` beyond the KV manager's, reserved for the padding rows of CUDA graphs."""
         self.model = model
         self.eos_token_id = eos_token_id
         self.cache = cache
@@ -60,6 +62,8 @@ class ModelRunner:
         self.device = device
         self.generator = torch.Generator(device).manual_seed(seed)  # for requests without a seed
         self._generators: dict[str, torch.Generator] = {}
+        self.null_block = null_block
+        self.graphs: DecodeGraphs | None = None
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, model_config: ModelConfig, cache_config: CacheConfig) -> ModelRunner:
@@ -79,13 +83,20 @@ class ModelRunner:
         if device.type == "cpu" and not cpu_kernels.load():  # build now, not in the first step
             logger.warning("no C++ kernels: decode attention gathers KV blocks, norms run unfused (slow)")
         num_blocks = cache_config.num_blocks or cls.num_blocks_for(cache_config, config, dtype)
-        cache = allocate_kv_cache(config.num_layers, num_blocks, cache_config.block_size, config.num_kv_heads,
-                                  config.head_dim, dtype, device)
+        graphs = device.type == "cuda" and model_config.cuda_graphs
+        cache = allocate_kv_cache(config.num_layers, num_blocks + graphs, cache_config.block_size,
+                                  config.num_kv_heads, config.head_dim, dtype, device)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s)", num_blocks,
                     cache_config.block_size, num_blocks * cache_config.block_size,
                     num_blocks * cls.block_bytes(cache_config, config, dtype) / 2**30, dtype)
         return cls(model, cache, cache_config.block_size, device, seed=model_config.seed,
-                   eos_token_id=checkpoint.tokenizer.eos_token_id)
+                   eos_token_id=checkpoint.tokenizer.eos_token_id, null_block=num_blocks if graphs else None)
+
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Capture the CUDA graphs of decode steps, if this runner reserved a block for them (CUDA, --cuda-graphs)."""
+        if self.null_block is not None:
+            self.graphs = DecodeGraphs(self.model, self.cache, self.block_size, max_batch,
+                                       -(-max_model_len // self.block_size), self.null_block)
 
     @staticmethod
     def block_bytes(cache_config: CacheConfig, config: LlamaConfig, dtype: torch.dtype) -> int:
@@ -108,11 +119,14 @@ class ModelRunner:
     def kernels(self) -> str:
         """The GEMM path and the C++ kernels' revision: part of what a latency profile is valid for."""
         gemm = "onednn-prepacked" if isinstance(self.model.lm_head, PackedLinear) else "torch-linear"
+        if self.graphs is not None:
+            return f"{gemm}+cuda-graphs"
         return f"{gemm}+cpp-{cpu_kernels.revision()}" if self.device.type == "cpu" and cpu_kernels.load() else gemm
 
     @property
     def num_blocks(self) -> int:
-        return self.cache.num_blocks
+        """Blocks for the KV manager to hand out (the CUDA graphs' padding block is not one of them)."""
+        return self.cache.num_blocks - (self.null_block is not None)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
@@ -134,13 +148,17 @@ class ModelRunner:
                 prefill.append((r.block_ids, start_pos, n))
             if plan.samples(r):
                 sampling.append((len(input_ids) - 1, r))
-        meta = AttentionMetadata.build(self.block_size, decode, prefill, self.device)
         to = {"device": self.device, "dtype": torch.long}
         sampled: dict[str, int] = {}
         logprobs = {}
-        logits_indices = torch.tensor([i for i, _ in sampling], **to)
-        logits = self.model(torch.tensor(input_ids, **to), torch.tensor(positions, **to), self.cache, meta,
-                            logits_indices)
+        logits = None
+        if self.graphs is not None and decode and not prefill and len(sampling) == len(batch):
+            logits = self.graphs.run(input_ids, positions, decode)
+        if logits is None:
+            meta = AttentionMetadata.build(self.block_size, decode, prefill, self.device)
+            logits_indices = torch.tensor([i for i, _ in sampling], **to)
+            logits = self.model(torch.tensor(input_ids, **to), torch.tensor(positions, **to), self.cache, meta,
+                                logits_indices)
         if sampling:
             requests = [r for _, r in sampling]
             if any(r.sampling.penalized for r in requests):
