@@ -70,7 +70,7 @@ def main() -> None:
 def table(results: list[dict]) -> str:
     names = list(results[0]["capacity"])
     disaggregated = [n for n in names if n != "colocated"]
-    compare = "colocated" in names and disaggregated
+    compare = "colocated" in names and bool(disaggregated)
     lines = ["| mix | TBT SLO | " + " | ".join(f"{n} (req/s)" for n in names)
              + (" | best disaggregated / colocated |" if compare else " |"), "|" + "---|" * (len(names) + 2 + compare)]
     for r in results:
