@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from pacer.cluster.replica import Replica, ReplicaInfo, ReplicaUpdate
+from pacer.cluster.replica import Replica, ReplicaInfo
 from pacer.config import ClusterConfig, EngineConfig
-from pacer.engine.async_engine import EngineError, EngineLoad, EngineObserver, Failure, RequestStream
+from pacer.engine.async_engine import EngineError, EngineLoad, EngineObserver, EngineUpdate, Failure, RequestStream
 from pacer.request import FinishReason, Request, RequestOutput
 from pacer.scheduling.admission import QueueView, SLOUnattainable
 from pacer.scheduling.base import RequestLimits
@@ -282,16 +282,12 @@ class ClusterEngine:
             replica.rejoin(info)
             logger.info("replica %d rejoined (pid %d on %s)", replica.index, info.pid, info.host)
 
-    def _apply(self, replica: _Replica, update: ReplicaUpdate) -> None:
+    def _apply(self, replica: _Replica, update: EngineUpdate) -> None:
         replica.load = update.load
         replica.queue.latest = update.queue
         if update.latency is not None:
             replica.queue.latency = update.latency
-        if self.observer is not None:
-            for stats, outputs in update.iterations:
-                self.observer.iteration(stats, outputs)
-            for request in update.finished:
-                self.observer.request_finished(request)
+        update.report(self.observer)
         for item in update.outputs:
             flight = self._flights.get(item.request_id)
             if flight is None or flight.replica != replica.index:

@@ -17,10 +17,10 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pacer.config import EngineConfig
-from pacer.engine.async_engine import AsyncEngine, EngineLoad, Failure
+from pacer.engine.async_engine import LATENCY_EVERY_S, AsyncEngine, EngineUpdate
 from pacer.engine.builder import build_engine
 from pacer.engine.engine import IterationStats
 from pacer.heap import freeze_startup_heap
@@ -30,8 +30,6 @@ from pacer.scheduling.admission import QueueSnapshot
 from pacer.scheduling.base import RequestLimits
 
 logger = logging.getLogger(__name__)
-
-LATENCY_EVERY_S = 1.0  # how often a replica sends its latency model's online correction to the front end
 
 
 @dataclass(frozen=True)
@@ -43,18 +41,6 @@ class ReplicaInfo:
     queue: tuple[QueueSnapshot | None, int]  # QueueView.latest: admission works before the first update
     pid: int
     host: str
-
-
-@dataclass
-class ReplicaUpdate:
-    """One item of a replica's stream: the outputs since the last item, and the state after them."""
-
-    outputs: list[RequestOutput | Failure] = field(default_factory=list)
-    iterations: list[tuple[IterationStats, list[RequestOutput]]] = field(default_factory=list)  # for metrics
-    finished: list[Request] = field(default_factory=list)  # for the request-level metrics
-    load: EngineLoad = field(default_factory=EngineLoad)
-    queue: tuple[QueueSnapshot | None, int] = (None, 0)  # QueueView.latest
-    latency: LatencyModel | None = None  # set at most every LATENCY_EVERY_S
 
 
 _TICK = object()  # an iteration ended: send the state even if it emitted nothing (a prefill chunk)
@@ -105,7 +91,7 @@ class Replica:
     async def abort(self, request_ids: list[str]) -> None:
         self._engine.abort(request_ids)
 
-    async def updates(self) -> AsyncIterator[ReplicaUpdate]:
+    async def updates(self) -> AsyncIterator[EngineUpdate]:
         """The replica's stream (call with `num_returns="streaming"`); it never ends on its own."""
         self._loop = asyncio.get_running_loop()
         while True:
@@ -116,7 +102,7 @@ class Replica:
                 iterations, self._iterations = self._iterations, []
                 finished, self._finished = self._finished, []
                 latency, self._latency = self._latency, None
-            yield ReplicaUpdate([item for item in items if item is not _TICK], iterations, finished,
+            yield EngineUpdate([item for item in items if item is not _TICK], iterations, finished,
                                 self._engine.load, self._engine.queue.latest, latency)
 
     # ---- EngineObserver: called on the engine thread -----------------------------------------------------

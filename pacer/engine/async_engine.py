@@ -25,10 +25,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Self
 
 from pacer.engine.engine import Engine, IterationStats, StepError
+from pacer.latency.model import LatencyModel
 from pacer.request import FinishReason, Request, RequestOutput
 from pacer.scheduling.admission import QueueSnapshot, QueueView
 from pacer.scheduling.base import RequestLimits
@@ -77,6 +78,30 @@ class Failure:
     request_id: str
     message: str
     expired: bool = False
+
+
+LATENCY_EVERY_S = 1.0  # how often an engine elsewhere sends its latency model, with its online correction, for admission
+
+
+@dataclass
+class EngineUpdate:
+    """What an engine in another process sends after an iteration (an engine process's pipe, a Ray replica's stream):
+    the outputs since its last update, and its state after them."""
+
+    outputs: list[RequestOutput | Failure] = field(default_factory=list)
+    iterations: list[tuple[IterationStats, list[RequestOutput]]] = field(default_factory=list)  # for metrics
+    finished: list[Request] = field(default_factory=list)  # for the request-level metrics
+    load: EngineLoad = field(default_factory=EngineLoad)
+    queue: tuple[QueueSnapshot | None, int] = (None, 0)  # QueueView.latest
+    latency: LatencyModel | None = None  # at most every LATENCY_EVERY_S
+
+    def report(self, observer: EngineObserver | None) -> None:
+        """Hand the iterations and finished requests to the observer, as an engine thread would have."""
+        if observer is not None:
+            for stats, outputs in self.iterations:
+                observer.iteration(stats, outputs)
+            for request in self.finished:
+                observer.request_finished(request)
 
 
 STOP = ("stop", None)  # the command that ends the engine loop

@@ -20,10 +20,20 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from pacer.engine.async_engine import STOP, AsyncEngine, EngineError, EngineLoad, EngineLoop, EngineObserver, Failure
+from pacer.engine.async_engine import (
+    LATENCY_EVERY_S,
+    STOP,
+    AsyncEngine,
+    EngineError,
+    EngineLoad,
+    EngineLoop,
+    EngineObserver,
+    EngineUpdate,
+    Failure,
+)
 from pacer.engine.engine import Engine, IterationStats
 from pacer.heap import freeze_startup_heap
 from pacer.latency.model import LatencyModel
@@ -33,7 +43,6 @@ from pacer.scheduling.base import RequestLimits
 
 logger = logging.getLogger(__name__)
 
-LATENCY_EVERY_S = 1.0  # how often the engine sends its latency model, with its online correction, for admission
 
 
 @dataclass(frozen=True)
@@ -44,18 +53,6 @@ class EngineReady:
     latency: LatencyModel | None
     queue: tuple[QueueSnapshot | None, int]
     load: EngineLoad
-
-
-@dataclass
-class EngineUpdate:
-    """One message per iteration of the engine loop: what it produced, and the state after it."""
-
-    outputs: list[RequestOutput | Failure] = field(default_factory=list)
-    iterations: list[tuple[IterationStats, list[RequestOutput]]] = field(default_factory=list)  # for metrics
-    finished: list[Request] = field(default_factory=list)  # for the request-level metrics
-    load: EngineLoad = field(default_factory=EngineLoad)
-    queue: tuple[QueueSnapshot | None, int] = (None, 0)  # QueueView.latest
-    latency: LatencyModel | None = None  # at most every LATENCY_EVERY_S
 
 
 class ProcessEngine(AsyncEngine):
@@ -142,11 +139,7 @@ class ProcessEngine(AsyncEngine):
             self.load, self.queue.latest = update.load, update.queue
             if update.latency is not None:
                 self.queue.latency = update.latency
-            if self.observer is not None:
-                for stats, outputs in update.iterations:
-                    self.observer.iteration(stats, outputs)
-                for request in update.finished:
-                    self.observer.request_finished(request)
+            update.report(self.observer)
             if update.outputs:
                 self._call_soon(self._deliver, update.outputs)
         self._alive = False
