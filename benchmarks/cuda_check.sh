@@ -33,7 +33,8 @@ step() {
 
 step env "$PY" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
 step tests env PACER_TEST_DEVICE="$DEVICE" timeout 240 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/integration/test_smollm2.py tests/model/test_attention.py -k "cuda or not test_random_batches"
+    tests/integration/test_smollm2.py tests/model/test_attention.py tests/model/test_cuda_graphs.py \
+    -k "cuda or not test_random_batches"
 step profile timeout 150 "$PY" -m pacer.cli profile --device "$DEVICE" --dtype float32
 cp "$(ls -t ~/.cache/pacer/profiles/*"$DEVICE"*.json | head -1)" "$OUT/profile.json"
 step latency timeout 180 "$PY" benchmarks/latency_error.py --device "$DEVICE" --arrival poisson --rate "$RATE" \
