@@ -81,6 +81,9 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_conf
 
         if server_config.max_queued_requests is not None:
             raise ValueError("--max-queued-requests applies to one local engine; replicas on Ray admit by SLO")
+        if server_config.engine_process:
+            raise ValueError("--engine-process applies to one local engine; replicas on Ray run in processes of their "
+                             "own")
         async_engine = ClusterEngine(engine_config, cluster_config)
         async_engine.start()  # starts the replicas and waits until they are ready
         tokenizer = load_tokenizer(resolve_model_path(engine_config.model.model))

@@ -7,7 +7,10 @@ import json
 import signal
 
 import httpx
+import pytest
 
+from pacer.config import ClusterConfig, EngineConfig, ServerConfig
+from pacer.server.launch import serve
 from tests.live_server import run_server
 from tests.server.test_errors import check_error
 
@@ -38,3 +41,8 @@ def test_serving_from_an_engine_process(tiny_model_dir, tiny_profile, tmp_path):
 
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(30) == 0
+
+
+def test_engine_process_is_refused_with_ray_replicas():
+    with pytest.raises(ValueError, match="--engine-process applies to one local engine"):
+        serve(EngineConfig(), ServerConfig(engine_process=True), ClusterConfig(replicas=2))
