@@ -81,7 +81,7 @@ class Replica:
     async def take_kv(self, request_id: str) -> object:
         """The KV of a finished prefill (disaggregated serving). The front end passes the reference on to a
         decode replica, so the bytes go from this actor to that one through Ray's object store."""
-        return self._engine.take_kv(request_id)
+        return self._engine.engine.exported.pop(request_id)  # KeyError if its prefill left none
 
     async def adopt(self, request: Request, age_s: float, payload: object) -> None:
         """Decode a request another replica prefilled; Ray has fetched `payload` from the object store."""

@@ -216,10 +216,6 @@ class AsyncEngine:
         self.queue.submitted(request)  # the engine thread counts it taken, like a submitted request
         self._command(("adopt", (request, payload)))
 
-    def take_kv(self, request_id: str) -> object:
-        """The KV its prefill left for a decode engine (`Request.export_kv`); KeyError if there is none."""
-        return self.engine.exported.pop(request_id)
-
     def detach(self, request_ids: list[str]) -> None:
         """Deliver nothing more for these requests (their caller has gone)."""
         for request_id in request_ids:

@@ -116,9 +116,6 @@ class ProcessEngine(AsyncEngine):
     def is_alive(self) -> bool:
         return self._alive
 
-    def take_kv(self, request_id: str) -> object:
-        raise NotImplementedError("disaggregated serving runs its engines as Ray replicas, not engine processes")
-
     def _command(self, command: tuple[str, object]) -> None:
         try:
             self._commands.send(command)
