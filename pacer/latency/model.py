@@ -217,16 +217,20 @@ class ErrorWindow:
         tail = min(1.0, self.base_decodes / max(1, num_decodes))  # of 1 - margin_quantile
         quantile = 1 - (1 - self.margin_quantile) * tail
         if len(values) < MIN_SAMPLES:
-            return self.initial_margin - self.prior_tail * math.log(tail)
+            return self._prior(tail)
         if len(values) * (1 - quantile) >= 1:
             return max(0.0, self._quantile(quantile))
         exceedances = int(len(values) * (1 - self.margin_quantile))
         if exceedances < self.min_exceedances:
-            return max(self.initial_margin - self.prior_tail * math.log(tail), self._quantile(quantile))
+            return max(self._prior(tail), self._quantile(quantile))
         # Peaks over the p99: exponential beyond it, its scale the mean excess of the errors above it
         threshold = self._quantile(self.margin_quantile)
         scale = sum(values[-exceedances:]) / exceedances - threshold
         return min(MAX_SURPRISE - 1, max(0.0, threshold - scale * math.log(tail)))
+
+    def _prior(self, tail: float) -> float:
+        """The prior for the quantile whose tail is `tail` of the p99's: exponential beyond the p99."""
+        return self.initial_margin - self.prior_tail * math.log(tail)
 
     def _quantile(self, quantile: float) -> float:
         """Of the window, interpolated linearly between order statistics as numpy's default."""
