@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from pacer.engine.async_engine import AsyncEngine, QueueFullError
+from pacer.engine.engine import Engine
 from pacer.request import FinishReason, Request, RequestOutput, SamplingParams
 from tests.tiny import tiny_engine, tiny_model
 
@@ -21,34 +22,44 @@ def request(rid: str, max_tokens: int = 8) -> Request:
     return Request(rid, [3, 4, 5], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
 
 
-def test_a_build_error_reaches_the_caller_of_start():
-    def broken():
-        raise FileNotFoundError("no such model")
+def broken() -> Engine:
+    """A build that fails (module-level, so an engine process can be handed it)."""
+    raise FileNotFoundError("no such model")
 
+
+def sync_ids(max_tokens: int) -> list[int]:
+    """What the plain Engine generates for `request(..., max_tokens)`: what every served engine must stream."""
+    engine = tiny_engine()
+    engine.add_request(request("ref", max_tokens))
+    ids = []
+    while engine.has_unfinished:
+        ids += [t for out in engine.step() for t in out.new_token_ids]
+    return ids
+
+
+async def collect(engine: AsyncEngine, rid: str, max_tokens: int) -> tuple[list[int], FinishReason]:
+    """One call's tokens and finish reason."""
+    tokens, reason = [], None
+    with engine.generate([request(rid, max_tokens)]) as stream:
+        async for output in stream:
+            assert output.request_id == rid
+            tokens += output.new_token_ids
+            reason = output.finish_reason
+    return tokens, reason
+
+
+def test_a_build_error_reaches_the_caller_of_start():
     with pytest.raises(FileNotFoundError, match="no such model"):
         AsyncEngine(broken).start()
 
 
 def test_concurrent_calls_get_their_own_outputs_and_equal_the_sync_engine():
-    expected = tiny_engine()
-    expected.add_request(request("ref", 12))
-    ids = []
-    while expected.has_unfinished:
-        ids += [t for out in expected.step() for t in out.new_token_ids]
-
-    async def collect(engine: AsyncEngine, rid: str) -> tuple[list[int], FinishReason]:
-        tokens, reason = [], None
-        with engine.generate([request(rid, 12)]) as stream:
-            async for output in stream:
-                assert output.request_id == rid
-                tokens += output.new_token_ids
-                reason = output.finish_reason
-        return tokens, reason
+    ids = sync_ids(12)
 
     async def main():
         engine = started()
         try:
-            return await asyncio.gather(*(collect(engine, f"r{i}") for i in range(4)))
+            return await asyncio.gather(*(collect(engine, f"r{i}", 12) for i in range(4)))
         finally:
             await engine.stop()
 

@@ -12,43 +12,24 @@ import pytest
 
 from pacer.engine.async_engine import EngineError, QueueFullError
 from pacer.engine.process import ProcessEngine
-from pacer.request import FinishReason, Request, SamplingParams
+from pacer.request import FinishReason
+from tests.engine.test_async_engine import broken, collect, request, sync_ids
 from tests.tiny import tiny_engine
-
-
-def request(rid: str, max_tokens: int = 8) -> Request:
-    return Request(rid, [3, 4, 5], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-
-
-def _broken() -> None:
-    raise FileNotFoundError("no such model")
 
 
 def test_a_build_error_in_the_engine_process_reaches_the_caller_of_start():
     with pytest.raises(FileNotFoundError, match="no such model"):
-        ProcessEngine(_broken).start()
+        ProcessEngine(broken).start()
 
 
 def test_outputs_aborts_and_limits_as_the_engine_thread():
-    expected = tiny_engine()
-    expected.add_request(request("ref", 12))
-    ids = []
-    while expected.has_unfinished:
-        ids += [t for out in expected.step() for t in out.new_token_ids]
-
-    async def collect(engine: ProcessEngine, rid: str) -> tuple[list[int], FinishReason]:
-        tokens, reason = [], None
-        with engine.generate([request(rid, 12)]) as stream:
-            async for output in stream:
-                tokens += output.new_token_ids
-                reason = output.finish_reason
-        return tokens, reason
+    ids = sync_ids(12)
 
     async def main():
         engine = ProcessEngine(functools.partial(tiny_engine), max_queued_requests=4)
         engine.start()
         try:
-            results = await asyncio.gather(*(collect(engine, f"r{i}") for i in range(4)))
+            results = await asyncio.gather(*(collect(engine, f"r{i}", 12) for i in range(4)))
             with pytest.raises(ValueError, match="exceed the KV cache capacity"):
                 engine.generate([request("huge", 10_000)])
             with pytest.raises(QueueFullError):
