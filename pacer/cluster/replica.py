@@ -1,4 +1,4 @@
-"""One engine replica inside a Ray actor: the same AsyncEngine as `pacer serve`, fed by a front end in another
+"""One engine replica inside a Ray actor: the same engine loop as `pacer serve`, fed by a front end in another
 process, its outputs streamed back with one Ray streaming generator per replica.
 
 One stream multiplexes every request of the replica, one item per iteration (or per burst of outputs): a Ray
@@ -13,6 +13,7 @@ import asyncio
 import copy
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -20,12 +21,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pacer.config import EngineConfig
-from pacer.engine.async_engine import LATENCY_EVERY_S, AsyncEngine, EngineUpdate
+from pacer.engine.async_engine import EngineLoop, EngineUpdate, UpdateSink
 from pacer.engine.builder import build_engine
-from pacer.engine.engine import IterationStats
 from pacer.heap import freeze_startup_heap
 from pacer.latency.model import LatencyModel
-from pacer.request import FinishReason, Request, RequestOutput
+from pacer.request import FinishReason, Request
 from pacer.scheduling.admission import QueueSnapshot
 from pacer.scheduling.base import RequestLimits
 
@@ -43,31 +43,32 @@ class ReplicaInfo:
     host: str
 
 
-_TICK = object()  # an iteration ended: send the state even if it emitted nothing (a prefill chunk)
-
-
 class Replica:
     """The actor's class (`ray.remote` is applied by the front end, with the resources it asks for). Async: its
-    methods run on the actor's event loop, the engine on its own thread, as in `pacer serve`."""
+    methods run on the actor's event loop. The engine runs `EngineLoop` on a thread of its own, as in `pacer serve`,
+    which also builds it (one OpenMP pool, see engine/async_engine.py); after each iteration the thread hands one
+    `EngineUpdate` to the event loop, and `updates` streams them."""
 
     def __init__(self, config: EngineConfig) -> None:
         _normal_priority()
-        self._engine = AsyncEngine(lambda: build_engine(config)[0], observer=self)
-        self._engine.start()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._updates: asyncio.Queue[EngineUpdate] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None  # known before the first command: every command comes
+        # from an actor method, which sets it
+        self._engine_loop: EngineLoop | None = None
+        self._info: ReplicaInfo | None = None
+        built = threading.Event()
+        failure: list[BaseException] = []
+        thread = threading.Thread(target=self._main, args=(config, built, failure), name="pacer-engine", daemon=True)
+        thread.start()
+        built.wait()
+        if failure:
+            raise failure[0]
         freeze_startup_heap()
-        self._outputs: asyncio.Queue = asyncio.Queue()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()  # guards what the engine thread hands over below
-        self._iterations: list[tuple[IterationStats, list[RequestOutput]]] = []
-        self._finished: list[Request] = []
-        self._latency: LatencyModel | None = None
-        self._latency_at = 0.0
 
     async def ready(self) -> ReplicaInfo:
         self._loop = asyncio.get_running_loop()
-        latency = self._engine.engine.scheduler.latency
-        return ReplicaInfo(self._engine.limits, copy.deepcopy(latency), self._engine.queue.latest, os.getpid(),
-                           socket.gethostname())
+        return self._info
 
     async def submit(self, requests: list[Request], ages_s: list[float]) -> None:
         """Queue requests the front end has admitted. Arrival times are rebased on this process's clock from
@@ -76,54 +77,72 @@ class Replica:
         now = time.monotonic()
         for request, age in zip(requests, ages_s):
             request.arrival_s = now - age
-        self._engine.submit(requests, self._outputs)
+        self._inbox.put(("add", requests))
 
     async def take_kv(self, request_id: str) -> object:
         """The KV of a finished prefill (disaggregated serving). The front end passes the reference on to a
         decode replica, so the bytes go from this actor to that one through Ray's object store."""
-        return self._engine.engine.exported.pop(request_id)  # KeyError if its prefill left none
+        return self._engine_loop.engine.exported.pop(request_id)  # KeyError if its prefill left none
 
     async def adopt(self, request: Request, age_s: float, payload: object) -> None:
         """Decode a request another replica prefilled; Ray has fetched `payload` from the object store."""
+        self._loop = asyncio.get_running_loop()
         request.arrival_s = time.monotonic() - age_s
-        self._engine.adopt(request, payload, self._outputs)
+        self._inbox.put(("adopt", (request, payload)))
 
     async def abort(self, request_ids: list[str]) -> None:
-        self._engine.abort(request_ids)
+        self._loop = asyncio.get_running_loop()
+        self._inbox.put(("abort", list(request_ids)))
 
     async def updates(self) -> AsyncIterator[EngineUpdate]:
-        """The replica's stream (call with `num_returns="streaming"`); it never ends on its own."""
+        """The replica's stream (call with `num_returns="streaming"`); it never ends on its own. Updates that
+        queued while the last one was in flight go as one."""
         self._loop = asyncio.get_running_loop()
         while True:
-            items = [await self._outputs.get()]
-            while not self._outputs.empty():
-                items.append(self._outputs.get_nowait())
-            with self._lock:
-                iterations, self._iterations = self._iterations, []
-                finished, self._finished = self._finished, []
-                latency, self._latency = self._latency, None
-            yield EngineUpdate([item for item in items if item is not _TICK], iterations, finished,
-                                self._engine.load, self._engine.queue.latest, latency)
+            update = await self._updates.get()
+            while not self._updates.empty():
+                update.absorb(self._updates.get_nowait())
+            yield update
 
-    # ---- EngineObserver: called on the engine thread -----------------------------------------------------
+    # ---- the engine thread --------------------------------------------------------------------------------
 
-    def iteration(self, stats: IterationStats, outputs: list[RequestOutput]) -> None:
-        latency = self._engine.engine.scheduler.latency
-        with self._lock:
-            self._iterations.append((stats, outputs))
-            if latency is not None and time.monotonic() - self._latency_at >= LATENCY_EVERY_S:
-                self._latency, self._latency_at = copy.deepcopy(latency), time.monotonic()  # no race: this thread
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._outputs.put_nowait, _TICK)
-            except RuntimeError:  # the actor is shutting down
-                pass
+    def _main(self, config: EngineConfig, built: threading.Event, failure: list[BaseException]) -> None:
+        try:
+            engine = build_engine(config)[0]
+            sink = _ReplicaSink(engine.scheduler.latency)
+            self._engine_loop = EngineLoop(engine, sink)
+            _, queue_latest = self._engine_loop.state()
+            self._info = ReplicaInfo(engine.scheduler.limits, copy.deepcopy(engine.scheduler.latency), queue_latest,
+                                     os.getpid(), socket.gethostname())
+        except BaseException as error:  # noqa: BLE001  (raised by __init__: Ray reports the actor failed to start)
+            failure.append(error)
+            return
+        finally:
+            built.set()
+        try:
+            self._engine_loop.serve(self._receive, lambda: self._publish(sink.take(self._engine_loop)))
+        except Exception:  # a scheduler bug: a replica without its engine loop is dead, so Ray restarts it
+            logger.exception("the engine loop died; exiting so that Ray restarts this replica")
+            logging.shutdown()
+            os._exit(1)
 
+    def _receive(self, block: bool) -> list[tuple[str, object]]:
+        commands = [self._inbox.get()] if block else []
+        while not self._inbox.empty():
+            commands.append(self._inbox.get_nowait())
+        return commands
+
+    def _publish(self, update: EngineUpdate) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._updates.put_nowait, update)
+        except RuntimeError:  # the actor is shutting down
+            pass
+
+
+class _ReplicaSink(UpdateSink):
     def request_finished(self, request: Request) -> None:
-        if request.export_kv and request.finish_reason is FinishReason.LENGTH:
-            return  # handed over to a decode replica, which reports it when it ends
-        with self._lock:
-            self._finished.append(request)
+        if not (request.export_kv and request.finish_reason is FinishReason.LENGTH):
+            super().request_finished(request)  # a prefill handed over is reported by its decode replica, at its end
 
 
 def _normal_priority() -> None:

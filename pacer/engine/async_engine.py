@@ -18,6 +18,7 @@ loop also runs alone in a process of its own (engine/process.py).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import queue
@@ -102,6 +103,15 @@ class EngineUpdate:
                 observer.iteration(stats, outputs)
             for request in self.finished:
                 observer.request_finished(request)
+
+    def absorb(self, later: EngineUpdate) -> None:
+        """Fold a later update into this one (a consumer that fell behind sends them as one)."""
+        self.outputs += later.outputs
+        self.iterations += later.iterations
+        self.finished += later.finished
+        self.load, self.queue = later.load, later.queue
+        if later.latency is not None:
+            self.latency = later.latency
 
 
 STOP = ("stop", None)  # the command that ends the engine loop
@@ -257,9 +267,6 @@ class AsyncEngine:
         now = time.monotonic()
         for item in outputs:
             target = self._queues.get(item.request_id)
-            if isinstance(item, RequestOutput) and item.finish_reason is FinishReason.EXPIRED:
-                item = Failure(item.request_id, "the request could not start before its TTFT deadline "
-                                "(ttft_slo_ms) and was dropped", expired=True)
             if isinstance(item, Failure) or item.finished:
                 self._queues.pop(item.request_id, None)
                 self._finish_times.append(now)
@@ -424,7 +431,8 @@ class EngineLoop:
             if output.finished:
                 self._finished(output.request_id)
         if outputs:
-            self.sink.send(outputs)
+            self.sink.send([_expired(output) if output.finish_reason is FinishReason.EXPIRED else output
+                            for output in outputs])
 
     def _finished(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
@@ -434,6 +442,40 @@ class EngineLoop:
     def _fail(self, request_ids: list[str], message: str) -> None:
         if request_ids:
             self.sink.send([Failure(rid, message) for rid in request_ids])
+
+
+def _expired(output: RequestOutput) -> Failure:
+    """A request dropped unstarted (`--drop-expired`) ends its stream with an error, not a normal finish."""
+    return Failure(output.request_id, "the request could not start before its TTFT deadline (ttft_slo_ms) and was "
+                   "dropped", expired=True)
+
+
+class UpdateSink:
+    """The EngineSink of an engine loop whose results leave its thread as `EngineUpdate`s (an engine process's
+    pipe, a Ray replica's stream): gathers what happened since the last `take`."""
+
+    def __init__(self, latency: LatencyModel | None) -> None:
+        self._latency = latency
+        self._latency_at = time.monotonic()
+        self._update = EngineUpdate()
+
+    def send(self, items: list[RequestOutput | Failure]) -> None:
+        self._update.outputs += items
+
+    def iteration(self, stats: IterationStats, outputs: list[RequestOutput]) -> None:
+        self._update.iterations.append((stats, outputs))
+
+    def request_finished(self, request: Request) -> None:
+        self._update.finished.append(request)
+
+    def take(self, loop: EngineLoop) -> EngineUpdate:
+        """What was gathered, with the loop's state now and, every LATENCY_EVERY_S, a copy of the latency model
+        with its online correction (so admission elsewhere predicts as this engine does). On the loop's thread."""
+        update, self._update = self._update, EngineUpdate()
+        update.load, update.queue = loop.state()
+        if self._latency is not None and time.monotonic() - self._latency_at >= LATENCY_EVERY_S:
+            update.latency, self._latency_at = copy.deepcopy(self._latency), time.monotonic()
+        return update
 
 
 class EngineClient(Protocol):

@@ -18,31 +18,26 @@ import logging
 import multiprocessing
 import signal
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from pacer.engine.async_engine import (
-    LATENCY_EVERY_S,
     STOP,
     AsyncEngine,
     EngineError,
     EngineLoad,
     EngineLoop,
     EngineObserver,
-    EngineUpdate,
-    Failure,
+    UpdateSink,
 )
-from pacer.engine.engine import Engine, IterationStats
+from pacer.engine.engine import Engine
 from pacer.heap import freeze_startup_heap
 from pacer.latency.model import LatencyModel
-from pacer.request import Request, RequestOutput
 from pacer.scheduling.admission import QueueSnapshot
 from pacer.scheduling.base import RequestLimits
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -143,32 +138,6 @@ class ProcessEngine(AsyncEngine):
         self._call_soon(self._fail_all, "the engine process ended; see the server log")
 
 
-class _PipeSink:
-    """The child's EngineSink: collects what an iteration produced, sent as one EngineUpdate by `flush`."""
-
-    def __init__(self, latency: LatencyModel | None, updates: Connection) -> None:
-        self._latency = latency
-        self._latency_at = time.monotonic()
-        self._updates = updates
-        self._update = EngineUpdate()
-
-    def send(self, items: list[RequestOutput | Failure]) -> None:
-        self._update.outputs += items
-
-    def iteration(self, stats: IterationStats, outputs: list[RequestOutput]) -> None:
-        self._update.iterations.append((stats, outputs))
-
-    def request_finished(self, request: Request) -> None:
-        self._update.finished.append(request)
-
-    def flush(self, loop: EngineLoop) -> None:
-        update, self._update = self._update, EngineUpdate()
-        update.load, update.queue = loop.state()
-        if self._latency is not None and time.monotonic() - self._latency_at >= LATENCY_EVERY_S:
-            update.latency, self._latency_at = copy.deepcopy(self._latency), time.monotonic()
-        self._updates.send(update)
-
-
 def _engine_main(build: Callable[[], Engine], commands: Connection, updates: Connection, log_level: int) -> None:
     """The engine process: build, say ready, then serve until a stop command or the parent's end of the pipe
     closes. Ctrl-C goes to the whole process group; the parent drains and then stops this process."""
@@ -183,7 +152,7 @@ def _engine_main(build: Callable[[], Engine], commands: Connection, updates: Con
             updates.send(RuntimeError(repr(error)))
         return
     latency = engine.scheduler.latency
-    sink = _PipeSink(latency, updates)
+    sink = UpdateSink(latency)
     loop = EngineLoop(engine, sink)
     load, queue = loop.state()
     updates.send(EngineReady(engine.scheduler.limits, copy.deepcopy(latency), queue, load))
@@ -199,7 +168,7 @@ def _engine_main(build: Callable[[], Engine], commands: Connection, updates: Con
         return received
 
     try:
-        loop.serve(receive, lambda: sink.flush(loop))
+        loop.serve(receive, lambda: updates.send(sink.take(loop)))
     except Exception as error:  # a scheduler bug: the parent fails every caller
         logger.exception("the engine loop died")
         updates.send(f"the engine loop died: {error!r}")

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from pacer.cluster.client import ClusterEngine, ReplicaState
+from pacer.cluster.replica import Replica
 from pacer.config import ClusterConfig, EngineConfig
 from pacer.engine.async_engine import EngineError
 from pacer.llm import LLM
@@ -157,6 +158,52 @@ def test_disaggregated_prefill_and_decode_give_the_colocated_ids(tiny_model_dir,
         one = await collect(cluster, request("one", 1))  # nothing to hand over
         assert one == expected[0][:1] and decode.num_routed == 3
         await cluster.stop()
+
+    asyncio.run(main())
+
+
+def test_a_replica_whose_engine_loop_dies_exits_so_that_ray_restarts_it(tiny_model_dir, ray_address):
+    """A scheduler bug ends the replica's engine loop. A replica without one must not look alive (its calls would
+    queue forever): it exits, its stream ends with an error (the front end's cue to re-route or fail), and Ray
+    restarts it."""
+    import ray
+
+    class BuggyReplica(Replica):
+        def _receive(self, block: bool) -> list[tuple[str, object]]:
+            commands = super()._receive(block)
+            if any(kind == "add" and payload[0].request_id == "bug" for kind, payload in commands):
+                raise RuntimeError("a scheduler bug")
+            return commands
+
+    config = EngineConfig.from_kwargs(model=str(tiny_model_dir), num_blocks=64, threads=1)
+    actor = ray.remote(BuggyReplica).options(num_cpus=1, max_restarts=1).remote(config)
+
+    async def tokens_until_finished(stream) -> list[int]:
+        tokens: list[int] = []
+        async for ref in stream:
+            update = await ref
+            tokens += [t for output in update.outputs for t in output.new_token_ids]
+            if any(output.finished for output in update.outputs):
+                return tokens
+        raise AssertionError("the stream ended")
+
+    async def main() -> None:
+        first = await actor.ready.remote()
+        stream = actor.updates.options(num_returns="streaming").remote()
+        await actor.submit.remote([request("ok", 4)], [0.0])
+        assert len(await tokens_until_finished(stream)) == 4
+        with pytest.raises(ray.exceptions.RayError):  # the submit's reply itself may not make it out
+            await actor.submit.remote([request("bug", 4)], [0.0])
+            await tokens_until_finished(stream)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                again = await actor.ready.remote()
+                break
+            except ray.exceptions.RayError:
+                await asyncio.sleep(0.2)
+        assert again.pid != first.pid  # (that a restarted replica serves again: the killed-replica test)
+        ray.kill(actor)
 
     asyncio.run(main())
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pacer.engine.async_engine import AsyncEngine, QueueFullError
+from pacer.engine.async_engine import AsyncEngine, EngineLoad, EngineUpdate, QueueFullError
 from pacer.engine.engine import Engine
 from pacer.request import FinishReason, Request, RequestOutput, SamplingParams
 from tests.tiny import tiny_engine, tiny_model
@@ -154,3 +154,19 @@ def test_a_full_decode_engine_holds_hand_overs_back_until_it_has_room():
     # while "b" waited, the published load counted it: "a" alone never has more than 5 tokens to go
     assert max(outstanding) > 5
     assert pending == []  # both hand-overs counted as taken in, as submitted requests are
+
+
+def test_an_update_absorbs_a_later_one_keeping_its_latest_state():
+    """A Ray replica whose stream fell behind sends its queued updates as one: everything they carried, in order,
+    with the latest state, and the latency model if either had one."""
+    def output(rid: str) -> RequestOutput:
+        return RequestOutput(rid, [1], "x", finished=False)
+
+    model = object()
+    first = EngineUpdate([output("a")], load=EngineLoad(num_running=1), queue=(None, 1), latency=model)
+    first.absorb(EngineUpdate([output("b"), output("c")], load=EngineLoad(num_running=2), queue=(None, 3)))
+    assert [o.request_id for o in first.outputs] == ["a", "b", "c"]
+    assert first.load.num_running == 2 and first.queue == (None, 3) and first.latency is model
+    newer = object()
+    first.absorb(EngineUpdate(latency=newer))
+    assert first.latency is newer
