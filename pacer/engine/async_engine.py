@@ -543,10 +543,10 @@ class RequestStream:
         return item
 
     def close(self) -> None:
-        self._engine.detach(self._request_ids)
-        if self._unfinished:
+        if self._unfinished:  # before detaching: the cluster finds a request's replica through what detach forgets
             self._engine.abort(list(self._unfinished))
             self._unfinished.clear()
+        self._engine.detach(self._request_ids)
 
     def __enter__(self) -> Self:
         return self

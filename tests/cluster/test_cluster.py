@@ -22,6 +22,7 @@ from pacer.engine.async_engine import EngineError
 from pacer.llm import LLM
 from pacer.request import SLO, Request, SamplingParams
 from tests.live_server import run_server
+from tests.server.test_errors import check_error
 
 PROMPT = [5, 6, 7, 8, 9]
 
@@ -66,11 +67,24 @@ def test_server_routes_streams_and_counts_usage_across_replicas(tiny_model_dir, 
                   .splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 6
 
-        samples = server.metrics()
+        # bad input is refused by the front end, before any replica sees it
+        check_error(httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": -1}), 400)
+        check_error(httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT * 60, "max_tokens": 8}), 400)
+        check_error(httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "ttft_slo_ms": -5}), 400)
+        # a client that leaves mid-stream: its request is aborted on its replica, which frees its blocks
+        body = {"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+            next(response.iter_lines())
+        deadline = time.monotonic() + 30
+        while not (samples := server.metrics()).get('pacer:request_success_total{finished_reason="abort"}'):
+            assert time.monotonic() < deadline, "the request of a client that left was not aborted"
+            time.sleep(0.05)
+        assert samples["pacer:generation_tokens_total"] < 8 * 12 + 6 + 200
+        assert all(samples[f'pacer:replica_kv_cache_usage_perc{{replica="{i}"}}'] == 0 for i in range(2))
+
         routed = [samples[f'pacer:replica_requests_routed_total{{replica="{i}"}}'] for i in range(2)]
-        assert sum(routed) == 9 and min(routed) >= 2  # least_tokens spread the concurrent calls
+        assert sum(routed) == 10 and min(routed) >= 2  # least_tokens spread the concurrent calls
         assert samples['pacer:replica_up{replica="0"}'] == samples['pacer:replica_up{replica="1"}'] == 1
-        assert samples["pacer:generation_tokens_total"] == 8 * 12 + 6
 
 
 def test_a_killed_replica_reroutes_unstarted_requests_fails_started_streams_and_rejoins(tiny_model_dir,
