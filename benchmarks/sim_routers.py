@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--documents", type=float, default=0.1, help="share of long-document prompts")
     parser.add_argument("--ttft-ms", type=float, default=5000)
     parser.add_argument("--modes", default="promised,routing")
+    parser.add_argument("--routers", default=",".join(ROUTERS),
+                        help="a subset, to rerun the one a change touched (its ratios then need round_robin's run)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     mix = f"{1 - args.documents:g}:{CHAT},{args.documents:g}:{DOCUMENTS}"
@@ -71,7 +73,7 @@ def main() -> None:
             seeds = args.large_seeds if n >= 128 else args.seeds
             for seed in [int(x) for x in seeds.split(",")]:
                 workload = replace(base, num_requests=args.per_replica * n, rate=args.load * n * capacity, seed=seed)
-                for router in ROUTERS:
+                for router in args.routers.split(","):
                     figures = row(simulate(workload, replace(sim, replicas=n, router=router), scheduler, slo), slo)
                     runs.setdefault(str(n), {}).setdefault(router, []).append(figures)
                     print(mode, n, seed, router, json.dumps({k: round(v, 3) for k, v in figures.items()}), flush=True)
@@ -87,12 +89,13 @@ def table(mode: str, capacity: float, load: float, runs: dict[str, dict[str, lis
               "| TTFT p99 (s) | vs round_robin | chat TTFT p99 (s) | wall (s) |"), "|" + "---|" * 12]
     for n, by_router in runs.items():
         med = {router: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for router, rows in by_router.items()}
-        rr = med["round_robin"]
+        rr = med.get("round_robin")
         for router, m in med.items():
-            lines.append(f"| {n} | {router} | {len(by_router[router])} | {m['goodput']:.2f} | "
-                         f"{m['goodput'] / rr['goodput']:.2f}x | {m['attainment']:.1%} | {m['rejected']:.0f} | "
-                         f"{m['ttft_p50_s']:.2f} | {m['ttft_p99_s']:.2f} | {m['ttft_p99_s'] / rr['ttft_p99_s']:.2f}x | "
-                         f"{m['chat_ttft_p99_s']:.2f} | {m['wall_s']:.0f} |")
+            goodput_ratio = f"{m['goodput'] / rr['goodput']:.2f}x" if rr else "-"
+            p99_ratio = f"{m['ttft_p99_s'] / rr['ttft_p99_s']:.2f}x" if rr else "-"
+            lines.append(f"| {n} | {router} | {len(by_router[router])} | {m['goodput']:.2f} | {goodput_ratio} | "
+                         f"{m['attainment']:.1%} | {m['rejected']:.0f} | {m['ttft_p50_s']:.2f} | "
+                         f"{m['ttft_p99_s']:.2f} | {p99_ratio} | {m['chat_ttft_p99_s']:.2f} | {m['wall_s']:.0f} |")
     return "\n".join(lines)
 
 

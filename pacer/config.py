@@ -134,8 +134,8 @@ class ClusterConfig:
     threads_per_replica: int | None = field(default=None, metadata=_help(
         "CPU threads of each replica (default: --threads, else this machine's cores over the replicas)"))
     router: str = field(default="slo", metadata=_help(
-        "routing policy: slo (least predicted TTFT; fewest outstanding tokens where the scheduler predicts "
-        "nothing), least_tokens or round_robin"))
+        "routing policy: slo (of the replicas predicted to meet the request's TTFT SLO, the one with the fewest "
+        "outstanding tokens; else the least predicted TTFT), least_tokens or round_robin"))
     max_restarts: int = field(default=3, metadata=_help("times Ray restarts a replica that died"))
     prefill_replicas: int = field(default=0, metadata=_help(
         "disaggregated serving (DistServe): this many of the replicas only prefill, and hand each request's KV "

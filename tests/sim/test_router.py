@@ -45,8 +45,20 @@ def test_least_tokens_takes_the_lightest_replica_first_on_ties():
 
 def test_slo_router_prefers_the_shorter_predicted_ttft_over_fewer_tokens():
     router = router_class("slo")()
-    assert router.choose(REQUEST, [View(10, 2.0), View(500, 0.5)]) == 1
+    assert router.choose(REQUEST, [View(10, 2.0), View(500, 0.5)]) == 1  # no TTFT SLO: the soonest first token
+    due = Request("d", [0] * 8, slo=SLO(ttft_s=1.0))
+    assert router.choose(due, [View(10, 2.0), View(500, 0.5)]) == 1  # only that one keeps the promise
+    assert router.choose(due, [View(10, 3.0), View(500, 2.0)]) == 1  # none can: the least late
     assert router.choose(REQUEST, [View(10), View(5)]) == 1  # no predictions: fewest tokens decides
+
+
+def test_slo_router_keeps_the_promise_with_the_most_room_left():
+    """Among replicas that all meet the TTFT SLO, the one with the fewest outstanding tokens, not the soonest:
+    the soonest replica stays free for a request that needs it."""
+    router = router_class("slo")()
+    due = Request("d", [0] * 8, slo=SLO(ttft_s=1.0))
+    assert router.choose(due, [View(500, 0.1), View(10, 0.9), View(600, 1.5)]) == 1
+    assert router.choose(due, [View(10, 0.9), View(10, 0.4)]) == 1  # equal room: the sooner
 
 
 def test_replicas_report_outstanding_tokens_and_predicted_ttft():
