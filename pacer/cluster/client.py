@@ -51,6 +51,7 @@ class _Flight:
     replica: int
     started: bool = False  # has produced a token: it can no longer move to another replica
     handoff: bool = False  # sent to a prefill replica, to be handed to a decode replica after its first token
+    adopted: object = None  # the decode replica's `adopt` call (an ObjectRef), which an abort must not overtake
 
 
 class _Replica:
@@ -209,7 +210,10 @@ class ClusterEngine:
         for index, ids in by_replica.items():
             replica = self.replicas[index]
             if replica.state is ReplicaState.UP:
-                replica.actor.abort.remote(ids)
+                # Ray runs a call only once its ObjectRef arguments are ready: passing the hand-overs' adopt calls
+                # keeps the abort behind them (adopt itself waits for its KV, so it could otherwise come second)
+                adopted = [self._flights[rid].adopted for rid in ids if self._flights[rid].adopted is not None]
+                replica.actor.abort.remote(ids, *adopted)
 
     def abort_all(self) -> None:
         self.abort(list(self._flights))
@@ -261,7 +265,7 @@ class ClusterEngine:
         target.flights.add(request_id)
         target.num_routed += 1
         target.queue.submitted(request)  # counted in its load until its next update, as a submitted request is
-        target.actor.adopt.remote(request, _age(request), prefill.actor.take_kv.remote(request_id))
+        flight.adopted = target.actor.adopt.remote(request, _age(request), prefill.actor.take_kv.remote(request_id))
 
     # ---- each replica's stream ----------------------------------------------------------------------------
 

@@ -90,7 +90,9 @@ class Replica:
         request.arrival_s = time.monotonic() - age_s
         self._inbox.put(("adopt", (request, payload)))
 
-    async def abort(self, request_ids: list[str]) -> None:
+    async def abort(self, request_ids: list[str], *adopted: None) -> None:
+        """Abort requests; `adopted` are the results of the `adopt` calls that handed some of them over, which Ray
+        waits for first, so that an abort never arrives before the request it cancels."""
         self._loop = asyncio.get_running_loop()
         self._inbox.put(("abort", list(request_ids)))
 

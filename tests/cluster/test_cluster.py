@@ -268,7 +268,7 @@ def test_hand_overs_count_on_their_decode_replica_until_it_reports():
     from pacer.request import RequestOutput
 
     def actor(calls: list):
-        record = SimpleNamespace(remote=lambda *args: calls.append(args))
+        record = SimpleNamespace(remote=lambda *args: calls.append(args) or f"ref-{len(calls)}")
         return SimpleNamespace(adopt=record, take_kv=SimpleNamespace(remote=lambda rid: f"kv-{rid}"), abort=record)
 
     cluster = ClusterEngine(EngineConfig(), ClusterConfig(replicas=3, prefill_replicas=1))
@@ -282,3 +282,6 @@ def test_hand_overs_count_on_their_decode_replica_until_it_reports():
         cluster._hand_over(cluster.replicas[0], flight, RequestOutput(rid, [11], "x", finished=False))
     assert [len(c) for c in calls] == [0, 1, 1]
     assert cluster.replicas[1].num_outstanding_tokens == 49  # 50 to generate, one came from the prefill
+    # the client of "a" leaves: the abort goes to its decode replica, behind the adopt call it cancels
+    cluster.abort(["a"])
+    assert calls[1][-1] == (["a"], "ref-1")
