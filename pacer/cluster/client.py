@@ -202,18 +202,18 @@ class ClusterEngine:
         return RequestStream(self, [r.request_id for r in requests], outputs)
 
     def abort(self, request_ids: list[str]) -> None:
-        by_replica: dict[int, list[str]] = {}
+        by_replica: dict[int, list[_Flight]] = {}
         for request_id in request_ids:
             flight = self._flights.get(request_id)
             if flight is not None:
-                by_replica.setdefault(flight.replica, []).append(request_id)
-        for index, ids in by_replica.items():
+                by_replica.setdefault(flight.replica, []).append(flight)
+        for index, flights in by_replica.items():
             replica = self.replicas[index]
             if replica.state is ReplicaState.UP:
                 # Ray runs a call only once its ObjectRef arguments are ready: passing the hand-overs' adopt calls
                 # keeps the abort behind them (adopt itself waits for its KV, so it could otherwise come second)
-                adopted = [self._flights[rid].adopted for rid in ids if self._flights[rid].adopted is not None]
-                replica.actor.abort.remote(ids, *adopted)
+                replica.actor.abort.remote([f.request.request_id for f in flights],
+                                           *[f.adopted for f in flights if f.adopted is not None])
 
     def abort_all(self) -> None:
         self.abort(list(self._flights))

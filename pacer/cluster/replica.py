@@ -15,13 +15,12 @@ import logging
 import os
 import queue
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pacer.config import EngineConfig
-from pacer.engine.async_engine import EngineLoop, EngineUpdate, UpdateSink
+from pacer.engine.async_engine import EngineLoop, EngineUpdate, UpdateSink, drain, start_engine_thread
 from pacer.engine.builder import build_engine
 from pacer.heap import freeze_startup_heap
 from pacer.latency.model import LatencyModel
@@ -57,13 +56,8 @@ class Replica:
         # from an actor method, which sets it
         self._engine_loop: EngineLoop | None = None
         self._info: ReplicaInfo | None = None
-        built = threading.Event()
-        failure: list[BaseException] = []
-        thread = threading.Thread(target=self._main, args=(config, built, failure), name="pacer-engine", daemon=True)
-        thread.start()
-        built.wait()
-        if failure:
-            raise failure[0]
+        self._sink: _ReplicaSink | None = None
+        start_engine_thread(lambda: self._setup(config), self._run)  # raised here: Ray reports the actor failed
         freeze_startup_heap()
 
     async def ready(self) -> ReplicaInfo:
@@ -108,31 +102,24 @@ class Replica:
 
     # ---- the engine thread --------------------------------------------------------------------------------
 
-    def _main(self, config: EngineConfig, built: threading.Event, failure: list[BaseException]) -> None:
+    def _setup(self, config: EngineConfig) -> None:
+        engine = build_engine(config)[0]
+        self._sink = _ReplicaSink(engine.scheduler.latency)
+        self._engine_loop = EngineLoop(engine, self._sink)
+        _, queue_latest = self._engine_loop.state()
+        self._info = ReplicaInfo(engine.scheduler.limits, copy.deepcopy(engine.scheduler.latency), queue_latest,
+                                 os.getpid(), socket.gethostname())
+
+    def _run(self) -> None:
         try:
-            engine = build_engine(config)[0]
-            sink = _ReplicaSink(engine.scheduler.latency)
-            self._engine_loop = EngineLoop(engine, sink)
-            _, queue_latest = self._engine_loop.state()
-            self._info = ReplicaInfo(engine.scheduler.limits, copy.deepcopy(engine.scheduler.latency), queue_latest,
-                                     os.getpid(), socket.gethostname())
-        except BaseException as error:  # noqa: BLE001  (raised by __init__: Ray reports the actor failed to start)
-            failure.append(error)
-            return
-        finally:
-            built.set()
-        try:
-            self._engine_loop.serve(self._receive, lambda: self._publish(sink.take(self._engine_loop)))
+            self._engine_loop.serve(self._receive, lambda: self._publish(self._sink.take(self._engine_loop)))
         except Exception:  # a scheduler bug: a replica without its engine loop is dead, so Ray restarts it
             logger.exception("the engine loop died; exiting so that Ray restarts this replica")
             logging.shutdown()
             os._exit(1)
 
     def _receive(self, block: bool) -> list[tuple[str, object]]:
-        commands = [self._inbox.get()] if block else []
-        while not self._inbox.empty():
-            commands.append(self._inbox.get_nowait())
-        return commands
+        return drain(self._inbox, block)
 
     def _publish(self, update: EngineUpdate) -> None:
         try:

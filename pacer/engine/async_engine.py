@@ -149,28 +149,14 @@ class AsyncEngine:
         """Start the engine thread and wait until it has built the engine (re-raising its error)."""
         if self._thread is not None:
             return
-        built = threading.Event()
-        failure: list[BaseException] = []
 
-        def main() -> None:
-            try:
-                self.engine = self._build()
-                self._engine_loop = EngineLoop(self.engine, self)
-                self.queue.latency = self.engine.scheduler.latency
-                self._publish_load()  # admission control has a snapshot before the first request
-            except BaseException as error:  # noqa: BLE001  (handed to the caller of start)
-                failure.append(error)
-                return
-            finally:
-                built.set()
-            self._run()
+        def setup() -> None:
+            self.engine = self._build()
+            self._engine_loop = EngineLoop(self.engine, self)
+            self.queue.latency = self.engine.scheduler.latency
+            self._publish_load()  # admission control has a snapshot before the first request
 
-        self._thread = threading.Thread(target=main, name="pacer-engine", daemon=True)
-        self._thread.start()
-        built.wait()
-        if failure:
-            self._thread = None
-            raise failure[0]
+        self._thread = start_engine_thread(setup, self._run)
 
     async def stop(self) -> None:
         """Abort whatever is left and join the engine thread."""
@@ -276,14 +262,8 @@ class AsyncEngine:
     # ---- engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        def receive(block: bool) -> list[tuple[str, object]]:
-            commands = [self._inbox.get()] if block else []
-            while not self._inbox.empty():
-                commands.append(self._inbox.get_nowait())
-            return commands
-
         try:
-            self._engine_loop.serve(receive, self._publish_load)
+            self._engine_loop.serve(lambda block: drain(self._inbox, block), self._publish_load)
         except Exception:  # a scheduler bug: fail every caller loudly rather than leave them hanging
             logger.exception("the engine thread died")
             self._call_soon(self._fail_all, "the engine thread died; see the server log")
@@ -314,6 +294,38 @@ class AsyncEngine:
 
     def _publish_load(self) -> None:
         self.load, self.queue.latest = self._engine_loop.state()
+
+
+def start_engine_thread(setup: Callable[[], None], run: Callable[[], None]) -> threading.Thread:
+    """Start the engine thread: `setup` (build the engine there, see the module docstring), then `run`. Returns once
+    setup is done, re-raising its error here."""
+    built = threading.Event()
+    failure: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            setup()
+        except BaseException as error:  # noqa: BLE001  (handed to the caller)
+            failure.append(error)
+            return
+        finally:
+            built.set()
+        run()
+
+    thread = threading.Thread(target=main, name="pacer-engine", daemon=True)
+    thread.start()
+    built.wait()
+    if failure:
+        raise failure[0]
+    return thread
+
+
+def drain(inbox: queue.SimpleQueue, block: bool) -> list[tuple[str, object]]:
+    """The commands in `inbox` (an engine loop's `receive`), waiting for one first if `block`."""
+    commands = [inbox.get()] if block else []
+    while not inbox.empty():
+        commands.append(inbox.get_nowait())
+    return commands
 
 
 class EngineSink(Protocol):
