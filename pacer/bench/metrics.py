@@ -30,6 +30,9 @@ class RequestRecord:
     token_times_s: list[float] = field(default_factory=list)
     finished_s: float | None = None  # when the stream ended ([DONE] / response complete)
     output_tokens: int | None = None  # from the server's usage
+    # tokens timestamped - the final usage's completion_tokens, where both are known and differ (a flag, not a
+    # failure: a server that reports no per-chunk usage is counted by tokenizing its text, which may be off by one)
+    token_count_error: int | None = None
     status: str = "ok"  # "ok" | "rejected" (HTTP 429) | "failed"
     error_kind: str | None = None  # e.g. "http_4xx", "http_5xx", "network", "timeout", "malformed_sse", ...
     error: str | None = None
@@ -244,9 +247,11 @@ class Summary:
     accepted_attainment: float  # num_good / requests not rejected: did the server keep the promises it took?
     ttft_attainment: float
     tbt_attainment: float
-    goodput: float  # good requests/s over duration_s
+    goodput: float  # open loop: slo_attainment x offered_rate; closed loop: good requests / duration_s
     mean_fluidity_index: float | None  # None without a TBT SLO
     rejection_latency_s: dict[str, float]  # send -> the 429 answer, per rejected request
+    goodput_definition: str  # how goodput was computed for this run (open or closed loop)
+    num_token_count_mismatch: int  # completed requests whose timestamped tokens differ from their usage
     attainment_by_class: dict[str, float] = field(default_factory=dict)  # SLO attainment within each SLO class
 
     def to_json(self) -> dict[str, Any]:
@@ -254,9 +259,16 @@ class Summary:
         return _nan_to_none(asdict(self))
 
 
+GOODPUT_OPEN_LOOP = "requests meeting every SLO / all requests x offered rate (the offered arrival window)"
+GOODPUT_CLOSED_LOOP = "requests meeting every SLO / wall time of the run (closed loop)"
+
+
 def summarize(records: list[RequestRecord], slo: SLO, duration_s: float, offered_rate: float | None = None,
               predict_prefill_s: Callable[[int], float] | None = None) -> Summary:
-    """Fold a run's records into its Summary; predict_prefill_s(num_prompt_tokens) feeds the fluidity-index."""
+    """Fold a run's records into its Summary; predict_prefill_s(num_prompt_tokens) feeds the fluidity-index.
+
+    With an offered rate (open loop) goodput is attainment x offered rate (METRICS.md): a server that finishes
+    late is charged once, in attainment, not again in a longer run. Closed loop has no offered rate: wall time."""
     if duration_s < 0:
         raise ValueError(f"duration_s must be >= 0, got {duration_s!r}")
     for record in records:
@@ -300,10 +312,13 @@ def summarize(records: list[RequestRecord], slo: SLO, duration_s: float, offered
         accepted_attainment=_ratio(num_good, len(records) - num_rejected),
         ttft_attainment=_ratio(sum(ttft for ttft, _ in verdicts), len(records)),
         tbt_attainment=_ratio(sum(tbt for _, tbt in verdicts), len(records)),
-        goodput=_ratio(num_good, duration_s),
+        goodput=(_ratio(num_good, len(records)) * offered_rate if offered_rate is not None
+                 else _ratio(num_good, duration_s)),
         mean_fluidity_index=float(np.mean(fluidity)) if fluidity else None,
         rejection_latency_s=percentiles([r.finished_s - r.sent_s for r in records if r.status == "rejected"
                                          and r.finished_s is not None and r.sent_s is not None]),
+        goodput_definition=GOODPUT_OPEN_LOOP if offered_rate is not None else GOODPUT_CLOSED_LOOP,
+        num_token_count_mismatch=sum(bool(r.token_count_error) for r in ok),
         attainment_by_class=_attainment_by_class(records, ok, verdicts, slo),
     )
 

@@ -18,7 +18,7 @@ from pacer.bench.client import ClientConfig, LoadClient, run_loop
 from pacer.bench.metrics import SLO, RequestRecord, Summary, meets_slo, records_json, request_metrics, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
 from pacer.bench.servers import server_process
-from pacer.bench.workload import BenchRequest, WorkloadConfig, build_workload
+from pacer.bench.workload import BenchRequest, TokenizerLike, WorkloadConfig, build_workload
 from pacer.heap import freeze_startup_heap
 from pacer.model.weights import load_tokenizer, resolve_model_path
 
@@ -27,7 +27,7 @@ def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenize
               out: Path | None, plots_dir: Path | None = None) -> Summary:
     """Build the workload with the target model's tokenizer, run it, print and save the report."""
     tokenizer = load_tokenizer(resolve_model_path(tokenizer_model))
-    run = run_workload(build_workload(workload, tokenizer), workload, client, slo)
+    run = run_workload(build_workload(workload, tokenizer), workload, client, slo, tokenizer)
     summary = summarize(run.records, slo, run.duration_s, run.offered_rate)
     print(format_summary(summary))
     _save(out, {"workload": asdict(workload), "client": run.client_json, "slo": asdict(slo),
@@ -48,7 +48,7 @@ def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, token
 
     def trial(rate: float) -> Summary:
         config = replace(workload, rate=rate)
-        runs[rate] = run_workload(build_workload(config, tokenizer), config, client, slo)
+        runs[rate] = run_workload(build_workload(config, tokenizer), config, client, slo, tokenizer)
         return summarize(runs[rate].records, slo, runs[rate].duration_s, runs[rate].offered_rate)
 
     result = search_capacity(trial, condition, slo, low, high, tolerance, max_trials,
@@ -68,7 +68,8 @@ def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokeni
                 out: Path | None, configs: dict[str, list[str]], plots_dir: Path | None = None) -> dict[str, Summary]:
     """Start each server command in turn (`pacer_command` for pacer's own; any OpenAI-compatible server with
     `{port}` in its command), send it the identical workload, stop it; report side by side."""
-    requests = build_workload(workload, load_tokenizer(resolve_model_path(tokenizer_model)))
+    tokenizer = load_tokenizer(resolve_model_path(tokenizer_model))
+    requests = build_workload(workload, tokenizer)
     # each server's log and final /metrics beside the report, named after it, so runs sharing a folder keep theirs
     logs = out.with_suffix("") if out is not None else Path(tempfile.mkdtemp(prefix="pacer-compare-")) / "compare"
     runs: dict[str, WorkloadRun] = {}
@@ -76,7 +77,8 @@ def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokeni
     for name, command in configs.items():
         print(f"--- {name}: {shlex.join(command)}")
         with server_process(command, Path(f"{logs}-{name}.log")) as server:
-            runs[name] = run_workload(requests, workload, replace(client, base_url=server.url, model=None), slo)
+            runs[name] = run_workload(requests, workload, replace(client, base_url=server.url, model=None), slo,
+                                      tokenizer)
             _save_metrics(server.url, Path(f"{logs}-{name}.metrics.txt"))
         summaries[name] = summarize(runs[name].records, slo, runs[name].duration_s, runs[name].offered_rate)
     print(format_compare(summaries))
@@ -111,7 +113,8 @@ def format_compare(summaries: dict[str, Summary]) -> str:
              ("attainment of accepted", lambda s: f"{s.accepted_attainment:.1%}"),
              *((f"attainment: {c.name}", lambda s, c=c: f"{s.attainment_by_class[c.name]:.1%}")
                for c in next(iter(summaries.values())).slo.classes),
-             ("goodput (req/s)", lambda s: f"{s.goodput:.3g}")]
+             ("goodput (req/s)", lambda s: f"{s.goodput:.3g}"),
+             ("token counts off usage", lambda s: str(s.num_token_count_mismatch))]
     names = list(summaries)
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(cell(summaries[n]) for n in names) + " |" for label, cell in rows]
@@ -127,9 +130,10 @@ class WorkloadRun:
 
 
 def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client: ClientConfig,
-                 slo: SLO) -> WorkloadRun:
+                 slo: SLO, tokenizer: TokenizerLike | None = None) -> WorkloadRun:
     """Send `requests` (open loop, or closed loop for arrival=concurrency) with a live progress bar:
-    requests ended by outcome and the goodput so far (good requests / time elapsed)."""
+    requests ended by outcome and the goodput so far (good requests / time elapsed). The tokenizer counts the
+    tokens of a chunk that comes without usage."""
     closed_loop = workload.arrival == "concurrency"
     counts = {"ok": 0, "rejected": 0, "failed": 0}
     num_good = 0
@@ -143,7 +147,8 @@ def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client:
             bar.set_postfix(counts | {"goodput": f"{goodput:.2f}/s"}, refresh=False)
             bar.update(1)
 
-        load = LoadClient(client, on_record=progress, slo=slo)
+        count = (lambda text: len(tokenizer.encode(text))) if tokenizer is not None else None
+        load = LoadClient(client, on_record=progress, slo=slo, count_tokens=count)
         freeze_startup_heap()  # a full GC pass here would delay the tokens it timestamps
         start = time.perf_counter()
         records = run_loop(load.run(requests, workload.concurrency if closed_loop else None))

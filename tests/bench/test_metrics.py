@@ -104,7 +104,12 @@ def test_attainment_and_goodput_count_rejected_and_failed():
     assert s.slo_attainment == 0.5  # 5 of all 10 requests, not of the 7 completed
     assert s.ttft_attainment == 0.6  # the 5 good + the stalled one
     assert s.tbt_attainment == 0.6  # the 5 good + the late-first one
-    assert s.goodput == 2.5  # good requests per second of the run
+    assert s.goodput == 2.5  # attainment x offered rate: the arrival window's, not the run's length
+    assert "offered rate" in s.goodput_definition
+    late = summarize(records, slo, duration_s=8.0, offered_rate=5.0)  # the same requests, the last one later
+    assert late.goodput == s.goodput and late.request_throughput == s.request_throughput / 4
+    closed = summarize(records, slo, duration_s=2.0)  # closed loop: no offered rate, so wall time
+    assert closed.goodput == 2.5 and "wall time" in closed.goodput_definition
     assert s.request_throughput == 3.5
     assert s.output_token_throughput == 7 * 4 / 2.0
     assert s.total_token_throughput == (7 * 4 + 7 * 8) / 2.0
