@@ -9,6 +9,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,8 +97,6 @@ def serve(args: argparse.Namespace) -> int:
 
 def profile(args: argparse.Namespace) -> int:
     """Measure the latency model of this model on this machine and save it where `pacer serve` looks."""
-    from dataclasses import replace
-
     from tqdm import tqdm
 
     from pacer.engine.builder import build_engine
@@ -140,6 +139,25 @@ def bench(args: argparse.Namespace) -> int:
         return 0
     summary = run_bench(workload, client, slo, args.tokenizer, args.out, args.plots)
     return 0 if summary.num_completed else 1
+
+
+def bench_suite(args: argparse.Namespace) -> int:
+    from pacer.bench.suite import load_suite, run_suite
+    from pacer.model.weights import load_tokenizer, resolve_model_path
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    suite = load_suite(args.suite)
+    if args.repeats is not None:
+        suite = replace(suite, repeats=args.repeats)
+    servers = args.servers.split(",") if args.servers else None
+    workloads = args.workloads.split(",") if args.workloads else None
+    for name, known in ((servers, suite.servers), (workloads, suite.workloads)):
+        unknown = sorted(set(name or ()) - set(known))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} not in {args.suite} (it has {', '.join(known)})")
+    tokenizer = load_tokenizer(resolve_model_path(suite.tokenizer_model))
+    run_suite(suite, args.out, tokenizer, servers, workloads)
+    return 0
 
 
 def sim(args: argparse.Namespace) -> int:
@@ -270,9 +288,9 @@ def _sim_flags(parser: argparse.ArgumentParser) -> None:
 
 def _run_capacity_compare(parent: argparse.ArgumentParser, dest: str, add_flags: Callable[[argparse.ArgumentParser], None],
                           func: Callable[[argparse.Namespace], int], run_help: str,
-                          compare_help: str) -> argparse.ArgumentParser:
+                          compare_help: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """`run`, `capacity` and `compare` under `parent` (bench and sim share their shape); returns `compare`'s
-    parser for its own configuration flags."""
+    parser for its own configuration flags, and the subcommands for more."""
     commands = parent.add_subparsers(dest=dest, required=True)
     run = commands.add_parser("run", help=run_help, formatter_class=_HelpFormatter)
     cap = commands.add_parser("capacity", formatter_class=_HelpFormatter,
@@ -282,7 +300,7 @@ def _run_capacity_compare(parent: argparse.ArgumentParser, dest: str, add_flags:
         add_flags(parser)
         parser.set_defaults(func=func)
     _capacity_flags(cap)
-    return cmp
+    return cmp, commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_flags(srv, ClusterConfig, choices={"router": sorted(ROUTERS)})
     srv.set_defaults(func=serve)
     ben = commands.add_parser("bench", help="load-test an OpenAI-compatible server: TTFT, TBT, goodput, capacity")
-    cmp = _run_capacity_compare(ben, "bench_command", _bench_flags, bench, "run one workload and report",
+    cmp, bench_commands = _run_capacity_compare(ben, "bench_command", _bench_flags, bench, "run one workload and report",
                                 "start several server configurations in turn; same workload; side by side")
     servers = cmp.add_argument_group("configurations (the --base-url flag is ignored: compare starts its servers)")
     servers.add_argument("--schedulers", default=None, help="comma-separated policies, one server each: fcfs,orca,sarathi")
@@ -306,9 +324,17 @@ def main(argv: list[str] | None = None) -> int:
                          help="any OpenAI-compatible server, started the same way; {port} in COMMAND is replaced, "
                               "e.g. 'vllm=vllm serve MODEL --port {port}' (repeatable)")
     servers.add_argument("--server-args", default="", help="flags given to every pacer server, e.g. '--dtype float32'")
+    suite = bench_commands.add_parser("suite", formatter_class=_HelpFormatter,
+                                      help="run the pre-registered suite (a TOML file) against each server in turn")
+    suite.add_argument("suite", type=Path, help="the suite file, e.g. benchmarks/suite.toml")
+    suite.add_argument("--out", type=Path, required=True, help="folder for records/, report.json and tables.md")
+    suite.add_argument("--servers", default=None, help="comma-separated subset of the file's servers")
+    suite.add_argument("--workloads", default=None, help="comma-separated subset of the file's workloads")
+    suite.add_argument("--repeats", type=int, default=None, help="override the file's repeats (a trial run)")
+    suite.set_defaults(func=bench_suite)
     sim_parser = commands.add_parser("sim", help="simulate a workload in virtual time: the real scheduler, a latency "
                                                  "model for the model")
-    sim_cmp = _run_capacity_compare(sim_parser, "sim_command", _sim_flags, sim, "simulate one workload and report",
+    sim_cmp, _ = _run_capacity_compare(sim_parser, "sim_command", _sim_flags, sim, "simulate one workload and report",
                                     "several configurations on the same workload, side by side")
     configs = sim_cmp.add_argument_group("configurations")
     configs.add_argument("--schedulers", default=None, help="comma-separated policies, one configuration each")

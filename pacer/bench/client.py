@@ -148,9 +148,9 @@ class LoadClient:
     async def _refused(self, response: aiohttp.ClientResponse, record: RequestRecord) -> None:
         text = (await response.read()).decode(errors="replace")
         record.finished_s = self.now()
-        if response.status == 429:
+        if response.status in (429, 503):  # refused for load (vLLM's queue valve answers 503)
             record.status = "rejected"
-            record.error_kind, record.error = "http_429", text[:500]
+            record.error_kind, record.error = f"http_{response.status}", text[:500]
             retry_after = response.headers.get("retry-after")
             record.retry_after_s = float(retry_after) if retry_after and retry_after.isdigit() else None
             return

@@ -33,7 +33,7 @@ class RequestRecord:
     # tokens timestamped - the final usage's completion_tokens, where both are known and differ (a flag, not a
     # failure: a server that reports no per-chunk usage is counted by tokenizing its text, which may be off by one)
     token_count_error: int | None = None
-    status: str = "ok"  # "ok" | "rejected" (HTTP 429) | "failed"
+    status: str = "ok"  # "ok" | "rejected" (HTTP 429, or 503: refused for load) | "failed"
     error_kind: str | None = None  # e.g. "http_4xx", "http_5xx", "network", "timeout", "malformed_sse", ...
     error: str | None = None
     retry_after_s: float | None = None
@@ -226,7 +226,7 @@ class Summary:
     slo: SLO
     num_requests: int
     num_completed: int  # status "ok"
-    num_rejected: int  # HTTP 429
+    num_rejected: int  # HTTP 429 or 503
     num_failed: int
     num_failed_by_kind: dict[str, int]  # error_kind -> count ("unknown" when the client gave none)
     rejected_fraction: float  # of all requests

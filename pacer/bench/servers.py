@@ -36,9 +36,11 @@ def pacer_command(flags: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def server_process(command: list[str], log_path: Path, ready_timeout_s: float = 600.0) -> Iterator[ServerProcess]:
+def server_process(command: list[str], log_path: Path, ready_timeout_s: float = 600.0,
+                   env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     """Run any OpenAI-compatible server on a free local port (`{port}` in `command` is replaced by it) until
-    its /health answers 200; always stop it: SIGTERM to its process group, then SIGKILL after 60 s."""
+    its /health answers 200; always stop it: SIGTERM to its process group, then SIGKILL after 60 s. `env` is
+    added to this process's environment (a variable set here wins over it)."""
     port = free_port()
     command = [arg.replace("{port}", str(port)) for arg in command]
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,8 @@ def server_process(command: list[str], log_path: Path, ready_timeout_s: float = 
         log.write(shlex.join(command) + "\n")
         log.flush()
         # Its own session: servers that fork workers (vLLM) are stopped whole.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=(env or {}) | dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, ready_timeout_s, log_path)

@@ -59,6 +59,9 @@ class WorkloadConfig:
         "help": "trace timestamps are multiplied by this (0.5 replays twice as fast)"})
     length_scale: float = field(default=1.0, metadata={
         "help": "trace lengths (and Mooncake's 512-token blocks) are multiplied by this, rounded, at least 1"})
+    system_prompt_tokens: int = field(default=0, metadata={
+        "help": "every prompt opens with the same text of this many tokens (a shared system prompt, counted in the "
+                "prompt's length; seeded, so another seed gives another system prompt)"})
     max_model_len: int = field(default=2048, metadata={
         "help": "prompt + output are capped to this, prompt first (at least 1 prompt token is kept)"})
     seed: int = field(default=0, metadata={"help": "seed for arrivals, lengths and prompt text"})
@@ -98,6 +101,8 @@ class WorkloadConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.system_prompt_tokens < 0:
+            raise ValueError(f"system_prompt_tokens must be >= 0, got {self.system_prompt_tokens}")
         parse_slo_classes(self.slo_classes)
 
 
@@ -180,6 +185,9 @@ def build_workload(config: WorkloadConfig, tokenizer: TokenizerLike) -> list[Ben
     builder = _PromptBuilder(_words(tokenizer), config.seed, max(1, round(MOONCAKE_BLOCK_TOKENS * config.length_scale)))
     word_ids = [builder.word_ids(i, prompt, records[i].hash_ids if use_blocks else ())
                 for i, (prompt, _) in enumerate(lengths)]
+    if config.system_prompt_tokens:
+        system = np.random.default_rng([config.seed, 5]).integers(0, len(builder.words), config.system_prompt_tokens)
+        word_ids = [np.concatenate((system, ids))[:len(ids)] for ids in word_ids]
     prompts = _verified_prompts(builder, word_ids, tokenizer)
     return [BenchRequest(i, arrival, prompt, num_prompt_tokens, max_tokens, slo_class)
             for i, (arrival, prompt, (num_prompt_tokens, max_tokens), slo_class)
