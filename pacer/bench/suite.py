@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from pacer.bench.client import ClientConfig
-from pacer.bench.metrics import SLO, Summary, parse_slo_classes, records_json, summarize
+from pacer.bench.metrics import SLO, RequestRecord, Summary, parse_slo_classes, records_json, summarize
 from pacer.bench.run import run_workload
 from pacer.bench.servers import server_process
 from pacer.bench.trace import read_trace
@@ -165,7 +165,8 @@ class RunResult:
 def run_suite(suite: Suite, out_dir: Path, tokenizer: TokenizerLike, servers: list[str] | None = None,
               workloads: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
     """Run the suite: each server started once, then every repeat of every workload at every rate, in that order;
-    raw records go to out_dir/records/SERVER.json.gz, the report to out_dir/report.json and tables.md."""
+    raw records go to out_dir/records/SERVER.json.gz, the report to out_dir/report.json and tables.md. A server
+    whose records are already in out_dir is not run again: the report reads them (delete them to measure again)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = servers or list(suite.servers)
     chosen = {name: suite.workloads[name] for name in (workloads or suite.workloads)}
@@ -174,6 +175,11 @@ def run_suite(suite: Suite, out_dir: Path, tokenizer: TokenizerLike, servers: li
     started = time.time()
     for name in names:
         spec = suite.servers[name]
+        kept = out_dir / "records" / f"{name}.json.gz"
+        if kept.exists():
+            results += [r for r in load_results(kept, suite) if r.workload in chosen]
+            log(f"--- {name}: its records in {kept} are kept")
+            continue
         if spec.missing:
             skipped[name] = f"not installed: {spec.missing}"
             log(f"--- {name}: skipped ({skipped[name]})")
@@ -193,14 +199,30 @@ def run_suite(suite: Suite, out_dir: Path, tokenizer: TokenizerLike, servers: li
         except RuntimeError as error:  # it did not start, or died: the other servers still run
             skipped[name] = f"failed after {len(raw)} runs: {str(error).splitlines()[0]}"
             log(f"--- {name}: {skipped[name]}")
-        (out_dir / "records").mkdir(exist_ok=True)
-        with gzip.open(out_dir / "records" / f"{name}.json.gz", "wt") as f:
+            kept = kept.with_suffix("").with_suffix(".partial.json.gz")  # kept, but a resumed run measures it again
+        kept.parent.mkdir(exist_ok=True)
+        with gzip.open(kept, "wt") as f:
             json.dump(raw, f)
     report = make_report(suite, results, skipped, time.time() - started)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "tables.md").write_text(format_tables(report))
     log(format_tables(report))
     return report
+
+
+def load_results(path: Path, suite: Suite) -> list[RunResult]:
+    """A server's runs from its records, summarised again with the suite's definitions (a fresh run's, exactly)."""
+    with gzip.open(path, "rt") as f:
+        runs = json.load(f)
+    results = []
+    for run in runs:
+        workload = suite.workloads[run["workload"]]
+        records = [RequestRecord(**record) for record in run["requests"]]
+        timing = next(iter(run["summaries"].values()))
+        summaries = {kind: summarize(records, suite.slo.judged(kind, workload.config.slo_classes), timing["duration_s"],
+                                     timing["offered_rate"]) for kind in workload.kinds}
+        results.append(RunResult(run["server"], run["workload"], run["rate"], run["repeat"], run["seed"], summaries))
+    return results
 
 
 def _run_one(suite: Suite, workload: WorkloadSpec, rate: float, rate_index: int, repeat: int, url: str,

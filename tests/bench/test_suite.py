@@ -117,3 +117,7 @@ command = ["{tmp_path}/no-such-venv/bin/python"]
     assert [len(r["requests"]) for r in raw] == [3, 6, 3, 6]
     assert all(req["output_tokens"] == 6 and len(req["token_times_s"]) == 6 for r in raw for req in r["requests"])
     assert "### short/tpot" in (out / "tables.md").read_text() and sys.executable not in capsys.readouterr().err
+    # run again into the same folder: the kept records are read, not measured again, and give the same report
+    assert main(["bench", "suite", str(suite), "--out", str(out)]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["workloads"] == report["workloads"] and "its records in" in capsys.readouterr().out
