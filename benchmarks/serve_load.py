@@ -263,7 +263,7 @@ def pacer_spec(args: argparse.Namespace, port: int) -> ServerSpec:
     launcher = [str(pacer)] if pacer.exists() else [sys.executable, "-m", "pacer.cli"]
     command = [*launcher, "serve", "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
                "--threads", str(args.threads), "--kv-cache-memory", args.kv_cache_memory,
-               "--max-num-seqs", str(args.max_num_seqs), *shlex.split(args.pacer_args)]
+               "--max-num-seqs", str(args.max_num_seqs), "--no-prefix-caching", *shlex.split(args.pacer_args)]
     return ServerSpec("pacer", args.dtype, command, startup_timeout_s=args.startup_timeout)
 
 
@@ -385,7 +385,7 @@ def offline_worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     start = time.perf_counter()
     llm = LLM(dtype=spec["dtype"], threads=spec["threads"], kv_cache_memory=spec["kv_cache_memory"],
-              max_num_seqs=spec["max_num_seqs"])
+              max_num_seqs=spec["max_num_seqs"], prefix_caching=False)  # as vLLM here: no cache across repeats
     load_s = time.perf_counter() - start
     params = SamplingParams(max_tokens=spec["output_tokens"], ignore_eos=True, temperature=0)
     llm.generate(spec["warmup_prompts"], params, use_tqdm=False)

@@ -52,6 +52,9 @@ class CacheConfig:
     kv_cache_memory: str = field(default="1GiB", metadata=_help("memory for the KV cache, e.g. 2GiB"))
     num_blocks: int | None = field(default=None, metadata=_help(
         "number of KV blocks (overrides --kv-cache-memory)"))
+    prefix_caching: bool = field(default=True, metadata=_help(
+        "keep the KV of full blocks after their request ends and reuse it for any request that starts with the "
+        "same tokens (a shared system prompt, the earlier turns of a chat), so it prefills only the rest"))
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -102,6 +102,12 @@ class Request:
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # Prefix caching (kv/manager.py): the chain key of each full block of token_ids (valid for good: tokens are only
+    # appended), how many of block_ids are published, and its tokens found cached: predicted when it is queued
+    # (admission plans with it), what was found when it first started.
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0
+    num_cached_tokens: int = 0
     first_scheduled_s: float | None = None  # start of the first prefill chunk (scheduling delay)
     first_token_s: float | None = None
     last_token_s: float | None = None
@@ -168,3 +174,4 @@ class RequestOutput:
     new_logprobs: list = field(default_factory=list)  # TokenLogprobs per new token, if asked for
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it started

@@ -39,9 +39,9 @@ def tiny_runner(num_blocks: int = 64, block_size: int = 4, dtype: torch.dtype = 
 
 
 def tiny_engine(policy: str = "sarathi", num_blocks: int = 64, block_size: int = 4, budget: int | None = 16,
-                max_num_seqs: int = 8, model: LlamaModel | None = None) -> Engine:
+                max_num_seqs: int = 8, model: LlamaModel | None = None, prefix_caching: bool = False) -> Engine:
     runner = tiny_runner(num_blocks, block_size, model=model)
     config = SchedulerConfig(scheduler=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
-    scheduler = scheduler_class(policy)(config, KVCacheManager(num_blocks, block_size),
+    scheduler = scheduler_class(policy)(config, KVCacheManager(num_blocks, block_size, prefix_caching),
                                         TINY.max_position_embeddings, eos_token_id=TINY.eos_token_id)
     return Engine(scheduler, runner, Detokenizer(None))

@@ -234,7 +234,10 @@ class AsyncEngine:
             if num_queued + len(requests) > self.max_queued_requests:
                 raise QueueFullError(num_queued, self.retry_after_s(num_queued))
         now = time.monotonic()
+        kv = self.engine.scheduler.kv if self.engine is not None else None  # an engine in this process
         for i, request in enumerate(requests):  # SLOUnattainable: the server answers 429
+            if kv is not None:  # its cached prefix is that much less to prefill (a racy read: a prediction)
+                request.num_cached_tokens = kv.num_cached_tokens(request)
             self.queue.admit(request, now, extra=requests[:i])
 
     def _command(self, command: tuple[str, object]) -> None:

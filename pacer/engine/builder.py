@@ -40,7 +40,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
     if max_model_len > limit:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens")
     runner.capture_decode_graphs(config.scheduler.max_num_seqs, max_model_len)
-    kv = KVCacheManager(runner.num_blocks, config.cache.block_size)
+    kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.prefix_caching)
     logger.info("loaded %s in %.1f s (%s, %s)", path.name, time.perf_counter() - start, runner.dtype,
                 config.model.device)
     warm_up(runner, kv, checkpoint.config.vocab_size)

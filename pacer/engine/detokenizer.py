@@ -143,4 +143,4 @@ def _output(request: Request, num_sent_tokens: int, new_text: str, finished: boo
     num_prompt = len(request.prompt_token_ids)
     return RequestOutput(request.request_id, request.token_ids[num_prompt + num_sent_tokens:], new_text, finished,
                          request.finish_reason if finished else None, logprobs, num_prompt,
-                         len(request.token_ids) - num_prompt)
+                         len(request.token_ids) - num_prompt, request.num_cached_tokens)

@@ -1,22 +1,27 @@
-"""Per-request block tables on top of the block pool: paired can_allocate / allocate / free."""
+"""Per-request block tables on top of the block pool: paired can_allocate / allocate / free, and prefix caching."""
 
 from __future__ import annotations
 
-from pacer.kv.block_pool import BlockPool
+from pacer.kv.block_pool import BlockPool, chain_key
 from pacer.request import Request
 
 
 class KVCacheManager:
     """Grows `request.block_ids` so the request's first `num_computed_tokens + n` tokens have a slot.
 
-    Callers check `can_allocate` before `allocate`, so a failed allocation never half-happens.
+    Callers check `can_allocate` before `allocate`, so a failed allocation never half-happens. With prefix caching,
+    a request's full blocks are published (`cache_computed`) once their KV is computed, and a request that starts
+    takes the longest chain of them that its tokens match (`take_cached_prefix`), so it prefills only the rest
+    (vLLM's automatic prefix caching). A block is shared read-only: only full blocks are published, and a request
+    writes only past its last full hit.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.prefix_caching = prefix_caching
 
     @property
     def num_blocks(self) -> int:
@@ -32,7 +37,7 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        """Fraction of blocks in use (vLLM's kv_cache_usage_perc)."""
+        """Fraction of blocks in use (vLLM's kv_cache_usage_perc); cached blocks nobody uses count as free."""
         return self.pool.num_used / self.pool.num_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
@@ -54,5 +59,56 @@ class KVCacheManager:
         return new
 
     def free(self, request: Request) -> None:
+        """Give back the request's blocks; its published ones stay findable until the pool reuses them."""
         self.pool.release(request.block_ids)
         request.block_ids = []
+        request.num_cached_blocks = 0
+
+    # ---- prefix caching ------------------------------------------------------------------------------------------
+
+    def cached_prefix(self, request: Request) -> list[int]:
+        """The cached blocks that hold the request's leading tokens, longest chain first to last; at least one
+        token is left out, since the model must run the last one to sample. Reads only."""
+        if not self.prefix_caching:
+            return []
+        size, tokens, keys = self.block_size, request.token_ids, request.block_hashes
+        blocks: list[int] = []
+        parent = None
+        for i in range((len(tokens) - 1) // size):
+            chunk = tuple(tokens[i * size:(i + 1) * size])
+            if i == len(keys):
+                keys.append(chain_key(parent, chunk))
+            block = self.pool.lookup(keys[i], parent, chunk)
+            if block is None:
+                break
+            blocks.append(block)
+            parent = keys[i]
+        return blocks
+
+    def num_cached_tokens(self, request: Request) -> int:
+        """How many of the request's tokens a start now would find cached: what admission plans with."""
+        return len(self.cached_prefix(request)) * self.block_size
+
+    def take_cached_prefix(self, request: Request) -> int:
+        """Start a request that holds no blocks with its cached prefix: its block table begins with those blocks
+        (referenced) and its computed tokens with theirs. Returns the tokens found; `free` undoes it."""
+        assert not request.block_ids, f"request {request.request_id} already holds KV blocks"
+        blocks = self.cached_prefix(request)
+        self.pool.touch(blocks)
+        request.block_ids = blocks
+        request.num_cached_blocks = len(blocks)
+        request.num_computed_tokens = len(blocks) * self.block_size
+        return request.num_computed_tokens
+
+    def cache_computed(self, request: Request) -> None:
+        """Publish the request's blocks that its computed tokens fill (called after each iteration)."""
+        if not self.prefix_caching:
+            return
+        size, keys, full = self.block_size, request.block_hashes, request.num_computed_tokens // self.block_size
+        for i in range(request.num_cached_blocks, full):
+            chunk = tuple(request.token_ids[i * size:(i + 1) * size])
+            parent = keys[i - 1] if i else None
+            if i == len(keys):
+                keys.append(chain_key(parent, chunk))
+            self.pool.cache(request.block_ids[i], keys[i], parent, chunk)
+        request.num_cached_blocks = max(request.num_cached_blocks, full)

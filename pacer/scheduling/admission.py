@@ -164,8 +164,9 @@ class QueueTimes:
     def of(cls, snapshot: QueueSnapshot, latency: LatencyModel, pending: Iterable[Request] = ()) -> QueueTimes:
         """`pending`: requests submitted since the snapshot, which it does not count yet."""
         pending = list(pending)
-        queue = sorted((*snapshot.queue, *((r.slo.priority, r.ttft_deadline_s, r.num_prompt_tokens, 0,
-                                            tokens_to_go(r, snapshot.max_request_tokens)) for r in pending)),
+        queue = sorted((*snapshot.queue, *((r.slo.priority, r.ttft_deadline_s, r.num_prompt_tokens - r.num_cached_tokens,
+                                            r.num_cached_tokens, tokens_to_go(r, snapshot.max_request_tokens))
+                                           for r in pending)),
                        key=lambda entry: entry[:2])  # stable: ties stay in arrival order, as the scheduler has them
         keys = [(priority, deadline) for priority, deadline, *_ in queue]
         tbt = min((snapshot.tbt_limit_s, *(r.slo.tbt_s for r in pending if r.slo.tbt_s is not None)))
@@ -229,7 +230,7 @@ class QueueTimes:
 
     def ttft_s(self, request: Request) -> float:
         index = bisect.bisect_right(self.keys, (request.slo.priority, request.ttft_deadline_s))
-        at, tokens = self.boundaries[index], request.num_prompt_tokens
+        at, tokens = self.boundaries[index], request.num_prompt_tokens - request.num_cached_tokens  # to prefill
         if not math.isfinite(at.start_s):
             return math.inf
         chunks = self._chunks.get(index) or self._chunks.setdefault(index, _Chunks.of(at, self.latency))
@@ -238,7 +239,7 @@ class QueueTimes:
                 return math.inf
         k = bisect.bisect_left(chunks.ends, tokens)  # the iteration that gives its first token
         start = chunks.ends[k - 1] if k else 0
-        shape = chunks.shapes[k].with_chunk(tokens - start, start)
+        shape = chunks.shapes[k].with_chunk(tokens - start, start + request.num_cached_tokens)
         shape = self._filled(shape, index, self.budget - shape.num_tokens, at.limit_s)  # the prompts behind it
         return (chunks.seconds[k] + self.latency.predict(shape)) * self.scale
 

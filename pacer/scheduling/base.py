@@ -175,6 +175,7 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.check(request)
         request.status = RequestStatus.WAITING
+        request.num_cached_tokens = self.kv.num_cached_tokens(request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -188,6 +189,7 @@ class Scheduler:
         if not self.has_room_for(request):
             raise ValueError(f"request {request.request_id}: no room to adopt it now "
                              f"({len(self.running)} running, {self.kv.num_free_blocks} free KV blocks)")
+        request.num_cached_blocks = 0  # blocks of this engine: none published yet
         self.kv.allocate(request, 0)
         request.status = RequestStatus.RUNNING
         self.requests[request.request_id] = request
@@ -282,14 +284,18 @@ class Scheduler:
         """Start a waiting request with its first chunk, if it may go now."""
         if plan.preempted_ids or len(self.running) >= self.max_num_seqs:
             return False
+        num_hit_tokens = self.kv.take_cached_prefix(request)  # a hit is n fewer tokens to prefill
         n = self.chunk_tokens(request, plan, now)
         if n == 0 or not self.kv.can_allocate(request, n):
+            self.kv.free(request)
+            request.num_computed_tokens = 0
             return False
         self.kv.allocate(request, n)
         self.running.append(request)
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_s is None:
             request.first_scheduled_s = now
+            request.num_cached_tokens = num_hit_tokens
         plan.add(request, n)
         return True
 
@@ -336,6 +342,7 @@ class Scheduler:
             if request.status is not running:
                 continue
             request.num_computed_tokens += scheduled[request.request_id]
+            self.kv.cache_computed(request)
             token = sampled.get(request.request_id)
             if token is None:
                 continue  # a prefill chunk that did not reach the end of the prompt

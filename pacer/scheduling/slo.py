@@ -113,7 +113,11 @@ class SloScheduler(Scheduler):
         queue, decodes, tbt = [], [], math.inf
         for request in chain(self.running, self.waiting):
             to_go = tokens_to_go(request, self.max_request_tokens)
-            if request.status is RequestStatus.WAITING or request.is_prefilling:
+            if request.status is RequestStatus.WAITING:  # it will start with its cached prefix
+                cached = request.num_cached_tokens
+                queue.append((request.slo.priority, request.ttft_deadline_s, request.num_uncomputed_tokens - cached,
+                              cached, to_go))
+            elif request.is_prefilling:
                 queue.append((request.slo.priority, request.ttft_deadline_s, request.num_uncomputed_tokens,
                               request.num_computed_tokens, to_go))
             else:

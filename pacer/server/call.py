@@ -11,7 +11,7 @@ from pacer.engine.async_engine import RequestStream
 from pacer.request import SLO, Request, RequestOutput
 from pacer.scheduling import TokenLogprobs
 from pacer.server.metrics import Metrics
-from pacer.server.protocol import SamplingRequest, SLOReport, Usage, invalid
+from pacer.server.protocol import PromptTokensDetails, SamplingRequest, SLOReport, Usage, invalid
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Choice:
     num_prompt_tokens: int
     text: list[str] = field(default_factory=list)
     num_tokens: int = 0
+    num_cached_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)
     last_token_s: float | None = None
@@ -54,6 +55,7 @@ class Call:
                 choice.max_tbt_s = max(choice.max_tbt_s, now - choice.last_token_s)
             choice.last_token_s = now
         choice.num_tokens = output.num_output_tokens
+        choice.num_cached_tokens = output.num_cached_tokens
         if keep:
             choice.text.append(output.new_text)
             choice.logprobs += zip(output.new_token_ids, output.new_logprobs)
@@ -77,8 +79,10 @@ class Call:
 
     def usage(self) -> Usage:
         completion = sum(c.num_tokens for c in self.choices.values())
+        cached = max(c.num_cached_tokens for c in self.choices.values())  # one prompt, whichever choice found it
         return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=completion,
-                     total_tokens=self.num_prompt_tokens + completion)
+                     total_tokens=self.num_prompt_tokens + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 

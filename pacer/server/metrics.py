@@ -56,6 +56,10 @@ class Metrics:
         gauge("pacer:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", lambda s: s.kv_cache_usage)
         self.prompt_tokens = counter("pacer:prompt_tokens", "Prefilled prompt tokens.").labels(model_name)
         self.generation_tokens = counter("pacer:generation_tokens", "Generated tokens.").labels(model_name)
+        self.prefix_queries = counter("pacer:prefix_cache_queries", "Prompt tokens of requests that started, looked "
+                                      "up in the prefix cache.").labels(model_name)
+        self.prefix_hits = counter("pacer:prefix_cache_hits", "Of those, the tokens found cached (their prefill "
+                                   "skipped).").labels(model_name)
         self.preemptions = counter("pacer:num_preemptions",
                                    "Requests preempted (KV freed, recomputed later).").labels(model_name)
         self._success = counter("pacer:request_success", "Finished requests by finish reason.", "finished_reason")
@@ -108,6 +112,8 @@ class Metrics:
             num_new = len(output.new_token_ids)
             if num_new and output.num_output_tokens == num_new:  # its first tokens: the prompt is done
                 self.prompt_tokens.inc(output.num_prompt_tokens)
+                self.prefix_queries.inc(output.num_prompt_tokens)
+                self.prefix_hits.inc(output.num_cached_tokens)
             self.generation_tokens.inc(num_new)
 
     def request_finished(self, request: Request) -> None:

@@ -143,3 +143,50 @@ def test_a_request_prefilled_on_one_engine_decodes_on_another_with_the_same_ids(
     assert outputs[-1].num_output_tokens == 12
     decode.scheduler.kv.free(held)
     assert decode.scheduler.kv.num_free_blocks == 64
+
+
+def _turns(engine, turns: list[tuple[int, list[int]]]) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Run requests given as (step to add it at, prompt); returns their outputs and cached prompt tokens."""
+    requests = {str(i): Request(str(i), prompt, GREEDY) for i, (_, prompt) in enumerate(turns)}
+    out: dict[str, list[int]] = {rid: [] for rid in requests}
+    steps = 0
+    while steps <= max(at for at, _ in turns) or engine.has_unfinished:
+        for i, (at, _) in enumerate(turns):
+            if at == steps:
+                engine.add_request(requests[str(i)])
+        for o in engine.step():
+            out[o.request_id] += o.new_token_ids
+        steps += 1
+        assert steps < 10_000
+    assert engine.scheduler.kv.num_free_blocks == engine.scheduler.kv.num_blocks
+    return out, {rid: r.num_cached_tokens for rid, r in requests.items()}
+
+
+@pytest.mark.parametrize("budget", [16, 512])
+def test_greedy_with_prefix_caching_equals_without(model, budget):
+    """A prefix fully cached, partly cached, cached by a request still running, and evicted between two turns."""
+    rng = random.Random(3)
+    system, other = [rng.randrange(3, TINY.vocab_size) for _ in range(21)], prompts(12, seed=5)
+    turns = [(0, system + [5, 6]),
+             (40, system + [5, 6]),  # fully cached: all but its last block found
+             (80, system + [9, 9, 9, 9, 9]),  # partly: the system prompt's 5 full blocks found
+             (120, system + [7] * 30), (122, system + [7] * 30 + [8]),  # cached by a request still running
+             *((160 + 3 * i, p) for i, p in enumerate(other)),  # unrelated prompts fill the small pool
+             (400, system + [5, 6])]  # evicted meanwhile: nothing found, same answer
+    off, _ = _turns(tiny_engine("sarathi", num_blocks=40, budget=budget, model=model), turns)
+    on, cached = _turns(tiny_engine("sarathi", num_blocks=40, budget=budget, model=model, prefix_caching=True), turns)
+    assert on == off
+    assert cached["0"] == 0 and cached["1"] == 20 and cached["2"] == 20 and cached["4"] >= 32
+    assert cached[str(len(turns) - 1)] == 0, "the small pool should have evicted the first turns' blocks"
+
+
+def test_a_second_turn_reuses_the_first_turns_prompt_and_answer(model):
+    prompt = prompts(1, seed=11)[0] + [4] * 20
+    first, _ = _turns(tiny_engine("sarathi", budget=64, model=model, prefix_caching=True), [(0, prompt)])
+    second_prompt = prompt + first["0"] + [3, 4, 5]
+    engine = tiny_engine("sarathi", budget=64, model=model, prefix_caching=True)
+    on, cached = _turns(engine, [(0, prompt), (30, second_prompt)])
+    off, _ = _turns(tiny_engine("sarathi", budget=64, model=model), [(0, prompt), (30, second_prompt)])
+    assert on == off and on["0"] == first["0"]
+    # the first turn's answer was computed as it was generated, so all but its last token's block is found
+    assert cached["1"] >= (len(prompt) + len(first["0"]) - 1) // 4 * 4 - 4

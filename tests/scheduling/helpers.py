@@ -13,11 +13,11 @@ EOS = 2
 
 def make_scheduler(policy: str = "sarathi", num_blocks: int = 64, block_size: int = 4, budget: int | None = 16,
                    max_num_seqs: int = 8, max_model_len: int = 256, latency: LatencyModel | None = None,
-                   drop_expired: bool = False) -> Scheduler:
+                   drop_expired: bool = False, prefix_caching: bool = False) -> Scheduler:
     config = SchedulerConfig(scheduler=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                              drop_expired=drop_expired)
-    return scheduler_class(policy)(config, KVCacheManager(num_blocks, block_size), max_model_len, eos_token_id=EOS,
-                                   latency=latency)
+    return scheduler_class(policy)(config, KVCacheManager(num_blocks, block_size, prefix_caching), max_model_len,
+                                   eos_token_id=EOS, latency=latency)
 
 
 def curved() -> LinearLatencyModel:
@@ -38,8 +38,9 @@ def fake_output(plan: SchedulerOutput, token: int = 7) -> ModelOutput:
 
 def check_invariants(scheduler: Scheduler) -> None:
     kv = scheduler.kv
-    in_use = sum(len(r.block_ids) for r in scheduler.running)
-    assert kv.pool.num_free + in_use == kv.num_blocks, "leaked or double-counted KV blocks"
+    holders = [b for r in scheduler.running for b in r.block_ids]  # a cached prefix block has several
+    assert kv.pool.num_free + len(set(holders)) == kv.num_blocks, "leaked or double-counted KV blocks"
+    assert all(kv.pool.ref_counts[b] == holders.count(b) for b in set(holders)), "a ref count is off"
     assert all(not r.block_ids for r in scheduler.waiting), "a waiting request holds blocks"
     assert len(scheduler.running) <= scheduler.max_num_seqs
     for r in scheduler.running:

@@ -17,11 +17,14 @@ workload = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(policy=st.sampled_from(["fcfs", "orca", "sarathi", "slo"]), requests=workload,
        num_blocks=st.integers(14, 40), block_size=st.sampled_from([1, 3, 4, 16]),
-       budget=st.integers(52, 80), max_num_seqs=st.integers(1, 6))
-def test_every_request_ends_and_no_block_leaks(policy, requests, num_blocks, block_size, budget, max_num_seqs):
+       budget=st.integers(52, 80), max_num_seqs=st.integers(1, 6), prefix_caching=st.booleans())
+def test_every_request_ends_and_no_block_leaks(policy, requests, num_blocks, block_size, budget, max_num_seqs,
+                                               prefix_caching):
+    """With prefix caching the prompts share their heads (make_request counts up from 10), so requests start on
+    each other's blocks, while running, finished or preempted."""
     latency = LinearLatencyModel([0.01, 0.001, 0.0, 0.0, 0.0, 0.0], ()) if policy == "slo" else None
     s = make_scheduler(policy, num_blocks=max(num_blocks, -(-56 // block_size)), block_size=block_size,
-                       budget=budget, max_num_seqs=max_num_seqs, latency=latency)
+                       budget=budget, max_num_seqs=max_num_seqs, latency=latency, prefix_caching=prefix_caching)
     pending = sorted(((arrival, i, p, m, abort) for i, (p, m, arrival, abort) in enumerate(requests)))
     ids = [f"r{i}" for _, i, *_ in pending]
     ended: set[str] = set()

@@ -147,3 +147,40 @@ def test_scheduling_delay_is_stamped_at_first_chunk():
     step(s, now=1.5)
     step(s, now=2.0)
     assert s.requests["a"].first_scheduled_s == 1.5
+
+
+def test_a_cached_prefix_is_that_many_fewer_tokens_to_prefill():
+    s = make_scheduler("sarathi", block_size=4, budget=64, prefix_caching=True)
+    s.add(make_request("a", 18, max_tokens=1))  # tokens 10..27: four full blocks
+    plan, finished = step(s)
+    assert plan.num_scheduled_tokens == {"a": 18} and [r.request_id for r in finished] == ["a"]
+    s.add(make_request("b", 22, max_tokens=2))  # the same 18 tokens and 4 more
+    plan, _ = step(s, now=1.0)
+    b = s.requests["b"]
+    assert plan.num_scheduled_tokens == {"b": 6}  # 16 found (4 blocks), 6 computed
+    assert b.num_cached_tokens == 16
+    assert plan.shape.prefill_context == 16  # the latency model sees a chunk after 16 cached tokens
+
+
+def test_a_prompt_cached_by_a_request_still_running_is_shared():
+    s = make_scheduler("sarathi", block_size=4, budget=64, prefix_caching=True)
+    s.add(make_request("a", 12, max_tokens=8))
+    step(s)
+    s.add(make_request("b", 13, max_tokens=2))
+    plan, _ = step(s)
+    a, b = s.requests["a"], s.requests["b"]
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 1}  # 12 of b's tokens found: its last is run like a decode
+    assert b.block_ids[:3] == a.block_ids[:3] and all(s.kv.pool.ref_counts[x] == 2 for x in a.block_ids[:3])
+
+
+def test_preemption_and_abort_leave_their_full_blocks_cached_and_leak_none():
+    s = make_scheduler("sarathi", num_blocks=10, block_size=4, budget=64, prefix_caching=True)
+    s.add(make_request("a", 16, max_tokens=16))
+    s.add(make_request("b", 12, max_tokens=16))
+    for _ in range(14):
+        step(s)  # KV runs out: b, the newest, is preempted
+    assert s.requests["b"].num_preemptions >= 1 and s.kv.pool.num_cached >= 4
+    s.finish("a")
+    while s.has_unfinished:
+        step(s)
+    assert s.kv.num_free_blocks == s.kv.num_blocks and s.kv.usage == 0

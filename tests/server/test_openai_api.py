@@ -160,3 +160,17 @@ def test_health_version_and_metrics_need_no_key(tiny_server):
     assert httpx.get(tiny_server.url + "/health").status_code == 200
     assert httpx.get(tiny_server.url + "/version").json()["version"]
     assert httpx.get(tiny_server.url + "/metrics").status_code == 200
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache_and_counted(client, model, tiny_server):
+    prompt = list(range(100, 180))  # 80 token ids: five full blocks of 16
+    first = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    second = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 64  # all but the block holding the last token
+    assert second.choices[0].text == first.choices[0].text
+    metrics = httpx.get(tiny_server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    hits = [line for line in metrics.splitlines() if line.startswith("pacer:prefix_cache_hits_total")]
+    assert hits and float(hits[0].rsplit(" ", 1)[1]) >= 64
