@@ -30,8 +30,11 @@ def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenize
     run = run_workload(build_workload(workload, tokenizer), workload, client, slo, tokenizer)
     summary = summarize(run.records, slo, run.duration_s, run.offered_rate)
     print(format_summary(summary))
+    if run.prefix_cache_hit_rate is not None:
+        print(f"prefix cache hit rate (the server's /metrics): {run.prefix_cache_hit_rate:.1%}")
     _save(out, {"workload": asdict(workload), "client": run.client_json, "slo": asdict(slo),
-                "summary": summary.to_json(), "requests": records_json(run.records)})
+                "summary": summary.to_json(), "prefix_cache_hit_rate": run.prefix_cache_hit_rate,
+                "requests": records_json(run.records)})
     if plots_dir is not None:
         _said(plot_run(run.records, slo, plots_dir, title=_title(workload)))
     return summary
@@ -127,6 +130,7 @@ class WorkloadRun:
     duration_s: float
     offered_rate: float | None
     client_json: dict
+    prefix_cache_hit_rate: float | None = None  # from the server's /metrics over the run, where it counts them
 
 
 def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client: ClientConfig,
@@ -149,12 +153,35 @@ def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client:
 
         count = (lambda text: len(tokenizer.encode(text))) if tokenizer is not None else None
         load = LoadClient(client, on_record=progress, slo=slo, count_tokens=count)
+        before = prefix_cache_counters(client)
         freeze_startup_heap()  # a full GC pass here would delay the tokens it timestamps
         start = time.perf_counter()
         records = run_loop(load.run(requests, workload.concurrency if closed_loop else None))
         duration_s = time.perf_counter() - start
+        after = prefix_cache_counters(client)
     client_json = asdict(client) | {"api_key": None, "model": load.model, "ignore_eos_honoured": load.ignore_eos}
-    return WorkloadRun(records, duration_s, None if closed_loop else _offered_rate(requests), client_json)
+    hit_rate = None
+    if before is not None and after is not None and after[0] > before[0]:
+        hit_rate = (after[1] - before[1]) / (after[0] - before[0])
+    return WorkloadRun(records, duration_s, None if closed_loop else _offered_rate(requests), client_json, hit_rate)
+
+
+def prefix_cache_counters(client: ClientConfig) -> tuple[float, float] | None:
+    """(tokens queried, tokens hit) from the server's /metrics under vLLM's names (pacer's and vLLM's servers
+    both export them, with their own prefixes); None if it has none."""
+    headers = {"Authorization": f"Bearer {client.api_key}"} if client.api_key else {}
+    try:
+        text = httpx.get(client.base_url + "/metrics", headers=headers, timeout=10, trust_env=False).text
+    except httpx.HTTPError:
+        return None
+    sums = {"prefix_cache_queries_total": 0.0, "prefix_cache_hits_total": 0.0}
+    found = False
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0].rpartition(":")[2]
+        if name in sums and not line.startswith("#"):
+            sums[name] += float(line.rsplit(" ", 1)[1])
+            found = True
+    return (sums["prefix_cache_queries_total"], sums["prefix_cache_hits_total"]) if found else None
 
 
 def _save_metrics(url: str, path: Path) -> None:

@@ -153,13 +153,15 @@ class RunResult:
     repeat: int
     seed: int
     summaries: dict[str, Summary]  # SLO kind -> summary
+    prefix_cache_hit_rate: float | None = None  # the server's own count, where it exports one
 
     def attainment(self, kind: str) -> float:
         return self.summaries[kind].slo_attainment
 
     def to_json(self) -> dict:
         return {"server": self.server, "workload": self.workload, "rate": self.rate, "repeat": self.repeat,
-                "seed": self.seed, "summaries": {k: s.to_json() for k, s in self.summaries.items()}}
+                "seed": self.seed, "prefix_cache_hit_rate": self.prefix_cache_hit_rate,
+                "summaries": {k: s.to_json() for k, s in self.summaries.items()}}
 
 
 def run_suite(suite: Suite, out_dir: Path, tokenizer: TokenizerLike, servers: list[str] | None = None,
@@ -233,7 +235,8 @@ def _run_one(suite: Suite, workload: WorkloadSpec, rate: float, rate_index: int,
     run = run_workload(build_workload(config, tokenizer), config, ClientConfig(base_url=url), sent_slo, tokenizer)
     summaries = {kind: summarize(run.records, suite.slo.judged(kind, config.slo_classes), run.duration_s,
                                  run.offered_rate) for kind in workload.kinds}
-    return RunResult(server, workload.name, rate, repeat, seed, summaries), records_json(run.records)
+    result = RunResult(server, workload.name, rate, repeat, seed, summaries, run.prefix_cache_hit_rate)
+    return result, records_json(run.records)
 
 
 def _progress(r: RunResult, suite: Suite) -> str:
@@ -241,7 +244,8 @@ def _progress(r: RunResult, suite: Suite) -> str:
     kinds = ", ".join(f"{k} {v.slo_attainment:.0%}" for k, v in r.summaries.items())
     return (f"{r.server} {r.workload} rate {r.rate:g} repeat {r.repeat}: attainment {kinds}; "
             f"refused {s.num_rejected}, failed {s.num_failed} of {s.num_requests}; TTFT p50 "
-            f"{s.ttft_s['p50'] * 1e3:.0f} ms, TPOT p50 {s.tpot_s['p50'] * 1e3:.0f} ms")
+            f"{s.ttft_s['p50'] * 1e3:.0f} ms, TPOT p50 {s.tpot_s['p50'] * 1e3:.0f} ms"
+            + (f"; prefix cache hits {r.prefix_cache_hit_rate:.0%}" if r.prefix_cache_hit_rate is not None else ""))
 
 
 # ---- the report ------------------------------------------------------------------------------------------------

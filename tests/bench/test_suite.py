@@ -111,6 +111,7 @@ command = ["{tmp_path}/no-such-venv/bin/python"]
     assert [(r["rate"], r["repeat"]) for r in runs] == [(2.0, 0), (4.0, 0), (2.0, 1), (4.0, 1)]
     assert len({r["seed"] for r in runs}) == 4  # every run sends its own prompts
     assert all(r["summaries"]["tpot"]["slo_attainment"] == 1.0 for r in runs)
+    assert all(r["prefix_cache_hit_rate"] is not None for r in runs)  # read from pacer's /metrics
     assert report["workloads"]["short/tpot"]["servers"]["pacer"]["capacity"] == [4.0, 4.0]
     with gzip.open(out / "records" / "pacer.json.gz", "rt") as f:
         raw = json.load(f)
