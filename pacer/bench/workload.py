@@ -5,9 +5,11 @@ exactly that many tokens.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import weakref
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -202,6 +204,29 @@ def request_timings(config: WorkloadConfig) -> list[tuple[float | None, int, int
             in zip(_arrivals(config, records), _lengths(config, records), _slo_classes(config))]
 
 
+def shared_prefixes(config: WorkloadConfig) -> list[tuple[int, ...]]:
+    """Per request, the head of its prompt that other requests share, as token stand-ins (word ids, one token each,
+    built as `build_workload` builds the prompts): the system prompt, then a trace's blocks up to the first one no
+    other request names. The simulator's prompts begin with these, so its prefix cache finds what a server's
+    would; without a tokenizer, at any trace size."""
+    records = _records(config)
+    lengths = _lengths(config, records)
+    heads: list[tuple[int, ...]] = [()] * len(lengths)
+    if config.lengths == "trace" and records is not None and any(r.hash_ids for r in records):
+        builder = _PromptBuilder(np.arange(_MAX_WORDS), config.seed,
+                                 max(1, round(MOONCAKE_BLOCK_TOKENS * config.length_scale)))
+        named = Counter(h for r in records for h in r.hash_ids)
+        for i, (record, (prompt, _)) in enumerate(zip(records, lengths)):
+            shared = list(itertools.takewhile(lambda h: named[h] > 1, record.hash_ids))
+            if shared:
+                heads[i] = tuple(_INTS[w] for w in builder._blocks(np.array(shared, dtype=np.uint64)).ravel()[:prompt])
+    if config.system_prompt_tokens:
+        system = np.random.default_rng([config.seed, 5]).integers(0, _MAX_WORDS, config.system_prompt_tokens)
+        heads = [tuple(_INTS[w] for w in system[:prompt]) + head[:max(0, prompt - len(system))]
+                 for head, (prompt, _) in zip(heads, lengths)]
+    return heads
+
+
 def _slo_classes(config: WorkloadConfig) -> list[str | None]:
     classes = parse_slo_classes(config.slo_classes)
     if not classes:
@@ -286,6 +311,7 @@ def _cap(prompt: int, output: int, max_model_len: int) -> tuple[int, int]:
 # ---- prompt text ------------------------------------------------------------------------------------------------
 
 _MAX_WORDS = 4096  # fewer words encode faster (BPE caches stay warm); 4096^2 distinct two-word openings
+_INTS = tuple(range(_MAX_WORDS))  # one int object per word id, shared by every simulated prompt that holds it
 _WORD = re.compile(r" [a-z]+")
 _VERIFY_TOKENS = 250_000  # encode every prompt up to this many tokens in all (~0.5 s), else an even sample
 _MAX_FIXES = 8

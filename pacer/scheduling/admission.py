@@ -164,10 +164,10 @@ class QueueTimes:
     def of(cls, snapshot: QueueSnapshot, latency: LatencyModel, pending: Iterable[Request] = ()) -> QueueTimes:
         """`pending`: requests submitted since the snapshot, which it does not count yet."""
         pending = list(pending)
-        queue = sorted((*snapshot.queue, *((r.slo.priority, r.ttft_deadline_s, r.num_prompt_tokens - r.num_cached_tokens,
-                                            r.num_cached_tokens, tokens_to_go(r, snapshot.max_request_tokens))
-                                           for r in pending)),
-                       key=lambda entry: entry[:2])  # stable: ties stay in arrival order, as the scheduler has them
+        added = ((r.slo.priority, r.ttft_deadline_s, r.num_prompt_tokens - r.num_cached_tokens, r.num_cached_tokens,
+                  tokens_to_go(r, snapshot.max_request_tokens)) for r in pending)  # a cached prefix: less to prefill
+        # stable: ties stay in arrival order, as the scheduler has them
+        queue = sorted((*snapshot.queue, *added), key=lambda entry: entry[:2])
         keys = [(priority, deadline) for priority, deadline, *_ in queue]
         tbt = min((snapshot.tbt_limit_s, *(r.slo.tbt_s for r in pending if r.slo.tbt_s is not None)))
         budget = snapshot.token_budget

@@ -4,9 +4,11 @@ simulator and the scale-out front end. Pure: a router sees each replica only thr
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
+from pacer.kv.block_pool import chain_key
 from pacer.request import Request
 from pacer.scheduling.admission import refusal, waited_s
 from pacer.scheduling.registry import Registry
@@ -31,6 +33,45 @@ class Router(Protocol):
 
     def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int: ...
 
+    def routed(self, request: Request, replica: ReplicaView) -> None:
+        """The request went to `replica` (the router's choice, or admission's override)."""
+        ...
+
+
+class PrefixIndex:
+    """What a front end believes a replica holds in its prefix cache: the chain keys of the blocks of the prompts it
+    sent there, the least recently sent dropped past `capacity` blocks. A belief, as in SGLang's cache-aware
+    router: the replica evicts on its own. Its blocks are `BLOCK_TOKENS` long whatever the replicas' block size:
+    it measures how long a prefix two prompts share, not which blocks hold it."""
+
+    BLOCK_TOKENS = 16
+
+    def __init__(self, capacity: int = 1 << 16) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[int, None] = OrderedDict()
+
+    @classmethod
+    def keys_of(cls, tokens: Sequence[int]) -> list[int]:
+        keys, parent, size = [], None, cls.BLOCK_TOKENS
+        for i in range(len(tokens) // size):
+            parent = chain_key(parent, tuple(tokens[i * size:(i + 1) * size]))
+            keys.append(parent)
+        return keys
+
+    def num_cached_tokens(self, keys: Sequence[int]) -> int:
+        """Tokens of the longest prefix of these block keys sent here."""
+        n = 0
+        while n < len(keys) and keys[n] in self._keys:
+            n += 1
+        return n * self.BLOCK_TOKENS
+
+    def add(self, keys: Sequence[int]) -> None:
+        for key in keys:
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+        while len(self._keys) > self.capacity:
+            self._keys.popitem(last=False)
+
 
 ROUTERS: Registry[Router] = Registry("router")
 register_router = ROUTERS.register
@@ -49,6 +90,9 @@ class RoundRobinRouter:
         self._next = index + 1
         return index
 
+    def routed(self, request: Request, replica: ReplicaView) -> None:
+        pass
+
 
 @register_router("least_tokens")
 class LeastTokensRouter:
@@ -57,14 +101,18 @@ class LeastTokensRouter:
     def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int:
         return min(range(len(replicas)), key=lambda i: replicas[i].num_outstanding_tokens)
 
+    def routed(self, request: Request, replica: ReplicaView) -> None:
+        pass
+
 
 @register_router("slo")
 class SloRouter:
-    """Keeps the request's TTFT promise and, among the replicas that can, leaves the most room: of the replicas
-    predicted (latency model and queue) to meet its TTFT SLO, the one with the fewest outstanding tokens. When
-    none can, or the request has no TTFT SLO, the one with the least predicted TTFT (Llumnix's load-aware
-    dispatch, with time instead of memory as the load); fewest outstanding tokens breaks ties, and decides alone
-    among replicas that cannot predict.
+    """Keeps the request's TTFT promise and, among the replicas that can, reuses the most and leaves the most room:
+    of the replicas predicted (latency model and queue) to meet its TTFT SLO, the one believed to hold the longest
+    prefix of its prompt in cache (`PrefixIndex`, as SGLang's cache-aware router and llm-d's prefix scorer), then
+    the one with the fewest outstanding tokens. When none can, or the request has no TTFT SLO, the one with the
+    least predicted TTFT (Llumnix's load-aware dispatch, with time instead of memory as the load); fewest
+    outstanding tokens breaks ties, and decides alone among replicas that cannot predict.
 
     Why not always the least predicted TTFT: once the promise is kept, a sooner first token gains nothing, and
     sending each request to the replica that could start it soonest spends the room a long prompt arriving next
@@ -72,13 +120,30 @@ class SloRouter:
     sim: routers at scale"). The time the request has already waited is left to `dispatch`, which overrides a
     pick that would miss."""
 
+    def __init__(self) -> None:
+        self._prefixes: dict[int, PrefixIndex] = {}  # id(replica view) -> what it was sent
+        self._keys: tuple[str, list[int]] = ("", [])  # the latest request's block keys: choose, then routed
+
     def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int:
         times = [_or_inf(replica.predicted_ttft_s(request)) for replica in replicas]
         ttft_slo = request.slo.ttft_s
         in_time = [i for i in range(len(replicas)) if ttft_slo is not None and times[i] <= ttft_slo]
         if in_time:
-            return min(in_time, key=lambda i: (replicas[i].num_outstanding_tokens, times[i]))
+            keys = self._keys_of(request)
+            cached = {i: self._index(replicas[i]).num_cached_tokens(keys) for i in in_time}
+            return min(in_time, key=lambda i: (-cached[i], replicas[i].num_outstanding_tokens, times[i]))
         return min(range(len(replicas)), key=lambda i: (times[i], replicas[i].num_outstanding_tokens))
+
+    def routed(self, request: Request, replica: ReplicaView) -> None:
+        self._index(replica).add(self._keys_of(request))
+
+    def _index(self, replica: ReplicaView) -> PrefixIndex:
+        return self._prefixes.setdefault(id(replica), PrefixIndex())
+
+    def _keys_of(self, request: Request) -> list[int]:
+        if self._keys[0] != request.request_id:
+            self._keys = (request.request_id, PrefixIndex.keys_of(request.prompt_token_ids))
+        return self._keys[1]
 
 
 def _or_inf(seconds: float | None) -> float:
@@ -90,7 +155,12 @@ def dispatch(request: Request, replicas: Sequence[ReplicaView], router: Router, 
     request's TTFT SLO (or does not predict); else the replica with the least predicted TTFT if that one can;
     else SLOUnattainable (a 429) with the soonest Retry-After. So a request is refused only when no replica
     can serve it in time, whatever the policy."""
-    index = router.choose(request, replicas)
+    index = _admitted(request, replicas, router.choose(request, replicas), now)
+    router.routed(request, replicas[index])
+    return index
+
+
+def _admitted(request: Request, replicas: Sequence[ReplicaView], index: int, now: float) -> int:
     ttft_slo = request.slo.ttft_s
     if ttft_slo is None:
         return index

@@ -12,7 +12,7 @@ from pacer.bench.capacity import CapacityResult, search_capacity
 from pacer.bench.metrics import SLO, RequestRecord, Summary, records_json, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
 from pacer.bench.run import _offered_rate, _said, _save, _title, format_compare, format_summary, format_trial
-from pacer.bench.workload import WorkloadConfig, request_timings
+from pacer.bench.workload import WorkloadConfig, request_timings, shared_prefixes
 from pacer.config import SchedulerConfig
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
@@ -58,6 +58,9 @@ class SimConfig:
     kv_transfer_gbps: float = field(default=100.0, metadata=_help(
         "with --prefill-replicas: Gbit/s from a prefill replica to a decode replica; a prompt's KV takes "
         "prompt tokens x the model's KV bytes per token / this"))
+    prefix_caching: bool = field(default=True, metadata=_help(
+        "as `pacer serve`: a request that starts finds the KV of the prompt head it shares with earlier ones (the "
+        "workload's system prompt, a trace's shared blocks) cached, and prefills only the rest"))
     send_ttft_slo: bool = field(default=True, metadata=_help(
         "send each request's TTFT SLO with it, as `pacer bench` does: admission control and the router's fallback "
         "act on it; --no-send-ttft-slo sends only the TBT SLO, and the TTFT SLO only judges the run (what a "
@@ -99,7 +102,7 @@ def build_simulator(sim: SimConfig, scheduler: SchedulerConfig, max_model_len: i
     clock = VirtualClock()
     engines = []
     for i in range(sim.replicas):
-        kv = KVCacheManager(num_blocks, sim.block_size)
+        kv = KVCacheManager(num_blocks, sim.block_size, sim.prefix_caching)
         limit = scheduler.max_model_len or max_model_len
         engines.append(Engine(policy(scheduler, kv, limit, latency=latency.fresh()),
                               SimExecutor(latency.fresh(), noise=sim.noise, seed=seed + i, residuals=residuals), Detokenizer(None),
@@ -117,8 +120,9 @@ def sim_requests(workload: WorkloadConfig, slo: SLO, send_ttft_slo: bool = True)
     slos = {None: slo} | {c.name: slo.of(c.name) for c in slo.classes}
     request_slos = {name: RequestSLO(ttft_s=s.ttft_s if send_ttft_slo else None, tbt_s=s.tbt_s)
                     for name, s in slos.items()}
-    return [SimRequest(i, arrival, prompt, output, request_slos[slo_class], slo_class)
-            for i, (arrival, prompt, output, slo_class) in enumerate(request_timings(workload))]
+    return [SimRequest(i, arrival, prompt, output, request_slos[slo_class], slo_class, prefix)
+            for i, ((arrival, prompt, output, slo_class), prefix)
+            in enumerate(zip(request_timings(workload), shared_prefixes(workload)))]
 
 
 @dataclass

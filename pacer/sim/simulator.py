@@ -40,7 +40,8 @@ class VirtualClock:
 
 @dataclass(frozen=True)
 class SimRequest:
-    """One request of a simulated workload (no text: only lengths and timing matter to the scheduler)."""
+    """One request of a simulated workload. No text: lengths, timing and what its prompt shares with others matter
+    to the scheduler."""
 
     index: int
     arrival_s: float | None  # None in closed loop: sent when a slot frees
@@ -48,6 +49,16 @@ class SimRequest:
     max_tokens: int
     slo: SLO = field(default_factory=SLO)
     slo_class: str | None = None  # for the report, as the bench records it
+    prefix: tuple[int, ...] = ()  # the head of its prompt that others share (token ids); the rest is its own
+
+    def prompt_token_ids(self) -> list[int]:
+        """The shared head, then tokens no other request has: its index in base 255 (ids 1-255, so any model's
+        vocabulary takes them, and small ints cost no memory of their own), then zeros."""
+        own = self.num_prompt_tokens - len(self.prefix)
+        if own <= 0:
+            return list(self.prefix[:self.num_prompt_tokens])
+        marker = [1 + self.index % 255, 1 + self.index // 255 % 255, 1 + self.index // 65025 % 255]
+        return [*self.prefix, *marker[:own], *[0] * (own - len(marker))]
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,7 @@ class Simulator:
         now = self.clock.now
         record = self._records[sim.index]
         record.scheduled_s = record.sent_s = now
-        request = Request(str(sim.index), [0] * sim.num_prompt_tokens,
+        request = Request(str(sim.index), sim.prompt_token_ids(),
                           SamplingParams(max_tokens=sim.max_tokens, ignore_eos=True), sim.slo, arrival_s=now)
         try:
             self.replicas[0].engine.scheduler.check(request)  # what the server validates before queueing: a 400

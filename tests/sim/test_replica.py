@@ -30,6 +30,9 @@ class Checking:
             self.num_checked += 1
         return self.router.choose(request, replicas)
 
+    def routed(self, request, replica):
+        self.router.routed(request, replica)
+
 
 def test_cached_figures_follow_every_change_of_the_engine():
     sim = simulator(curved(), policy="slo", replicas=3, num_blocks=64)

@@ -9,7 +9,7 @@ import pytest
 from pacer.latency.model import ErrorWindow
 from pacer.request import SLO, Request
 from pacer.scheduling.admission import SLOUnattainable
-from pacer.scheduling.router import ROUTERS, dispatch, router_class
+from pacer.scheduling.router import ROUTERS, PrefixIndex, dispatch, router_class
 from pacer.sim.simulator import SimRequest
 from tests.sim.test_simulator import constant, simulator
 
@@ -83,3 +83,25 @@ def test_dispatch_refuses_only_when_no_replica_can_meet_the_ttft_slo():
     assert refused.value.retry_after_s == 2  # the predicted excess of the best replica, rounded up
     assert dispatch(due, [View(0), View(0)], router, now=10.0) == 1  # no predictions: no refusal
     assert dispatch(Request("s", [0] * 8), [View(0, 99.0), View(0, 99.0)], router, now=0.0) == 0  # no SLO
+
+
+def test_slo_router_sends_a_shared_prefix_back_where_it_went_while_that_keeps_the_promise():
+    router = router_class("slo")()
+    system = list(range(100, 164))  # four 16-token blocks
+    views = [View(10, 0.5), View(400, 0.5)]
+    assert dispatch(Request("a", system + [1] * 8, slo=SLO(ttft_s=1.0)), views, router, now=0.0) == 0  # most room
+    views[0].num_outstanding_tokens = 800  # now the busier one
+    follow_up = Request("b", system + [2] * 8, slo=SLO(ttft_s=1.0))
+    assert router.choose(follow_up, views) == 0  # it holds the system prompt
+    assert router.choose(Request("c", list(range(300, 380)), slo=SLO(ttft_s=1.0)), views) == 1  # shares nothing
+    views[0].ttft_s = 2.0
+    assert router.choose(follow_up, views) == 1  # the promise first
+
+
+def test_the_prefix_index_forgets_the_least_recently_sent_past_its_capacity():
+    index = PrefixIndex(capacity=4)
+    first, second = PrefixIndex.keys_of(list(range(64))), PrefixIndex.keys_of(list(range(500, 548)))
+    index.add(first)
+    assert index.num_cached_tokens(first) == 64 and index.num_cached_tokens(first[:2]) == 32
+    index.add(second)  # 3 more blocks: the first prompt's oldest 3 go
+    assert index.num_cached_tokens(second) == 48 and index.num_cached_tokens(first) == 0

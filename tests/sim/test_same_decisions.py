@@ -59,28 +59,33 @@ class Logged(SimExecutor):
         return super().execute(plan)
 
 
-def simulate(policy: str, executor) -> list:
+def simulate(policy: str, executor, prefix_caching: bool = False) -> list:
     clock = VirtualClock()
     planning = LinearLatencyModel([1e-3, 5e-5, 0.0, 0.0, 0.0, 0.0], ())  # the scheduler's model, in both runs
     config = SchedulerConfig(scheduler=policy, max_num_seqs=6, max_num_batched_tokens=32, drop_expired=True)
-    scheduler = scheduler_class(policy)(config, KVCacheManager(NUM_BLOCKS, BLOCK_SIZE), TINY.max_position_embeddings,
-                                        latency=planning)
+    kv = KVCacheManager(NUM_BLOCKS, BLOCK_SIZE, prefix_caching)
+    scheduler = scheduler_class(policy)(config, kv, TINY.max_position_embeddings, latency=planning)
     engine = Engine(scheduler, executor, Detokenizer(None), clock=clock)
     slo = SLO(ttft_s=0.05, tbt_s=0.004)
-    requests = [SimRequest(i, 0.002 * i, 10 + (7 * i) % 30, 6 + i % 5, slo) for i in range(24)]
+    # with prefix caching, as in a chat: a shared 8-token system prompt, and every third request a follow-up that
+    # repeats the head of the one before it
+    system = tuple(range(30, 38))
+    heads = [system + ((40 + i // 3,) * 8 if i % 3 else ()) for i in range(24)] if prefix_caching else [()] * 24
+    requests = [SimRequest(i, 0.002 * i, 10 + (7 * i) % 30, 6 + i % 5, slo, prefix=heads[i]) for i in range(24)]
     records = Simulator([engine], clock).run(requests)
     assert scheduler.kv.num_free_blocks == NUM_BLOCKS
     return [(r.status, r.token_times_s) for r in records]
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
 @pytest.mark.parametrize("policy", ["sarathi", "slo"])
-def test_simulator_and_runner_make_the_same_decisions(policy):
+def test_simulator_and_runner_make_the_same_decisions(policy, prefix_caching):
     runner = tiny_runner(NUM_BLOCKS, BLOCK_SIZE)
     simulate(policy, Recording(runner))  # warm-up: a first iteration can take 100 ms, and expire the whole queue
     real = Recording(runner)
-    real_records = simulate(policy, real)
+    real_records = simulate(policy, real, prefix_caching)
     sim = Logged(Replay(real.times))
-    sim_records = simulate(policy, sim)
+    sim_records = simulate(policy, sim, prefix_caching)
     assert len(real.plans) > 20
     assert sim.plans == real.plans
     assert sim_records == real_records  # same clock, so the same token times and outcomes

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from pacer.bench.metrics import SLO as RunSLO
-from pacer.bench.workload import WorkloadConfig
+from pacer.bench.trace import read_trace
+from pacer.bench.workload import WorkloadConfig, shared_prefixes
 from pacer.config import SchedulerConfig
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
@@ -19,6 +21,8 @@ from pacer.sim.executor import SimExecutor
 from pacer.sim.run import SimConfig, run_sim
 from pacer.sim.simulator import SimRequest, Simulator, VirtualClock
 from tests.scheduling.helpers import make_request
+
+MOONCAKE = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "mooncake_conversation.jsonl"
 
 
 def constant(seconds: float) -> LinearLatencyModel:
@@ -32,12 +36,13 @@ def linear() -> LinearLatencyModel:
 
 
 def simulator(latency: LinearLatencyModel, policy: str = "sarathi", replicas: int = 1, num_blocks: int = 256,
-              **config) -> Simulator:
+              prefix_caching: bool = False, **config) -> Simulator:
     clock = VirtualClock()
     engines = []
     for _ in range(replicas):
-        scheduler = scheduler_class(policy)(SchedulerConfig(scheduler=policy, **config), KVCacheManager(num_blocks, 16),
-                                            4096, latency=latency.fresh())
+        kv = KVCacheManager(num_blocks, 16, prefix_caching)
+        scheduler = scheduler_class(policy)(SchedulerConfig(scheduler=policy, **config), kv, 4096,
+                                            latency=latency.fresh())
         engines.append(Engine(scheduler, SimExecutor(latency.fresh()), Detokenizer(None), clock=clock))
     return Simulator(engines, clock)
 
@@ -163,3 +168,30 @@ def test_residuals_replay_in_recorded_order_so_slow_spells_last():
         assert seen == [ratios[(start + i) % len(ratios)] for i in range(12)]  # in order, wrapping around
         starts.add(start)
     assert len(starts) > 1  # each seeded executor starts at its own offset
+
+
+def test_a_shared_prompt_head_is_found_in_the_simulated_prefix_cache():
+    """10 ms + 1 ms a token: the second request's 100-token prompt shares 64 tokens (4 blocks) with the first, so
+    with prefix caching its prefill is 36 tokens (46 ms), not 100 (110 ms)."""
+    head = tuple(range(10, 74))
+    requests = [SimRequest(0, 0.0, 100, 1, prefix=head), SimRequest(1, 1.0, 100, 1, prefix=head)]
+    for caching, ttft in ((False, 0.110), (True, 0.046)):
+        records = simulator(linear(), prefix_caching=caching, max_num_batched_tokens=512).run(requests)
+        assert records[1].token_times_s[0] - records[1].sent_s == pytest.approx(ttft)
+    # prompts that share nothing find nothing: each has its own marker after the head
+    assert SimRequest(0, 0.0, 8, 1).prompt_token_ids() != SimRequest(1, 0.0, 8, 1).prompt_token_ids()
+    assert SimRequest(70000, 0.0, 8, 1).prompt_token_ids() != SimRequest(70000 - 65025, 0.0, 8, 1).prompt_token_ids()
+
+
+def test_the_workloads_shared_heads_are_what_the_bench_prompts_share():
+    """A system prompt: every request's head; a Mooncake trace: the blocks other requests also name."""
+    system = shared_prefixes(WorkloadConfig(num_requests=4, lengths="fixed", prompt_tokens=50, system_prompt_tokens=30))
+    assert all(len(h) == 30 for h in system) and len(set(system)) == 1
+    trace = WorkloadConfig(num_requests=40, lengths="trace", trace=str(MOONCAKE), length_scale=0.05)
+    heads, records = shared_prefixes(trace), read_trace(str(MOONCAKE))[:40]
+    block = round(512 * 0.05)
+    for head, record in zip(heads, records):
+        named_elsewhere = [h for h in record.hash_ids if sum(h in r.hash_ids for r in records) > 1]
+        assert len(head) <= len(named_elsewhere) * block
+    second = next(i for i, r in enumerate(records[1:], 1) if r.hash_ids[0] == records[0].hash_ids[0])
+    assert len(heads[0]) >= block and heads[0][:block] == heads[second][:block]  # one block, the same tokens
