@@ -59,7 +59,8 @@ def test_server_routes_streams_and_counts_usage_across_replicas(tiny_model_dir, 
 
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(complete, range(8)))
-        assert all(r["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17} for r in results)
+        assert all(r["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17,
+                              "prompt_tokens_details": {"cached_tokens": 0}} for r in results)
         assert len({r["choices"][0]["text"] for r in results}) == 1  # greedy: the same text from either replica
 
         body = {"prompt": PROMPT, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}
