@@ -6,6 +6,9 @@ padding), writes their K/V into the paged cache and returns logits only for the 
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +16,8 @@ from torch import nn
 from pacer.model import cpu_kernels
 from pacer.model.attention import AttentionMetadata, KVCache, paged_attention
 from pacer.model.config import LlamaConfig
+
+logger = logging.getLogger(__name__)
 
 
 class RotaryEmbedding(nn.Module):
@@ -92,11 +97,24 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [None], "")
 
     @staticmethod
-    def available(device: torch.device) -> bool:
-        return device.type == "cpu" and torch.backends.mkldnn.is_available()
+    def available(device: torch.device, dtype: torch.dtype) -> bool:
+        """oneDNN on a CPU that packs this dtype: its bf16 path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, so on an
+        AVX2-only CPU bf16 projections stay `F.linear` (torch computes them another way)."""
+        return device.type == "cpu" and torch.backends.mkldnn.is_available() and _packs(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN prepacked"
+
+
+@functools.cache
+def _packs(dtype: torch.dtype) -> bool:
+    """Does oneDNN reorder a weight of this dtype on this CPU? Asked once, of a tiny weight."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), PackedLinear.PACK_FOR_BATCH)
+    except RuntimeError as error:
+        logger.warning("oneDNN cannot prepack %s weights here (%s): projections use F.linear", dtype, error)
+        return False
+    return True
 
 
 class Attention(nn.Module):

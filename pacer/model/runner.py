@@ -78,7 +78,7 @@ class ModelRunner:
         model.rope.reset(device)
         model.load_weights(checkpoint.weights)
         model.eval()
-        if PackedLinear.available(device):
+        if PackedLinear.available(device, dtype):
             model.prepack_for_cpu()
         if device.type == "cpu" and not cpu_kernels.load():  # build now, not in the first step
             logger.warning("no C++ kernels: decode attention gathers KV blocks, norms run unfused (slow)")

@@ -75,3 +75,23 @@ def test_modules_agree_with_and_without_the_kernels(ops, dtype, monkeypatch):
     close(fused[1][0], plain[1][0], dtype)
     assert torch.equal(fused[1][1], plain[1][1])
     close(fused[2], plain[2], dtype)
+
+
+def test_weights_are_prepacked_only_where_onednn_packs_the_dtype(monkeypatch, caplog):
+    """An AVX2-only CPU cannot reorder bf16 weights: such a model keeps F.linear, with a warning, instead of failing."""
+    import torch
+
+    from pacer.model import llama
+
+    def refuses(weight, batch):
+        raise RuntimeError("bf16 path needs the cpu support avx512bw")
+
+    llama._packs.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuses)
+    try:
+        assert not llama.PackedLinear.available(torch.device("cpu"), torch.bfloat16)
+        assert "cannot prepack" in caplog.text
+    finally:
+        llama._packs.cache_clear()
+    monkeypatch.undo()
+    assert llama.PackedLinear.available(torch.device("cpu"), torch.float32)
