@@ -1,4 +1,4 @@
-"""GPU latency profiles for the simulator, built from published measurements (../shared/data/profiles), and
+"""GPU latency profiles for the simulator, built from published measurements (benchmarks/data/profiles), and
 the KV capacity a model leaves on a GPU. Each becomes a `LinearLatencyModel`, the same kind `pacer profile`
 writes, so the scheduler plans with it exactly as it would with a measured one (docs/profiles.md).
 """

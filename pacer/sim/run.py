@@ -36,8 +36,8 @@ class SimConfig:
 
     profile: str | None = field(default=None, metadata=_help(
         "latency profile: a JSON written by `pacer profile`, Sarathi-Serve's A100 directory "
-        "(../shared/data/profiles/sarathi-a100: Yi-34B, TP2) or a DistServe coefficient JSON "
-        "(../shared/data/profiles/distserve-a100/*.json, with --gpu-model and --tensor-parallel)"))
+        "(benchmarks/data/profiles/sarathi-a100: Yi-34B, TP2) or a DistServe coefficient JSON "
+        "(benchmarks/data/profiles/distserve-a100/*.json, with --gpu-model and --tensor-parallel)"))
     gpu_model: str = field(default="facebook/opt-13b", metadata=_help("model of a DistServe profile"))
     tensor_parallel: int = field(default=1, metadata=_help("tensor-parallel degree of a DistServe profile"))
     gpu_memory_utilization: float = field(default=0.9, metadata=_help(
