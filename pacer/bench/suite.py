@@ -221,10 +221,16 @@ def load_results(path: Path, suite: Suite) -> list[RunResult]:
         workload = suite.workloads[run["workload"]]
         records = [RequestRecord(**record) for record in run["requests"]]
         timing = next(iter(run["summaries"].values()))
-        summaries = {kind: summarize(records, suite.slo.judged(kind, workload.config.slo_classes), timing["duration_s"],
-                                     timing["offered_rate"]) for kind in workload.kinds}
+        summaries = _summaries(suite, workload, records, timing["duration_s"], timing["offered_rate"])
         results.append(RunResult(run["server"], run["workload"], run["rate"], run["repeat"], run["seed"], summaries))
     return results
+
+
+def _summaries(suite: Suite, workload: WorkloadSpec, records: list[RequestRecord], duration_s: float,
+               offered_rate: float | None) -> dict[str, Summary]:
+    """A run judged under each of the workload's SLO kinds."""
+    return {kind: summarize(records, suite.slo.judged(kind, workload.config.slo_classes), duration_s, offered_rate)
+            for kind in workload.kinds}
 
 
 def _run_one(suite: Suite, workload: WorkloadSpec, rate: float, rate_index: int, repeat: int, url: str,
@@ -233,8 +239,7 @@ def _run_one(suite: Suite, workload: WorkloadSpec, rate: float, rate_index: int,
     config = workload.at(rate, suite.num_requests(rate), seed)
     sent_slo = suite.slo.judged("tpot", config.slo_classes)  # what the client tells the server (x-slo-* headers)
     run = run_workload(build_workload(config, tokenizer), config, ClientConfig(base_url=url), sent_slo, tokenizer)
-    summaries = {kind: summarize(run.records, suite.slo.judged(kind, config.slo_classes), run.duration_s,
-                                 run.offered_rate) for kind in workload.kinds}
+    summaries = _summaries(suite, workload, run.records, run.duration_s, run.offered_rate)
     result = RunResult(server, workload.name, rate, repeat, seed, summaries, run.prefix_cache_hit_rate)
     return result, records_json(run.records)
 

@@ -188,7 +188,7 @@ def build_workload(config: WorkloadConfig, tokenizer: TokenizerLike) -> list[Ben
     word_ids = [builder.word_ids(i, prompt, records[i].hash_ids if use_blocks else ())
                 for i, (prompt, _) in enumerate(lengths)]
     if config.system_prompt_tokens:
-        system = np.random.default_rng([config.seed, 5]).integers(0, len(builder.words), config.system_prompt_tokens)
+        system = _system_prompt(config, len(builder.words))
         word_ids = [np.concatenate((system, ids))[:len(ids)] for ids in word_ids]
     prompts = _verified_prompts(builder, word_ids, tokenizer)
     return [BenchRequest(i, arrival, prompt, num_prompt_tokens, max_tokens, slo_class)
@@ -221,10 +221,15 @@ def shared_prefixes(config: WorkloadConfig) -> list[tuple[int, ...]]:
             if shared:
                 heads[i] = tuple(_INTS[w] for w in builder._blocks(np.array(shared, dtype=np.uint64)).ravel()[:prompt])
     if config.system_prompt_tokens:
-        system = np.random.default_rng([config.seed, 5]).integers(0, _MAX_WORDS, config.system_prompt_tokens)
+        system = _system_prompt(config, _MAX_WORDS)
         heads = [tuple(_INTS[w] for w in system[:prompt]) + head[:max(0, prompt - len(system))]
                  for head, (prompt, _) in zip(heads, lengths)]
     return heads
+
+
+def _system_prompt(config: WorkloadConfig, num_words: int) -> np.ndarray:
+    """The word ids every prompt of the workload opens with: its own seeded stream."""
+    return np.random.default_rng([config.seed, 5]).integers(0, num_words, config.system_prompt_tokens)
 
 
 def _slo_classes(config: WorkloadConfig) -> list[str | None]:

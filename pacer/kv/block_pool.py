@@ -26,8 +26,7 @@ class BlockPool:
         # Free blocks in eviction order: the first is allocated first. Removing from the middle is O(1), which a
         # cache hit on a free block needs (and, unlike a plain dict, so is popping the first again and again).
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._keys: list[int | None] = [None] * num_blocks  # block -> its key, if cached
-        self._contents: dict[int, tuple[int | None, tuple[int, ...]]] = {}  # block -> (parent key, tokens)
+        self._contents: dict[int, tuple[int, int | None, tuple[int, ...]]] = {}  # cached block -> (key, parent, tokens)
         self._cached: dict[int, int] = {}  # key -> block
 
     @property
@@ -75,26 +74,23 @@ class BlockPool:
         """Make a full block findable by its key. If another block already holds the key (two requests computed
         the same prefix at once), this one stays private."""
         assert self.ref_counts[block] > 0, f"caching free block {block}"
-        if key in self._cached or self._keys[block] is not None:
+        if key in self._cached or block in self._contents:
             return
         self._cached[key] = block
-        self._keys[block] = key
-        self._contents[block] = (parent, tokens)
+        self._contents[block] = (key, parent, tokens)
 
     def lookup(self, key: int, parent: int | None, tokens: tuple[int, ...]) -> int | None:
         """The block holding exactly these tokens after this parent, if it is cached."""
         block = self._cached.get(key)
         # .get, not []: admission peeks from the server's thread while the engine may evict (a miss is harmless)
-        if block is None or self._contents.get(block) != (parent, tokens):
+        if block is None or self._contents.get(block) != (key, parent, tokens):
             return None
         return block
 
     def _evict(self, block: int) -> None:
-        key = self._keys[block]
-        if key is not None:
-            del self._cached[key]
-            del self._contents[block]
-            self._keys[block] = None
+        entry = self._contents.pop(block, None)
+        if entry is not None:
+            del self._cached[entry[0]]
 
 
 def chain_key(parent: int | None, tokens: tuple[int, ...]) -> int:

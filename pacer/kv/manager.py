@@ -71,18 +71,12 @@ class KVCacheManager:
         token is left out, since the model must run the last one to sample. Reads only."""
         if not self.prefix_caching:
             return []
-        size, tokens, keys = self.block_size, request.token_ids, request.block_hashes
         blocks: list[int] = []
-        parent = None
-        for i in range((len(tokens) - 1) // size):
-            chunk = tuple(tokens[i * size:(i + 1) * size])
-            if i == len(keys):
-                keys.append(chain_key(parent, chunk))
-            block = self.pool.lookup(keys[i], parent, chunk)
+        for i in range((request.num_tokens - 1) // self.block_size):
+            block = self.pool.lookup(*self._block(request, i))
             if block is None:
                 break
             blocks.append(block)
-            parent = keys[i]
         return blocks
 
     def num_cached_tokens(self, request: Request) -> int:
@@ -104,11 +98,17 @@ class KVCacheManager:
         """Publish the request's blocks that its computed tokens fill (called after each iteration)."""
         if not self.prefix_caching:
             return
-        size, keys, full = self.block_size, request.block_hashes, request.num_computed_tokens // self.block_size
+        full = request.num_computed_tokens // self.block_size
         for i in range(request.num_cached_blocks, full):
-            chunk = tuple(request.token_ids[i * size:(i + 1) * size])
-            parent = keys[i - 1] if i else None
-            if i == len(keys):
-                keys.append(chain_key(parent, chunk))
-            self.pool.cache(request.block_ids[i], keys[i], parent, chunk)
+            self.pool.cache(request.block_ids[i], *self._block(request, i))
         request.num_cached_blocks = max(request.num_cached_blocks, full)
+
+    def _block(self, request: Request, i: int) -> tuple[int, int | None, tuple[int, ...]]:
+        """(key, parent key, tokens) of the request's i-th full block; keys are computed once, in order (a
+        lookup and a publish each walk the blocks from the first, so block i - 1's key is there)."""
+        size, keys = self.block_size, request.block_hashes
+        tokens = tuple(request.token_ids[i * size:(i + 1) * size])
+        parent = keys[i - 1] if i else None
+        if i == len(keys):
+            keys.append(chain_key(parent, tokens))
+        return keys[i], parent, tokens

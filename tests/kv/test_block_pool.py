@@ -131,15 +131,15 @@ def test_pool_invariants_under_random_requests_sharing_prefixes(ops, block_size,
         holders = [b for r in live.values() for b in r.block_ids]
         assert all(pool.ref_counts[b] == holders.count(b) for b in range(num_blocks))
         assert set(pool._free) == {b for b in range(num_blocks) if pool.ref_counts[b] == 0}
-        cached_free = sum(1 for b in pool._free if pool._keys[b] is not None)
+        cached_free = sum(1 for b in pool._free if b in pool._contents)
         assert (pool.num_free - cached_free) + cached_free + pool.num_used == num_blocks
         for r in live.values():
             for i, b in enumerate(r.block_ids):
                 mine = tuple(r.token_ids[i * block_size:(i + 1) * block_size])
                 assert mine[:len(written[b])] == written[b], f"block {b} of {r.request_id} holds other tokens"
         for key, block in pool._cached.items():
-            parent, chunk = pool._contents[block]
-            assert key == chain_key(parent, chunk) and written[block] == chunk
+            stored, parent, chunk = pool._contents[block]
+            assert key == stored == chain_key(parent, chunk) and written[block] == chunk
 
 
 def _write(written: dict[int, tuple[int, ...]], request: Request, start: int, block_size: int) -> None:
