@@ -82,17 +82,18 @@ class LoadClient:
             if self.model is None:
                 self.model = await self._first_model(http)
             self.t0 = time.perf_counter()
+            conversations = _conversations(requests)
             if concurrency is None:
-                return await asyncio.gather(*(self._open_loop(http, r) for r in requests))
-            queue = list(reversed(requests))
-            records: list[RequestRecord] = []
+                done = await asyncio.gather(*(self._open_loop(http, turns) for turns in conversations))
+            else:
+                queue, done = list(reversed(conversations)), []
 
-            async def worker() -> None:
-                while queue:
-                    records.append(await self._send(http, queue.pop(), scheduled_s=None))
+                async def worker() -> None:
+                    while queue:
+                        done.append(await self._converse(http, queue.pop(), scheduled_s=None))
 
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            return sorted(records, key=lambda r: r.index)
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return sorted((record for records in done for record in records), key=lambda r: r.index)
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -102,13 +103,46 @@ class LoadClient:
             response.raise_for_status()
             return (await response.json())["data"][0]["id"]
 
-    async def _open_loop(self, http: aiohttp.ClientSession, request: BenchRequest) -> RequestRecord:
-        delay = (request.arrival_s or 0.0) - self.now()
+    async def _open_loop(self, http: aiohttp.ClientSession, turns: list[BenchRequest]) -> list[RequestRecord]:
+        delay = (turns[0].arrival_s or 0.0) - self.now()
         if delay > 0:
             await asyncio.sleep(delay)
-        return await self._send(http, request, scheduled_s=request.arrival_s)
+        return await self._converse(http, turns, scheduled_s=turns[0].arrival_s)
 
-    def _body(self, request: BenchRequest) -> dict:
+    async def _converse(self, http: aiohttp.ClientSession, turns: list[BenchRequest],
+                        scheduled_s: float | None) -> list[RequestRecord]:
+        """One conversation (a single request is one of one turn): each later turn is sent its think time after
+        the answer before it, with the exchange so far in front of its message. A turn that was refused or failed
+        ends the conversation: the turns left are recorded as refused, as the user would have seen them."""
+        records: list[RequestRecord] = []
+        history: list[tuple[str, str]] = []  # (user message, answer) so far
+        for request in turns:
+            if records and records[-1].status != "ok":
+                records.append(self._not_sent(request, records[-1]))
+                continue
+            if request.turn:
+                await asyncio.sleep(request.think_s)
+                if scheduled_s is not None:  # open loop: it is due now, whatever the server did before
+                    scheduled_s = self.now()
+            # the conversation so far as counted here, and the message: the server's usage corrects it
+            num_prompt_tokens = request.num_prompt_tokens + (
+                records[-1].num_prompt_tokens + len(records[-1].token_times_s) if records else 0)
+            answer: list[str] = []
+            record = await self._send(http, request, scheduled_s, history, answer, num_prompt_tokens)
+            history.append((request.prompt, "".join(answer)))
+            records.append(record)
+        return records
+
+    def _not_sent(self, request: BenchRequest, before: RequestRecord) -> RequestRecord:
+        record = RequestRecord(index=request.index, num_prompt_tokens=request.num_prompt_tokens,
+                               max_tokens=request.max_tokens, scheduled_s=None, slo_class=request.slo_class,
+                               turn=request.turn, status="rejected", error_kind="conversation_ended",
+                               error=f"not sent: turn {before.turn} was {before.status} ({before.error_kind})")
+        if self.on_record is not None:
+            self.on_record(record)
+        return record
+
+    def _body(self, request: BenchRequest, history: list[tuple[str, str]]) -> dict:
         # continuous_usage_stats (vLLM's): the token count so far in every chunk, so a chunk that carries several
         # tokens is timed as that many tokens
         body = {"model": self.model, "max_tokens": request.max_tokens, "stream": True,
@@ -116,25 +150,30 @@ class LoadClient:
         if self.ignore_eos:
             body["ignore_eos"] = True
         if self.config.endpoint == "chat":
-            body["messages"] = [{"role": "user", "content": request.prompt}]
+            body["messages"] = [*({"role": role, "content": text} for user, answer in history
+                                  for role, text in (("user", user), ("assistant", answer))),
+                                {"role": "user", "content": request.prompt}]
         else:
-            body["prompt"] = request.prompt
+            body["prompt"] = "".join(user + answer for user, answer in history) + request.prompt
         return body
 
-    async def _send(self, http: aiohttp.ClientSession, request: BenchRequest, scheduled_s: float | None) -> RequestRecord:
-        record = RequestRecord(index=request.index, num_prompt_tokens=request.num_prompt_tokens,
-                               max_tokens=request.max_tokens, scheduled_s=scheduled_s, slo_class=request.slo_class)
+    async def _send(self, http: aiohttp.ClientSession, request: BenchRequest, scheduled_s: float | None,
+                    history: list[tuple[str, str]], answer: list[str], num_prompt_tokens: int) -> RequestRecord:
+        """Send one request and read its stream; the answer's text pieces are appended to `answer`."""
+        record = RequestRecord(index=request.index, num_prompt_tokens=num_prompt_tokens,
+                               max_tokens=request.max_tokens, scheduled_s=scheduled_s, slo_class=request.slo_class,
+                               turn=request.turn)
         path = "/v1/chat/completions" if self.config.endpoint == "chat" else "/v1/completions"
         headers = None  # the run's SLO travels in the session's headers; a class's, per request
         if self.config.send_slo and self.slo is not None and self.slo.classes:
             headers = _slo_headers(self.slo.of(request.slo_class))
         record.sent_s = self.now()
         try:
-            async with http.post(path, json=self._body(request), headers=headers) as response:
+            async with http.post(path, json=self._body(request, history), headers=headers) as response:
                 if response.status != 200:
                     await self._refused(response, record)
                 else:
-                    await self._read_stream(response, record)
+                    await self._read_stream(response, record, answer)
         except TimeoutError as error:
             self._fail(record, "timeout", repr(error))
         except aiohttp.ClientError as error:
@@ -159,21 +198,21 @@ class LoadClient:
         kind = "http_4xx" if response.status < 500 else "http_5xx"
         self._fail(record, kind, f"HTTP {response.status}: {text[:500]}")
 
-    async def _read_stream(self, response: aiohttp.ClientResponse, record: RequestRecord) -> None:
+    async def _read_stream(self, response: aiohttp.ClientResponse, record: RequestRecord, answer: list[str]) -> None:
         """Parse SSE from whatever bytes each read returns, stamping every line in a read with that read's
         time: one wake-up per network read instead of one per line (a third fewer loop callbacks)."""
         pending, ended = b"", False
         async for chunk in response.content.iter_any():
             now = self.now()
             *lines, pending = (pending + chunk).split(b"\n")
-            ended = any(line.startswith(b"data:") and not self._on_event(line[5:].strip(), now, record)
+            ended = any(line.startswith(b"data:") and not self._on_event(line[5:].strip(), now, record, answer)
                         for line in lines)
             if ended:
                 break
         if record.status == "ok" and record.output_tokens is not None:
             record.token_count_error = (len(record.token_times_s) - record.output_tokens) or None
 
-    def _on_event(self, data: bytes, now: float, record: RequestRecord) -> bool:
+    def _on_event(self, data: bytes, now: float, record: RequestRecord, answer: list[str]) -> bool:
         """Record one SSE `data:` payload; False ends the stream (done, or failed)."""
         if data == b"[DONE]":
             record.finished_s = now
@@ -189,8 +228,12 @@ class LoadClient:
         chat = self.config.endpoint == "chat"
         text = "".join(((choice.get("delta") or {}).get("content") if chat else choice.get("text")) or ""
                        for choice in event.get("choices") or [])
-        so_far = (event.get("usage") or {}).get("completion_tokens")
+        usage = event.get("usage") or {}
+        so_far = usage.get("completion_tokens")
+        if record.turn and usage.get("prompt_tokens"):  # a later turn's prompt: as the server counted it
+            record.num_prompt_tokens = usage["prompt_tokens"]
         if text:
+            answer.append(text)
             # tokens this chunk carries: from the usage so far where the server sends it, else by tokenizing
             if so_far is not None:
                 count = so_far - len(record.token_times_s)
@@ -204,6 +247,17 @@ class LoadClient:
     @staticmethod
     def _fail(record: RequestRecord, kind: str, message: str) -> None:
         record.status, record.error_kind, record.error = "failed", kind, message
+
+
+def _conversations(requests: list[BenchRequest]) -> list[list[BenchRequest]]:
+    """Requests grouped into conversations: a turn > 0 belongs with the request before it."""
+    conversations: list[list[BenchRequest]] = []
+    for request in requests:
+        if request.turn and conversations:
+            conversations[-1].append(request)
+        else:
+            conversations.append([request])
+    return conversations
 
 
 def _slo_headers(slo: SLO) -> dict[str, str]:

@@ -39,6 +39,7 @@ class RequestRecord:
     retry_after_s: float | None = None
     server_scheduling_delay_s: float | None = None  # if the server reports it
     slo_class: str | None = None  # the request's SLO class, if the run has classes
+    turn: int = 0  # its place in a multi-turn conversation (0: the first, or a single request)
 
 
 def records_json(records: list[RequestRecord]) -> list[dict[str, Any]]:
@@ -253,6 +254,8 @@ class Summary:
     goodput_definition: str  # how goodput was computed for this run (open or closed loop)
     num_token_count_mismatch: int  # completed requests whose timestamped tokens differ from their usage
     attainment_by_class: dict[str, float] = field(default_factory=dict)  # SLO attainment within each SLO class
+    # multi-turn: the TTFT of turns after the first, whose prompts open with the conversation so far
+    ttft_later_turns_s: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A dict json.dumps accepts with allow_nan=False: NaN becomes None."""
@@ -320,6 +323,8 @@ def summarize(records: list[RequestRecord], slo: SLO, duration_s: float, offered
         goodput_definition=GOODPUT_OPEN_LOOP if offered_rate is not None else GOODPUT_CLOSED_LOOP,
         num_token_count_mismatch=sum(bool(r.token_count_error) for r in ok),
         attainment_by_class=_attainment_by_class(records, ok, verdicts, slo),
+        ttft_later_turns_s=percentiles([m.ttft_s for m, r in zip(metrics, ok) if r.turn and m.ttft_s is not None])
+        if any(r.turn for r in records) else {},
     )
 
 

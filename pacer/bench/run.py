@@ -211,10 +211,11 @@ def _save(out: Path | None, report: dict) -> None:
 
 
 def _offered_rate(requests: list) -> float | None:
+    """Requests/s: arrivals over their window, times the requests each brings (its conversation's turns)."""
     times = [r.arrival_s for r in requests if r.arrival_s is not None]
     if len(times) < 2 or max(times) <= min(times):
         return None
-    return (len(times) - 1) / (max(times) - min(times))
+    return (len(times) - 1) / (max(times) - min(times)) * len(requests) / len(times)
 
 
 def _json_default(value: object) -> object:

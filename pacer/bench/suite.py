@@ -93,7 +93,9 @@ class WorkloadSpec:
 @dataclass(frozen=True)
 class Suite:
     repeats: int
-    window_s: float  # each run's arrival window: a run at rate r sends max(min_requests, r x window_s) requests
+    # each run's arrival window: a run at rate r opens max(min_requests, r x window_s) conversations (a single
+    # request is a conversation of one turn), so it sends that many times the workload's turns requests
+    window_s: float
     min_requests: int
     attainment_bar: float
     seed: int
@@ -102,8 +104,8 @@ class Suite:
     servers: dict[str, ServerSpec]
     workloads: dict[str, WorkloadSpec]
 
-    def num_requests(self, rate: float) -> int:
-        return max(self.min_requests, math.ceil(rate * self.window_s))
+    def num_requests(self, rate: float, turns: int = 1) -> int:
+        return max(self.min_requests, math.ceil(rate * self.window_s)) * turns
 
     def seed_of(self, workload: str, rate_index: int, repeat: int) -> int:
         """A seed per run, so no two runs send the same prompts (a prefix cache kept across runs gains nothing)."""
@@ -236,7 +238,7 @@ def _summaries(suite: Suite, workload: WorkloadSpec, records: list[RequestRecord
 def _run_one(suite: Suite, workload: WorkloadSpec, rate: float, rate_index: int, repeat: int, url: str,
              tokenizer: TokenizerLike, server: str) -> tuple[RunResult, list[dict]]:
     seed = suite.seed_of(workload.name, rate_index, repeat)
-    config = workload.at(rate, suite.num_requests(rate), seed)
+    config = workload.at(rate, suite.num_requests(rate, workload.config.turns), seed)
     sent_slo = suite.slo.judged("tpot", config.slo_classes)  # what the client tells the server (x-slo-* headers)
     run = run_workload(build_workload(config, tokenizer), config, ClientConfig(base_url=url), sent_slo, tokenizer)
     summaries = _summaries(suite, workload, run.records, run.duration_s, run.offered_rate)

@@ -11,7 +11,7 @@ import re
 import weakref
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -64,6 +64,13 @@ class WorkloadConfig:
     system_prompt_tokens: int = field(default=0, metadata={
         "help": "every prompt opens with the same text of this many tokens (a shared system prompt, counted in the "
                 "prompt's length; seeded, so another seed gives another system prompt)"})
+    turns: int = field(default=1, metadata={
+        "help": "multi-turn conversations of this many requests: each arrival (or closed-loop slot) opens one, and "
+                "turn k+1 is sent after turn k's answer and a think time, with turn k's prompt, its answer and a "
+                "new user message as its prompt (the message's and answer's lengths drawn as a single request's, "
+                "capped so the last turn fits max_model_len). --rate counts conversations; --num-requests, turns"})
+    think_time_s: float = field(default=0.0, metadata={
+        "help": "multi-turn: mean think time between an answer and the next message (exponential, seeded)"})
     max_model_len: int = field(default=2048, metadata={
         "help": "prompt + output are capped to this, prompt first (at least 1 prompt token is kept)"})
     seed: int = field(default=0, metadata={"help": "seed for arrivals, lengths and prompt text"})
@@ -105,6 +112,10 @@ class WorkloadConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.system_prompt_tokens < 0:
             raise ValueError(f"system_prompt_tokens must be >= 0, got {self.system_prompt_tokens}")
+        if not 1 <= self.turns <= self.max_model_len // 2:
+            raise ValueError(f"turns must be from 1 to max_model_len / 2, got {self.turns}")
+        if not (math.isfinite(self.think_time_s) and self.think_time_s >= 0):
+            raise ValueError(f"think_time_s must be a finite number >= 0, got {self.think_time_s}")
         parse_slo_classes(self.slo_classes)
 
 
@@ -161,6 +172,10 @@ class BenchRequest:
     num_prompt_tokens: int
     max_tokens: int
     slo_class: str | None = None
+    # Multi-turn: a turn > 0 continues the request before it (index - 1), `think_s` after that one's answer, and
+    # its prompt is only the new user message; the client puts the conversation so far in front of it.
+    turn: int = 0
+    think_s: float = 0.0
 
 
 class TokenizerLike(Protocol):
@@ -185,23 +200,34 @@ def build_workload(config: WorkloadConfig, tokenizer: TokenizerLike) -> list[Ben
     lengths = _lengths(config, records)
     use_blocks = config.lengths == "trace" and records is not None
     builder = _PromptBuilder(_words(tokenizer), config.seed, max(1, round(MOONCAKE_BLOCK_TOKENS * config.length_scale)))
-    word_ids = [builder.word_ids(i, prompt, records[i].hash_ids if use_blocks else ())
-                for i, (prompt, _) in enumerate(lengths)]
-    if config.system_prompt_tokens:
+    turns = conversation_turns(config)
+    word_ids = [builder.word_ids(i, prompt, records[i].hash_ids if use_blocks and not turn else ())
+                for i, ((prompt, _), (turn, _)) in enumerate(zip(lengths, turns))]
+    if config.system_prompt_tokens:  # in front of a conversation's first message only: later turns extend it
         system = _system_prompt(config, len(builder.words))
-        word_ids = [np.concatenate((system, ids))[:len(ids)] for ids in word_ids]
+        word_ids = [ids if turn else np.concatenate((system, ids))[:len(ids)]
+                    for ids, (turn, _) in zip(word_ids, turns)]
     prompts = _verified_prompts(builder, word_ids, tokenizer)
-    return [BenchRequest(i, arrival, prompt, num_prompt_tokens, max_tokens, slo_class)
-            for i, (arrival, prompt, (num_prompt_tokens, max_tokens), slo_class)
-            in enumerate(zip(arrivals, prompts, lengths, _slo_classes(config)))]
+    return [BenchRequest(i, arrival, prompt, num_prompt_tokens, max_tokens, slo_class, turn, think_s)
+            for i, (arrival, prompt, (num_prompt_tokens, max_tokens), slo_class, (turn, think_s))
+            in enumerate(zip(arrivals, prompts, lengths, _slo_classes(config), turns))]
 
 
 def request_timings(config: WorkloadConfig) -> list[tuple[float | None, int, int, str | None]]:
     """(send time, prompt tokens, max_tokens, SLO class) of each request, exactly as `build_workload` gives
-    them, without the prompt text: what the simulator needs, at any trace size."""
+    them, without the prompt text: what the simulator needs, at any trace size (with `conversation_turns`)."""
     records = _records(config)
     return [(arrival, prompt, output, slo_class) for arrival, (prompt, output), slo_class
             in zip(_arrivals(config, records), _lengths(config, records), _slo_classes(config))]
+
+
+def conversation_turns(config: WorkloadConfig) -> list[tuple[int, float]]:
+    """(turn, think time in s) of each request: request i is turn i % turns of conversation i // turns; a
+    conversation's first turn has no think time."""
+    rng = np.random.default_rng([config.seed, 6])  # its own stream: arrivals and lengths stay put
+    think = rng.exponential(config.think_time_s, config.num_requests) if config.think_time_s else \
+        np.zeros(config.num_requests)
+    return [(i % config.turns, float(think[i]) if i % config.turns else 0.0) for i in range(config.num_requests)]
 
 
 def shared_prefixes(config: WorkloadConfig) -> list[tuple[int, ...]]:
@@ -211,19 +237,20 @@ def shared_prefixes(config: WorkloadConfig) -> list[tuple[int, ...]]:
     would; without a tokenizer, at any trace size."""
     records = _records(config)
     lengths = _lengths(config, records)
-    heads: list[tuple[int, ...]] = [()] * len(lengths)
+    heads: list[tuple[int, ...]] = [()] * len(lengths)  # a later turn's history is the simulator's to add
+    turns = conversation_turns(config)
     if config.lengths == "trace" and records is not None and any(r.hash_ids for r in records):
         builder = _PromptBuilder(np.arange(_MAX_WORDS), config.seed,
                                  max(1, round(MOONCAKE_BLOCK_TOKENS * config.length_scale)))
         named = Counter(h for r in records for h in r.hash_ids)
-        for i, (record, (prompt, _)) in enumerate(zip(records, lengths)):
+        for i, (record, (prompt, _), (turn, _)) in enumerate(zip(records, lengths, turns)):
             shared = list(itertools.takewhile(lambda h: named[h] > 1, record.hash_ids))
-            if shared:
+            if shared and not turn:
                 heads[i] = tuple(_INTS[w] for w in builder._blocks(np.array(shared, dtype=np.uint64)).ravel()[:prompt])
     if config.system_prompt_tokens:
         system = _system_prompt(config, _MAX_WORDS)
-        heads = [tuple(_INTS[w] for w in system[:prompt]) + head[:max(0, prompt - len(system))]
-                 for head, (prompt, _) in zip(heads, lengths)]
+        heads = [head if turn else tuple(_INTS[w] for w in system[:prompt]) + head[:max(0, prompt - len(system))]
+                 for head, (prompt, _), (turn, _) in zip(heads, lengths, turns)]
     return heads
 
 
@@ -259,7 +286,11 @@ def _records(config: WorkloadConfig) -> list[TraceRecord] | None:
 
 
 def _arrivals(config: WorkloadConfig, records: list[TraceRecord] | None) -> list[float | None]:
-    """Open-loop send times; the first request goes at 0 and gap i separates requests i and i + 1."""
+    """Open-loop send times; the first request goes at 0 and gap i separates requests i and i + 1. With turns,
+    conversation c opens at the c-th of these times and its later turns have none (they follow its answers)."""
+    if config.turns > 1:
+        starts = _arrivals(replace(config, turns=1), records)
+        return [None if i % config.turns else starts[i // config.turns] for i in range(config.num_requests)]
     n = config.num_requests
     if config.arrival == "concurrency":
         return [None] * n
@@ -294,7 +325,8 @@ def _lengths(config: WorkloadConfig, records: list[TraceRecord] | None) -> list[
         assert records is not None
         scale = config.length_scale
         raw = [(max(1, round(r.prompt_tokens * scale)), max(1, round(r.output_tokens * scale))) for r in records]
-    return [_cap(prompt, output, config.max_model_len) for prompt, output in raw]
+    # a conversation's turns share the context: each gets an equal part, so its last turn fits
+    return [_cap(prompt, output, config.max_model_len // config.turns) for prompt, output in raw]
 
 
 def _mixed_lengths(mix: tuple[LengthRange, ...], n: int, seed: int) -> list[tuple[int, int]]:

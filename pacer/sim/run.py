@@ -12,7 +12,7 @@ from pacer.bench.capacity import CapacityResult, search_capacity
 from pacer.bench.metrics import SLO, RequestRecord, Summary, records_json, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
 from pacer.bench.run import _offered_rate, _said, _save, _title, format_compare, format_summary, format_trial
-from pacer.bench.workload import WorkloadConfig, request_timings, shared_prefixes
+from pacer.bench.workload import WorkloadConfig, conversation_turns, request_timings, shared_prefixes
 from pacer.config import SchedulerConfig
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
@@ -120,9 +120,9 @@ def sim_requests(workload: WorkloadConfig, slo: SLO, send_ttft_slo: bool = True)
     slos = {None: slo} | {c.name: slo.of(c.name) for c in slo.classes}
     request_slos = {name: RequestSLO(ttft_s=s.ttft_s if send_ttft_slo else None, tbt_s=s.tbt_s)
                     for name, s in slos.items()}
-    return [SimRequest(i, arrival, prompt, output, request_slos[slo_class], slo_class, prefix)
-            for i, ((arrival, prompt, output, slo_class), prefix)
-            in enumerate(zip(request_timings(workload), shared_prefixes(workload)))]
+    return [SimRequest(i, arrival, prompt, output, request_slos[slo_class], slo_class, prefix, turn, think_s)
+            for i, ((arrival, prompt, output, slo_class), prefix, (turn, think_s))
+            in enumerate(zip(request_timings(workload), shared_prefixes(workload), conversation_turns(workload)))]
 
 
 @dataclass

@@ -50,6 +50,10 @@ class SimRequest:
     slo: SLO = field(default_factory=SLO)
     slo_class: str | None = None  # for the report, as the bench records it
     prefix: tuple[int, ...] = ()  # the head of its prompt that others share (token ids); the rest is its own
+    # Multi-turn, as the bench sends it: a turn > 0 follows the request before it in the workload, think_s after
+    # that one ends, and its prompt is that one's prompt and output, then its own num_prompt_tokens.
+    turn: int = 0
+    think_s: float = 0.0
 
     def prompt_token_ids(self) -> list[int]:
         """The shared head, then tokens no other request has: its index in base 255 (ids 1-255, so any model's
@@ -108,25 +112,30 @@ class Simulator:
         self._by_id: dict[str, RequestRecord] = {}  # by request id, as outputs name them
         self._live: dict[str, Request] = {}
         self._closed_loop: list[SimRequest] = []
+        self._next_turn: dict[int, SimRequest] = {}  # by the index of the turn it follows
+        self._history: dict[str, list[int]] = {}  # prompt + output ids of a turn that another follows, by request id
 
     def run(self, requests: Sequence[SimRequest], concurrency: int | None = None) -> list[RequestRecord]:
         """Simulate until every request has ended; records in request order. With `concurrency`, a closed loop:
-        that many requests start at 0 and each one that ends sends the next (arrival times are ignored)."""
+        that many conversations (single requests are conversations of one turn) start at 0 and each one that ends
+        sends the next (arrival times are ignored)."""
         self._records = {r.index: RequestRecord(r.index, r.num_prompt_tokens, r.max_tokens, r.arrival_s,
-                                                slo_class=r.slo_class) for r in requests}
+                                                slo_class=r.slo_class, turn=r.turn) for r in requests}
         if len(self._records) != len(requests):
             raise ValueError("request indices must be unique")
         self._by_id = {str(index): record for index, record in self._records.items()}
+        self._next_turn = {before.index: r for before, r in itertools.pairwise(requests) if r.turn}
+        starts = [r for i, r in enumerate(requests) if not (r.turn and i)]
         if concurrency is None:
-            for request in requests:
+            for request in starts:
                 if request.arrival_s is None:
                     raise ValueError(f"request {request.index} has no arrival time (closed loop needs concurrency)")
                 self._push(request.arrival_s, _ARRIVE, request)
         else:
             if concurrency < 1:
                 raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-            self._closed_loop = list(reversed(requests))
-            for _ in range(min(concurrency, len(requests))):
+            self._closed_loop = list(reversed(starts))
+            for _ in range(min(concurrency, len(starts))):
                 self._push(self.clock.now, _ARRIVE, self._closed_loop.pop())
         while self._events:
             time_s, kind, _, data = heapq.heappop(self._events)
@@ -157,8 +166,13 @@ class Simulator:
         now = self.clock.now
         record = self._records[sim.index]
         record.scheduled_s = record.sent_s = now
-        request = Request(str(sim.index), sim.prompt_token_ids(),
-                          SamplingParams(max_tokens=sim.max_tokens, ignore_eos=True), sim.slo, arrival_s=now)
+        prompt = self._history.pop(str(sim.index - 1), []) + sim.prompt_token_ids() if sim.turn else \
+            sim.prompt_token_ids()
+        record.num_prompt_tokens = len(prompt)
+        if sim.index in self._next_turn:
+            self._history[str(sim.index)] = list(prompt)
+        request = Request(str(sim.index), prompt, SamplingParams(max_tokens=sim.max_tokens, ignore_eos=True),
+                          sim.slo, arrival_s=now)
         try:
             self.replicas[0].engine.scheduler.check(request)  # what the server validates before queueing: a 400
             if self.decode is not None and sim.max_tokens > 1:
@@ -261,6 +275,8 @@ class Simulator:
         for output in outputs:
             record = self._by_id[output.request_id]
             record.token_times_s.extend([now] * len(output.new_token_ids))
+            if output.request_id in self._history:  # the next turn's prompt holds this answer
+                self._history[output.request_id].extend(output.new_token_ids)
             if not output.finished or output.request_id in self._in_transfer:
                 continue
             request = self._live.pop(output.request_id)
@@ -276,7 +292,16 @@ class Simulator:
                 self._ended(record, "ok", None, None)
 
     def _ended(self, record: RequestRecord, status: str, kind: str | None, error: str | None) -> None:
+        """As the bench client ends a request: the conversation's next turn follows an answer after its think
+        time, and is refused unsent (as are the turns after it) if this one was not answered."""
         record.status, record.error_kind, record.error = status, kind, error
         record.finished_s = self.clock.now
+        follow = self._next_turn.pop(record.index, None)
+        if follow is not None:
+            if status == "ok":
+                return self._push(self.clock.now + follow.think_s, _ARRIVE, follow)
+            self._history.pop(str(record.index), None)
+            return self._ended(self._records[follow.index], "rejected", "conversation_ended",
+                               f"not sent: turn {record.turn} was {status} ({kind})")
         if self._closed_loop:
             self._push(self.clock.now, _ARRIVE, self._closed_loop.pop())

@@ -68,3 +68,21 @@ def test_compare_starts_each_configuration_and_reports_side_by_side(tiny_model_d
     # each server's log and final /metrics are named after the report, so runs sharing a folder keep their own
     assert "pacer:iteration_time_seconds" in (tmp_path / "run1-external.metrics.txt").read_text()
     assert (tmp_path / "run1-fcfs.log").stat().st_size > 0
+
+
+def test_a_multi_turn_run_finds_each_conversation_so_far_in_the_servers_prefix_cache(tiny_server, tiny_model_dir,
+                                                                                       tmp_path):
+    out = tmp_path / "report.json"
+    rc = main(["bench", "run", "--base-url", tiny_server.url, "--api-key", API_KEY, "--tokenizer", str(tiny_model_dir),
+               "--num-requests", "6", "--arrival", "concurrency", "--concurrency", "2", "--turns", "3",
+               "--prompt-tokens", "40", "--output-tokens", "8", "--max-model-len", "240", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["summary"]["num_completed"] == 6
+    turns = [(r["turn"], r["num_prompt_tokens"]) for r in report["requests"]]
+    assert [t for t, _ in turns] == [0, 1, 2, 0, 1, 2]
+    # as the server counted it: each later turn's prompt holds the turns before, their answers and its message
+    for (_, before), (turn, after) in zip(turns, turns[1:]):
+        if turn:
+            assert after >= before + 8 + 40 - 2  # a few tokens may merge where the texts join
+    assert report["summary"]["ttft_later_turns_s"]["p50"] > 0
+    assert report["prefix_cache_hit_rate"] > 0.3  # the history of 4 of 6 requests, in full blocks

@@ -54,7 +54,7 @@ SEEN_BODIES: list[dict] = []
 async def _completions(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     SEEN_BODIES.append(body)
-    prompt = body["prompt"]
+    prompt = body["prompt"].rsplit("|", 1)[-1]  # a later turn: the script is its new message's
     SEEN_HEADERS.append({k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-slo")})
     if prompt == "busy":
         return web.json_response({"error": {"message": "busy"}}, status=429, headers={"Retry-After": "7"})
@@ -70,7 +70,8 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _run(prompts: list[str], slo: SLO | None = None, classes: list[str | None] | None = None) -> list[RequestRecord]:
+async def _run(prompts: list[str], slo: SLO | None = None, classes: list[str | None] | None = None,
+               turns: list[int] | None = None) -> list[RequestRecord]:
     app = web.Application()
     app.router.add_post("/v1/completions", _completions)
     runner = web.AppRunner(app)
@@ -82,7 +83,9 @@ async def _run(prompts: list[str], slo: SLO | None = None, classes: list[str | N
         client = LoadClient(ClientConfig(base_url=f"http://127.0.0.1:{port}", model="scripted"), slo=slo,
                             count_tokens=lambda text: len(text.split()))
         classes = classes or [None] * len(prompts)
-        requests = [BenchRequest(i, 0.0, prompt, 1, 3, c) for i, (prompt, c) in enumerate(zip(prompts, classes))]
+        turns = turns or [0] * len(prompts)
+        requests = [BenchRequest(i, None if turn else 0.0, prompt, 1, 3, c, turn, think_s=0.05 * turn)
+                    for i, (prompt, c, turn) in enumerate(zip(prompts, classes, turns))]
         return await client.run(requests)
     finally:
         await runner.cleanup()
@@ -143,3 +146,22 @@ def test_token_counts_off_the_final_usage_are_flagged_both_ways():
     assert (under.status, under.token_count_error) == ("ok", -2)  # 1 content chunk, usage says 3
     summary = summarize([over, under], SLO(), duration_s=1.0)
     assert summary.num_token_count_mismatch == 2
+
+
+def test_a_conversations_turns_carry_the_exchange_so_far_and_end_at_a_refusal():
+    SEEN_BODIES.clear()
+    prompts = ["|split", "|split", "|split", "|split", "|busy", "|split"]
+    records = asyncio.run(_run(prompts, turns=[0, 1, 2, 0, 1, 2]))
+    sent = {body["prompt"] for body in SEEN_BODIES}
+    # each later turn: the turns before, each followed by its answer ("a" x 3), then its own message
+    assert {"|split", "|splitaaa|split", "|splitaaa|splitaaa|split", "|splitaaa|busy"} == sent
+    assert len(SEEN_BODIES) == 5  # the turn after the refusal is never sent
+    assert [(r.turn, r.status) for r in records] == [(0, "ok"), (1, "ok"), (2, "ok"), (0, "ok"), (1, "rejected"),
+                                                     (2, "rejected")]
+    assert records[5].error_kind == "conversation_ended" and records[5].sent_s is None
+    # sent a think time after the answer before it, and timed from then
+    assert records[1].sent_s - records[0].finished_s >= 0.045
+    assert records[1].scheduled_s <= records[1].sent_s < records[1].scheduled_s + 0.01
+    assert records[2].num_prompt_tokens == 1  # as the server's usage counted it
+    summary = summarize(records, SLO(), duration_s=1.0)
+    assert summary.ttft_later_turns_s["p50"] > 0 and summary.num_rejected == 2

@@ -371,3 +371,26 @@ def test_malformed_rows_name_the_file_and_line(tmp_path, name, text, line, messa
 def test_empty_trace_is_an_error(tmp_path):
     with pytest.raises(TraceError, match=r"e\.csv:1: empty trace"):
         read_trace(write(tmp_path, "e.csv", "\n"))
+
+
+def test_conversations_open_at_the_arrivals_and_their_later_turns_follow_answers(tokenizer):
+    config = WorkloadConfig(num_requests=12, rate=2.0, turns=3, think_time_s=5.0, prompt_tokens=40, output_tokens=20,
+                            system_prompt_tokens=16, max_model_len=150)
+    requests = build_workload(config, tokenizer)
+    single = build_workload(dataclasses.replace(config, turns=1, think_time_s=0.0), tokenizer)
+    assert [r.turn for r in requests] == [0, 1, 2] * 4
+    # a conversation opens at each of the first 4 Poisson arrivals (--rate counts conversations); later turns
+    # have no send time of their own, only a think time
+    assert [r.arrival_s for r in requests if not r.turn] == [r.arrival_s for r in single[:4]]
+    assert all(r.arrival_s is None and r.think_s > 0 for r in requests if r.turn)
+    assert all(r.think_s == 0 for r in requests if not r.turn)
+    # each turn's message and answer get an equal part of the context, so the last turn fits
+    assert all(r.num_prompt_tokens + r.max_tokens <= 150 // 3 for r in requests)
+    # the system prompt opens a conversation's first message only: a later turn's prompt already holds it
+    opening = tokenizer.decode(tokenizer.encode(requests[0].prompt)[:16])
+    assert all(r.prompt.startswith(opening) == (not r.turn) for r in requests)
+    from pacer.bench.workload import shared_prefixes
+
+    assert [len(head) for head in shared_prefixes(config)] == [16, 0, 0] * 4
+    with pytest.raises(ValueError, match="turns"):
+        WorkloadConfig(turns=0)

@@ -59,7 +59,7 @@ class Logged(SimExecutor):
         return super().execute(plan)
 
 
-def simulate(policy: str, executor, prefix_caching: bool = False) -> list:
+def simulate(policy: str, executor, prefix_caching: bool = False, turns: int = 1) -> list:
     clock = VirtualClock()
     planning = LinearLatencyModel([1e-3, 5e-5, 0.0, 0.0, 0.0, 0.0], ())  # the scheduler's model, in both runs
     config = SchedulerConfig(scheduler=policy, max_num_seqs=6, max_num_batched_tokens=32, drop_expired=True)
@@ -71,24 +71,28 @@ def simulate(policy: str, executor, prefix_caching: bool = False) -> list:
     # repeats the head of the one before it
     system = tuple(range(30, 38))
     heads = [system + ((40 + i // 3,) * 8 if i % 3 else ()) for i in range(24)] if prefix_caching else [()] * 24
-    requests = [SimRequest(i, 0.002 * i, 10 + (7 * i) % 30, 6 + i % 5, slo, prefix=heads[i]) for i in range(24)]
+    # with turns, conversations: turn k + 1 of one is sent 3 ms after turn k's answer, its prompt opening with it
+    requests = [SimRequest(i, None if i % turns else 0.002 * i, 3 + i % 4 if i % turns else 10 + (7 * i) % 30, 6 + i % 5, slo,
+                           prefix=() if i % turns else heads[i], turn=i % turns, think_s=0.003) for i in range(24)]
     records = Simulator([engine], clock).run(requests)
     assert scheduler.kv.num_free_blocks == NUM_BLOCKS
     return [(r.status, r.token_times_s) for r in records]
 
 
-@pytest.mark.parametrize("prefix_caching", [False, True])
+@pytest.mark.parametrize(("prefix_caching", "turns"), [(False, 1), (True, 1), (True, 3)])
 @pytest.mark.parametrize("policy", ["sarathi", "slo"])
-def test_simulator_and_runner_make_the_same_decisions(policy, prefix_caching):
+def test_simulator_and_runner_make_the_same_decisions(policy, prefix_caching, turns):
     runner = tiny_runner(NUM_BLOCKS, BLOCK_SIZE)
     simulate(policy, Recording(runner))  # warm-up: a first iteration can take 100 ms, and expire the whole queue
     real = Recording(runner)
-    real_records = simulate(policy, real, prefix_caching)
+    real_records = simulate(policy, real, prefix_caching, turns)
     sim = Logged(Replay(real.times))
-    sim_records = simulate(policy, sim, prefix_caching)
+    sim_records = simulate(policy, sim, prefix_caching, turns)
     assert len(real.plans) > 20
     assert sim.plans == real.plans
     assert sim_records == real_records  # same clock, so the same token times and outcomes
-    if policy == "slo":
+    if turns > 1:  # later turns ran, on the KV their conversations left
+        assert sum(status == "ok" for i, (status, _) in enumerate(real_records) if i % turns) >= 8
+    if policy == "slo" and turns == 1:
         assert any(preempted for _, preempted, _ in real.plans)
         assert {status for status, _ in real_records} >= {"ok"}

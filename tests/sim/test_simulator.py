@@ -195,3 +195,22 @@ def test_the_workloads_shared_heads_are_what_the_bench_prompts_share():
         assert len(head) <= len(named_elsewhere) * block
     second = next(i for i, r in enumerate(records[1:], 1) if r.hash_ids[0] == records[0].hash_ids[0])
     assert len(heads[0]) >= block and heads[0][:block] == heads[second][:block]  # one block, the same tokens
+
+
+def test_a_conversations_later_turns_find_the_turns_before_in_the_prefix_cache():
+    """10 ms + 1 ms a token, 16-token blocks. Turn 1 follows turn 0's answer after 0.5 s of thought; its prompt is
+    turn 0's 40 prompt tokens, its 9 output tokens and 20 of its own: the 48 full-block tokens of that history
+    are cached, so it prefills 21 tokens (31 ms), not 69 (79 ms). A refused turn ends its conversation."""
+    requests = [SimRequest(0, 0.0, 40, 9), SimRequest(1, None, 20, 4, turn=1, think_s=0.5),
+                SimRequest(2, 0.0, 5000, 4), SimRequest(3, None, 20, 4, turn=1, think_s=0.5)]
+    for caching, ttft in ((False, 0.079), (True, 0.031)):
+        records = simulator(linear(), prefix_caching=caching, max_num_batched_tokens=512).run(requests)
+        first, later = records[0], records[1]
+        assert later.sent_s == pytest.approx(first.finished_s + 0.5)
+        assert later.num_prompt_tokens == 69 and later.turn == 1
+        assert later.token_times_s[0] - later.sent_s == pytest.approx(ttft)
+        assert [(r.status, r.error_kind) for r in records[2:]] == [("failed", "http_4xx"),
+                                                                   ("rejected", "conversation_ended")]
+    closed = simulator(linear(), max_num_batched_tokens=512).run(requests[:2] + [SimRequest(2, None, 8, 2)],
+                                                                 concurrency=1)
+    assert closed[2].sent_s == pytest.approx(closed[1].finished_s)  # one slot: the conversation held it to its end
