@@ -211,8 +211,12 @@ def _sim_engine_flags(parser: argparse.ArgumentParser) -> None:
 def _slo(args: argparse.Namespace) -> SLO:
     from pacer.bench.metrics import SLO, parse_slo_classes
 
-    return SLO(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tbt_ms), tbt_stat=args.tbt_stat,
-               classes=parse_slo_classes(args.slo_classes))
+    if args.slo_tpot_ms is not None and args.slo_tbt_ms is not None:
+        raise ValueError("a run is judged by one decode SLO: --slo-tpot-ms (the mean gap) or --slo-tbt-ms (the p99 "
+                         "gap), not both")
+    tpot = args.slo_tpot_ms is not None
+    return SLO(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tpot_ms if tpot else args.slo_tbt_ms),
+               tbt_stat="mean" if tpot else "p99", classes=parse_slo_classes(args.slo_classes))
 
 
 def _compare_configs(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -259,9 +263,12 @@ def _bench_flags(parser: argparse.ArgumentParser) -> None:
 def _report_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("SLO and report")
     group.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO in ms (default: none)")
-    group.add_argument("--slo-tbt-ms", type=float, default=None, help="TBT SLO in ms (default: none)")
-    group.add_argument("--tbt-stat", choices=("p99", "mean"), default="p99",
-                       help="a request meets the TBT SLO if this statistic of its gaps is within it")
+    group.add_argument("--slo-tpot-ms", type=float, default=None,
+                       help="TPOT SLO in ms: a request meets it if its mean gap after the first token is within it "
+                            "(sent as x-slo-tpot-ms; default: none)")
+    group.add_argument("--slo-tbt-ms", type=float, default=None,
+                       help="TBT SLO in ms: a request meets it if its p99 gap is within it (sent as x-slo-tbt-ms; "
+                            "default: none)")
     group.add_argument("--out", type=Path, default=None, help="write the JSON report (every request's timings) here")
     group.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNG plots into DIR")
     return group

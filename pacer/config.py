@@ -109,8 +109,12 @@ class ServerConfig:
     access_log: bool = field(default=False, metadata=_help("log every HTTP request"))
     slo_ttft_ms: float | None = field(default=None, metadata=_help(
         "TTFT SLO for requests that set none (body ttft_slo_ms or header x-slo-ttft-ms); default: none"))
+    slo_tpot_ms: float | None = field(default=None, metadata=_help(
+        "TPOT SLO (mean time per output token after the first) for requests that set none (body tpot_slo_ms or "
+        "header x-slo-tpot-ms); default: none"))
     slo_tbt_ms: float | None = field(default=None, metadata=_help(
-        "TBT SLO for requests that set none (body tbt_slo_ms or header x-slo-tbt-ms); default: none"))
+        "TBT SLO (every gap between tokens) for requests that set none (body tbt_slo_ms or header x-slo-tbt-ms); "
+        "default: none"))
     engine_process: bool | None = field(default=None, metadata=_help(
         "run the engine in a process of its own, apart from the HTTP front end, so the two never share the GIL "
         "(default: on with a CUDA device, where a step is many short GIL-holding torch calls; off on a CPU)"))
@@ -122,7 +126,7 @@ class ServerConfig:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
-        for name in ("slo_ttft_ms", "slo_tbt_ms"):
+        for name in ("slo_ttft_ms", "slo_tpot_ms", "slo_tbt_ms"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

@@ -78,11 +78,20 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class SLO:
-    """The latency a request was promised; None means no promise on that metric."""
+    """The latency a request was promised; None means no promise on that metric. TPOT is the common decode SLO
+    (DistServe, vLLM's and guidellm's benchmarks): the mean time per output token after the first, so a request
+    ahead of it has slack to absorb a long iteration. TBT is the strict one: every gap."""
 
     ttft_s: float | None = None
     tbt_s: float | None = None
+    tpot_s: float | None = None
     priority: int = 0  # lower is more important (as vLLM)
+
+    @property
+    def decode_s(self) -> float | None:
+        """The tightest per-token pace promised (TBT or TPOT): what a sustained iteration must not exceed."""
+        paces = [s for s in (self.tbt_s, self.tpot_s) if s is not None]
+        return min(paces) if paces else None
 
 
 @dataclass
@@ -160,6 +169,17 @@ class Request:
         if self.slo.ttft_s is None or self.arrival_s is None:
             return math.inf
         return self.arrival_s + self.slo.ttft_s
+
+    @property
+    def next_token_deadline_s(self) -> float:
+        """When its next output token is due: within TBT of the last one, and early enough that its mean gap so far
+        stays within TPOT (output token k, counted from 0 at the first, by first + k x TPOT); inf if neither."""
+        due = math.inf
+        if self.slo.tbt_s is not None and self.last_token_s is not None:
+            due = self.last_token_s + self.slo.tbt_s
+        if self.slo.tpot_s is not None and self.first_token_s is not None:
+            due = min(due, self.first_token_s + self.slo.tpot_s * self.num_output_tokens)
+        return due
 
 
 @dataclass(slots=True)

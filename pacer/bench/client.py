@@ -33,8 +33,8 @@ class ClientConfig:
         "help": "force each output to max_tokens (dropped, and said in the report, if the server refuses it)"})
     timeout_s: float = field(default=600.0, metadata={"help": "per-request timeout in seconds"})
     send_slo: bool = field(default=True, metadata={
-        "help": "send the run's SLO with every request as x-slo-ttft-ms / x-slo-tbt-ms headers (pacer plans "
-                "with them; other servers ignore them)"})
+        "help": "send the run's SLO with every request as x-slo-ttft-ms and x-slo-tpot-ms (or x-slo-tbt-ms) "
+                "headers (pacer plans with them; other servers ignore them)"})
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("completions", "chat"):
@@ -261,6 +261,8 @@ def _conversations(requests: list[BenchRequest]) -> list[list[BenchRequest]]:
 
 
 def _slo_headers(slo: SLO) -> dict[str, str]:
-    """The SLO as pacer reads it from a request (other servers ignore the headers)."""
-    return {name: f"{seconds * 1e3:g}" for name, seconds in (("x-slo-ttft-ms", slo.ttft_s), ("x-slo-tbt-ms", slo.tbt_s))
+    """The SLO as pacer reads it from a request (other servers ignore the headers): a run judged on the mean gap
+    promises a TPOT, one judged on the p99 gap a TBT."""
+    decode = "x-slo-tpot-ms" if slo.tbt_stat == "mean" else "x-slo-tbt-ms"
+    return {name: f"{seconds * 1e3:g}" for name, seconds in (("x-slo-ttft-ms", slo.ttft_s), (decode, slo.tbt_s))
             if seconds is not None}

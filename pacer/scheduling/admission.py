@@ -46,7 +46,7 @@ class QueueSnapshot:
     # generate) of every request not yet past its prompt
     queue: tuple[tuple[int, float, int, int, int], ...]
     decodes: tuple[tuple[int, int], ...]  # (context, output tokens it may still generate) of each running decode
-    tbt_limit_s: float  # the tightest TBT SLO among the requests (inf if none)
+    tbt_limit_s: float  # the tightest decode pace (TBT or TPOT SLO) among the requests (inf if none)
     token_budget: int  # the policy's cap on tokens per iteration
     max_request_tokens: int  # where a request without max_tokens stops
 
@@ -169,7 +169,7 @@ class QueueTimes:
         # stable: ties stay in arrival order, as the scheduler has them
         queue = sorted((*snapshot.queue, *added), key=lambda entry: entry[:2])
         keys = [(priority, deadline) for priority, deadline, *_ in queue]
-        tbt = min((snapshot.tbt_limit_s, *(r.slo.tbt_s for r in pending if r.slo.tbt_s is not None)))
+        tbt = min((snapshot.tbt_limit_s, *(r.slo.decode_s for r in pending if r.slo.decode_s is not None)))
         budget = snapshot.token_budget
         decodes = _Decodes()
         for context, to_go in snapshot.decodes:

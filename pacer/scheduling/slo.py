@@ -2,9 +2,10 @@
 
 1. Running decodes first, always.
 2. The prefill tokens of an iteration are the most whose *predicted* iteration time fits the tightest
-   TBT slack among running requests, less the model's learned error margin; `max_num_batched_tokens`
-   is only a cap. A request starts only while the decodes, with it, leave room for a minimum chunk:
-   the TBT SLO bounds the batch.
+   slack among running requests (until its next token is due: TBT after its last, or on its TPOT pace
+   since its first), less the model's learned error margin; `max_num_batched_tokens` is only a cap. A
+   request ahead of its TPOT pace lends that slack to a long prefill chunk. A request starts only while
+   the decodes, with it, leave room for a minimum chunk: the decode pace (TBT or TPOT) bounds the batch.
 3. Prefills in priority order, then TTFT deadline (EDF), with aging so nothing starves; a prompt already
    under way is in the same order, so it yields its chunks to a more urgent one that arrives after it.
 4. Under KV pressure, preempt the least important request with the least sunk work, and none more
@@ -54,9 +55,10 @@ class SloScheduler(Scheduler):
         for request in expired:
             self.finish(request.request_id, FinishReason.EXPIRED)
         self._time_limit_s = self.iteration_time_limit(now)
-        # Can the tightest TBT be kept at all, by one decode beside a minimum chunk? Then it bounds the batch:
-        # requests start only while the decodes leave room, and no chunk overruns it. If not, it is lost
-        # whatever we do, and prefills keep a minimum chunk each iteration rather than run one request at a time.
+        # Can the tightest slack be kept at all, by one decode beside a minimum chunk? Then the decode pace
+        # bounds the batch: requests start only while the decodes leave room, and no chunk overruns the slack.
+        # If not, it is lost whatever we do, and prefills keep a minimum chunk each iteration rather than run one
+        # request at a time.
         self._tbt_bounds_batch = self.latency.predict(BatchShape().with_decode(1).with_chunk(MIN_CHUNK, 0)) \
             <= self._time_limit_s
         plan = super().schedule(now)
@@ -64,10 +66,9 @@ class SloScheduler(Scheduler):
         return plan
 
     def iteration_time_limit(self, now: float) -> float:
-        """The tightest TBT slack among running decodes (time until each one's next token is due), less the
-        latency model's error margin for as many decodes; inf when no running request has a TBT SLO."""
-        slacks = [r.last_token_s + r.slo.tbt_s - now for r in self.running
-                  if r.slo.tbt_s is not None and r.last_token_s is not None]
+        """The tightest slack among running decodes (time until each one's next token is due, by its TBT or its
+        TPOT pace), less the latency model's error margin for as many decodes; inf when none has a decode SLO."""
+        slacks = [due - now for due in (r.next_token_deadline_s for r in self.running) if due < math.inf]
         if not slacks:
             return math.inf
         return max(0.0, min(slacks)) / (1 + self.latency.margin(len(slacks)))
@@ -92,16 +93,20 @@ class SloScheduler(Scheduler):
 
     def decodes_leave_room(self, request: Request, plan: SchedulerOutput) -> bool:
         """May `request` start? Once it and every started prefill decode beside this plan's decodes, an iteration
-        with them and a `MIN_CHUNK` chunk must still fit the time limit. Otherwise the batch would grow until the
-        decodes alone overrun their TBT SLO (the progress chunk, which started requests always get, overruns
-        first): the TBT SLO bounds how many requests may decode at once, as KV bounds it for memory."""
+        with them and a `MIN_CHUNK` chunk must still fit the time limit, and the pace the decodes were promised
+        (TBT or TPOT: slack lent now is not there for ever). Otherwise the batch would grow until the decodes
+        alone overrun their pace (the progress chunk, which started requests always get, overruns first): the
+        decode SLO bounds how many requests may decode at once, as KV bounds it for memory."""
         shape = plan.shape
         future = BatchShape(num_decodes=shape.num_decodes, decode_context=shape.decode_context)
         for other in self.running:
             if other.is_prefilling:
                 future = future.with_decode(other.num_tokens)
         future = future.with_decode(request.num_tokens).with_chunk(MIN_CHUNK, 0)
-        return self.latency.predict(future) <= self._time_limit_s
+        # (a TBT slack is never above its TBT; a TPOT slack may be, while the request is ahead of its pace)
+        paces = [r.slo.tpot_s for r in (*self.running, request) if r.slo.tpot_s is not None]
+        limit = min(self._time_limit_s, min(paces) / (1 + self.latency.margin(len(paces))) if paces else math.inf)
+        return self.latency.predict(future) <= limit
 
     def victim(self, plan: SchedulerOutput) -> Request:
         candidates = [r for r in self.running if r.num_preemptions < MAX_PREEMPTIONS] or self.running
@@ -122,6 +127,6 @@ class SloScheduler(Scheduler):
                               request.num_computed_tokens, to_go))
             else:
                 decodes.append((request.num_tokens, to_go))
-            if request.slo.tbt_s is not None:
-                tbt = min(tbt, request.slo.tbt_s)
+            if request.slo.decode_s is not None:
+                tbt = min(tbt, request.slo.decode_s)
         return QueueSnapshot(tuple(queue), tuple(decodes), tbt, self.token_budget, self.max_request_tokens)

@@ -25,8 +25,16 @@ class Choice:
     num_cached_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)
+    first_token_s: float | None = None
     last_token_s: float | None = None
     max_tbt_s: float = 0.0
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.first_token_s is None or self.last_token_s is None or self.num_tokens < 2:
+            return None
+        return (self.last_token_s - self.first_token_s) / (self.num_tokens - 1)
 
 
 class Call:
@@ -50,6 +58,7 @@ class Call:
             if choice.last_token_s is None:
                 self.metrics.ttft.observe(now - self.arrival_s)
                 self.first_token_s = self.first_token_s or now
+                choice.first_token_s = now
             else:
                 self.metrics.itl.observe(now - choice.last_token_s)
                 choice.max_tbt_s = max(choice.max_tbt_s, now - choice.last_token_s)
@@ -69,12 +78,15 @@ class Call:
         return all(c.finish_reason is not None for c in self.choices.values())
 
     def report(self) -> SLOReport:
-        """The call's measured TTFT and longest token gap against its SLO (the `pacer` response field)."""
+        """The call's measured TTFT, TPOT and longest token gap against its SLO (the `pacer` response field)."""
         ttft = None if self.first_token_s is None else self.first_token_s - self.arrival_s
         max_tbt = max(c.max_tbt_s for c in self.choices.values())
+        tpot = max((c.tpot_s for c in self.choices.values() if c.tpot_s is not None), default=None)
         met = ((self.slo.ttft_s is None or (ttft is not None and ttft <= self.slo.ttft_s))
+               and (self.slo.tpot_s is None or tpot is None or tpot <= self.slo.tpot_s)
                and (self.slo.tbt_s is None or max_tbt <= self.slo.tbt_s))
-        return SLOReport(ttft_ms=_ms(ttft), max_tbt_ms=_ms(max_tbt), ttft_slo_ms=_ms(self.slo.ttft_s),
+        return SLOReport(ttft_ms=_ms(ttft), tpot_ms=_ms(tpot), max_tbt_ms=_ms(max_tbt),
+                         ttft_slo_ms=_ms(self.slo.ttft_s), tpot_slo_ms=_ms(self.slo.tpot_s),
                          tbt_slo_ms=_ms(self.slo.tbt_s), slo_met=met)
 
     def usage(self) -> Usage:
@@ -90,6 +102,7 @@ def request_slo(body: SamplingRequest, headers: Mapping[str, str], default: SLO)
     """The body's SLO fields, else the x-slo-* headers, else the server's defaults."""
     values = {}
     for name, header, fallback in (("ttft_slo_ms", "x-slo-ttft-ms", default.ttft_s),
+                                   ("tpot_slo_ms", "x-slo-tpot-ms", default.tpot_s),
                                    ("tbt_slo_ms", "x-slo-tbt-ms", default.tbt_s)):
         ms = getattr(body, name)
         if ms is None and header in headers:
@@ -101,7 +114,8 @@ def request_slo(body: SamplingRequest, headers: Mapping[str, str], default: SLO)
                 raise invalid(f"header {header} must be a number of milliseconds in (0, 3600000], got "
                               f"{headers[header]!r}", header)
         values[name] = fallback if ms is None else ms / 1e3
-    return SLO(ttft_s=values["ttft_slo_ms"], tbt_s=values["tbt_slo_ms"], priority=body.priority)
+    return SLO(ttft_s=values["ttft_slo_ms"], tbt_s=values["tbt_slo_ms"], tpot_s=values["tpot_slo_ms"],
+               priority=body.priority)
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -73,8 +73,10 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
-    # pacer's SLO extension (also as headers x-slo-ttft-ms / x-slo-tbt-ms; server defaults otherwise)
+    # pacer's SLO extension (also as headers x-slo-ttft-ms / x-slo-tpot-ms / x-slo-tbt-ms; server defaults
+    # otherwise): TPOT is the mean time per output token after the first, TBT every gap
     ttft_slo_ms: float | None = Field(None, gt=0, le=3.6e6)
+    tpot_slo_ms: float | None = Field(None, gt=0, le=3.6e6)
     tbt_slo_ms: float | None = Field(None, gt=0, le=3.6e6)
     priority: int = Field(0, ge=-(2**31), lt=2**31)  # lower is more important (as vLLM)
 
@@ -161,11 +163,14 @@ class CompletionLogprobs(BaseModel):
 
 class SLOReport(BaseModel):
     """pacer's extension on a call's last chunk (and non-streamed body): what the server measured for this
-    call (TTFT from HTTP arrival, the longest gap between tokens of any choice) against its SLO."""
+    call (TTFT from HTTP arrival; of any choice, the longest mean gap after the first token and the longest gap)
+    against its SLO."""
 
     ttft_ms: float | None = None
+    tpot_ms: float | None = None
     max_tbt_ms: float | None = None
     ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
     tbt_slo_ms: float | None = None
     slo_met: bool
 

@@ -118,7 +118,9 @@ def sim_requests(workload: WorkloadConfig, slo: SLO, send_ttft_slo: bool = True)
     """The bench workload's requests (same seed, same times and lengths), carrying the run's SLO as `pacer bench`
     sends it (less its TTFT part unless `send_ttft_slo`)."""
     slos = {None: slo} | {c.name: slo.of(c.name) for c in slo.classes}
-    request_slos = {name: RequestSLO(ttft_s=s.ttft_s if send_ttft_slo else None, tbt_s=s.tbt_s)
+    request_slos = {name: RequestSLO(ttft_s=s.ttft_s if send_ttft_slo else None,
+                                     tbt_s=s.tbt_s if s.tbt_stat == "p99" else None,
+                                     tpot_s=s.tbt_s if s.tbt_stat == "mean" else None)
                     for name, s in slos.items()}
     return [SimRequest(i, arrival, prompt, output, request_slos[slo_class], slo_class, prefix, turn, think_s)
             for i, ((arrival, prompt, output, slo_class), prefix, (turn, think_s))

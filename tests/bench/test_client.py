@@ -113,8 +113,10 @@ def test_the_runs_slo_travels_as_headers():
     SEEN_HEADERS.clear()
     asyncio.run(_run(["split"], slo=SLO(ttft_s=2.5, tbt_s=0.2)))
     asyncio.run(_run(["split"], slo=SLO(ttft_s=None, tbt_s=0.05)))
+    asyncio.run(_run(["split"], slo=SLO(ttft_s=3.0, tbt_s=0.2, tbt_stat="mean")))  # judged on TPOT, promised TPOT
     asyncio.run(_run(["split"]))
-    assert SEEN_HEADERS == [{"x-slo-ttft-ms": "2500", "x-slo-tbt-ms": "200"}, {"x-slo-tbt-ms": "50"}, {}]
+    assert SEEN_HEADERS == [{"x-slo-ttft-ms": "2500", "x-slo-tbt-ms": "200"}, {"x-slo-tbt-ms": "50"},
+                            {"x-slo-ttft-ms": "3000", "x-slo-tpot-ms": "200"}, {}]
 
 
 def test_a_requests_class_slo_travels_with_it():

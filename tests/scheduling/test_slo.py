@@ -28,15 +28,16 @@ def slo_scheduler(**kwargs):
 
 
 def request(rid: str, prompt_len: int, ttft_s: float | None = None, tbt_s: float | None = None, priority: int = 0,
-            arrival_s: float = 0.0, max_tokens: int = 50):
+            arrival_s: float = 0.0, max_tokens: int = 50, tpot_s: float | None = None):
     r = make_request(rid, prompt_len, max_tokens=max_tokens, arrival_s=arrival_s, ignore_eos=True)
-    r.slo = SLO(ttft_s=ttft_s, tbt_s=tbt_s, priority=priority)
+    r.slo = SLO(ttft_s=ttft_s, tbt_s=tbt_s, tpot_s=tpot_s, priority=priority)
     return r
 
 
-def decoding(scheduler, rid: str, tbt_s: float, now: float = 0.0, max_tokens: int = 50):
+def decoding(scheduler, rid: str, tbt_s: float | None, now: float = 0.0, max_tokens: int = 50,
+             tpot_s: float | None = None):
     """A request past its prompt (first token at `now`), so it decodes from the next iteration on."""
-    r = request(rid, 8, tbt_s=tbt_s, arrival_s=now, max_tokens=max_tokens)
+    r = request(rid, 8, tbt_s=tbt_s, tpot_s=tpot_s, arrival_s=now, max_tokens=max_tokens)
     scheduler.add(r)
     step(scheduler, now)
     assert r.num_output_tokens == 1 and not r.is_prefilling
@@ -99,6 +100,52 @@ def test_a_request_starts_only_while_the_decodes_leave_room_for_it():
     plan, _ = step(scheduler, now=0.0)
     assert plan.num_scheduled_tokens["b"] == MIN_CHUNK + 2  # the room the two freed, beside room - 18 decodes
     assert "one" not in plan.num_scheduled_tokens and plan.predicted_s <= limit
+
+
+def test_a_request_ahead_of_its_tpot_pace_lends_its_slack_to_a_long_chunk():
+    """First token at 0, five more at 10-50 ms: under a 100 ms TPOT its 7th token is due at 0.6 s, so at 50 ms an
+    iteration may run 550 ms; under a 100 ms TBT it is due 100 ms after the last, so 100 ms."""
+    chunks = {}
+    for kind in ("tpot", "tbt"):
+        scheduler = slo_scheduler()
+        a = decoding(scheduler, "a", **{"tbt_s": None, f"{kind}_s": 0.1})
+        for k in range(1, 6):
+            step(scheduler, now=0.01 * k)
+        assert a.num_output_tokens == 6
+        assert a.next_token_deadline_s == pytest.approx(0.6 if kind == "tpot" else 0.15)
+        scheduler.add(request("b", 1000))
+        plan = scheduler.schedule(now=0.05)
+        chunks[kind] = plan.num_scheduled_tokens["b"]
+        slack = 0.55 if kind == "tpot" else 0.1
+        assert chunks[kind] == math.floor((slack / (1 + MARGIN) - 0.010) / 0.001) - 1
+    assert chunks["tpot"] > 4 * chunks["tbt"]
+
+
+def test_slack_lent_now_does_not_let_the_batch_outgrow_the_tpot_pace():
+    """Decodes far ahead of a 100 ms TPOT (every iteration at t=0) may absorb a long chunk, but a new request
+    starts only while an iteration with every decode and a minimum chunk keeps the pace itself."""
+    limit = 0.1 / (1 + MARGIN)
+    room = math.floor((limit - 0.010) / 0.001)
+    latency = model()
+    latency.errors.prior_tail = 0.0
+    scheduler = slo_scheduler(max_num_seqs=128, num_blocks=2048, latency=latency)
+    decodes = [decoding(scheduler, f"d{i}", tbt_s=None, tpot_s=0.1, max_tokens=200) for i in range(room - MIN_CHUNK)]
+    for _ in range(5):
+        step(scheduler, now=0.0)
+    assert min(d.next_token_deadline_s for d in decodes) >= 0.5
+    scheduler.add(request("b", 100))
+    plan, _ = step(scheduler, now=0.0)
+    assert plan.num_scheduled_tokens.keys() == {d.request_id for d in decodes}
+    scheduler.finish("d0", FinishReason.ABORT)
+    scheduler.finish("d1", FinishReason.ABORT)
+    plan, _ = step(scheduler, now=0.0)
+    assert plan.num_scheduled_tokens["b"] > MIN_CHUNK  # started, and its chunk may use the decodes' slack
+
+
+def test_admission_plans_with_the_tpot_as_the_decode_pace():
+    scheduler = slo_scheduler()
+    decoding(scheduler, "a", tbt_s=None, tpot_s=0.2)
+    assert scheduler.snapshot().tbt_limit_s == 0.2
 
 
 def test_prefills_run_in_deadline_order():

@@ -45,6 +45,20 @@ def test_responses_report_the_measured_latency_against_the_slo(slo_server):
     assert last_choice["pacer"]["ttft_slo_ms"] == 30000 and usage["pacer"]["slo_met"] is True
 
 
+def test_a_tpot_slo_is_taken_from_the_body_or_a_header_and_reported(slo_server):
+    for request in ({"json": {"prompt": "hi", "max_tokens": 5, "ignore_eos": True, "tpot_slo_ms": 60000}},
+                    {"json": {"prompt": "hi", "max_tokens": 5, "ignore_eos": True},
+                     "headers": {"x-slo-tpot-ms": "60000"}}):
+        report = httpx.post(slo_server.url + COMPLETIONS, **request).json()["pacer"]
+        assert report["tpot_slo_ms"] == 60000 and report["slo_met"] is True
+        assert 0 < report["tpot_ms"] <= report["max_tbt_ms"]  # the mean gap after the first token, the longest
+    strict = httpx.post(slo_server.url + COMPLETIONS, json={"prompt": "hi", "max_tokens": 5, "ignore_eos": True,
+                                                            "tpot_slo_ms": 0.001}).json()["pacer"]
+    assert strict["slo_met"] is False
+    check_error(httpx.post(slo_server.url + COMPLETIONS, json={"prompt": "hi", "tpot_slo_ms": -1}), 400,
+                param="tpot_slo_ms")
+
+
 def test_an_unattainable_ttft_is_refused_at_once_with_retry_after(slo_server):
     for request in ({"json": {"prompt": "hi", "ttft_slo_ms": 0.001}},
                     {"json": {"prompt": "hi"}, "headers": {"x-slo-ttft-ms": "0.001"}}):
