@@ -34,6 +34,7 @@ from pacer.latency.model import LatencyModel
 from pacer.request import FinishReason, Request, RequestOutput
 from pacer.scheduling.admission import QueueSnapshot, QueueView
 from pacer.scheduling.base import RequestLimits
+from pacer.scheduling.router import PrefixIndex
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,9 @@ class AsyncEngine:
         # Admission control: the scheduler's queue after the latest iteration (published by the engine thread
         # with how many submitted requests it had taken in by then) and the ones submitted since.
         self.queue = QueueView()
+        # What this front end sent, for an engine whose KV it cannot read (another process): its cached prefixes,
+        # believed (the engine evicts on its own), so admission predicts a hit as the scheduler will plan it.
+        self._sent = PrefixIndex()
         self._engine_loop: EngineLoop | None = None  # engine thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -235,10 +239,15 @@ class AsyncEngine:
                 raise QueueFullError(num_queued, self.retry_after_s(num_queued))
         now = time.monotonic()
         kv = self.engine.scheduler.kv if self.engine is not None else None  # an engine in this process
+        keys = [PrefixIndex.keys_of(r.prompt_token_ids) for r in requests] if kv is None else []
         for i, request in enumerate(requests):  # SLOUnattainable: the server answers 429
-            if kv is not None:  # its cached prefix is that much less to prefill (a racy read: a prediction)
-                request.num_cached_tokens = kv.num_cached_tokens(request)
+            # its cached prefix is that much less to prefill: read from the KV here (a racy read: a prediction),
+            # else believed from what was sent (never the whole prompt: its last token is always computed)
+            request.num_cached_tokens = kv.num_cached_tokens(request) if kv is not None else \
+                min(self._sent.num_cached_tokens(keys[i]), request.num_prompt_tokens - 1)
             self.queue.admit(request, now, extra=requests[:i])
+        for request_keys in keys:
+            self._sent.add(request_keys)
 
     def _command(self, command: tuple[str, object]) -> None:
         self._inbox.put(command)

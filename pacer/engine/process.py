@@ -36,6 +36,7 @@ from pacer.heap import freeze_startup_heap
 from pacer.latency.model import LatencyModel
 from pacer.scheduling.admission import QueueSnapshot
 from pacer.scheduling.base import RequestLimits
+from pacer.scheduling.router import PrefixIndex
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class EngineReady:
     latency: LatencyModel | None
     queue: tuple[QueueSnapshot | None, int]
     load: EngineLoad
+    prefix_cache_tokens: int  # the KV a prefix cache can hold; 0 without one
 
 
 class ProcessEngine(AsyncEngine):
@@ -88,6 +90,7 @@ class ProcessEngine(AsyncEngine):
         self._limits = ready.limits
         self.queue.latency = ready.latency
         self.load, self.queue.latest = ready.load, ready.queue
+        self._sent = PrefixIndex(ready.prefix_cache_tokens // PrefixIndex.BLOCK_TOKENS)
         self._alive = True
         self._reader = threading.Thread(target=self._read, args=(updates_out,), name="pacer-engine-reader",
                                         daemon=True)
@@ -155,7 +158,9 @@ def _engine_main(build: Callable[[], Engine], commands: Connection, updates: Con
     sink = UpdateSink(latency)
     loop = EngineLoop(engine, sink)
     load, queue = loop.state()
-    updates.send(EngineReady(engine.scheduler.limits, copy.deepcopy(latency), queue, load))
+    kv = engine.scheduler.kv
+    updates.send(EngineReady(engine.scheduler.limits, copy.deepcopy(latency), queue, load,
+                             kv.num_blocks * kv.block_size if kv.prefix_caching else 0))
     freeze_startup_heap()
 
     def receive(block: bool) -> list[tuple[str, object]]:

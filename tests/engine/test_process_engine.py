@@ -69,3 +69,29 @@ def test_a_dead_engine_process_fails_the_requests_in_flight():
             await engine.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_admission_in_front_of_an_engine_process_predicts_the_prefix_it_sent_as_cached():
+    """The front end cannot read the child's KV: it believes a prompt it sent is cached there (in 16-token blocks),
+    as the engine then finds it; with no prefix cache in the child it believes nothing."""
+    from pacer.request import Request, SamplingParams
+
+    def prompt(rid: str, tail: int) -> Request:
+        return Request(rid, list(range(10, 50)) + [tail], SamplingParams(max_tokens=2, ignore_eos=True))
+
+    async def main(prefix_caching: bool) -> list[int]:
+        engine = ProcessEngine(functools.partial(tiny_engine, prefix_caching=prefix_caching))
+        engine.start()
+        try:
+            hints = []
+            for i, tail in enumerate((60, 61)):
+                first = prompt(f"r{i}", tail)
+                async for _ in engine.generate([first]):
+                    pass
+                hints.append(first.num_cached_tokens)  # what admission predicted
+            return hints
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(main(True)) == [0, 32]  # the 40 shared tokens hold two full 16-token blocks
+    assert asyncio.run(main(False)) == [0, 0]
