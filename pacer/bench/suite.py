@@ -224,7 +224,8 @@ def load_results(path: Path, suite: Suite) -> list[RunResult]:
         records = [RequestRecord(**record) for record in run["requests"]]
         timing = next(iter(run["summaries"].values()))
         summaries = _summaries(suite, workload, records, timing["duration_s"], timing["offered_rate"])
-        results.append(RunResult(run["server"], run["workload"], run["rate"], run["repeat"], run["seed"], summaries))
+        results.append(RunResult(run["server"], run["workload"], run["rate"], run["repeat"], run["seed"], summaries,
+                                 run.get("prefix_cache_hit_rate")))
     return results
 
 
@@ -293,9 +294,16 @@ def make_report(suite: Suite, results: list[RunResult], skipped: dict[str, str],
                 refused = {rate: [r.summaries[kind].num_rejected for r in runs if r.rate == rate]
                            for rate in workload.rates}
                 per_server[server] = {"capacity": caps, "attainment": {str(k): v for k, v in attain.items()},
-                                      "refused": {str(k): v for k, v in refused.items()}}
+                                      "refused": {str(k): v for k, v in refused.items()},
+                                      "goodput": {str(rate): [r.summaries[kind].goodput for r in runs if r.rate == rate]
+                                                  for rate in workload.rates}}
+                if workload.config.turns > 1:  # what a cached conversation saves: the later turns' TTFT
+                    per_server[server]["ttft_later_turns_p50_s"] = {
+                        str(rate): [r.summaries[kind].ttft_later_turns_s.get("p50") for r in runs if r.rate == rate]
+                        for rate in workload.rates}
             report["workloads"][f"{workload.name}/{kind}"] = {
-                "servers": per_server, "best": _best_of_groups(suite, per_server)}
+                "servers": per_server, "best": _best_of_groups(suite, per_server),
+                "rate_unit": "conv/s" if workload.config.turns > 1 else "req/s"}
     return report
 
 
@@ -346,8 +354,9 @@ def format_tables(report: dict) -> str:
         if not servers:
             continue
         rates = next(iter(servers.values()))["attainment"].keys()
+        unit = table.get("rate_unit", "req/s")
         lines += ["", f"### {key}", "",
-                  "| server | " + " | ".join(f"{float(r):g} req/s" for r in rates) + " | capacity (req/s) |",
+                  "| server | " + " | ".join(f"{float(r):g} {unit}" for r in rates) + f" | capacity ({unit}) |",
                   "|---" * (len(rates) + 2) + "|"]
         for server, data in servers.items():
             cells = []
@@ -357,6 +366,14 @@ def format_tables(report: dict) -> str:
                 cells.append(cell + (" %" if cell else "") + (f" ({_spread(refused, '{:.0f}')} refused)"
                                                               if any(refused) else ""))
             lines.append(f"| {server} | " + " | ".join(cells) + f" | {_spread(data['capacity'], '{:.3g}')} |")
+        if any("ttft_later_turns_p50_s" in data for data in servers.values()):
+            lines += ["", "TTFT p50 of the turns after a conversation's first (ms):", "",
+                      "| server | " + " | ".join(f"{float(r):g} {unit}" for r in rates) + " |",
+                      "|---" * (len(rates) + 1) + "|"]
+            for server, data in servers.items():
+                lines.append(f"| {server} | " + " | ".join(
+                    _spread([1e3 * v for v in data["ttft_later_turns_p50_s"][rate] if v is not None], "{:.0f}")
+                    for rate in rates) + " |")
         peers = [table["best"].get(group, group) for group in table["best"]]
         peers += [s for s in servers if s not in peers and not s.startswith("pacer")
                   and report["suite"]["servers"].get(s, {}).get("group") is None]

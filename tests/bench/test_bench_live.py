@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
@@ -81,7 +82,7 @@ def test_a_multi_turn_run_finds_each_conversation_so_far_in_the_servers_prefix_c
     turns = [(r["turn"], r["num_prompt_tokens"]) for r in report["requests"]]
     assert [t for t, _ in turns] == [0, 1, 2, 0, 1, 2]
     # as the server counted it: each later turn's prompt holds the turns before, their answers and its message
-    for (_, before), (turn, after) in zip(turns, turns[1:]):
+    for (_, before), (turn, after) in itertools.pairwise(turns):
         if turn:
             assert after >= before + 8 + 40 - 2  # a few tokens may merge where the texts join
     assert report["summary"]["ttft_later_turns_s"]["p50"] > 0
