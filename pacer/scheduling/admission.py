@@ -46,9 +46,13 @@ class QueueSnapshot:
     # generate) of every request not yet past its prompt
     queue: tuple[tuple[int, float, int, int, int], ...]
     decodes: tuple[tuple[int, int], ...]  # (context, output tokens it may still generate) of each running decode
-    tbt_limit_s: float  # the tightest decode pace (TBT or TPOT SLO) among the requests (inf if none)
+    tbt_limit_s: float  # the tightest TBT SLO among the requests (inf if none)
     token_budget: int  # the policy's cap on tokens per iteration
     max_request_tokens: int  # where a request without max_tokens stops
+    tpot_s: float = math.inf  # the tightest TPOT SLO among the requests
+    # how long until the tightest running decode with a TPOT is due its next token (inf if none): it may lend that
+    # to one long iteration, and after it gets one token each iteration, each due one TPOT later
+    tpot_slack_s: float = math.inf
 
 
 def tokens_to_go(request: Request, max_request_tokens: int) -> int:
@@ -90,16 +94,38 @@ class _Decodes:
 
 
 @dataclass(frozen=True)
+class _Pace:
+    """How long an iteration may run beside running decodes, as the `slo` scheduler sizes it: within the tightest
+    TBT, and until the tightest TPOT decode's next token is due (`due_s`, which moves one TPOT later with each
+    iteration: a decode ahead of its pace lends the slack), over 1 + the latency model's margin."""
+
+    tbt_s: float
+    tpot_s: float
+    divisor: float  # 1 + margin for as many decodes; inf without decodes (no limit)
+
+    def limit_s(self, start_s: float, due_s: float) -> float:
+        if math.isinf(self.divisor):
+            return math.inf
+        return max(0.0, min(self.tbt_s, due_s - start_s)) / self.divisor
+
+    def next_due_s(self, due_s: float, end_s: float, joined: bool = False) -> float:
+        """After an iteration ending at end_s: each decode has one more token (due one TPOT later), and a prompt it
+        finished (`joined`) has its first (its second due one TPOT after)."""
+        return (min(due_s, end_s) if joined else due_s) + self.tpot_s
+
+
+@dataclass(frozen=True)
 class Boundary:
     """Where a request stands behind a prefix of the queue: the iteration that finishes that prefix's prompts starts
-    at `start_s` and holds `shape` once they are in, with room for `room` of the request's prompt tokens; after it,
-    the request goes on in chunks beside `decodes` within `limit_s`."""
+    at `start_s` and holds `shape` once they are in, with room for `room` of the request's prompt tokens, its TPOT
+    decode due at `due_s`; after it, the request goes on in chunks beside `decodes` at `pace`."""
 
     start_s: float
     shape: BatchShape
     room: int
     decodes: BatchShape
-    limit_s: float
+    pace: _Pace
+    due_s: float
 
 
 @dataclass
@@ -111,29 +137,37 @@ class _Chunks:
     ends: list[int]
     seconds: list[float]  # one more: when the next iteration, not yet played, starts
     shapes: list[BatchShape]  # likewise: the decodes of the next
+    dues: list[float]  # likewise: when the TPOT decode's token from that iteration is due
+    pace: _Pace
 
     @classmethod
     def of(cls, at: Boundary, latency: LatencyModel) -> _Chunks:
         whole = at.shape.with_chunk(at.room, 0) if at.room else at.shape
-        return cls([at.room], [at.start_s, at.start_s + latency.predict(whole)], [at.shape, at.decodes])
+        end = at.start_s + latency.predict(whole)
+        return cls([at.room], [at.start_s, end], [at.shape, at.decodes],
+                   [at.due_s, at.pace.next_due_s(at.due_s, end)], at.pace)
 
-    def fits(self, tokens: int, latency: LatencyModel, budget: int, limit_s: float) -> bool:
+    def limit_s(self, k: int) -> float:
+        return self.pace.limit_s(self.seconds[k], self.dues[k])
+
+    def fits(self, tokens: int, latency: LatencyModel, budget: int) -> bool:
         """Would the rest of a prompt of `tokens` fit the next iteration? (The common case, so it is checked with one
         prediction before the next iteration's largest chunk is searched for.)"""
         decodes, start = self.shapes[-1], self.ends[-1]
         return tokens - start <= budget - decodes.num_decodes and \
-            latency.predict(decodes.with_chunk(tokens - start, start)) <= limit_s
+            latency.predict(decodes.with_chunk(tokens - start, start)) <= self.limit_s(-1)
 
-    def extend(self, latency: LatencyModel, budget: int, limit_s: float) -> bool:
+    def extend(self, latency: LatencyModel, budget: int) -> bool:
         """Play the next iteration; False if it cannot take a prompt token (the decodes fill the budget)."""
         decodes, start = self.shapes[-1], self.ends[-1]
         left = budget - decodes.num_decodes
         if left <= 0:
             return False
-        chunk = largest_chunk(latency, decodes, start, left, limit_s) or min(MIN_CHUNK, left)
+        chunk = largest_chunk(latency, decodes, start, left, self.limit_s(-1)) or min(MIN_CHUNK, left)
         self.ends.append(start + chunk)
         self.seconds.append(self.seconds[-1] + latency.predict(decodes.with_chunk(chunk, start)))
         self.shapes.append(decodes._replace(decode_context=decodes.decode_context + decodes.num_decodes))
+        self.dues.append(self.pace.next_due_s(self.dues[-1], self.seconds[-1]))
         return True
 
 
@@ -144,9 +178,11 @@ MAX_ITERATIONS = 256  # played forward per snapshot (cost); a longer queue's res
 class QueueTimes:
     """Seconds from a snapshot to a request's first token, from the scheduler's iterations played forward on the
     latency model: the decodes, then chunks of the prompts in priority/deadline order, each as large as the
-    tightest TBT allows beside them. A prompt becomes a decode when it is done (so later chunks shrink), each decode
-    leaves at its max_tokens, and a chunk over earlier context costs its attention. The iteration in flight at the
-    snapshot was planned without the request.
+    tightest TBT allows beside them, or the TPOT slack, as the scheduler lends it: the tightest decode's next token
+    is due at its slack, then one TPOT later for each iteration. A prompt becomes a decode when it is done (so later
+    chunks shrink), each decode leaves at its max_tokens, and a chunk over earlier context costs its attention. The
+    iteration in flight at the snapshot was planned without the request; the request's own chunks after the first
+    are sized for the TBT or TPOT pace (the slack lent to the first).
 
     Split in two, so a router reading many replicas at every arrival pays for the request-independent half (where
     each prefix of the queue is done) once per snapshot, and `ttft_s` then costs a bisection and the request's
@@ -169,17 +205,19 @@ class QueueTimes:
         # stable: ties stay in arrival order, as the scheduler has them
         queue = sorted((*snapshot.queue, *added), key=lambda entry: entry[:2])
         keys = [(priority, deadline) for priority, deadline, *_ in queue]
-        tbt = min((snapshot.tbt_limit_s, *(r.slo.decode_s for r in pending if r.slo.decode_s is not None)))
+        tbt = min((snapshot.tbt_limit_s, *(r.slo.tbt_s for r in pending if r.slo.tbt_s is not None)))
+        tpot = min((snapshot.tpot_s, *(r.slo.tpot_s for r in pending if r.slo.tpot_s is not None)))
+        due = snapshot.tpot_slack_s  # when the tightest TPOT decode's next token is due, from the snapshot
         budget = snapshot.token_budget
         decodes = _Decodes()
         for context, to_go in snapshot.decodes:
             decodes.add(context, to_go, 0)
 
-        def limit_s() -> float:
-            return tbt / (1 + latency.margin(decodes.count)) if decodes.count else math.inf
+        def pace() -> _Pace:
+            return _Pace(tbt, tpot, 1 + latency.margin(decodes.count) if decodes.count else math.inf)
 
         def boundary(start_s: float, shape: BatchShape, room: int) -> Boundary:
-            return Boundary(start_s, shape, room, decodes.shape, limit_s())
+            return Boundary(start_s, shape, room, decodes.shape, pace(), due)
 
         times = cls(keys, [entry[2:4] for entry in queue], [], budget, 1 + latency.margin(), latency)
         if not queue and not decodes.count:  # idle: nothing in flight, nothing ahead
@@ -188,7 +226,7 @@ class QueueTimes:
         seconds, prefilled, index = 0.0, 0, 0
         todo, start = queue[0][2:4] if queue else (0, 0)
         for iteration in range(MAX_ITERATIONS):
-            shape, limit, room = decodes.shape, limit_s(), budget - decodes.count
+            shape, limit, room = decodes.shape, pace().limit_s(seconds, due), budget - decodes.count
             first_done, behind = index, []  # behind: (shape, room) right after each prompt this iteration finishes
             while index < len(queue) and room > 0:
                 chunk = largest_chunk(latency, shape, start, min(todo, room), limit)
@@ -219,6 +257,8 @@ class QueueTimes:
                     decodes.add(entry[3] + entry[2] + 1, entry[4] - 1, iteration + 1)
                     times.boundaries.append(boundary(seconds, after, room_behind))
             seconds += latency.predict(shape)
+            if decodes.count:
+                due = pace().next_due_s(due, seconds, joined=bool(done))
             if index == len(queue):
                 return times
         per_token_s = seconds / prefilled if prefilled else math.inf  # the rest, at the rate so far
@@ -234,13 +274,13 @@ class QueueTimes:
         if not math.isfinite(at.start_s):
             return math.inf
         chunks = self._chunks.get(index) or self._chunks.setdefault(index, _Chunks.of(at, self.latency))
-        while chunks.ends[-1] < tokens and not chunks.fits(tokens, self.latency, self.budget, at.limit_s):
-            if not chunks.extend(self.latency, self.budget, at.limit_s):
+        while chunks.ends[-1] < tokens and not chunks.fits(tokens, self.latency, self.budget):
+            if not chunks.extend(self.latency, self.budget):
                 return math.inf
         k = bisect.bisect_left(chunks.ends, tokens)  # the iteration that gives its first token
         start = chunks.ends[k - 1] if k else 0
         shape = chunks.shapes[k].with_chunk(tokens - start, start + request.num_cached_tokens)
-        shape = self._filled(shape, index, self.budget - shape.num_tokens, at.limit_s)  # the prompts behind it
+        shape = self._filled(shape, index, self.budget - shape.num_tokens, chunks.limit_s(k))  # the prompts behind
         return (chunks.seconds[k] + self.latency.predict(shape)) * self.scale
 
     def _filled(self, shape: BatchShape, index: int, room: int, limit_s: float) -> BatchShape:

@@ -24,7 +24,7 @@ from pacer.config import SchedulerConfig
 from pacer.latency.model import BatchShape, largest_chunk
 from pacer.request import FinishReason, Request, RequestStatus
 from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot, queue_key, tokens_to_go
-from pacer.scheduling.base import Scheduler, SchedulerOutput
+from pacer.scheduling.base import ModelOutput, Scheduler, SchedulerOutput
 from pacer.scheduling.registry import register
 
 AGING_S = 10.0  # one priority level gained per 10 s of waiting
@@ -44,6 +44,7 @@ class SloScheduler(Scheduler):
         self.drop_expired = config.drop_expired
         self._time_limit_s = math.inf
         self._tbt_bounds_batch = False
+        self.updated_s = 0.0  # the `now` of the latest update: the snapshot's time, for the TPOT slack it gives
 
     @classmethod
     def default_token_budget(cls, max_model_len: int) -> int:
@@ -64,6 +65,10 @@ class SloScheduler(Scheduler):
         plan = super().schedule(now)
         plan.dropped = expired
         return plan
+
+    def update(self, plan: SchedulerOutput, output: ModelOutput, now: float) -> list[Request]:
+        self.updated_s = now
+        return super().update(plan, output, now)
 
     def iteration_time_limit(self, now: float) -> float:
         """The tightest slack among running decodes (time until each one's next token is due, by its TBT or its
@@ -115,7 +120,7 @@ class SloScheduler(Scheduler):
     def snapshot(self) -> QueueSnapshot:
         """For admission (admission.py): the prompts to prefill (started ones first, so prompts of equal priority and
         deadline are in arrival order, as `queue_key` has them) and the running decodes."""
-        queue, decodes, tbt = [], [], math.inf
+        queue, decodes, tbt, tpot, due = [], [], math.inf, math.inf, math.inf
         for request in chain(self.running, self.waiting):
             to_go = tokens_to_go(request, self.max_request_tokens)
             if request.status is RequestStatus.WAITING:  # it will start with its cached prefix
@@ -127,6 +132,11 @@ class SloScheduler(Scheduler):
                               request.num_computed_tokens, to_go))
             else:
                 decodes.append((request.num_tokens, to_go))
-            if request.slo.decode_s is not None:
-                tbt = min(tbt, request.slo.decode_s)
-        return QueueSnapshot(tuple(queue), tuple(decodes), tbt, self.token_budget, self.max_request_tokens)
+                if request.slo.tpot_s is not None:
+                    due = min(due, request.next_token_deadline_s)
+            if request.slo.tbt_s is not None:
+                tbt = min(tbt, request.slo.tbt_s)
+            if request.slo.tpot_s is not None:
+                tpot = min(tpot, request.slo.tpot_s)
+        return QueueSnapshot(tuple(queue), tuple(decodes), tbt, self.token_budget, self.max_request_tokens, tpot,
+                             due - self.updated_s)

@@ -142,10 +142,24 @@ def test_slack_lent_now_does_not_let_the_batch_outgrow_the_tpot_pace():
     assert plan.num_scheduled_tokens["b"] > MIN_CHUNK  # started, and its chunk may use the decodes' slack
 
 
-def test_admission_plans_with_the_tpot_as_the_decode_pace():
-    scheduler = slo_scheduler()
-    decoding(scheduler, "a", tbt_s=None, tpot_s=0.2)
-    assert scheduler.snapshot().tbt_limit_s == 0.2
+def test_admission_lends_the_tpot_slack_as_the_scheduler_does():
+    """A decode 0.6 s ahead of its 100 ms TPOT pace may absorb one long iteration: a 300-token prompt beside it is
+    predicted one iteration (as the scheduler will run it), where a 100 ms TBT would cut it into ~60-token chunks."""
+    predicted = {}
+    for kind in ("tpot", "tbt"):
+        scheduler = slo_scheduler()
+        decoding(scheduler, "a", **{"tbt_s": None, f"{kind}_s": 0.1})
+        for _ in range(5):
+            step(scheduler, now=0.0)
+        snapshot = scheduler.snapshot()
+        assert snapshot.tpot_slack_s == (pytest.approx(0.6) if kind == "tpot" else math.inf)
+        times = QueueTimes.of(snapshot, scheduler.latency)
+        predicted[kind] = times.ttft_s(request("b", 300)) / times.scale
+        if kind == "tpot":  # the iteration in flight (the decode), then the whole prompt beside it
+            decode = BatchShape().with_decode(14)
+            assert predicted[kind] == pytest.approx(model().predict(decode) + model().predict(
+                BatchShape().with_decode(15).with_chunk(300, 0)))
+    assert predicted["tbt"] >= predicted["tpot"] + 3 * 0.010  # at least three more iterations, 10 ms each
 
 
 def test_prefills_run_in_deadline_order():
@@ -362,19 +376,21 @@ def test_the_slo_policy_requires_a_latency_model():
         make_scheduler("slo")
 
 
-def test_predicted_ttft_is_when_the_scheduler_then_gives_the_first_token():
+@pytest.mark.parametrize("kind", ["tbt", "tpot"])
+def test_predicted_ttft_is_when_the_scheduler_then_gives_the_first_token(kind):
     """Admission plays the scheduler's iterations forward on its latency model. Where the model is exact (each
     iteration here takes what it predicts), a request's predicted TTFT, before the margin, is when the scheduler then
-    gives its first token, whatever the decodes, the prompts part-prefilled or waiting, priorities and deadlines."""
+    gives its first token, whatever the decodes (their TBT, or the TPOT slack they lend), the prompts part-prefilled
+    or waiting, priorities and deadlines."""
     rng = random.Random(0)
-    exact = 0
+    exact, ratios = 0, []
     for _ in range(60):
         latency = curved()  # a hinge and attention: chunk sizes vary with the batch and the context
         scheduler = slo_scheduler(latency=latency, num_blocks=4096)
-        tbt_s = rng.choice([None, 0.1, 0.2])
+        pace_s = rng.choice([None, 0.1, 0.2])
 
-        def arrival(rid: str, now: float, tokens: int, tbt_s=tbt_s):
-            return request(rid, tokens, ttft_s=rng.choice([None, 0.5, 2.0]), tbt_s=tbt_s,
+        def arrival(rid: str, now: float, tokens: int, pace_s=pace_s):
+            return request(rid, tokens, ttft_s=rng.choice([None, 0.5, 2.0]), **{f"{kind}_s": pace_s},
                            priority=rng.choice([0, 0, 1]), arrival_s=now, max_tokens=rng.randint(1, 40))
 
         now = 0.0
@@ -393,10 +409,14 @@ def test_predicted_ttft_is_when_the_scheduler_then_gives_the_first_token():
             now = timed_step(scheduler, plan, now)
         while probe.first_token_s is None:
             now = timed_step(scheduler, scheduler.schedule(now), now)
-        # exact but for decodes that leave while its own chunks run: those are not played (they would make room)
-        assert probe.first_token_s - probe.arrival_s == pytest.approx(predicted, rel=0.01)
-        exact += probe.first_token_s - probe.arrival_s == pytest.approx(predicted, rel=1e-9)
-    assert exact >= 50
+        actual = probe.first_token_s - probe.arrival_s
+        ratios.append(predicted / actual)
+        exact += actual == pytest.approx(predicted, rel=1e-9)
+    if kind == "tbt":  # exact but for decodes that leave while its own chunks run (they would make room)
+        assert exact >= 50 and all(r == pytest.approx(1, rel=0.01) for r in ratios)
+    else:  # the slack is played for the tightest decode only, and a start's wait for the pace is not played
+        assert exact >= 30 and all(0.75 <= r <= 1.25 for r in ratios)
+        assert sorted(ratios)[len(ratios) // 2] == pytest.approx(1, rel=1e-9)
 
 
 def timed_step(scheduler, plan, now: float) -> float:
