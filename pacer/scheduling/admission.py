@@ -192,7 +192,9 @@ class QueueTimes:
     prompts: list[tuple[int, int]]  # (tokens to prefill, tokens computed) of each, after the iteration in flight
     boundaries: list[Boundary]  # boundaries[i]: behind keys[:i]
     budget: int
-    scale: float  # 1 + the margin for a sum of iterations
+    # 1 + the latency model's margin for a sum of iterations. A prediction is divided by it: the soonest first token
+    # the model's error allows, since a refused request is a miss for certain and a refusal must be right.
+    scale: float
     latency: LatencyModel
     _chunks: dict[int, _Chunks] = field(default_factory=dict)  # behind boundaries[i], played as far as asked
 
@@ -281,7 +283,7 @@ class QueueTimes:
         start = chunks.ends[k - 1] if k else 0
         shape = chunks.shapes[k].with_chunk(tokens - start, start + request.num_cached_tokens)
         shape = self._filled(shape, index, self.budget - shape.num_tokens, chunks.limit_s(k))  # the prompts behind
-        return (chunks.seconds[k] + self.latency.predict(shape)) * self.scale
+        return (chunks.seconds[k] + self.latency.predict(shape)) / self.scale
 
     def _filled(self, shape: BatchShape, index: int, room: int, limit_s: float) -> BatchShape:
         """`shape` with chunks of the prompts from `index` on packed into its `room`, as the scheduler packs them."""

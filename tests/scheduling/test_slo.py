@@ -154,7 +154,7 @@ def test_admission_lends_the_tpot_slack_as_the_scheduler_does():
         snapshot = scheduler.snapshot()
         assert snapshot.tpot_slack_s == (pytest.approx(0.6) if kind == "tpot" else math.inf)
         times = QueueTimes.of(snapshot, scheduler.latency)
-        predicted[kind] = times.ttft_s(request("b", 300)) / times.scale
+        predicted[kind] = times.ttft_s(request("b", 300)) * times.scale
         if kind == "tpot":  # the iteration in flight (the decode), then the whole prompt beside it
             decode = BatchShape().with_decode(14)
             assert predicted[kind] == pytest.approx(model().predict(decode) + model().predict(
@@ -219,10 +219,10 @@ def test_admission_rejects_what_it_cannot_serve_with_the_predicted_wait():
     snapshot = scheduler.snapshot()
     latency = scheduler.latency
     # 6 x 600 queued ahead, 512 an iteration (no decodes, no TBT): 7 iterations of 10 + 512 ms, then one with the
-    # last 16 of them and its own 200 tokens, plus the margin
+    # last 16 of them and its own 200 tokens, less the margin (the soonest the model allows)
     hopeless = request("late", 200, ttft_s=2.0)
     predicted = predict_ttft(snapshot, [], hopeless, latency)
-    assert predicted == pytest.approx((7 * 0.522 + 0.226) * (1 + MARGIN))
+    assert predicted == pytest.approx((7 * 0.522 + 0.226) / (1 + MARGIN))
     queue = view_of(scheduler)
     with pytest.raises(SLOUnattainable) as refused:
         queue.admit(hopeless, now=0.0)
@@ -230,7 +230,7 @@ def test_admission_rejects_what_it_cannot_serve_with_the_predicted_wait():
     # an earlier deadline goes ahead of the queue (EDF) from the iteration after the one in flight, which the queue
     # behind it fills to the budget: accepted
     urgent = request("urgent", 200, ttft_s=1.4)
-    assert predict_ttft(snapshot, [], urgent, latency) == pytest.approx(2 * 0.522 * (1 + MARGIN))
+    assert predict_ttft(snapshot, [], urgent, latency) == pytest.approx(2 * 0.522 / (1 + MARGIN))
     queue.admit(urgent, now=0.0)
     # requests submitted since the snapshot count too
     pending = [request(f"p{i}", 600, ttft_s=0.5) for i in range(2)]
@@ -284,7 +284,7 @@ def test_admission_counts_the_decode_load_and_the_time_already_waited():
     # the decodes' iteration in flight, then chunks that fit 0.1 / (1 + margin) s beside them, as many as it takes
     chunk = math.floor((0.1 / (1 + MARGIN) - 0.010) / 0.001) - 4
     full, rest = divmod(300, chunk)
-    expected = (0.014 + full * (0.010 + 0.001 * (chunk + 4)) + (0.010 + 0.001 * (rest + 4))) * (1 + MARGIN)
+    expected = (0.014 + full * (0.010 + 0.001 * (chunk + 4)) + (0.010 + 0.001 * (rest + 4))) / (1 + MARGIN)
     assert predict_ttft(snapshot, [], r, scheduler.latency) == pytest.approx(expected)
     queue = view_of(scheduler)
     queue.admit(r, now=0.0)
@@ -304,17 +304,17 @@ def test_admission_plays_prompts_into_decodes_and_decodes_out_at_max_tokens():
     # a decode with one token to go leaves after the iteration in flight: the prompt ahead then runs in one piece,
     # and the probe fits in the rest of that iteration
     leaving = snapshot([(0, 1.0, 200, 0, 1)], [(100, 1)])
-    assert predict_ttft(leaving, [], probe, latency) == pytest.approx((0.076 + 0.195) * (1 + MARGIN))
+    assert predict_ttft(leaving, [], probe, latency) == pytest.approx((0.076 + 0.195) / (1 + MARGIN))
     # staying, it holds the prompt to 65 tokens an iteration: 3 of them, then its last 5 tokens and the probe
     staying = snapshot([(0, 1.0, 200, 0, 1)], [(100, 50)])
-    assert predict_ttft(staying, [], probe, latency) == pytest.approx((3 * 0.076 + 0.066) * (1 + MARGIN))
+    assert predict_ttft(staying, [], probe, latency) == pytest.approx((3 * 0.076 + 0.066) / (1 + MARGIN))
     # a prompt ahead becomes a decode: the probe's 300 tokens go beside it in chunks of 65, not in one piece
     becoming = snapshot([(0, 1.0, 60, 0, 10)])
     long_probe = request("long", 300, ttft_s=2.0)
     assert predict_ttft(becoming, [], long_probe, latency) == pytest.approx(
-        (0.070 + 4 * 0.076 + 0.051) * (1 + MARGIN))
+        (0.070 + 4 * 0.076 + 0.051) / (1 + MARGIN))
     assert predict_ttft(snapshot([(0, 1.0, 60, 0, 1)]), [], long_probe, latency) == pytest.approx(
-        (0.070 + 0.310) * (1 + MARGIN))  # done at its first token: no decode, no TBT to keep
+        (0.070 + 0.310) / (1 + MARGIN))  # done at its first token: no decode, no TBT to keep
 
 
 def test_preemption_picks_the_least_important_least_advanced_and_is_bounded():
@@ -402,7 +402,7 @@ def test_predicted_ttft_is_when_the_scheduler_then_gives_the_first_token(kind):
             scheduler.add(arrival(f"b{i}", now, rng.randint(1, 300)))
         snapshot = scheduler.snapshot()
         probe = arrival("probe", now, rng.randint(1, 400))
-        predicted = predict_ttft(snapshot, [], probe, latency) / (1 + latency.margin())
+        predicted = predict_ttft(snapshot, [], probe, latency) * (1 + latency.margin())
         plan = scheduler.schedule(now)  # the iteration in flight when it arrives was planned without it
         scheduler.add(probe)
         if plan.requests:

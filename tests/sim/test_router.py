@@ -69,8 +69,8 @@ def test_replicas_report_outstanding_tokens_and_predicted_ttft():
     assert sim.replicas[1].num_iterations == 3
     idle = sim.replicas[0]
     assert idle.num_outstanding_tokens == 0
-    # one chunk, times 1 + the margin of a model that has seen nothing yet
-    assert idle.predicted_ttft_s(Request("x", [0] * 8)) == pytest.approx(0.1 * (1 + ErrorWindow.initial_margin))
+    # one chunk, over 1 + the margin of a model that has seen nothing yet (the soonest it allows)
+    assert idle.predicted_ttft_s(Request("x", [0] * 8)) == pytest.approx(0.1 / (1 + ErrorWindow.initial_margin))
 
 
 def test_dispatch_refuses_only_when_no_replica_can_meet_the_ttft_slo():
