@@ -28,11 +28,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
-
 from pacer.bench.client import ClientConfig
 from pacer.bench.metrics import SLO, request_metrics
-from pacer.bench.run import run_workload
+from pacer.bench.run import metric_totals, run_workload
 from pacer.bench.servers import pacer_server
 from pacer.bench.workload import BenchRequest, WorkloadConfig, build_workload
 from pacer.model.weights import load_tokenizer, resolve_model_path
@@ -43,13 +41,11 @@ SERVER_HISTOGRAMS = {"ttft": "pacer:time_to_first_token_seconds", "decode": "pac
 
 def server_totals(url: str) -> dict[str, float]:
     """The sums and counts of the server's TTFT and decode-time histograms."""
-    text = httpx.get(url + "/metrics", trust_env=False).text
-    totals = {}
-    for key, name in SERVER_HISTOGRAMS.items():
-        for part in ("sum", "count"):
-            totals[f"{key}_{part}"] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                                          if line.startswith(f"{name}_{part}{{"))
-    return totals
+    totals = metric_totals(url)
+    if totals is None:
+        raise RuntimeError(f"{url}/metrics: no metrics")
+    return {f"{key}_{part}": totals.get(f"{name}_{part}", 0.0)
+            for key, name in SERVER_HISTOGRAMS.items() for part in ("sum", "count")}
 
 
 def client_cpu_s() -> float:

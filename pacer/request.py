@@ -87,12 +87,6 @@ class SLO:
     tpot_s: float | None = None
     priority: int = 0  # lower is more important (as vLLM)
 
-    @property
-    def decode_s(self) -> float | None:
-        """The tightest per-token pace promised (TBT or TPOT): what a sustained iteration must not exceed."""
-        paces = [s for s in (self.tbt_s, self.tpot_s) if s is not None]
-        return min(paces) if paces else None
-
 
 @dataclass
 class Request:

@@ -7,10 +7,12 @@ import math
 import shlex
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from pacer.bench.capacity import CapacityResult, Trial, search_capacity
@@ -166,20 +168,32 @@ def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client:
     return WorkloadRun(records, duration_s, None if closed_loop else _offered_rate(requests), client_json, hit_rate)
 
 
+def metric_totals(base_url: str, api_key: str | None = None) -> dict[str, float] | None:
+    """The server's /metrics, each sample summed over its labels, by sample name (a counter's `_total`, a histogram's
+    `_sum` and `_count`); None if it serves none that parse."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(base_url + "/metrics", headers=headers, timeout=10, trust_env=False)
+        if response.status_code != 200:
+            return None
+        totals: dict[str, float] = defaultdict(float)
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                totals[sample.name] += sample.value
+    except (httpx.HTTPError, ValueError):
+        return None
+    return dict(totals)
+
+
 def prefix_cache_counters(client: ClientConfig) -> tuple[float, float] | None:
     """(tokens queried, tokens hit) from the server's /metrics under vLLM's names (pacer's and vLLM's servers
     both export them, with their own prefixes); None if it has none."""
-    headers = {"Authorization": f"Bearer {client.api_key}"} if client.api_key else {}
-    try:
-        text = httpx.get(client.base_url + "/metrics", headers=headers, timeout=10, trust_env=False).text
-    except httpx.HTTPError:
-        return None
     sums = {"prefix_cache_queries_total": 0.0, "prefix_cache_hits_total": 0.0}
     found = False
-    for line in text.splitlines():
-        name = line.split("{")[0].split(" ")[0].rpartition(":")[2]
-        if name in sums and not line.startswith("#"):
-            sums[name] += float(line.rsplit(" ", 1)[1])
+    for name, value in (metric_totals(client.base_url, client.api_key) or {}).items():
+        short = name.rpartition(":")[2]
+        if short in sums:
+            sums[short] += value
             found = True
     return (sums["prefix_cache_queries_total"], sums["prefix_cache_hits_total"]) if found else None
 

@@ -287,24 +287,24 @@ def make_report(suite: Suite, results: list[RunResult], skipped: dict[str, str],
             per_server: dict[str, dict] = {}
             for server in dict.fromkeys(r.server for r in results if r.workload == workload.name):
                 runs = [r for r in results if r.server == server and r.workload == workload.name]
-                repeats = sorted({r.repeat for r in runs})
-                attain = {rate: [r.attainment(kind) for r in runs if r.rate == rate] for rate in workload.rates}
+                summaries = {rate: [r.summaries[kind] for r in runs if r.rate == rate] for rate in workload.rates}
                 caps = [capacity({r.rate: r.attainment(kind) for r in runs if r.repeat == k}, suite.attainment_bar)
-                        for k in repeats]
-                refused = {rate: [r.summaries[kind].num_rejected for r in runs if r.rate == rate]
-                           for rate in workload.rates}
-                per_server[server] = {"capacity": caps, "attainment": {str(k): v for k, v in attain.items()},
-                                      "refused": {str(k): v for k, v in refused.items()},
-                                      "goodput": {str(rate): [r.summaries[kind].goodput for r in runs if r.rate == rate]
-                                                  for rate in workload.rates}}
+                        for k in sorted({r.repeat for r in runs})]
+                per_server[server] = {"capacity": caps, "attainment": _per_rate(summaries, lambda s: s.slo_attainment),
+                                      "refused": _per_rate(summaries, lambda s: s.num_rejected),
+                                      "goodput": _per_rate(summaries, lambda s: s.goodput)}
                 if workload.config.turns > 1:  # what a cached conversation saves: the later turns' TTFT
-                    per_server[server]["ttft_later_turns_p50_s"] = {
-                        str(rate): [r.summaries[kind].ttft_later_turns_s.get("p50") for r in runs if r.rate == rate]
-                        for rate in workload.rates}
+                    per_server[server]["ttft_later_turns_p50_s"] = _per_rate(
+                        summaries, lambda s: s.ttft_later_turns_s.get("p50"))
             report["workloads"][f"{workload.name}/{kind}"] = {
                 "servers": per_server, "best": _best_of_groups(suite, per_server),
                 "rate_unit": "conv/s" if workload.config.turns > 1 else "req/s"}
     return report
+
+
+def _per_rate(summaries: dict[float, list[Summary]], value: Callable[[Summary], object]) -> dict[str, list]:
+    """A figure of each repeat's summary, per rate (as a JSON key)."""
+    return {str(rate): [value(s) for s in runs] for rate, runs in summaries.items()}
 
 
 def _best_of_groups(suite: Suite, per_server: dict[str, dict]) -> dict[str, str]:

@@ -102,8 +102,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_conf
         async_engine.start()  # loads the model in the engine thread
         tokenizer = async_engine.engine.detokenizer.tokenizer
     api_key = server_config.api_key or os.environ.get("PACER_API_KEY") or None
-    default_slo = SLO(*(None if ms is None else ms / 1e3 for ms in (
-        server_config.slo_ttft_ms, server_config.slo_tbt_ms, server_config.slo_tpot_ms)))
+    default_slo = SLO(**{f"{kind}_s": None if ms is None else ms / 1e3 for kind, ms in (
+        ("ttft", server_config.slo_ttft_ms), ("tbt", server_config.slo_tbt_ms), ("tpot", server_config.slo_tpot_ms))})
     app = create_app(async_engine, tokenizer, server_config.served_model_name or model,
                      str(resolve_model_path(engine_config.model.model)), api_key=api_key, metrics=metrics,
                      default_slo=default_slo)
