@@ -87,3 +87,8 @@ def test_a_multi_turn_run_finds_each_conversation_so_far_in_the_servers_prefix_c
             assert after >= before + 8 + 40 - 2  # a few tokens may merge where the texts join
     assert report["summary"]["ttft_later_turns_s"]["p50"] > 0
     assert report["prefix_cache_hit_rate"] > 0.3  # the history of 4 of 6 requests, in full blocks
+
+
+def test_a_run_is_judged_by_one_decode_slo(capsys):
+    assert main(["bench", "run", "--slo-tpot-ms", "200", "--slo-tbt-ms", "300", "--num-requests", "1"]) == 2
+    assert "--slo-tpot-ms (the mean gap) or --slo-tbt-ms (the p99 gap), not both" in capsys.readouterr().err

@@ -74,9 +74,12 @@ def test_an_unattainable_ttft_is_refused_at_once_with_retry_after(slo_server):
     assert samples["pacer:kv_cache_usage_perc"] == 0
 
 
-def test_bad_slo_header_is_400(slo_server):
-    response = httpx.post(slo_server.url + COMPLETIONS, json={"prompt": "hi"}, headers={"x-slo-tbt-ms": "fast"})
-    check_error(response, 400, param="x-slo-tbt-ms", code="invalid_value")
+@pytest.mark.parametrize(("header", "value"), [("x-slo-tbt-ms", "fast"), ("x-slo-tpot-ms", "0"),
+                                               ("x-slo-tpot-ms", "nan")])
+def test_bad_slo_header_is_400(slo_server, header, value):
+    response = httpx.post(slo_server.url + COMPLETIONS, json={"prompt": "hi"}, headers={header: value})
+    check_error(response, 400, param=header, code="invalid_value")
+    assert slo_server.metrics()["pacer:kv_cache_usage_perc"] == 0
 
 
 def test_latency_model_error_is_on_metrics(slo_server):
