@@ -29,7 +29,7 @@ from pacer.engine.async_engine import EngineError, EngineLoad, EngineObserver, E
 from pacer.request import FinishReason, Request, RequestOutput
 from pacer.scheduling.admission import QueueView, SLOUnattainable
 from pacer.scheduling.base import RequestLimits
-from pacer.scheduling.router import dispatch, router_class
+from pacer.scheduling.router import PrefixIndex, dispatch, router_class, with_hit
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ReplicaState(str, enum.Enum):
 class _Flight:
     """A request sent to a replica and not finished yet."""
 
-    request: Request  # the front end's copy: never mutated, so it can be sent again
+    request: Request  # the front end's copy: only its predicted cache hit changes, so it can be sent again
     outputs: asyncio.Queue
     replica: int
     started: bool = False  # has produced a token: it can no longer move to another replica
@@ -69,20 +69,25 @@ class _Replica:
         self.num_routed = 0
         self.flights: set[str] = set()
         self.task: asyncio.Task | None = None
+        self.sent = PrefixIndex(0)  # its prefix cache, believed from what was sent here (it evicts on its own)
 
     def rejoin(self, info: ReplicaInfo) -> None:
         self.info = info
         self.queue = QueueView(info.latency)
         self.queue.latest = info.queue
         self.load = EngineLoad()
+        self.sent = PrefixIndex(info.prefix_cache_tokens // PrefixIndex.BLOCK_TOKENS)  # (re)started: cache empty
         self.state = ReplicaState.UP
 
     @property
     def num_outstanding_tokens(self) -> int:
         return self.load.num_outstanding_tokens + sum(r.num_outstanding_tokens for r in self.queue.pending())
 
+    def cached_prompt_tokens(self, request: Request) -> int:
+        return self.sent.cached_prompt_tokens(request)
+
     def predicted_ttft_s(self, request: Request) -> float | None:
-        return self.queue.predicted_ttft_s(request)
+        return self.queue.predicted_ttft_s(with_hit(request, self.sent.cached_prompt_tokens(request)))
 
 
 class ClusterEngine:
@@ -235,6 +240,8 @@ class ClusterEngine:
         sent = []
         for request in requests:
             handoff = replica.prefill_only and request.sampling.max_tokens != 1
+            request.num_cached_tokens = replica.sent.cached_prompt_tokens(request)  # its queue plans with the hit
+            replica.sent.add(PrefixIndex.prompt_keys(request))
             self._flights[request.request_id] = _Flight(request, outputs, replica.index, handoff=handoff)
             replica.flights.add(request.request_id)
             if handoff:  # the prefill replica samples the first token, keeps the KV, and stops

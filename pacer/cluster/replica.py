@@ -40,6 +40,7 @@ class ReplicaInfo:
     queue: tuple[QueueSnapshot | None, int]  # QueueView.latest: admission works before the first update
     pid: int
     host: str
+    prefix_cache_tokens: int  # the KV its prefix cache can hold; 0 without one
 
 
 class Replica:
@@ -107,8 +108,10 @@ class Replica:
         self._sink = _ReplicaSink(engine.scheduler.latency)
         self._engine_loop = EngineLoop(engine, self._sink)
         _, queue_latest = self._engine_loop.state()
+        kv = engine.scheduler.kv
         self._info = ReplicaInfo(engine.scheduler.limits, copy.deepcopy(engine.scheduler.latency), queue_latest,
-                                 os.getpid(), socket.gethostname())
+                                 os.getpid(), socket.gethostname(),
+                                 kv.num_blocks * kv.block_size if kv.prefix_caching else 0)
 
     def _run(self) -> None:
         try:

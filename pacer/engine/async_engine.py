@@ -239,15 +239,15 @@ class AsyncEngine:
                 raise QueueFullError(num_queued, self.retry_after_s(num_queued))
         now = time.monotonic()
         kv = self.engine.scheduler.kv if self.engine is not None else None  # an engine in this process
-        keys = [PrefixIndex.keys_of(r.prompt_token_ids) for r in requests] if kv is None else []
         for i, request in enumerate(requests):  # SLOUnattainable: the server answers 429
             # its cached prefix is that much less to prefill: read from the KV here (a racy read: a prediction),
-            # else believed from what was sent (never the whole prompt: its last token is always computed)
+            # else believed from what was sent
             request.num_cached_tokens = kv.num_cached_tokens(request) if kv is not None else \
-                min(self._sent.num_cached_tokens(keys[i]), request.num_prompt_tokens - 1)
+                self._sent.cached_prompt_tokens(request)
             self.queue.admit(request, now, extra=requests[:i])
-        for request_keys in keys:
-            self._sent.add(request_keys)
+        if kv is None:
+            for request in requests:
+                self._sent.add(PrefixIndex.prompt_keys(request))
 
     def _command(self, command: tuple[str, object]) -> None:
         self._inbox.put(command)

@@ -3,6 +3,7 @@ simulator and the scale-out front end. Pure: a router sees each replica only thr
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -22,9 +23,14 @@ class ReplicaView(Protocol):
         """Prompt tokens still to prefill plus output tokens still to generate, over its requests."""
         ...
 
+    def cached_prompt_tokens(self, request: Request) -> int:
+        """Tokens of the request's prompt this replica is believed to hold in its prefix cache: what was sent to it
+        (a `PrefixIndex`), since a front end cannot read a replica's KV."""
+        ...
+
     def predicted_ttft_s(self, request: Request) -> float | None:
-        """Seconds until the request's first token if it were sent here now; None if the replica does not
-        predict (its policy has no latency model), and then it admits everything."""
+        """Seconds until the request's first token if it were sent here now, its believed cache hit not prefilled;
+        None if the replica does not predict (its policy has no latency model), and then it admits everything."""
         ...
 
 
@@ -32,10 +38,6 @@ class Router(Protocol):
     """Picks a replica index for each arriving request; state (if any) lives in the router."""
 
     def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int: ...
-
-    def routed(self, request: Request, replica: ReplicaView) -> None:
-        """The request went to `replica` (the router's choice, or admission's override)."""
-        ...
 
 
 class PrefixIndex:
@@ -45,6 +47,8 @@ class PrefixIndex:
     it measures how long a prefix two prompts share, not which blocks hold it."""
 
     BLOCK_TOKENS = 16
+    # The latest request's keys: at an arrival, every replica's index (and the router) asks for the same ones.
+    _latest: tuple[str, list[int]] = ("", [])
 
     def __init__(self, capacity: int = 1 << 16) -> None:
         self.capacity = capacity
@@ -58,12 +62,24 @@ class PrefixIndex:
             keys.append(parent)
         return keys
 
+    @classmethod
+    def prompt_keys(cls, request: Request) -> list[int]:
+        """The block keys of the request's prompt (a request's prompt never changes, so its id names them)."""
+        if cls._latest[0] != request.request_id:
+            cls._latest = (request.request_id, cls.keys_of(request.prompt_token_ids))
+        return cls._latest[1]
+
     def num_cached_tokens(self, keys: Sequence[int]) -> int:
         """Tokens of the longest prefix of these block keys sent here."""
         n = 0
         while n < len(keys) and keys[n] in self._keys:
             n += 1
         return n * self.BLOCK_TOKENS
+
+    def cached_prompt_tokens(self, request: Request) -> int:
+        """What admission may plan as cached for the request here: never its whole prompt, whose last token is
+        always computed (it gives the first output token)."""
+        return min(self.num_cached_tokens(self.prompt_keys(request)), request.num_prompt_tokens - 1)
 
     def add(self, keys: Sequence[int]) -> None:
         for key in keys:
@@ -90,9 +106,6 @@ class RoundRobinRouter:
         self._next = index + 1
         return index
 
-    def routed(self, request: Request, replica: ReplicaView) -> None:
-        pass
-
 
 @register_router("least_tokens")
 class LeastTokensRouter:
@@ -101,18 +114,15 @@ class LeastTokensRouter:
     def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int:
         return min(range(len(replicas)), key=lambda i: replicas[i].num_outstanding_tokens)
 
-    def routed(self, request: Request, replica: ReplicaView) -> None:
-        pass
-
 
 @register_router("slo")
 class SloRouter:
     """Keeps the request's TTFT promise and, among the replicas that can, reuses the most and leaves the most room:
     of the replicas predicted (latency model and queue) to meet its TTFT SLO, the one believed to hold the longest
-    prefix of its prompt in cache (`PrefixIndex`, as SGLang's cache-aware router and llm-d's prefix scorer), then
-    the one with the fewest outstanding tokens. When none can, or the request has no TTFT SLO, the one with the
-    least predicted TTFT (Llumnix's load-aware dispatch, with time instead of memory as the load); fewest
-    outstanding tokens breaks ties, and decides alone among replicas that cannot predict.
+    prefix of its prompt in cache (`ReplicaView.cached_prompt_tokens`, as SGLang's cache-aware router and llm-d's
+    prefix scorer), then the one with the fewest outstanding tokens. When none can, or the request has no TTFT SLO,
+    the one with the least predicted TTFT (Llumnix's load-aware dispatch, with time instead of memory as the load);
+    fewest outstanding tokens breaks ties, and decides alone among replicas that cannot predict.
 
     Why not always the least predicted TTFT: once the promise is kept, a sooner first token gains nothing, and
     sending each request to the replica that could start it soonest spends the room a long prompt arriving next
@@ -120,30 +130,24 @@ class SloRouter:
     sim: routers at scale"). The time the request has already waited is left to `dispatch`, which overrides a
     pick that would miss."""
 
-    def __init__(self) -> None:
-        self._prefixes: dict[int, PrefixIndex] = {}  # id(replica view) -> what it was sent
-        self._keys: tuple[str, list[int]] = ("", [])  # the latest request's block keys: choose, then routed
-
     def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int:
         times = [_or_inf(replica.predicted_ttft_s(request)) for replica in replicas]
         ttft_slo = request.slo.ttft_s
         in_time = [i for i in range(len(replicas)) if ttft_slo is not None and times[i] <= ttft_slo]
         if in_time:
-            keys = self._keys_of(request)
-            cached = {i: self._index(replicas[i]).num_cached_tokens(keys) for i in in_time}
+            cached = {i: replicas[i].cached_prompt_tokens(request) for i in in_time}
             return min(in_time, key=lambda i: (-cached[i], replicas[i].num_outstanding_tokens, times[i]))
         return min(range(len(replicas)), key=lambda i: (times[i], replicas[i].num_outstanding_tokens))
 
-    def routed(self, request: Request, replica: ReplicaView) -> None:
-        self._index(replica).add(self._keys_of(request))
 
-    def _index(self, replica: ReplicaView) -> PrefixIndex:
-        return self._prefixes.setdefault(id(replica), PrefixIndex())
-
-    def _keys_of(self, request: Request) -> list[int]:
-        if self._keys[0] != request.request_id:
-            self._keys = (request.request_id, PrefixIndex.keys_of(request.prompt_token_ids))
-        return self._keys[1]
+def with_hit(request: Request, num_cached_tokens: int) -> Request:
+    """The request as a replica holding that much of its prompt would plan it: a shallow copy where the hit differs
+    (what a view predicts with; the request itself keeps the prediction of the replica it goes to)."""
+    if num_cached_tokens == request.num_cached_tokens:
+        return request
+    planned = copy.copy(request)
+    planned.num_cached_tokens = num_cached_tokens
+    return planned
 
 
 def _or_inf(seconds: float | None) -> float:
@@ -155,9 +159,7 @@ def dispatch(request: Request, replicas: Sequence[ReplicaView], router: Router, 
     request's TTFT SLO (or does not predict); else the replica with the least predicted TTFT if that one can;
     else SLOUnattainable (a 429) with the soonest Retry-After. So a request is refused only when no replica
     can serve it in time, whatever the policy."""
-    index = _admitted(request, replicas, router.choose(request, replicas), now)
-    router.routed(request, replicas[index])
-    return index
+    return _admitted(request, replicas, router.choose(request, replicas), now)
 
 
 def _admitted(request: Request, replicas: Sequence[ReplicaView], index: int, now: float) -> int:

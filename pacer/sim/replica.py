@@ -9,6 +9,7 @@ from pacer.engine.engine import Engine
 from pacer.request import Request, RequestOutput
 from pacer.scheduling import ModelOutput, SchedulerOutput
 from pacer.scheduling.admission import QueueTimes
+from pacer.scheduling.router import PrefixIndex, with_hit
 
 
 class SimReplica:
@@ -21,6 +22,8 @@ class SimReplica:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        kv = engine.scheduler.kv  # what the front end believes its prefix cache holds, as the real ones do
+        self.sent = PrefixIndex(kv.num_blocks * kv.block_size // PrefixIndex.BLOCK_TOKENS if kv.prefix_caching else 0)
         self.busy = False  # an iteration is running, or planned for now
         self.num_iterations = 0
         self._outstanding: int | None = None
@@ -31,6 +34,7 @@ class SimReplica:
 
     def add_request(self, request: Request) -> None:
         self._changed()
+        self.sent.add(PrefixIndex.prompt_keys(request))
         self.engine.add_request(request)
 
     def adopt(self, request: Request, payload: object) -> None:
@@ -68,6 +72,9 @@ class SimReplica:
             self._outstanding = self.engine.scheduler.num_outstanding_tokens
         return self._outstanding
 
+    def cached_prompt_tokens(self, request: Request) -> int:
+        return self.sent.cached_prompt_tokens(request)
+
     def predicted_ttft_s(self, request: Request) -> float | None:
         """From the queue after the latest iteration, as the real front end sees a replica (it cannot see how far
         the running iteration has got either)."""
@@ -81,5 +88,5 @@ class SimReplica:
             if snapshot is None:
                 return None
             self._queue_times = QueueTimes.of(snapshot, scheduler.latency)
-        self._ttft = (request.request_id, self._queue_times.ttft_s(request))
+        self._ttft = (request.request_id, self._queue_times.ttft_s(with_hit(request, self.cached_prompt_tokens(request))))
         return self._ttft[1]

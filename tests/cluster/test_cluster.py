@@ -286,3 +286,41 @@ def test_hand_overs_count_on_their_decode_replica_until_it_reports():
     # the client of "a" leaves: the abort goes to its decode replica, behind the adopt call it cancels
     cluster.abort(["a"])
     assert calls[1][-1] == (["a"], "ref-1")
+
+
+def test_admission_across_replicas_plans_with_the_prefix_each_is_believed_to_hold():
+    """A follow-up whose prompt extends one sent to replica 1 is predicted there with its hit (the front end cannot
+    read a replica's KV: it believes what it sent, in 16-token blocks), so it is admitted there rather than refused
+    for a prefill that replica will skip; a replica that restarts is believed to hold nothing (no Ray here)."""
+    from types import SimpleNamespace
+
+    from pacer.cluster.client import _Replica
+    from pacer.cluster.replica import ReplicaInfo
+    from pacer.scheduling.admission import SLOUnattainable
+    from pacer.scheduling.router import RoundRobinRouter, dispatch
+    from tests.scheduling.test_slo import slo_scheduler
+
+    scheduler = slo_scheduler()  # 10 ms + 1 ms a token
+
+    def info() -> ReplicaInfo:
+        return ReplicaInfo(scheduler.limits, scheduler.latency, (scheduler.snapshot(), 0), 0, "host", 4096)
+
+    cluster = ClusterEngine(EngineConfig(), ClusterConfig(replicas=2))
+    cluster.replicas = [_Replica(i, SimpleNamespace(submit=SimpleNamespace(remote=lambda *args: None)))
+                        for i in range(2)]
+    for replica in cluster.replicas:
+        replica.rejoin(info())
+    cold, warm = cluster.replicas
+    history = list(range(100, 420))  # 320 tokens: 20 blocks
+    cluster._send(warm, [request("turn1", 8, prompt=history)], asyncio.Queue())
+    warm.queue.latest = (scheduler.snapshot(), 1)  # the replica took it in and is idle again
+    now = time.monotonic()
+    follow_up = request("turn2", 8, prompt=history + [7] * 20, slo=SLO(ttft_s=0.2))
+    assert warm.sent.cached_prompt_tokens(follow_up) == 320
+    assert warm.predicted_ttft_s(follow_up) < 0.2 < cold.predicted_ttft_s(follow_up)  # 20 tokens to prefill, or 340
+    with pytest.raises(SLOUnattainable):
+        dispatch(follow_up, [cold], RoundRobinRouter(), now)
+    assert dispatch(follow_up, [cold, warm], RoundRobinRouter(), now) == 1  # the router's pick missed: overridden
+    assert follow_up.num_cached_tokens == 0  # a query never changes the request; sending it there does
+    warm.rejoin(info())
+    assert warm.sent.cached_prompt_tokens(follow_up) == 0

@@ -8,7 +8,7 @@ import pytest
 
 from pacer.request import SLO, Request
 from pacer.scheduling.admission import predict_ttft
-from pacer.scheduling.router import router_class
+from pacer.scheduling.router import router_class, with_hit
 from pacer.sim.simulator import SimRequest
 from tests.scheduling.helpers import curved
 from tests.sim.test_simulator import simulator
@@ -25,13 +25,11 @@ class Checking:
         for replica in replicas:
             scheduler = replica.engine.scheduler
             assert replica.num_outstanding_tokens == scheduler.num_outstanding_tokens
-            fresh = predict_ttft(scheduler.snapshot(), (), request, scheduler.latency)
+            planned = with_hit(request, replica.sent.cached_prompt_tokens(request))
+            fresh = predict_ttft(scheduler.snapshot(), (), planned, scheduler.latency)
             assert replica.predicted_ttft_s(request) == fresh
             self.num_checked += 1
         return self.router.choose(request, replicas)
-
-    def routed(self, request, replica):
-        self.router.routed(request, replica)
 
 
 def test_cached_figures_follow_every_change_of_the_engine():

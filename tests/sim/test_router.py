@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -18,6 +18,10 @@ from tests.sim.test_simulator import constant, simulator
 class View:
     num_outstanding_tokens: int
     ttft_s: float | None = None
+    sent: PrefixIndex = field(default_factory=PrefixIndex)
+
+    def cached_prompt_tokens(self, request: Request) -> int:
+        return self.sent.cached_prompt_tokens(request)
 
     def predicted_ttft_s(self, request: Request) -> float | None:
         return self.ttft_s
@@ -89,7 +93,9 @@ def test_slo_router_sends_a_shared_prefix_back_where_it_went_while_that_keeps_th
     router = router_class("slo")()
     system = list(range(100, 164))  # four 16-token blocks
     views = [View(10, 0.5), View(400, 0.5)]
-    assert dispatch(Request("a", system + [1] * 8, slo=SLO(ttft_s=1.0)), views, router, now=0.0) == 0  # most room
+    first = Request("a", system + [1] * 8, slo=SLO(ttft_s=1.0))
+    assert dispatch(first, views, router, now=0.0) == 0  # most room
+    views[0].sent.add(PrefixIndex.prompt_keys(first))  # as the front end records what it sends
     views[0].num_outstanding_tokens = 800  # now the busier one
     follow_up = Request("b", system + [2] * 8, slo=SLO(ttft_s=1.0))
     assert router.choose(follow_up, views) == 0  # it holds the system prompt
@@ -105,3 +111,15 @@ def test_the_prefix_index_forgets_the_least_recently_sent_past_its_capacity():
     assert index.num_cached_tokens(first) == 64 and index.num_cached_tokens(first[:2]) == 32
     index.add(second)  # 3 more blocks: the first prompt's oldest 3 go
     assert index.num_cached_tokens(second) == 48 and index.num_cached_tokens(first) == 0
+
+
+def test_a_simulated_replica_believes_it_holds_the_prompts_it_was_sent():
+    """As a real front end, the simulator's replica views believe what was sent to them (in 16-token blocks);
+    replicas without a prefix cache are believed to hold nothing."""
+    system = tuple(range(100, 148))  # three blocks
+    follow_up = Request("f", [*system, 7, 7])
+    for prefix_caching, held in ((True, [48, 0]), (False, [0, 0])):
+        sim = simulator(constant(0.1), policy="slo", replicas=2, prefix_caching=prefix_caching)
+        sim.router = router_class("round_robin")()
+        sim.run([SimRequest(0, 0.0, 56, 2, prefix=system), SimRequest(1, 0.0, 8, 2)])
+        assert [replica.cached_prompt_tokens(follow_up) for replica in sim.replicas] == held
