@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -177,3 +177,23 @@ def _microseconds(text: str, column: str) -> int:
     if moment.tzinfo is not None:
         moment = moment.astimezone(UTC).replace(tzinfo=None)
     return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def turn_gaps(records: Sequence[TraceRecord]) -> list[float]:
+    """Seconds from each request to the next turn of its conversation, in a trace whose prompts name their blocks
+    (Mooncake's `hash_ids`): the later request whose prompt begins with all of an earlier one's full blocks (its
+    last block, perhaps partial, aside; two at least, so that a shared system prompt alone makes no conversation).
+    A gap holds the earlier turn's answer time as well as the user's thought: the trace has no finish times."""
+    latest: dict[tuple[int, ...], float] = {}  # a prompt's full blocks -> when the latest such prompt arrived
+    gaps = []
+    for record in records:
+        blocks = record.hash_ids
+        if record.timestamp_s is None:
+            continue
+        for k in range(len(blocks) - 1, 1, -1):  # the longest history it extends
+            if blocks[:k] in latest:
+                gaps.append(record.timestamp_s - latest[blocks[:k]])
+                break
+        if len(blocks) > 2:
+            latest[blocks[:-1]] = record.timestamp_s
+    return gaps

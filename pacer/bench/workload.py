@@ -17,10 +17,11 @@ from typing import Protocol
 import numpy as np
 
 from pacer.bench.metrics import parse_slo_classes
-from pacer.bench.trace import FORMATS, TraceRecord, read_trace
+from pacer.bench.trace import FORMATS, TraceRecord, read_trace, turn_gaps
 
 ARRIVALS = ("poisson", "gamma", "concurrency", "trace")
 LENGTHS = ("fixed", "uniform", "mix", "trace")
+THINK_TIMES = ("exponential", "trace")
 MOONCAKE_BLOCK_TOKENS = 512  # tokens per hash id in the Mooncake traces (FAST'25 release README)
 
 # ---- configuration and requests ---------------------------------------------------------------------------------
@@ -51,7 +52,8 @@ class WorkloadConfig:
                 "share (seeded), then its lengths uniformly from that component's ranges; e.g. chat with some long "
                 "documents: 0.9:64-1024:32-512,0.1:6144-7936:64-256"})
     trace: str | None = field(default=None, metadata={
-        "help": "trace file for --arrival trace or --lengths trace (the first --num-requests records are used)"})
+        "help": "trace file for --arrival trace or --lengths trace (the first --num-requests records are used), or "
+                "--think-times trace"})
     trace_format: str | None = field(default=None, metadata={
         "help": "trace format (default: detected from the first line)", "choices": FORMATS})
     trace_sample: bool = field(default=False, metadata={
@@ -70,7 +72,12 @@ class WorkloadConfig:
                 "new user message as its prompt (the message's and answer's lengths drawn as a single request's, "
                 "capped so the last turn fits max_model_len). --rate counts conversations; --num-requests, turns"})
     think_time_s: float = field(default=0.0, metadata={
-        "help": "multi-turn: mean think time between an answer and the next message (exponential, seeded)"})
+        "help": "multi-turn: mean think time between an answer and the next message"})
+    think_times: str = field(default="exponential", metadata={
+        "help": "multi-turn: how think times spread around their mean (seeded): exponential, or trace: as the gaps "
+                "between the turns of a conversation in --trace (Mooncake: a request and the later one whose prompt "
+                "extends its blocks), drawn at random and scaled to a mean of --think-time-s, so the trace's spread "
+                "holds at this machine's time scale", "choices": THINK_TIMES})
     max_model_len: int = field(default=2048, metadata={
         "help": "prompt + output are capped to this, prompt first (at least 1 prompt token is kept)"})
     seed: int = field(default=0, metadata={"help": "seed for arrivals, lengths and prompt text"})
@@ -116,6 +123,10 @@ class WorkloadConfig:
             raise ValueError(f"turns must be from 1 to max_model_len / 2, got {self.turns}")
         if not (math.isfinite(self.think_time_s) and self.think_time_s >= 0):
             raise ValueError(f"think_time_s must be a finite number >= 0, got {self.think_time_s}")
+        if self.think_times not in THINK_TIMES:
+            raise ValueError(f"think_times must be one of {', '.join(THINK_TIMES)}, got {self.think_times!r}")
+        if self.think_times == "trace" and (self.trace is None or not self.think_time_s):
+            raise ValueError("think_times='trace' needs a trace and think_time_s > 0 (the mean it is scaled to)")
         parse_slo_classes(self.slo_classes)
 
 
@@ -225,8 +236,16 @@ def conversation_turns(config: WorkloadConfig) -> list[tuple[int, float]]:
     """(turn, think time in s) of each request: request i is turn i % turns of conversation i // turns; a
     conversation's first turn has no think time."""
     rng = np.random.default_rng([config.seed, 6])  # its own stream: arrivals and lengths stay put
-    think = rng.exponential(config.think_time_s, config.num_requests) if config.think_time_s else \
-        np.zeros(config.num_requests)
+    if config.think_times == "trace":
+        gaps = np.array(turn_gaps(read_trace(config.trace, config.trace_format)))
+        if not gaps.size or not gaps.mean() > 0:
+            raise ValueError(f"trace {config.trace} has no conversations to take think times from (it needs "
+                             "Mooncake's hash_ids and timestamps)")
+        think = rng.choice(gaps, config.num_requests) * (config.think_time_s / gaps.mean())
+    elif config.think_time_s:
+        think = rng.exponential(config.think_time_s, config.num_requests)
+    else:
+        think = np.zeros(config.num_requests)
     return [(i % config.turns, float(think[i]) if i % config.turns else 0.0) for i in range(config.num_requests)]
 
 

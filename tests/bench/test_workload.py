@@ -394,3 +394,29 @@ def test_conversations_open_at_the_arrivals_and_their_later_turns_follow_answers
     assert [len(head) for head in shared_prefixes(config)] == [16, 0, 0] * 4
     with pytest.raises(ValueError, match="turns"):
         WorkloadConfig(turns=0)
+
+
+def test_think_times_from_a_traces_conversations_keep_its_spread_at_the_mean_asked(tmp_path):
+    """A turn is the later request whose prompt extends all of an earlier one's full blocks (two at least); the
+    think times are drawn from those gaps, scaled to the mean asked for."""
+    from pacer.bench.trace import turn_gaps
+    from pacer.bench.workload import conversation_turns
+
+    lines = [(0, [0, 1, 2, 3]),  # opens a conversation (its last block partial)
+             (1, [0, 9]),  # shares only the system block: no turn of anything
+             (4, [0, 1, 2, 5, 6]),  # extends the first's full blocks: a gap of 4 s
+             (5, [0, 1, 7]),  # two blocks but not all of the first's full ones: no turn
+             (14, [0, 1, 2, 5, 6, 8])]  # extends the third: 10 s
+    path = write(tmp_path, "c.jsonl", "".join(
+        json.dumps({"timestamp": 1000 * t, "input_length": 512 * len(b), "output_length": 8, "hash_ids": b}) + "\n"
+        for t, b in lines))
+    assert turn_gaps(read_trace(path)) == [4.0, 10.0]
+    config = WorkloadConfig(num_requests=400, turns=4, think_time_s=0.7, think_times="trace", trace=path)
+    think = [s for turn, s in conversation_turns(config) if turn]
+    assert set(np.round(think, 9)) == {0.4, 1.0}  # 4 and 10 s, scaled by 0.7 / 7
+    assert [s for turn, s in conversation_turns(config) if not turn] == [0.0] * 100
+    with pytest.raises(ValueError, match="think_time_s > 0"):
+        WorkloadConfig(turns=2, think_times="trace", trace=path)
+    with pytest.raises(ValueError, match="no conversations"):
+        conversation_turns(WorkloadConfig(num_requests=4, turns=2, think_time_s=1.0, think_times="trace",
+                                          trace=write(tmp_path, "a.jsonl", MOONCAKE)))
