@@ -255,7 +255,8 @@ class ClusterEngine:
 
     def _hand_over(self, prefill: _Replica, flight: _Flight, first: RequestOutput) -> None:
         """Move a prefilled request to the least loaded decode replica; its KV goes from actor to actor
-        through Ray's object store (the front end only passes the reference)."""
+        through Ray's object store (the front end only passes the reference), less the blocks that replica is
+        believed to hold in its prefix cache."""
         request_id = flight.request.request_id
         prefill.flights.discard(request_id)
         decoders = self._up(prefill=False)
@@ -265,6 +266,8 @@ class ClusterEngine:
             prefill.actor.abort.remote([request_id])  # drops the KV it kept
             return
         target = min(decoders, key=lambda r: r.num_outstanding_tokens)
+        held = target.sent.cached_prompt_tokens(flight.request)  # only the blocks it lacks move
+        target.sent.add(PrefixIndex.prompt_keys(flight.request))
         request = dataclasses.replace(flight.request)  # a copy: the front end's stays as sent
         request.token_ids.extend(first.new_token_ids)
         request.num_computed_tokens = request.num_prompt_tokens
@@ -272,7 +275,7 @@ class ClusterEngine:
         target.flights.add(request_id)
         target.num_routed += 1
         target.queue.submitted(request)  # counted in its load until its next update, as a submitted request is
-        flight.adopted = target.actor.adopt.remote(request, _age(request), prefill.actor.take_kv.remote(request_id))
+        flight.adopted = target.actor.adopt.remote(request, _age(request), prefill.actor.take_kv.remote(request_id, held))
 
     # ---- each replica's stream ----------------------------------------------------------------------------
 

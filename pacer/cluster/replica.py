@@ -74,10 +74,11 @@ class Replica:
             request.arrival_s = now - age
         self._inbox.put(("add", requests))
 
-    async def take_kv(self, request_id: str) -> object:
-        """The KV of a finished prefill (disaggregated serving). The front end passes the reference on to a
-        decode replica, so the bytes go from this actor to that one through Ray's object store."""
-        return self._engine_loop.engine.exported.pop(request_id)  # KeyError if its prefill left none
+    async def take_kv(self, request_id: str, num_held_tokens: int = 0) -> object:
+        """The KV of a finished prefill (disaggregated serving), less the blocks of the first `num_held_tokens`
+        tokens, which the decode replica is believed to hold. The front end passes the reference on to that
+        replica, so the bytes go from this actor to that one through Ray's object store."""
+        return self._engine_loop.engine.take_exported(request_id, num_held_tokens)  # KeyError if none was left
 
     async def adopt(self, request: Request, age_s: float, payload: object) -> None:
         """Decode a request another replica prefilled; Ray has fetched `payload` from the object store."""

@@ -64,17 +64,24 @@ class Engine:
 
     def adopt(self, request: Request, payload: object) -> None:
         """Decode a request prefilled elsewhere: `request.token_ids` holds its prompt and first token(s), its
-        first `num_computed_tokens` have KV in `payload` (the other engine's `exported` entry)."""
+        first `num_computed_tokens` have KV in `payload` (the other engine's `take_exported`), but for the blocks
+        before the payload's `first_block`, which this engine's prefix cache was believed to hold."""
         if request.arrival_s is None:
             request.arrival_s = self.clock()
-        self.scheduler.adopt(request)
-        try:
-            self.executor.import_kv(request.block_ids, payload)
-        except Exception:
-            self.scheduler.finish(request.request_id)
-            raise
+        held = self.scheduler.adopt(request, payload.first_block)
+        if held is not None:  # else the cache had lost some: the scheduler recomputes, and the payload goes unused
+            try:
+                self.executor.import_kv(request.block_ids, payload.skip(held - payload.first_block))
+            except Exception:
+                self.scheduler.finish(request.request_id)
+                raise
         request.first_scheduled_s = request.first_token_s = request.last_token_s = self.clock()
         self.detokenizer.adopt(request)
+
+    def take_exported(self, request_id: str, num_held_tokens: int = 0) -> object:
+        """The KV payload of a finished prefill (`export_kv`), less the full blocks of its first `num_held_tokens`
+        tokens, which the receiving engine is believed to hold in its prefix cache. KeyError if there is none."""
+        return self.exported.pop(request_id).skip(num_held_tokens // self.scheduler.kv.block_size)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         self.exported.pop(request_id, None)

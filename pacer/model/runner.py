@@ -26,12 +26,23 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class KVPayload:
-    """The KV of one request's first `num_tokens` tokens, block by block, as `KVCache` lays them out per layer:
+    """The KV of one request's first `num_tokens` tokens, block by block from `first_block` on (the receiver holds
+    the blocks before it), as `KVCache` lays them out per layer:
     k [layers, blocks, kv heads, head dim, block size], v [layers, blocks, kv heads, block size, head dim]."""
 
     num_tokens: int
     k: torch.Tensor
     v: torch.Tensor
+    first_block: int = 0
+
+    def skip(self, num_blocks: int) -> KVPayload:
+        """Without its next `num_blocks` blocks, which the receiver holds: only the rest moves (copied, so that
+        what is sent does not carry the whole tensor)."""
+        num_blocks = min(num_blocks, self.k.shape[1])
+        if num_blocks == 0:
+            return self
+        return KVPayload(self.num_tokens, self.k[:, num_blocks:].clone(), self.v[:, num_blocks:].clone(),
+                         self.first_block + num_blocks)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -182,8 +193,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def import_kv(self, block_ids: list[int], payload: KVPayload) -> None:
-        """Write another engine's `export_kv` into these blocks (same model, dtype and block size)."""
-        index = torch.tensor(block_ids[:payload.k.shape[1]], device=self.device)
+        """Write another engine's `export_kv` into these blocks (same model, dtype and block size), from the
+        payload's first block on."""
+        index = torch.tensor(block_ids[payload.first_block:payload.first_block + payload.k.shape[1]],
+                             device=self.device)
         for layer, (k, v) in enumerate(zip(payload.k, payload.v)):
             self.cache.k[layer][index] = k.to(self.device, self.dtype)
             self.cache.v[layer][index] = v.to(self.device, self.dtype)

@@ -179,10 +179,14 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def adopt(self, request: Request) -> None:
-        """Run a request whose prompt another engine prefilled (disaggregated serving): its KV blocks are
-        allocated here, for the caller to fill, and it joins the running batch as a decode. ValueError if it
-        does not fit now (KV blocks or batch slots)."""
+    def adopt(self, request: Request, num_unsent_blocks: int = 0) -> int | None:
+        """Run a request whose prompt another engine prefilled (disaggregated serving); the KV of its first
+        `num_unsent_blocks` blocks was not sent, since this engine's prefix cache was believed to hold it. It starts
+        with its cached prefix (as a new request does), its other blocks are allocated for the caller to fill, it
+        joins the running batch as a decode, and the number of blocks taken from the cache is returned. If the cache
+        holds fewer than were not sent (evicted since), it queues to recompute what it lacks, as a preempted request
+        does, and None says the payload is not needed. ValueError if it does not fit now (KV blocks or batch
+        slots)."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.check(request)
@@ -190,10 +194,19 @@ class Scheduler:
             raise ValueError(f"request {request.request_id}: no room to adopt it now "
                              f"({len(self.running)} running, {self.kv.num_free_blocks} free KV blocks)")
         request.num_cached_blocks = 0  # blocks of this engine: none published yet
+        self.requests[request.request_id] = request
+        prefilled, request.num_computed_tokens = request.num_computed_tokens, 0
+        if len(self.kv.cached_prefix(request)) < num_unsent_blocks:
+            request.status = RequestStatus.WAITING
+            request.num_cached_tokens = self.kv.num_cached_tokens(request)
+            self.waiting.appendleft(request)
+            return None
+        held = self.kv.take_cached_prefix(request) // self.kv.block_size
+        request.num_computed_tokens = prefilled
         self.kv.allocate(request, 0)
         request.status = RequestStatus.RUNNING
-        self.requests[request.request_id] = request
         self.running.append(request)
+        return held
 
     def has_room_for(self, request: Request) -> bool:
         """Could `adopt` take this request now: a batch slot and KV blocks for all its tokens so far?"""

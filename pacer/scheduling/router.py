@@ -47,8 +47,9 @@ class PrefixIndex:
     it measures how long a prefix two prompts share, not which blocks hold it."""
 
     BLOCK_TOKENS = 16
-    # The latest request's keys: at an arrival, every replica's index (and the router) asks for the same ones.
-    _latest: tuple[str, list[int]] = ("", [])
+    # The latest prompt's keys: at an arrival, every replica's index asks for the same ones. Keyed by the prompt list
+    # itself (held, so its id is never reused; copies of a request share it): request ids recur across simulations.
+    _latest: tuple[list[int] | None, list[int]] = (None, [])
 
     def __init__(self, capacity: int = 1 << 16) -> None:
         self.capacity = capacity
@@ -64,9 +65,9 @@ class PrefixIndex:
 
     @classmethod
     def prompt_keys(cls, request: Request) -> list[int]:
-        """The block keys of the request's prompt (a request's prompt never changes, so its id names them)."""
-        if cls._latest[0] != request.request_id:
-            cls._latest = (request.request_id, cls.keys_of(request.prompt_token_ids))
+        """The block keys of the request's prompt (which never changes)."""
+        if cls._latest[0] is not request.prompt_token_ids:
+            cls._latest = (request.prompt_token_ids, cls.keys_of(request.prompt_token_ids))
         return cls._latest[1]
 
     def num_cached_tokens(self, keys: Sequence[int]) -> int:

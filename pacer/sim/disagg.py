@@ -2,7 +2,9 @@
 that only decodes, and the prompt's KV moved between them. Both pools run the real Engine and Scheduler, through
 the engine's own hand-over: a prefill replica serves each request with max_tokens=1 and `export_kv` (its first
 token is the prefill's; the engine keeps the prompt's KV as a payload when the request ends, and frees its blocks),
-and a decode replica takes the request with `Engine.adopt`, which allocates its blocks and imports the payload.
+and a decode replica takes the request with `Engine.adopt`, which allocates its blocks and imports the payload. The
+decode replica is chosen when the prompt is done, and only the blocks it is not believed to hold in its prefix cache
+move (a later turn of a conversation it decoded moves its new tokens only).
 
 KV accounting: the prefill replica keeps the prompt's KV in its blocks from the first token until a decode replica
 adopts the request (the transfer, then any wait for a decode replica with room), and the decode replica allocates

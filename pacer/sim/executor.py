@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from pacer.latency.model import LatencyModel
@@ -50,13 +52,25 @@ class SimExecutor:
             elapsed *= self._rng.lognormvariate(-self._sigma**2 / 2, self._sigma)
         return ModelOutput(sampled, elapsed_s=elapsed)
 
-    def export_kv(self, block_ids: list[int], num_tokens: int) -> int:
-        """Disaggregated serving's hand-over (the model runner's, in kind): no tensors here, so the payload is the
-        number of tokens whose KV moves; the simulator times the transfer from it."""
-        return num_tokens
+    def export_kv(self, block_ids: list[int], num_tokens: int) -> SimKV:
+        """Disaggregated serving's hand-over (the model runner's, in kind): no tensors here, so the payload says
+        which tokens' KV moves; the simulator times the transfer from it."""
+        return SimKV(num_tokens)
 
-    def import_kv(self, block_ids: list[int], payload: int) -> None:
+    def import_kv(self, block_ids: list[int], payload: SimKV) -> None:
         """Nothing to copy: the blocks the scheduler allocated stand for the KV that arrived."""
+
+
+@dataclass(frozen=True)
+class SimKV:
+    """The simulator's hand-over payload: the KV of a prompt's `num_tokens` tokens from block `first_block` on
+    (the model runner's `KVPayload` without the tensors)."""
+
+    num_tokens: int
+    first_block: int = 0
+
+    def skip(self, num_blocks: int) -> SimKV:
+        return dataclasses.replace(self, first_block=self.first_block + num_blocks)
 
 
 def load_residuals(path: str | Path) -> dict[str, list[float]]:

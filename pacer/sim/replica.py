@@ -40,6 +40,7 @@ class SimReplica:
     def adopt(self, request: Request, payload: object) -> None:
         """A request prefilled elsewhere (`Engine.adopt`); the caller checks `Scheduler.has_room_for` first."""
         self._changed()
+        self.sent.add(PrefixIndex.prompt_keys(request))
         self.engine.adopt(request, payload)
 
     def hold_kv(self, num_tokens: int) -> list[int]:

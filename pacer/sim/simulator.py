@@ -221,25 +221,27 @@ class Simulator:
         """Prompts a prefill replica has just finished: their KV leaves for the decode pool, and stays in the prefill
         replica's blocks until a decode replica has it (so a full decode pool slows the prefill pool down)."""
         assert self.decode is not None
-        for request_id, payload in replica.engine.exported.items():
+        for request_id in list(replica.engine.exported):
             prefilled = self._live[request_id]
             self._in_transfer.add(request_id)
             self._by_id[request_id].server_scheduling_delay_s = prefilled.first_scheduled_s - prefilled.arrival_s
             held = _Held(replica, replica.hold_kv(prefilled.num_prompt_tokens))
-            self._push(self.clock.now + self.decode.transfer.seconds(prefilled.num_prompt_tokens), _HANDOFF,
-                       (prefilled, payload, held))
-        replica.engine.exported.clear()
+            # the decode replica is chosen now, as the real front end does, and only the blocks it lacks move
+            target = self.decode.choose(prefilled)
+            payload = replica.engine.take_exported(request_id, target.cached_prompt_tokens(prefilled))
+            moved = payload.num_tokens - payload.first_block * replica.engine.scheduler.kv.block_size
+            self._push(self.clock.now + self.decode.transfer.seconds(moved), _HANDOFF,
+                       (prefilled, payload, held, target))
 
-    def _handoff(self, prefilled: Request, payload: object, held: _Held) -> None:
+    def _handoff(self, prefilled: Request, payload: object, held: _Held, target: SimReplica) -> None:
         """The KV has arrived: a decode replica adopts the request, or it waits behind those already waiting."""
         assert self.decode is not None
         request = decode_request(prefilled, self._by_id[prefilled.request_id].max_tokens)
         self._live[request.request_id] = request
         self._in_transfer.discard(request.request_id)
         self._parked.append(_Handoff(request, payload, held))
-        if len(self._parked) == 1:  # none waiting before it: the router's choice, else any with room
-            first = self.decode.choose(request)
-            for replica in [first, *(r for r in self.decode.replicas if r is not first)]:
+        if len(self._parked) == 1:  # none waiting before it: the chosen replica, else any with room
+            for replica in [target, *(r for r in self.decode.replicas if r is not target)]:
                 self._adopt_parked(replica)
                 if not self._parked:
                     break

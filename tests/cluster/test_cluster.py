@@ -157,8 +157,10 @@ def test_disaggregated_prefill_and_decode_give_the_colocated_ids(tiny_model_dir,
     config = EngineConfig.from_kwargs(model=str(tiny_model_dir), num_blocks=64)
     local = LLM(config=config)
     prompts = [[5, 6, 7, 8, 9], list(range(20, 90)), [3] * 33]
-    expected = [r.token_ids for r in local.generate(prompts, SamplingParams(max_tokens=24, temperature=0,
-                                                                            ignore_eos=True), use_tqdm=False)]
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    expected = [r.token_ids for r in local.generate(prompts, greedy, use_tqdm=False)]
+    follow_up = prompts[1] + expected[1] + [4] * 10  # its first 64 tokens' KV is on the decode replica already
+    expected_follow_up = local.generate([follow_up], greedy, use_tqdm=False)[0].token_ids
     cluster = ClusterEngine(config, ClusterConfig(replicas=2, prefill_replicas=1, threads_per_replica=1,
                                                   ray_address=ray_address))
     cluster.start()
@@ -172,6 +174,8 @@ def test_disaggregated_prefill_and_decode_give_the_colocated_ids(tiny_model_dir,
         assert (prefill.num_routed, decode.num_routed) == (3, 3)  # every request went through both
         one = await collect(cluster, request("one", 1))  # nothing to hand over
         assert one == expected[0][:1] and decode.num_routed == 3
+        assert decode.sent.cached_prompt_tokens(request("f", 24, prompt=follow_up)) == 64  # 70 tokens sent: 4 blocks
+        assert await collect(cluster, request("f", 24, prompt=follow_up)) == expected_follow_up  # 64 tokens not sent
         await cluster.stop()
 
     asyncio.run(main())
@@ -270,7 +274,7 @@ def test_hand_overs_count_on_their_decode_replica_until_it_reports():
 
     def actor(calls: list):
         record = SimpleNamespace(remote=lambda *args: calls.append(args) or f"ref-{len(calls)}")
-        return SimpleNamespace(adopt=record, take_kv=SimpleNamespace(remote=lambda rid: f"kv-{rid}"), abort=record)
+        return SimpleNamespace(adopt=record, take_kv=SimpleNamespace(remote=lambda rid, held: f"kv-{rid}"), abort=record)
 
     cluster = ClusterEngine(EngineConfig(), ClusterConfig(replicas=3, prefill_replicas=1))
     calls: list[list] = [[], [], []]

@@ -145,6 +145,45 @@ def test_a_request_prefilled_on_one_engine_decodes_on_another_with_the_same_ids(
     assert decode.scheduler.kv.num_free_blocks == 64
 
 
+def test_a_hand_over_moves_only_the_blocks_the_decode_engine_lacks_and_recomputes_what_it_lost(model, alone):
+    """The prompt's first blocks are cached on the decode engine (an earlier turn left them): the payload leaves
+    them out and the decode engine takes them from its cache. If its cache lost them meanwhile, it recomputes what
+    it lacks. Greedy ids are the same either way, and no block is left held."""
+    prompt = prompts(1)[0]  # 25 tokens: 6 full 4-token blocks and a partial one
+    prefill = tiny_engine(model=model)
+    first = Request("p", prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), export_kv=True)
+    run_to_end(prefill, first)
+    assert set(prefill.exported) == {"p"}
+    payloads = {held: prefill.exported["p"].skip(held // 4) for held in (0, 20)}  # what take_exported gives
+    assert prefill.take_exported("p", 20).first_block == 5 and not prefill.exported
+    assert [p.k.shape[1] for p in payloads.values()] == [7, 2]
+
+    def decode_with(payload, warm: bool) -> list[int]:
+        decode = tiny_engine(model=model, prefix_caching=True)
+        if warm:  # an earlier request with the same first 22 tokens leaves 5 full blocks in the cache
+            run_to_end(decode, Request("earlier", prompt[:22], SamplingParams(max_tokens=1, ignore_eos=True)))
+        request = Request("p", prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        request.token_ids.append(first.output_token_ids[0])
+        request.num_computed_tokens = len(prompt)
+        decode.adopt(request, payload)
+        outputs = []
+        while decode.has_unfinished:
+            outputs += decode.step()
+        assert decode.scheduler.kv.num_free_blocks == 64 and not decode.scheduler.requests
+        return [t for o in outputs for t in o.new_token_ids]
+
+    expected = alone["0"][1:]  # the first token came from the prefill
+    assert decode_with(payloads[0], warm=False) == expected
+    assert decode_with(payloads[20], warm=True) == expected  # 5 blocks from its cache, 2 from the payload
+    assert decode_with(payloads[20], warm=False) == expected  # the cache lost them: recomputed
+
+
+def run_to_end(engine, request: Request) -> None:
+    engine.add_request(request)
+    while engine.has_unfinished:
+        engine.step()
+
+
 def _turns(engine, turns: list[tuple[int, list[int]]]) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Run requests given as (step to add it at, prompt); returns their outputs and cached prompt tokens."""
     requests = {str(i): Request(str(i), prompt, GREEDY) for i, (_, prompt) in enumerate(turns)}

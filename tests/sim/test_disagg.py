@@ -23,12 +23,13 @@ from tests.sim.test_simulator import constant, linear
 
 
 def disaggregated(latency, policy: str = "sarathi", prefill: int = 1, decode: int = 1, num_blocks: int = 256,
-                  transfer_s_per_token: float = 0.00625, **config) -> Simulator:
+                  transfer_s_per_token: float = 0.00625, prefix_caching: bool = False, **config) -> Simulator:
     clock = VirtualClock()
 
     def engine() -> Engine:
         scheduler = scheduler_class(policy)(SchedulerConfig(scheduler=policy, **config),
-                                            KVCacheManager(num_blocks, 16), 4096, latency=latency.fresh())
+                                            KVCacheManager(num_blocks, 16, prefix_caching), 4096,
+                                            latency=latency.fresh())
         return Engine(scheduler, SimExecutor(latency.fresh()), Detokenizer(None), clock=clock)
 
     transfer = KVTransfer(1000, 1000 / transfer_s_per_token)
@@ -49,6 +50,20 @@ def test_first_token_on_the_prefill_replica_then_the_transfer_then_decodes():
     for replica in sim.all_replicas:
         assert not replica.engine.has_unfinished and not replica.engine.exported
         assert replica.engine.scheduler.kv.num_free_blocks == replica.engine.scheduler.kv.num_blocks
+
+
+def test_a_later_turn_moves_only_the_blocks_its_decode_replica_lacks():
+    """Turn 2's prompt is turn 1's (40 tokens), its 4 answer tokens and 8 more: the decode replica that decoded
+    turn 1 is believed to hold (and holds) its prompt's two full 16-token blocks, so 52 - 32 tokens move instead of
+    52; without prefix caching all of them do."""
+    for prefix_caching, moved in ((True, 52 - 32), (False, 52)):
+        sim = disaggregated(constant(0.1), prefix_caching=prefix_caching)
+        (first, second) = sim.run([SimRequest(0, 0.0, 40, 4), SimRequest(1, None, 8, 3, turn=1, think_s=1.0)])
+        assert first.status == second.status == "ok"
+        # first token on the prefill replica, then the transfer, then a decode iteration
+        assert second.token_times_s[1] - second.token_times_s[0] == pytest.approx(moved * 0.00625 + 0.1)
+        for replica in sim.all_replicas:
+            assert replica.engine.scheduler.kv.num_free_blocks == replica.engine.scheduler.kv.num_blocks
 
 
 def test_a_one_token_request_ends_on_the_prefill_replica():
