@@ -104,6 +104,10 @@ class ServerConfig:
         "the model name clients send and see (default: the --model value)"))
     max_queued_requests: int | None = field(default=None, metadata=_help(
         "requests allowed to wait for a batch slot; more get 429 with Retry-After (default: no limit)"))
+    admission: bool = field(default=True, metadata=_help(
+        "refuse at arrival (429 with Retry-After) a request the latency model predicts will miss its TTFT SLO, with "
+        "a policy that predicts (slo); --no-admission serves them all, with the same plan otherwise: the replay "
+        "that tells how many refusals were false"))
     drain_timeout_s: float = field(default=30.0, metadata=_help(
         "on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before aborting them"))
     access_log: bool = field(default=False, metadata=_help("log every HTTP request"))

@@ -93,10 +93,11 @@ class _Replica:
 class ClusterEngine:
     """Replicas on Ray behind a router: the app's engine when `pacer serve --replicas N` (or --ray-address)."""
 
-    def __init__(self, engine_config: EngineConfig, cluster: ClusterConfig) -> None:
+    def __init__(self, engine_config: EngineConfig, cluster: ClusterConfig, admission: bool = True) -> None:
         router_class(cluster.router)  # fail on a bad name before starting anything
         self.engine_config = engine_config
         self.cluster = cluster
+        self.admission = admission
         self.router = router_class(cluster.router)()
         self.observer: EngineObserver | None = None
         self.limits: RequestLimits | None = None
@@ -201,7 +202,8 @@ class ClusterEngine:
         up = self._up()
         if not up:
             raise EngineError("no engine replica is up")
-        replica = up[dispatch(requests[0], up, self.router, time.monotonic())]  # admitted on the prefill side
+        # admitted on the prefill side
+        replica = up[dispatch(requests[0], up, self.router, time.monotonic(), admit=self.admission)]
         outputs: asyncio.Queue = asyncio.Queue()
         self._send(replica, requests, outputs)
         return RequestStream(self, [r.request_id for r in requests], outputs)

@@ -127,11 +127,12 @@ class AsyncEngine:
     """
 
     def __init__(self, build: Callable[[], Engine], max_queued_requests: int | None = None,
-                 observer: EngineObserver | None = None) -> None:
+                 observer: EngineObserver | None = None, admission: bool = True) -> None:
         """`build` makes the Engine; it runs in the engine thread (see the module docstring)."""
         self._build = build
         self.engine: Engine | None = None
         self.max_queued_requests = max_queued_requests
+        self.admission = admission  # refuse what is predicted to miss its TTFT SLO (off: serve everything)
         self.observer = observer
         self.load = EngineLoad()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -244,7 +245,8 @@ class AsyncEngine:
             # else believed from what was sent
             request.num_cached_tokens = kv.num_cached_tokens(request) if kv is not None else \
                 self._sent.cached_prompt_tokens(request)
-            self.queue.admit(request, now, extra=requests[:i])
+            if self.admission:
+                self.queue.admit(request, now, extra=requests[:i])
         if kv is None:
             for request in requests:
                 self._sent.add(PrefixIndex.prompt_keys(request))

@@ -57,8 +57,8 @@ class ProcessEngine(AsyncEngine):
     pickle (a module-level function, or a partial of one): the child calls it to load the model."""
 
     def __init__(self, build: Callable[[], Engine], max_queued_requests: int | None = None,
-                 observer: EngineObserver | None = None, log_level: int = logging.INFO) -> None:
-        super().__init__(build, max_queued_requests, observer)
+                 observer: EngineObserver | None = None, log_level: int = logging.INFO, admission: bool = True) -> None:
+        super().__init__(build, max_queued_requests, observer, admission)
         self._log_level = log_level
         self._process: multiprocessing.process.BaseProcess | None = None
         self._commands: Connection | None = None

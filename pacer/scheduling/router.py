@@ -155,12 +155,14 @@ def _or_inf(seconds: float | None) -> float:
     return math.inf if seconds is None else seconds
 
 
-def dispatch(request: Request, replicas: Sequence[ReplicaView], router: Router, now: float) -> int:
+def dispatch(request: Request, replicas: Sequence[ReplicaView], router: Router, now: float,
+             admit: bool = True) -> int:
     """The replica for `request`, with admission across replicas: the router's choice if it can meet the
     request's TTFT SLO (or does not predict); else the replica with the least predicted TTFT if that one can;
     else SLOUnattainable (a 429) with the soonest Retry-After. So a request is refused only when no replica
-    can serve it in time, whatever the policy."""
-    return _admitted(request, replicas, router.choose(request, replicas), now)
+    can serve it in time, whatever the policy. Without `admit`, the router's choice, whatever it predicts."""
+    index = router.choose(request, replicas)
+    return _admitted(request, replicas, index, now) if admit else index
 
 
 def _admitted(request: Request, replicas: Sequence[ReplicaView], index: int, now: float) -> int:

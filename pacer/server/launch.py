@@ -84,7 +84,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_conf
         if server_config.engine_process:
             raise ValueError("--engine-process applies to one local engine; replicas on Ray run in processes of their "
                              "own")
-        async_engine = ClusterEngine(engine_config, cluster_config)
+        async_engine = ClusterEngine(engine_config, cluster_config, admission=server_config.admission)
         async_engine.start()  # starts the replicas and waits until they are ready
         tokenizer = load_tokenizer(resolve_model_path(engine_config.model.model))
         name = server_config.served_model_name or model
@@ -93,12 +93,13 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_conf
     elif uses_engine_process(engine_config, server_config):
         async_engine = ProcessEngine(functools.partial(build_served_engine, engine_config),
                                      max_queued_requests=server_config.max_queued_requests,
-                                     log_level=logging.getLogger().level)
+                                     log_level=logging.getLogger().level, admission=server_config.admission)
         async_engine.start()  # loads the model in the engine process
         tokenizer = load_tokenizer(resolve_model_path(engine_config.model.model))
     else:
         async_engine = AsyncEngine(functools.partial(build_served_engine, engine_config),
-                                   max_queued_requests=server_config.max_queued_requests)
+                                   max_queued_requests=server_config.max_queued_requests,
+                                   admission=server_config.admission)
         async_engine.start()  # loads the model in the engine thread
         tokenizer = async_engine.engine.detokenizer.tokenizer
     api_key = server_config.api_key or os.environ.get("PACER_API_KEY") or None

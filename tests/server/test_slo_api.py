@@ -74,6 +74,15 @@ def test_an_unattainable_ttft_is_refused_at_once_with_retry_after(slo_server):
     assert samples["pacer:kv_cache_usage_perc"] == 0
 
 
+def test_without_admission_an_unattainable_ttft_is_served_and_reported_missed(tiny_model_dir, tiny_profile,
+                                                                                   tmp_path):
+    """--no-admission: the replay against which refusals are judged serves what admission would refuse."""
+    with run_server(tiny_model_dir, "--scheduler", "slo", "--latency-profile", str(tiny_profile), "--threads", "1",
+                    "--num-blocks", "64", "--no-admission", log_dir=tmp_path) as server:
+        response = httpx.post(server.url + COMPLETIONS, json={"prompt": "hi", "max_tokens": 2, "ttft_slo_ms": 0.001})
+        assert response.status_code == 200 and response.json()["pacer"]["slo_met"] is False
+
+
 @pytest.mark.parametrize(("header", "value"), [("x-slo-tbt-ms", "fast"), ("x-slo-tpot-ms", "0"),
                                                ("x-slo-tpot-ms", "nan")])
 def test_bad_slo_header_is_400(slo_server, header, value):
