@@ -9,9 +9,10 @@ beside this machine's memory bandwidth measured by a torch triad on the same thr
 - fp32: `F.linear` on dequantized weights (pacer today);
 - int8: `aten._weight_int8pack_mm` (int8 weights, one scale per output channel);
 - int4-g32: `aten._weight_int4pack_mm_for_cpu` (4-bit weights in groups of 32 with a scale and a zero point each:
-  the layout Q4_1's blocks map onto);
-- dyn-int4-g32: `aten._dyn_quant_matmul_4bit` (4-bit weights, activations quantized per token on the fly).
-A kernel this torch build cannot run on this CPU is reported as such, not skipped silently.
+  the layout Q4_1's blocks map onto).
+Not measured: `aten._dyn_quant_matmul_4bit` packs for KleidiAI (Arm) only; elsewhere its "packed" weight is the float
+weights and scales side by side (torch/_meta_registrations.py), a reference path. A kernel this torch build cannot
+run on this CPU is reported as such, not skipped silently.
 """
 
 from __future__ import annotations
@@ -76,18 +77,7 @@ def kernels(k: int, n: int) -> dict[str, tuple[Callable[[torch.Tensor], torch.Te
     packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # int32 values 0..15, [n, k]
     out["int4-g32"] = (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed4, GROUP, scales_zeros),
                        n * k // 2 + scales_zeros.numel() * 4)
-    try:
-        packed_dyn = torch.ops.aten._dyn_quant_pack_4bit_weight(
-            q.to(torch.uint8), torch.stack([scale, low], dim=2).reshape(n, -1), None, GROUP, k, n)
-        out["dyn-int4-g32"] = (lambda x: torch.ops.aten._dyn_quant_matmul_4bit(x, packed_dyn, GROUP, k, n),
-                               packed_dyn.numel() * packed_dyn.element_size())
-    except RuntimeError as error:  # reported by main as the kernel's failure
-        out["dyn-int4-g32"] = (lambda x, error=error: _raise(error), 0)
     return out
-
-
-def _raise(error: Exception) -> torch.Tensor:
-    raise error
 
 
 def main() -> None:

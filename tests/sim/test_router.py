@@ -85,7 +85,8 @@ def test_dispatch_refuses_only_when_no_replica_can_meet_the_ttft_slo():
     with pytest.raises(SLOUnattainable) as refused:
         dispatch(due, [View(0, 3.1), View(0, 2.5)], router, now=10.2)  # waited 0.2 s: 2.7 s at best
     assert refused.value.retry_after_s == 2  # the predicted excess of the best replica, rounded up
-    assert dispatch(due, [View(0, 3.1), View(0, 2.5)], router, now=10.2, admit=False) == 0  # served all the same
+    fresh = router_class("round_robin")()
+    assert dispatch(due, [View(0, 3.1), View(0, 2.5)], fresh, now=10.2, admit=False) == 0  # served all the same
     assert dispatch(due, [View(0), View(0)], router, now=10.0) == 1  # no predictions: no refusal
     assert dispatch(Request("s", [0] * 8), [View(0, 99.0), View(0, 99.0)], router, now=0.0) == 0  # no SLO
 
