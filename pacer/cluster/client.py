@@ -76,7 +76,7 @@ class _Replica:
         self.queue = QueueView(info.latency)
         self.queue.latest = info.queue
         self.load = EngineLoad()
-        self.sent = PrefixIndex(info.prefix_cache_tokens // PrefixIndex.BLOCK_TOKENS)  # (re)started: cache empty
+        self.sent = PrefixIndex.of_tokens(info.prefix_cache_tokens)  # (re)started: its cache is empty
         self.state = ReplicaState.UP
 
     @property

@@ -109,10 +109,8 @@ class Replica:
         self._sink = _ReplicaSink(engine.scheduler.latency)
         self._engine_loop = EngineLoop(engine, self._sink)
         _, queue_latest = self._engine_loop.state()
-        kv = engine.scheduler.kv
         self._info = ReplicaInfo(engine.scheduler.limits, copy.deepcopy(engine.scheduler.latency), queue_latest,
-                                 os.getpid(), socket.gethostname(),
-                                 kv.num_blocks * kv.block_size if kv.prefix_caching else 0)
+                                 os.getpid(), socket.gethostname(), engine.scheduler.kv.prefix_cache_tokens)
 
     def _run(self) -> None:
         try:

@@ -90,7 +90,7 @@ class ProcessEngine(AsyncEngine):
         self._limits = ready.limits
         self.queue.latency = ready.latency
         self.load, self.queue.latest = ready.load, ready.queue
-        self._sent = PrefixIndex(ready.prefix_cache_tokens // PrefixIndex.BLOCK_TOKENS)
+        self._sent = PrefixIndex.of_tokens(ready.prefix_cache_tokens)
         self._alive = True
         self._reader = threading.Thread(target=self._read, args=(updates_out,), name="pacer-engine-reader",
                                         daemon=True)
@@ -158,9 +158,8 @@ def _engine_main(build: Callable[[], Engine], commands: Connection, updates: Con
     sink = UpdateSink(latency)
     loop = EngineLoop(engine, sink)
     load, queue = loop.state()
-    kv = engine.scheduler.kv
     updates.send(EngineReady(engine.scheduler.limits, copy.deepcopy(latency), queue, load,
-                             kv.num_blocks * kv.block_size if kv.prefix_caching else 0))
+                             engine.scheduler.kv.prefix_cache_tokens))
     freeze_startup_heap()
 
     def receive(block: bool) -> list[tuple[str, object]]:

@@ -36,6 +36,11 @@ class KVCacheManager:
         return self.pool.num_blocks * self.block_size
 
     @property
+    def prefix_cache_tokens(self) -> int:
+        """The KV its prefix cache can hold (0 without one): what a front end's belief of it is sized to."""
+        return self.capacity_tokens if self.prefix_caching else 0
+
+    @property
     def usage(self) -> float:
         """Fraction of blocks in use (vLLM's kv_cache_usage_perc); cached blocks nobody uses count as free."""
         return self.pool.num_used / self.pool.num_blocks

@@ -56,6 +56,11 @@ class PrefixIndex:
         self._keys: OrderedDict[int, None] = OrderedDict()
 
     @classmethod
+    def of_tokens(cls, num_tokens: int) -> PrefixIndex:
+        """An index as large as a prefix cache of `num_tokens` tokens (`KVCacheManager.prefix_cache_tokens`)."""
+        return cls(num_tokens // cls.BLOCK_TOKENS)
+
+    @classmethod
     def keys_of(cls, tokens: Sequence[int]) -> list[int]:
         keys, parent, size = [], None, cls.BLOCK_TOKENS
         for i in range(len(tokens) // size):

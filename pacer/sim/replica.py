@@ -22,8 +22,8 @@ class SimReplica:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        kv = engine.scheduler.kv  # what the front end believes its prefix cache holds, as the real ones do
-        self.sent = PrefixIndex(kv.num_blocks * kv.block_size // PrefixIndex.BLOCK_TOKENS if kv.prefix_caching else 0)
+        # what the front end believes its prefix cache holds, as the real ones do
+        self.sent = PrefixIndex.of_tokens(engine.scheduler.kv.prefix_cache_tokens)
         self.busy = False  # an iteration is running, or planned for now
         self.num_iterations = 0
         self._outstanding: int | None = None
