@@ -35,6 +35,15 @@ class ModelConfig:
         "compute dtype; auto: bfloat16 where the hardware computes it natively (CUDA, CPUs with "
         "AVX-512 BF16 or AMX), float32 elsewhere", choices=("auto", "bfloat16", "float32")))
     device: str = field(default="cpu", metadata=_help("torch device: cpu or cuda", choices=("cpu", "cuda")))
+    quantization: str = field(default="auto", metadata=_help(
+        "weights in memory; auto: a GGUF keeps its own Q4_0/Q4_1/Q8_0 blocks and pacer computes with them (CPU, "
+        "float32; other formats and devices are dequantized), a float checkpoint stays as it is; none: dequantize "
+        "at load; int8/int4: quantize a checkpoint's matrices at load (Q8_0/Q4_1 blocks of 32, weight-only)",
+        choices=("auto", "none", "int8", "int4")))
+    int8_activations: bool = field(default=False, metadata=_help(
+        "with quantized weights: round each projection's activations to int8 per block of 32 and multiply with "
+        "integer dot products, as llama.cpp does (faster decode; not exact: outputs can differ from the float "
+        "model's)"))
     threads: int | None = field(default=None, metadata=_help("CPU threads for torch (default: torch's choice)"))
     seed: int = field(default=0, metadata=_help("seed for requests that do not set their own"))
     cuda_graphs: bool = field(default=True, metadata=_help(

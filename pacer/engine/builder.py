@@ -13,6 +13,7 @@ from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
 from pacer.kv import KVCacheManager
 from pacer.latency.profile import resolve_latency_model, warm_up
+from pacer.model.quant import resolve_quantization
 from pacer.model.runner import ModelRunner, resolve_dtype
 from pacer.model.tokenizer import Tokenizer
 from pacer.model.weights import load_checkpoint, resolve_model_path
@@ -22,18 +23,21 @@ logger = logging.getLogger(__name__)
 
 
 def profile_key(path: Path, runner: ModelRunner, device: str) -> dict[str, object]:
-    """What a latency profile is valid for: the model file, dtype, device, torch's thread count and the kernels
-    (a profile measured with slower kernels overstates every iteration)."""
+    """What a latency profile is valid for: the model file, dtype, quantization, device, torch's thread count and
+    the kernels (a profile measured with slower kernels overstates every iteration)."""
     size = path.stat().st_size if path.is_file() else "dir"
-    return {"model": f"{path.name}-{size}", "dtype": str(runner.dtype).removeprefix("torch."), "device": device,
-            "threads": torch.get_num_threads(), "kernels": runner.kernels}
+    return {"model": f"{path.name}-{size}", "dtype": str(runner.dtype).removeprefix("torch."),
+            "quantization": runner.quantization, "device": device, "threads": torch.get_num_threads(),
+            "kernels": runner.kernels}
 
 
 def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
     policy = scheduler_class(config.scheduler.scheduler)  # fail on a bad name before loading anything
     start = time.perf_counter()
     path = resolve_model_path(config.model.model)
-    checkpoint = load_checkpoint(path, resolve_dtype(config.model.dtype, config.model.device))
+    dtype = resolve_dtype(config.model.dtype, config.model.device)
+    quantization = resolve_quantization(config.model.quantization, config.model.device, dtype)
+    checkpoint = load_checkpoint(path, dtype, quantization)
     runner = ModelRunner.load(checkpoint, config.model, config.cache)
     limit = checkpoint.config.max_position_embeddings
     max_model_len = config.scheduler.max_model_len or limit
@@ -41,8 +45,9 @@ def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens")
     runner.capture_decode_graphs(config.scheduler.max_num_seqs, max_model_len)
     kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.prefix_caching)
-    logger.info("loaded %s in %.1f s (%s, %s)", path.name, time.perf_counter() - start, runner.dtype,
-                config.model.device)
+    logger.info("loaded %s in %.1f s (%s, %s): weights %.1f MB in memory, quantization %s", path.name,
+                time.perf_counter() - start, runner.dtype, config.model.device, runner.weight_bytes / 1e6,
+                runner.quantization)
     warm_up(runner, kv, checkpoint.config.vocab_size)
     key = profile_key(path, runner, config.model.device)
     latency = resolve_latency_model(config.latency.latency_profile, runner, kv, checkpoint.config.vocab_size,

@@ -121,8 +121,11 @@ def _shape(batch: Batch) -> BatchShape:
 
 
 def default_profile_path(key: dict[str, Any]) -> Path:
-    """~/.cache/pacer/profiles/<model>-<dtype>-<device>-t<threads>.json: one file per measured setup."""
-    name = f"{key['model']}-{key['dtype']}-{key['device']}-t{key['threads']}.json".replace("/", "_")
+    """~/.cache/pacer/profiles/<model>-<dtype>[-<quantization>]-<device>-t<threads>.json: one file per measured
+    setup."""
+    quantization = key.get("quantization", "none")
+    dtype = key["dtype"] if quantization == "none" else f"{key['dtype']}-{quantization}"
+    name = f"{key['model']}-{dtype}-{key['device']}-t{key['threads']}.json".replace("/", "_")
     return Path.home() / ".cache" / "pacer" / "profiles" / name
 
 

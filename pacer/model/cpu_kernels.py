@@ -2,9 +2,10 @@
 
 - `torch.ops.pacer_attention` (attention_cpu.cpp): paged decode attention, bf16 prefill attention (AVX-512 BF16)
   and KV writes;
-- `torch.ops.pacer_layers` (layers_cpu.cpp): RMSNorm with the residual add fused in, and SiLU-and-mul.
+- `torch.ops.pacer_layers` (layers_cpu.cpp): RMSNorm with the residual add fused in, and SiLU-and-mul;
+- `torch.ops.pacer_quant` (quant_cpu.cpp): linear layers over GGUF's Q4_0/Q4_1/Q8_0 blocks.
 
-Both are one extension, so one build. Without a compiler, the callers fall back to plain torch.
+All are one extension, so one build. Without a compiler, the callers fall back to plain torch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 # Set to 1 to skip building/using the C++ kernels (plain torch is used instead).
 NO_KERNEL_ENV = "PACER_NO_CPP_KERNEL"
-SOURCES = ("attention_cpu.cpp", "layers_cpu.cpp", "cpu_vec.h")
+SOURCES = ("attention_cpu.cpp", "layers_cpu.cpp", "quant_cpu.cpp", "cpu_vec.h")
 
 
 def enabled() -> bool:
@@ -50,6 +51,11 @@ def attention_ops() -> object | None:
 def layer_ops() -> object | None:
     """torch.ops.pacer_layers where the kernels are enabled and built, else None."""
     return torch.ops.pacer_layers if load() else None
+
+
+def quant_ops() -> object | None:
+    """torch.ops.pacer_quant where the kernels are enabled and built, else None."""
+    return torch.ops.pacer_quant if load() else None
 
 
 class _KernelLoader:

@@ -1,8 +1,10 @@
 """GGUF files: a direct header parser (gguf's GGUFReader makes one numpy view per vocabulary string
-and took 3.6-5 s on the default model) and vectorised dequantization of the block formats."""
+and took 3.6-5 s on the default model), vectorised dequantization of the block formats, or the blocks
+themselves for the formats pacer's kernels compute with."""
 
 from __future__ import annotations
 
+import logging
 import mmap
 import re
 import struct
@@ -15,7 +17,10 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from pacer.model.config import LlamaConfig
+from pacer.model.quant import KERNEL_TYPES, QuantizedTensor
 from pacer.model.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 _GGUF_MAGIC = b"GGUF"
 _GGUF_SCALARS = {
@@ -42,6 +47,7 @@ _GGUF_LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
 @dataclass(frozen=True)
@@ -128,18 +134,32 @@ def _locate(name: str, data_start: int, dims: tuple[int, ...], ggml_type: int, o
     return _GGUFTensor(qtype, tuple(reversed(dims)), data_start + offset, num_blocks * type_size)
 
 
-def read_gguf(path: Path, dtype: torch.dtype) -> tuple[LlamaConfig, dict[str, torch.Tensor], Tokenizer]:
-    """The config, HF-named `[out, in]` tensors (dequantized, q/k un-permuted) and tokenizer of a GGUF."""
+def read_gguf(path: Path, dtype: torch.dtype, keep_blocks: bool = False,
+              ) -> tuple[LlamaConfig, dict[str, torch.Tensor | QuantizedTensor], Tokenizer]:
+    """The config, HF-named `[out, in]` tensors (q/k un-permuted) and tokenizer of a GGUF. Tensors are dequantized
+    to `dtype`, except with `keep_blocks`: then matrices in a block format the kernels compute with stay as the
+    file's blocks (`QuantizedTensor`)."""
     file = GGUFFile(path)
     config = _config_from_gguf(file.metadata, file.tensors)
-    weights = {}
+    weights: dict[str, torch.Tensor | QuantizedTensor] = {}
+    dequantized = set()
     for gguf_name, info in file.tensors.items():
         name = _hf_name(gguf_name)
-        values = _dequantize(file.tensor_bytes(info), info)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
+        raw = file.tensor_bytes(info)
+        keep = keep_blocks and info.ggml_type in KERNEL_TYPES and len(info.shape) == 2
+        values = raw.reshape(info.shape[0], -1) if keep else _dequantize(raw, info)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # whole rows move: blocks permute as values do
             heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
             values = _unpermute_rotary_rows(values, heads)
-        weights[name] = _to_torch(values, dtype)
+        if keep:
+            weights[name] = QuantizedTensor(info.ggml_type, torch.from_numpy(np.array(values)))
+        else:
+            weights[name] = _to_torch(values, dtype)
+            if keep_blocks and len(info.shape) == 2 and info.ggml_type not in _FLOAT_TYPES:
+                dequantized.add(info.ggml_type.name)
+    if dequantized:
+        logger.info("no kernel for %s blocks: those weights are dequantized to %s", ", ".join(sorted(dequantized)),
+                    dtype)
     return config, weights, Tokenizer.from_gguf_metadata(file.metadata)
 
 

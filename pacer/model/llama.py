@@ -11,13 +11,18 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from pacer.model import cpu_kernels
 from pacer.model.attention import AttentionMetadata, KVCache, paged_attention
 from pacer.model.config import LlamaConfig
+from pacer.model.quant import QuantizedEmbedding, QuantizedLinear, QuantizedTensor, cat_rows
 
 logger = logging.getLogger(__name__)
+
+Weight = torch.Tensor | QuantizedTensor
+Formats = dict[str, GGMLQuantizationType]  # weight name -> the block format it is kept in
 
 
 class RotaryEmbedding(nn.Module):
@@ -117,14 +122,21 @@ def _packs(dtype: torch.dtype) -> bool:
     return True
 
 
+def linear(in_features: int, out_features: int, qtype: GGMLQuantizationType | None) -> nn.Module:
+    """A bias-free projection: fp weights, or GGUF blocks of `qtype`."""
+    if qtype is None:
+        return nn.Linear(in_features, out_features, bias=False)
+    return QuantizedLinear(in_features, out_features, qtype)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, formats: Formats, prefix: str) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         # q, k and v in one matmul: [(H + 2 KV) * hd, D]
-        self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
-                                  bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv_proj = linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                               formats.get(prefix + "qkv_proj.weight"))
+        self.o_proj = linear(self.num_heads * self.head_dim, config.hidden_size, formats.get(prefix + "o_proj.weight"))
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int,
@@ -139,22 +151,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, formats: Formats, prefix: str) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = linear(config.hidden_size, 2 * config.intermediate_size,
+                                   formats.get(prefix + "gate_up_proj.weight"))
+        self.down_proj = linear(config.intermediate_size, config.hidden_size, formats.get(prefix + "down_proj.weight"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, formats: Formats, prefix: str) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, formats, prefix + "self_attn.")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, formats, prefix + "mlp.")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: KVCache, layer: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,15 +182,21 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, formats: Formats | None = None, dtype: torch.dtype = torch.float32) -> None:
+        """`formats`: the weights (by `fuse_projections` name) kept as GGUF blocks, and their block format; the
+        others are `dtype` parameters. A quantized embedding also serves as the tied LM head, in place."""
         super().__init__()
+        formats = formats or {}
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        embed_type = formats.get("embed_tokens.weight")
+        self.embed_tokens = (nn.Embedding(config.vocab_size, config.hidden_size) if embed_type is None
+                             else QuantizedEmbedding(config.vocab_size, config.hidden_size, embed_type, dtype))
+        self.layers = nn.ModuleList(DecoderLayer(config, formats, f"layers.{i}.") for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
-                                                                          bias=False)
+        head_type = embed_type if config.tie_word_embeddings else formats.get("lm_head.weight")
+        self.lm_head = None if config.tie_word_embeddings and head_type is None else linear(
+            config.hidden_size, config.vocab_size, head_type)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
@@ -191,6 +210,18 @@ class LlamaModel(nn.Module):
         logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
         return logits.float()
 
+    def use_int8_activations(self) -> bool:
+        """Let the block projections round their activations to int8 (see QuantizedLinear); False, with a warning, if
+        the kernel cannot here (it needs AVX2)."""
+        ops = cpu_kernels.quant_ops()
+        if ops is None or not ops.int8_activations():
+            logger.warning("int8 activations need pacer's C++ kernels on an AVX2 CPU: activations stay float32")
+            return False
+        for module in self.modules():
+            if isinstance(module, QuantizedLinear):
+                module.int8_activations = True
+        return True
+
     def prepack_for_cpu(self) -> None:
         """Hand every projection and the LM head to oneDNN as prepacked weights (see PackedLinear).
 
@@ -203,24 +234,36 @@ class LlamaModel(nn.Module):
         if self.lm_head is None:
             self.lm_head = PackedLinear(self.embed_tokens.weight)
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load HF-named tensors, fusing q/k/v and gate/up into the packed projections."""
-        params = dict(self.named_parameters())
-        for name, tensor in _packed(weights, self.config):
-            if name not in params:
+    def load_weights(self, weights: dict[str, Weight]) -> None:
+        """Load `fuse_projections`' tensors: fp ones into the parameters, GGUF blocks into the quantized layers'
+        buffers (this model must have been built with their `formats`)."""
+        targets = self.state_dict(keep_vars=True)  # parameters and the block buffers
+        tied_head = self.config.tie_word_embeddings and isinstance(self.lm_head, QuantizedLinear)
+        if tied_head:
+            targets.pop("lm_head.weight")
+        for name, tensor in weights.items():
+            if name not in targets:
                 raise ValueError(f"unexpected weight {name!r} for {type(self).__name__}")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(params[name].shape)}")
+            quantized = isinstance(tensor, QuantizedTensor)
+            if quantized != (targets[name].dtype == torch.uint8):
+                raise ValueError(f"weight {name!r} is {'GGUF blocks' if quantized else 'a float tensor'}, "
+                                 "not what the model was built for")
+            source = tensor.blocks if quantized else tensor
+            if targets[name].shape != source.shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(source.shape)}, "
+                                 f"expected {tuple(targets[name].shape)}")
             with torch.no_grad():
-                params[name].copy_(tensor)
-            params.pop(name)
-        if params:
-            raise ValueError(f"checkpoint is missing weights: {', '.join(sorted(params)[:5])}")
+                targets.pop(name).copy_(source)
+        if targets:
+            raise ValueError(f"checkpoint is missing weights: {', '.join(sorted(targets)[:5])}")
+        if tied_head:
+            self.lm_head.weight = self.embed_tokens.weight
 
 
-def _packed(weights: dict[str, torch.Tensor], config: LlamaConfig):
-    """Yield (our parameter name, tensor) from HF Llama names."""
+
+def fuse_projections(weights: dict[str, Weight], config: LlamaConfig) -> dict[str, Weight]:
+    """HF Llama names -> this model's names, with q/k/v and gate/up stacked into one projection each."""
+    fused = {}
     for name, tensor in weights.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -229,11 +272,16 @@ def _packed(weights: dict[str, torch.Tensor], config: LlamaConfig):
             continue  # consumed with their q_proj / gate_proj partner
         if ".q_proj." in short:
             prefix = name.replace("q_proj.weight", "")
-            yield short.replace("q_proj", "qkv_proj"), torch.cat(
-                [weights[prefix + p + "_proj.weight"] for p in "qkv"])
+            fused[short.replace("q_proj", "qkv_proj")] = cat_rows([weights[prefix + p + "_proj.weight"] for p in "qkv"])
         elif ".gate_proj." in short:
             prefix = name.replace("gate_proj.weight", "")
-            yield short.replace("gate_proj", "gate_up_proj"), torch.cat(
+            fused[short.replace("gate_proj", "gate_up_proj")] = cat_rows(
                 [weights[prefix + p + "_proj.weight"] for p in ("gate", "up")])
         else:
-            yield short, tensor
+            fused[short] = tensor
+    return fused
+
+
+def block_formats(weights: dict[str, Weight]) -> Formats:
+    """The block format of each weight kept as GGUF blocks: what to build the model with."""
+    return {name: tensor.qtype for name, tensor in weights.items() if isinstance(tensor, QuantizedTensor)}

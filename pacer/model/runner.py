@@ -13,7 +13,8 @@ from pacer.model import cpu_kernels
 from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache
 from pacer.model.config import LlamaConfig
 from pacer.model.cuda_graphs import DecodeGraphs
-from pacer.model.llama import LlamaModel, PackedLinear
+from pacer.model.llama import LlamaModel, PackedLinear, block_formats, fuse_projections
+from pacer.model.quant import QuantizedLinear
 from pacer.model.sampler import apply_penalties, sample
 from pacer.model.weights import Checkpoint
 from pacer.request import Request
@@ -83,16 +84,20 @@ class ModelRunner:
         if model_config.threads is not None and device.type == "cpu":
             torch.set_num_threads(model_config.threads)
         config = checkpoint.config
+        weights = fuse_projections(checkpoint.weights, config)
         with torch.device("meta"):
-            model = LlamaModel(config)
+            model = LlamaModel(config, block_formats(weights), dtype)
         model = model.to_empty(device=device).to(dtype)
         model.rope.reset(device)
-        model.load_weights(checkpoint.weights)
+        model.load_weights(weights)
+        del weights
         model.eval()
         if PackedLinear.available(device, dtype):
             model.prepack_for_cpu()
-        if device.type == "cpu" and not cpu_kernels.load():  # build now, not in the first step
-            logger.warning("no C++ kernels: decode attention gathers KV blocks, norms run unfused (slow)")
+        if device.type == "cpu":
+            cls.warn_without_kernels(model)
+        if model_config.int8_activations:
+            model.use_int8_activations()
         num_blocks = cache_config.num_blocks or cls.num_blocks_for(cache_config, config, dtype)
         graphs = device.type == "cuda" and model_config.cuda_graphs
         cache = allocate_kv_cache(config.num_layers, num_blocks + graphs, cache_config.block_size,
@@ -102,6 +107,16 @@ class ModelRunner:
                     num_blocks * cls.block_bytes(cache_config, config, dtype) / 2**30, dtype)
         return cls(model, cache, cache_config.block_size, device, seed=model_config.seed,
                    eos_token_id=checkpoint.tokenizer.eos_token_id, null_block=num_blocks if graphs else None)
+
+    @staticmethod
+    def warn_without_kernels(model: LlamaModel) -> None:
+        """Build the C++ kernels now, not in the first step, and say what runs slowly without them."""
+        if cpu_kernels.load():
+            return
+        logger.warning("no C++ kernels: decode attention gathers KV blocks, norms run unfused (slow)")
+        if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+            logger.warning("no C++ kernels: every projection dequantizes its GGUF blocks in plain torch (slow; "
+                           "--quantization none dequantizes them once, at load)")
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture the CUDA graphs of decode steps, if this runner reserved a block for them (CUDA, --cuda-graphs)."""
@@ -124,7 +139,22 @@ class ModelRunner:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
+
+    @property
+    def quantization(self) -> str:
+        """The block formats the projections compute with (`Q4_1+Q8_0`), or `none`: part of what a latency profile
+        is valid for."""
+        layers = [m for m in self.model.modules() if isinstance(m, QuantizedLinear)]
+        formats = "+".join(sorted({m.qtype.name for m in layers})) or "none"
+        return formats + "-a8" if any(m.int8_activations for m in layers) else formats
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the weights take in memory: parameters, blocks (a tied head's once) and oneDNN's packed copies."""
+        tensors = {t.data_ptr(): t for t in self.model.state_dict(keep_vars=True).values()}
+        tensors |= {id(m): m.packed for m in self.model.modules() if isinstance(m, PackedLinear)}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     @property
     def kernels(self) -> str:

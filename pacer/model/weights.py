@@ -1,7 +1,7 @@
 """Load a Llama-shaped checkpoint (a GGUF file or a Hugging Face directory) as HF-named tensors.
 
-GGUF blocks are dequantized once, at load (gguf_file.py), and llama.cpp's q/k row permutation is
-undone, so every source yields the same `[out, in]` tensors for HF's rotate_half RoPE.
+GGUF blocks are dequantized once, at load, or kept as blocks for the kernels that compute with them
+(gguf_file.py, quant.py); llama.cpp's q/k row permutation is undone, so every source yields the same `[out, in]` tensors for HF's rotate_half RoPE.
 `export_safetensors` writes them back out as a directory that transformers loads, to feed the
 same weights to peers in benchmarks.
 """
@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from pacer.model.config import LlamaConfig
 from pacer.model.gguf_file import GGUFFile, read_gguf
+from pacer.model.quant import AT_LOAD, QuantizedTensor, quantize_weights
 from pacer.model.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -34,7 +35,7 @@ class Checkpoint:
     """Everything a runner needs from a model file; `weights` follow HF Llama names and shapes."""
 
     config: LlamaConfig
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor | QuantizedTensor]
     tokenizer: Tokenizer
 
 
@@ -80,10 +81,17 @@ def _bundled_gguf() -> Path:
     )
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load a GGUF file or HF-style directory (see `resolve_model_path`) as `dtype` tensors."""
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quantization: str = "none") -> Checkpoint:
+    """Load a GGUF file or HF-style directory (see `resolve_model_path`) as `dtype` tensors, or as blocks
+    (`QuantizedTensor`) where `quantization` (as `resolve_quantization` gives it) says: `auto` keeps a GGUF's own,
+    `int8`/`int4` quantize every matrix at load."""
     path = Path(path)
-    checkpoint = _load_directory(path, dtype) if path.is_dir() else Checkpoint(*read_gguf(path, dtype))
+    if path.is_dir():
+        checkpoint = _load_directory(path, dtype)
+    else:
+        checkpoint = Checkpoint(*read_gguf(path, dtype, keep_blocks=quantization == "auto"))
+    if quantization in AT_LOAD:
+        checkpoint.weights = quantize_weights(checkpoint.weights, quantization)
     _check_weights(checkpoint.config, checkpoint.weights)
     return checkpoint
 

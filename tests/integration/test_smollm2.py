@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct end to end: greedy fp32 must reproduce transformers' ids exactly,
-alone, inside a batch, with any token budget and under every policy; bf16 must stay within the
-reference's top-5 when teacher-forced."""
+alone, inside a batch, with any token budget and under every policy, both on the file's Q4_1
+blocks (the default) and on weights dequantized at load; bf16 and weights re-quantized at load
+must stay within the reference's top-5 when teacher-forced."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pacer.config import SchedulerConfig
 from pacer.engine.engine import Engine
 from pacer.kv import KVCacheManager
 from pacer.model.attention import AttentionMetadata
+from pacer.model.gguf_file import GGUFFile
+from pacer.model.weights import resolve_model_path
 from pacer.request import FinishReason
 from pacer.scheduling import scheduler_class
 from tests.conftest import DEVICE
@@ -97,14 +100,72 @@ def full_logits(model, ids: list[int], block_size: int, cache) -> torch.Tensor:
     return model(torch.tensor(ids, device=device), positions, cache, meta, positions)
 
 
-def test_bfloat16_teacher_forced_top1_within_reference_top5(reference):
-    llm = LLM(dtype="bfloat16", kv_cache_memory="64MiB", device=DEVICE)
+def test_the_default_computes_on_the_files_blocks_in_its_memory(llm):
+    runner = llm.engine.executor
+    if DEVICE != "cpu":
+        pytest.skip("GGUF blocks are kept on a CPU only")
+    assert runner.quantization == "Q4_1+Q8_0"
+    file = GGUFFile(resolve_model_path(None))
+    assert runner.weight_bytes <= 1.25 * sum(t.num_bytes for t in file.tensors.values())
+
+
+def test_weights_dequantized_at_load_reproduce_the_reference(reference):
+    llm = LLM(dtype="float32", quantization="none", kv_cache_memory="64MiB", device=DEVICE)
+    assert llm.engine.executor.quantization == "none"
+    for case in reference["cases"]:
+        [result] = llm.chat(case["messages"], GREEDY32, use_tqdm=False)
+        assert result.token_ids == case["generated_ids"]
+
+
+def decoded_logits(model, ids: list[int], prompt_len: int, block_size: int, cache) -> torch.Tensor:
+    """Logits at every position from the prompt's last on, the prompt prefilled in one chunk and each later token
+    fed as a one-row decode step (the path a server's decodes take)."""
+    blocks = list(range(-(-len(ids) // block_size)))
+    device = model.embed_tokens.weight.device
+    meta = AttentionMetadata.build(block_size, prefill=[(blocks, 0, prompt_len)], device=device)
+    positions = torch.arange(prompt_len, device=device)
+    rows = [model(torch.tensor(ids[:prompt_len], device=device), positions, cache, meta, positions[-1:]).clone()]
+    for pos in range(prompt_len, len(ids)):
+        meta = AttentionMetadata.build(block_size, decode=[(blocks, pos + 1)], device=device)
+        position = torch.tensor([pos], device=device)
+        rows.append(model(torch.tensor([ids[pos]], device=device), position, cache, meta,
+                          torch.zeros(1, dtype=torch.long, device=device)).clone())
+    return torch.cat(rows)
+
+
+def assert_teacher_forced_top1_within_reference_top5(llm: LLM, reference, decode: bool = False) -> None:
+    """Teacher-forced on the reference's ids, top-1 is within the reference's top-5 at every step; `decode`: each
+    generated token goes through a one-row decode step rather than all of them through one prefill."""
     runner = llm.engine.executor
     for case in reference["cases"]:
         ids = case["prompt_ids"] + case["generated_ids"]
-        logits = full_logits(runner.model, ids, runner.block_size, runner.cache)
-        logits = logits.clone()
+        if decode:
+            logits = decoded_logits(runner.model, ids, len(case["prompt_ids"]), runner.block_size, runner.cache)
+            logits = torch.cat([torch.zeros(len(case["prompt_ids"]) - 1, logits.shape[1]), logits])
+        else:
+            logits = full_logits(runner.model, ids, runner.block_size, runner.cache).clone()
         logits[:, reference["eos_token_id"]] = -torch.inf  # masked in the reference too (min_new_tokens)
         start = len(case["prompt_ids"]) - 1
         for step, top5 in enumerate(case["top5_per_step"]):
             assert int(logits[start + step].argmax()) in top5["ids"], f"step {step}"
+
+
+def test_bfloat16_teacher_forced_top1_within_reference_top5(reference):
+    assert_teacher_forced_top1_within_reference_top5(LLM(dtype="bfloat16", kv_cache_memory="64MiB", device=DEVICE),
+                                                     reference)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="int8 activations run on a CPU")
+def test_int8_activations_teacher_forced_top1_within_reference_top5(reference):
+    llm = LLM(dtype="float32", int8_activations=True, kv_cache_memory="64MiB")
+    if not llm.engine.executor.quantization.endswith("-a8"):
+        pytest.skip("int8 activations need pacer's C++ kernels on an AVX2 CPU")
+    assert_teacher_forced_top1_within_reference_top5(llm, reference, decode=True)  # int8 below 32 rows
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="load-time quantization runs on a CPU")
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_at_load_teacher_forced_top1_within_reference_top5(reference, quantization):
+    llm = LLM(dtype="float32", quantization=quantization, kv_cache_memory="64MiB")
+    assert llm.engine.executor.quantization == {"int8": "Q8_0", "int4": "Q4_1+Q8_0"}[quantization]
+    assert_teacher_forced_top1_within_reference_top5(llm, reference)
