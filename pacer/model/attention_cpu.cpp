@@ -35,14 +35,14 @@ inline float softmax(float* s, int64_t n) {
   f32x16 m = f32x16{} - INFINITY;
   for (int64_t i = 0; i < n; i += 16) {
     const f32x16 x = load16(s + i);
-    m = x > m ? x : m;
+    m = select(x > m, x, m);
   }
   float max = -INFINITY;
   for (int j = 0; j < 16; ++j) max = std::max(max, m[j]);
   f32x16 sum = {};
   for (int64_t i = 0; i < n; i += 16) {
     const f32x16 p = exp_nonpositive(load16(s + i) - max);
-    std::memcpy(s + i, &p, sizeof(p));
+    store16(p, s + i);
     sum += p;
   }
   return 1.0f / hsum(sum);
@@ -168,7 +168,7 @@ class DecodeTask {
       for (int g = 0; g < kGroup; ++g) {
         f32x16 sum = a[0][j][g];
         for (int i = 1; i < kSplit; ++i) sum += a[i][j][g];
-        std::memcpy(out + g * stride + 16 * j, &sum, sizeof(sum));
+        store16(sum, out + g * stride + 16 * j);
       }
   }
 
@@ -208,7 +208,7 @@ class DecodeTask {
       }
     }
     for (int g = 0; g < kGroup; ++g)
-      for (int j = 0; j < kVecs; ++j) std::memcpy(acc + g * kHeadDim + j * 16, &a[g][j], sizeof(f32x16));
+      for (int j = 0; j < kVecs; ++j) store16(a[g][j], acc + g * kHeadDim + j * 16);
   }
 
   void values_loop(const float* p, int64_t stride, const int32_t* table, int64_t kv_head, int64_t context_len,

@@ -113,8 +113,8 @@ at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tens
 template <typename T>
 inline void silu_mul16(const T* g, const T* u, T* out) {
   const f32x16 x = load16(g);
-  const f32x16 e = exp_nonpositive(x < 0.0f ? x : -x);  // exp(-|x|), never overflows
-  const f32x16 sigmoid = (x < 0.0f ? e : f32x16{} + 1.0f) / (1.0f + e);
+  const f32x16 e = exp_nonpositive(select(x < 0.0f, x, -x));  // exp(-|x|), never overflows
+  const f32x16 sigmoid = select(x < 0.0f, e, f32x16{} + 1.0f) / (1.0f + e);
   store16(round16<T>(x * sigmoid) * load16(u), out);
 }
 
