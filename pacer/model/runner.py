@@ -159,7 +159,9 @@ class ModelRunner:
     @property
     def kernels(self) -> str:
         """The GEMM path and the C++ kernels' revision: part of what a latency profile is valid for."""
-        gemm = "onednn-prepacked" if isinstance(self.model.lm_head, PackedLinear) else "torch-linear"
+        head = self.model.lm_head
+        gemm = ("onednn-prepacked" if isinstance(head, PackedLinear) else
+                "gguf-blocks" if isinstance(head, QuantizedLinear) else "torch-linear")
         if self.graphs is not None:
             return f"{gemm}+cuda-graphs"
         return f"{gemm}+cpp-{cpu_kernels.revision()}" if self.device.type == "cpu" and cpu_kernels.load() else gemm
