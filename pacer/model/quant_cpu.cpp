@@ -3,12 +3,13 @@
 // A decode step at small batch streams every weight once and does little with it: in fp32 that is ~540 MB per step
 // for SmolLM2, in Q4_1 ~100 MB. These kernels keep the file's blocks as they are (32 weights per block, fp16 scale,
 // and for Q4_1 an fp16 minimum) and decode each block in registers right before its multiply-adds, so the bytes
-// that cross the memory bus are the file's. Activations stay fp32; each decoded block is reused by up to four
-// activation rows and four output rows per tile. Large batches (prefill) are compute-bound instead: there the caller
-// dequantizes the weight (`dequantize`, bit-exact with gguf.quants) and runs an fp32 GEMM.
+// that cross the memory bus are the file's. Activations stay fp32 (one activation row meets four weight rows per
+// tile, more rows share each decoded block), or, asked for, are rounded to int8 blocks for integer dot products as
+// llama.cpp does (AVX2). From `gemm_from` rows on (prefill) the work is arithmetic, not bytes: slices of the weight
+// are dequantized bit-exactly (as gguf.quants does) and multiplied by the fp32 GEMM.
 //
 // Built with the other CPU kernels into one extension (pacer/model/cpu_kernels.py); registers
-// torch.ops.pacer_quant.{linear, dequantize}.
+// torch.ops.pacer_quant.{linear, dequantize, int8_activations}.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
