@@ -75,6 +75,7 @@ def test_kernel_matches_dequantize_then_linear(qtype, rows):
     layer.weight.copy_(blocks)
     out = layer(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x[None])[0], out)  # leading dimensions, as F.linear takes them
     # the GEMM path (prefill sizes) multiplies the exactly dequantized weight
     gemm = cpu_kernels.quant_ops().linear(x, blocks, int(qtype), 1, False)
     torch.testing.assert_close(gemm, expected, rtol=1e-5, atol=1e-5)
