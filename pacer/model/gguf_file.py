@@ -17,7 +17,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from pacer.model.config import LlamaConfig
-from pacer.model.quant import KERNEL_TYPES, QuantizedTensor
+from pacer.model.quant import KERNEL_TYPES, QuantizedTensor, dequantize_blocks
 from pacer.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -222,8 +222,8 @@ def _dequantize(raw: np.ndarray, info: _GGUFTensor) -> np.ndarray:
         values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
         blocks = raw.reshape(-1, GGML_QUANT_SIZES[kind][1])
-        if kind in _BLOCK_DEQUANTIZERS:
-            values = _BLOCK_DEQUANTIZERS[kind](blocks)
+        if kind in KERNEL_TYPES:
+            values = dequantize_blocks(blocks, kind)
         else:  # K-quants and friends: the correct but slow reference implementation
             from gguf.quants import dequantize
 
@@ -246,49 +246,6 @@ def _to_torch(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         rounded >>= 16
         return torch.from_numpy(rounded.astype(np.uint16)).view(torch.bfloat16)
     return torch.from_numpy(values).to(dtype)
-
-
-def _f16_column(blocks: np.ndarray, start: int) -> np.ndarray:
-    """The fp16 scalar at byte `start` of every block, as fp32 `[num_blocks, 1]`."""
-    return blocks[:, start : start + 2].view(np.float16).astype(np.float32)
-
-
-def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """`[n, 16]` bytes -> `[n, 32]` 4-bit values: low nibbles are values 0..15, high ones 16..31."""
-    q = np.empty((packed.shape[0], 2 * packed.shape[1]), np.uint8)
-    np.bitwise_and(packed, 0x0F, out=q[:, : packed.shape[1]])
-    np.right_shift(packed, 4, out=q[:, packed.shape[1] :])
-    return q
-
-
-def _dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
-    # [n, 34] = f16 scale d | 32 x int8; value = d * q
-    values = blocks[:, 2:].view(np.int8).astype(np.float32)
-    values *= _f16_column(blocks, 0)
-    return values
-
-
-def _dequant_q4_0(blocks: np.ndarray) -> np.ndarray:
-    # [n, 18] = f16 d | 16 bytes of nibbles; value = d * (q - 8)
-    values = _unpack_nibbles(blocks[:, 2:]).astype(np.float32)
-    values -= 8
-    values *= _f16_column(blocks, 0)
-    return values
-
-
-def _dequant_q4_1(blocks: np.ndarray) -> np.ndarray:
-    # [n, 20] = f16 d | f16 m | 16 bytes of nibbles; value = d * q + m
-    values = _unpack_nibbles(blocks[:, 4:]).astype(np.float32)
-    values *= _f16_column(blocks, 0)
-    values += _f16_column(blocks, 2)
-    return values
-
-
-_BLOCK_DEQUANTIZERS = {
-    GGMLQuantizationType.Q8_0: _dequant_q8_0,
-    GGMLQuantizationType.Q4_0: _dequant_q4_0,
-    GGMLQuantizationType.Q4_1: _dequant_q4_1,
-}
 
 
 def _unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:

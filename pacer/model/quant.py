@@ -3,8 +3,8 @@
 At small batch a decode step streams every weight once, so its speed is the weights' bytes: Q4_1 is 5 bits a weight
 where fp32 is 32. A `QuantizedTensor` holds a matrix's blocks exactly as the file stores them (32 weights, an fp16
 scale and, for Q4_1, an fp16 minimum), so nothing is lost in a repacking; `QuantizedLinear` multiplies by them with
-pacer's C++ kernel (quant_cpu.cpp) and falls back to dequantize-then-`F.linear` in plain torch, the reference the
-kernel is tested against.
+pacer's C++ kernel (quant_cpu.cpp) and falls back to dequantize-then-`F.linear` (`dequantize`, in numpy), the reference
+the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -96,22 +96,59 @@ def cat_rows(parts: list[torch.Tensor | QuantizedTensor]) -> torch.Tensor | Quan
 
 
 def dequantize(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
-    """uint8 blocks `[..., n * block bytes]` -> fp32 `[..., n * 32]`, in plain torch with the same fp32 ops as
-    gguf.quants.dequantize (so bit for bit the same values)."""
+    """uint8 blocks `[..., n * block bytes]` on a CPU -> fp32 `[..., n * 32]` (`dequantize_blocks`' values)."""
     block_size, type_size = GGML_QUANT_SIZES[qtype]
-    num_blocks = blocks.shape[-1] // type_size
-    b = blocks.reshape(*blocks.shape[:-1], num_blocks, type_size)
+    values = dequantize_blocks(blocks.reshape(-1, type_size).numpy(), qtype)
+    return torch.from_numpy(values).reshape(*blocks.shape[:-1], blocks.shape[-1] // type_size * block_size)
 
-    def f16(start: int) -> torch.Tensor:
-        return b[..., start : start + 2].contiguous().view(torch.float16).float()
 
-    if qtype == GGMLQuantizationType.Q8_0:
-        values = b[..., 2:].contiguous().view(torch.int8).float() * f16(0)
-    else:
-        nibbles = b[..., 4:] if qtype == GGMLQuantizationType.Q4_1 else b[..., 2:]
-        q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1).float()
-        values = q * f16(0) + f16(2) if qtype == GGMLQuantizationType.Q4_1 else (q - 8) * f16(0)
-    return values.reshape(*blocks.shape[:-1], num_blocks * block_size)
+def dequantize_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """`[n, block bytes]` uint8 blocks of a `KERNEL_TYPES` format -> a new fp32 `[n, 32]`, decoded with the same fp32
+    ops as gguf.quants.dequantize, so bit for bit its values (in numpy, as the GGUF loader converts, see gguf_file)."""
+    return _BLOCK_DEQUANTIZERS[qtype](blocks)
+
+
+def _f16_column(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The fp16 scalar at byte `start` of every block, as fp32 `[num_blocks, 1]`."""
+    return blocks[:, start : start + 2].view(np.float16).astype(np.float32)
+
+
+def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """`[n, 16]` bytes -> `[n, 32]` 4-bit values: low nibbles are values 0..15, high ones 16..31."""
+    q = np.empty((packed.shape[0], 2 * packed.shape[1]), np.uint8)
+    np.bitwise_and(packed, 0x0F, out=q[:, : packed.shape[1]])
+    np.right_shift(packed, 4, out=q[:, packed.shape[1] :])
+    return q
+
+
+def _dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
+    # [n, 34] = f16 scale d | 32 x int8; value = d * q
+    values = blocks[:, 2:].view(np.int8).astype(np.float32)
+    values *= _f16_column(blocks, 0)
+    return values
+
+
+def _dequant_q4_0(blocks: np.ndarray) -> np.ndarray:
+    # [n, 18] = f16 d | 16 bytes of nibbles; value = d * (q - 8)
+    values = _unpack_nibbles(blocks[:, 2:]).astype(np.float32)
+    values -= 8
+    values *= _f16_column(blocks, 0)
+    return values
+
+
+def _dequant_q4_1(blocks: np.ndarray) -> np.ndarray:
+    # [n, 20] = f16 d | f16 m | 16 bytes of nibbles; value = d * q + m
+    values = _unpack_nibbles(blocks[:, 4:]).astype(np.float32)
+    values *= _f16_column(blocks, 0)
+    values += _f16_column(blocks, 2)
+    return values
+
+
+_BLOCK_DEQUANTIZERS = {
+    GGMLQuantizationType.Q8_0: _dequant_q8_0,
+    GGMLQuantizationType.Q4_0: _dequant_q4_0,
+    GGMLQuantizationType.Q4_1: _dequant_q4_1,
+}
 
 
 def _kernel(x: torch.Tensor) -> object | None:

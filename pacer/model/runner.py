@@ -115,7 +115,7 @@ class ModelRunner:
             return
         logger.warning("no C++ kernels: decode attention gathers KV blocks, norms run unfused (slow)")
         if any(isinstance(m, QuantizedLinear) for m in model.modules()):
-            logger.warning("no C++ kernels: every projection dequantizes its GGUF blocks in plain torch (slow; "
+            logger.warning("no C++ kernels: every projection dequantizes its GGUF blocks in numpy (slow; "
                            "--quantization none dequantizes them once, at load)")
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:

@@ -1,4 +1,4 @@
-"""GGUF blocks kept in memory: the plain-torch and C++ dequantizers against gguf.quants bit for bit, the linear
+"""GGUF blocks kept in memory: the numpy and C++ dequantizers against gguf.quants bit for bit, the linear
 kernel against dequantize-then-F.linear, a tiny model on blocks against the same model on their values, and the
 fallback without a compiler."""
 
