@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -149,37 +150,67 @@ inline float hsum(f32x8 v) {
   return total;
 }
 
-// out[m, n] = x[m, :] . W[n, :] for MT activation rows from m0 and NT weight rows from n0. Two accumulators per
-// (m, n) pair halve the chain of dependent adds a block makes.
-template <typename F, int MT, int NT>
-inline void tile(const float* x, int64_t m0, const uint8_t* w, int64_t n0, int64_t k, float* out, int64_t n_out) {
-  const int64_t blocks = k / kBlock, row_bytes = blocks * F::kBytes;
-  f32x8 acc[MT][NT][2] = {};
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int n = 0; n < NT; ++n) {
-      f32x8 wv[4];
-      F::template decode<false>(w + (n0 + n) * row_bytes + b * F::kBytes, wv);
-      for (int m = 0; m < MT; ++m) {
-        const float* xb = x + (m0 + m) * k + b * kBlock;
-        acc[m][n][0] += wv[0] * load8(xb);
-        acc[m][n][1] += wv[1] * load8(xb + 8);
-        acc[m][n][0] += wv[2] * load8(xb + 16);
-        acc[m][n][1] += wv[3] * load8(xb + 24);
+// out[m, n] = x[m, :] . W[n, :] with fp32 activations, a tile of MT activation rows from m0 and NT weight rows from
+// n0 at a time. Two accumulators per (m, n) pair halve the chain of dependent adds a block makes.
+template <typename F>
+struct FloatTiles {
+  static constexpr int kRowsNT = 1;  // weight rows per tile of several activation rows
+  const float* x;
+  const uint8_t* w;
+  int64_t k;
+  float* out;
+  int64_t n_out;
+
+  template <int MT, int NT>
+  void run(int64_t m0, int64_t n0) const {
+    const int64_t blocks = k / kBlock, row_bytes = blocks * F::kBytes;
+    f32x8 acc[MT][NT][2] = {};
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int n = 0; n < NT; ++n) {
+        f32x8 wv[4];
+        F::template decode<false>(w + (n0 + n) * row_bytes + b * F::kBytes, wv);
+        for (int m = 0; m < MT; ++m) {
+          const float* xb = x + (m0 + m) * k + b * kBlock;
+          acc[m][n][0] += wv[0] * load8(xb);
+          acc[m][n][1] += wv[1] * load8(xb + 8);
+          acc[m][n][0] += wv[2] * load8(xb + 16);
+          acc[m][n][1] += wv[3] * load8(xb + 24);
+        }
       }
     }
+    for (int m = 0; m < MT; ++m)
+      for (int n = 0; n < NT; ++n) out[(m0 + m) * n_out + n0 + n] = hsum(acc[m][n][0] + acc[m][n][1]);
   }
-  for (int m = 0; m < MT; ++m)
-    for (int n = 0; n < NT; ++n) out[(m0 + m) * n_out + n0 + n] = hsum(acc[m][n][0] + acc[m][n][1]);
-}
+};
 
-// All activation rows against NT weight rows from n0, in tiles of 4 rows (then 2, then 1).
-template <typename F, int NT>
-inline void row_tiles(const float* x, int64_t rows, const uint8_t* w, int64_t n0, int64_t k, float* out,
-                      int64_t n_out) {
-  int64_t m = 0;
-  for (; m + 4 <= rows; m += 4) tile<F, 4, NT>(x, m, w, n0, k, out, n_out);
-  for (; m + 2 <= rows; m += 2) tile<F, 2, NT>(x, m, w, n0, k, out, n_out);
-  for (; m < rows; ++m) tile<F, 1, NT>(x, m, w, n0, k, out, n_out);
+// The schedule both small-batch paths share: weight rows in groups of four across the threads. One activation row
+// takes a whole group per tile (four independent chains: it has no other row to share a decoded block with); more
+// rows go in tiles of 4, then 2, then 1 against `Tiles::kRowsNT` weight rows, each decoded block meeting every row
+// of the tile while it is in registers.
+template <typename F, typename Tiles>
+void run_tiles(const Tiles& tiles, int64_t rows, int64_t n_out, int64_t k) {
+  constexpr int64_t kWide = 4;
+  const auto all_rows = [&](auto weight_rows, int64_t n0) {
+    constexpr int NT = decltype(weight_rows)::value;
+    int64_t m = 0;
+    for (; m + 4 <= rows; m += 4) tiles.template run<4, NT>(m, n0);
+    for (; m + 2 <= rows; m += 2) tiles.template run<2, NT>(m, n0);
+    for (; m < rows; ++m) tiles.template run<1, NT>(m, n0);
+  };
+  const int64_t groups = n_out / kWide;
+  // Enough weight rows per task that waking the thread team pays: ~64 KiB of blocks.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (kWide * (k / kBlock) * F::kBytes));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      if (rows == 1) {
+        tiles.template run<1, kWide>(0, g * kWide);
+      } else {
+        for (int64_t n = g * kWide; n < (g + 1) * kWide; n += Tiles::kRowsNT)
+          all_rows(std::integral_constant<int, Tiles::kRowsNT>{}, n);
+      }
+    }
+  });
+  for (int64_t n = groups * kWide; n < n_out; ++n) all_rows(std::integral_constant<int, 1>{}, n);
 }
 
 // Rows [begin, end) of W as fp32 into out (row stride k), rounded as gguf.quants.dequantize rounds.
@@ -294,57 +325,44 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// out[m, n] for MT activation rows from m0 and NT weight rows from n0, activations as int8 blocks.
-template <typename F, int MT, int NT>
-inline void tile_int8(const Int8Rows& x, int64_t m0, const uint8_t* w, int64_t n0, int64_t k, float* out,
-                      int64_t n_out) {
-  const int64_t blocks = k / kBlock, row_bytes = blocks * F::kBytes;
-  __m256 acc[MT][NT];
-  float offsets[MT][NT] = {};
-  for (int m = 0; m < MT; ++m)
-    for (int n = 0; n < NT; ++n) acc[m][n] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int n = 0; n < NT; ++n) {
-      const Int8Block<F> wb(w + (n0 + n) * row_bytes + b * F::kBytes);
-      for (int m = 0; m < MT; ++m) {
-        const int64_t xb = (m0 + m) * blocks + b;
-        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + xb * kBlock));
-        const __m256 dot = _mm256_cvtepi32_ps(wb.dot(xq));
-        acc[m][n] = _mm256_fmadd_ps(dot, _mm256_set1_ps(wb.d * x.scale[xb]), acc[m][n]);
-        offsets[m][n] += wb.offset * x.sum[xb];
+// FloatTiles' product with the activations as int8 blocks.
+template <typename F>
+struct Int8Tiles {
+  static constexpr int kRowsNT = 2;
+  const Int8Rows& x;
+  const uint8_t* w;
+  int64_t k;
+  float* out;
+  int64_t n_out;
+
+  template <int MT, int NT>
+  void run(int64_t m0, int64_t n0) const {
+    const int64_t blocks = k / kBlock, row_bytes = blocks * F::kBytes;
+    __m256 acc[MT][NT];
+    float offsets[MT][NT] = {};
+    for (int m = 0; m < MT; ++m)
+      for (int n = 0; n < NT; ++n) acc[m][n] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int n = 0; n < NT; ++n) {
+        const Int8Block<F> wb(w + (n0 + n) * row_bytes + b * F::kBytes);
+        for (int m = 0; m < MT; ++m) {
+          const int64_t xb = (m0 + m) * blocks + b;
+          const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + xb * kBlock));
+          const __m256 dot = _mm256_cvtepi32_ps(wb.dot(xq));
+          acc[m][n] = _mm256_fmadd_ps(dot, _mm256_set1_ps(wb.d * x.scale[xb]), acc[m][n]);
+          offsets[m][n] += wb.offset * x.sum[xb];
+        }
       }
     }
+    for (int m = 0; m < MT; ++m)
+      for (int n = 0; n < NT; ++n) out[(m0 + m) * n_out + n0 + n] = hsum256(acc[m][n]) + offsets[m][n];
   }
-  for (int m = 0; m < MT; ++m)
-    for (int n = 0; n < NT; ++n) out[(m0 + m) * n_out + n0 + n] = hsum256(acc[m][n]) + offsets[m][n];
-}
-
-template <typename F, int NT>
-inline void row_tiles_int8(const Int8Rows& x, int64_t rows, const uint8_t* w, int64_t n0, int64_t k, float* out,
-                           int64_t n_out) {
-  int64_t m = 0;
-  for (; m + 4 <= rows; m += 4) tile_int8<F, 4, NT>(x, m, w, n0, k, out, n_out);
-  for (; m + 2 <= rows; m += 2) tile_int8<F, 2, NT>(x, m, w, n0, k, out, n_out);
-  for (; m < rows; ++m) tile_int8<F, 1, NT>(x, m, w, n0, k, out, n_out);
-}
+};
 
 template <typename F>
 void linear_int8(const float* xp, int64_t rows, const uint8_t* w, int64_t n_out, int64_t k, float* op) {
   const Int8Rows x = quantize_rows(xp, rows, k);
-  constexpr int64_t kWide = 4;  // weight rows per task unit: one activation row gets four independent chains
-  const int64_t groups = n_out / kWide;
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (kWide * (k / kBlock) * F::kBytes));
-  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      if (rows == 1) {
-        tile_int8<F, 1, kWide>(x, 0, w, g * kWide, k, op, n_out);
-      } else {
-        row_tiles_int8<F, 2>(x, rows, w, g * kWide, k, op, n_out);
-        row_tiles_int8<F, 2>(x, rows, w, g * kWide + 2, k, op, n_out);
-      }
-    }
-  });
-  for (int64_t n = groups * kWide; n < n_out; ++n) row_tiles_int8<F, 1>(x, rows, w, n, k, op, n_out);
+  run_tiles<F>(Int8Tiles<F>{x, w, k, op, n_out}, rows, n_out, k);
 }
 #else
 constexpr bool kInt8Activations = false;
@@ -382,22 +400,7 @@ void linear_typed(const at::Tensor& x, const uint8_t* w, int64_t n_out, int64_t 
     linear_int8<F>(xp, rows, w, n_out, k, op);
     return;
   }
-  // Memory-bound: each decoded block meets every activation row while it is in registers. One row has nothing to
-  // share it with, so four weight rows per tile give its adds independent chains instead.
-  constexpr int64_t kWide = 4;
-  const int64_t groups = n_out / kWide;
-  // Enough weight rows per task that waking the thread team pays: ~64 KiB of blocks.
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (kWide * (k / kBlock) * F::kBytes));
-  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      if (rows == 1) {
-        tile<F, 1, kWide>(xp, 0, w, g * kWide, k, op, n_out);
-      } else {
-        for (int64_t n = g * kWide; n < (g + 1) * kWide; ++n) row_tiles<F, 1>(xp, rows, w, n, k, op, n_out);
-      }
-    }
-  });
-  for (int64_t n = groups * kWide; n < n_out; ++n) row_tiles<F, 1>(xp, rows, w, n, k, op, n_out);
+  run_tiles<F>(FloatTiles<F>{xp, w, k, op, n_out}, rows, n_out, k);  // memory-bound: bytes, not arithmetic
 }
 
 int64_t block_bytes(int64_t qtype) {
