@@ -13,6 +13,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pacer.latency.model import BatchShape, LatencyModel, largest_chunk
 from pacer.request import Request
@@ -316,32 +317,37 @@ def refusal(predicted_ttft_s: float, ttft_slo_s: float) -> SLOUnattainable:
     return SLOUnattainable(predicted_ttft_s, ttft_slo_s, max(1, min(3600, math.ceil(excess))))
 
 
+class QueueState(NamedTuple):
+    """What an engine publishes after each iteration for admission elsewhere, as one value (a reader on another
+    thread never sees half of it): its queue, and how many submitted requests it had taken in by then."""
+
+    snapshot: QueueSnapshot | None = None
+    num_taken: int = 0
+
+
 class QueueView:
     """A replica's queue as admission sees it from outside the engine's thread or process: the snapshot of its
-    latest iteration, plus the requests submitted since that the snapshot does not count yet.
-
-    The engine side publishes `(snapshot or None, number of submitted requests it had taken in)` as one tuple,
-    so a reader on another thread never sees half an update; the submitting side records each request it sends.
-    """
+    latest iteration (`latest`, published by the engine side), plus the requests submitted since that the snapshot
+    does not count yet (recorded by the submitting side)."""
 
     def __init__(self, latency: LatencyModel | None = None) -> None:
         self.latency = latency
-        self.latest: tuple[QueueSnapshot | None, int] = (None, 0)
+        self.latest = QueueState()
         self._num_submitted = 0
         self._submitted: deque[tuple[int, Request]] = deque()
         # The queue played forward for (latest, _num_submitted): until the engine publishes again or a request is
         # submitted, every arrival reads the same play, so a burst of refused requests pays for it once.
-        self._times: tuple[tuple[QueueSnapshot | None, int], int, QueueTimes] | None = None
+        self._times: tuple[QueueState, int, QueueTimes] | None = None
 
     def submitted(self, request: Request) -> None:
         self._num_submitted += 1
         self._submitted.append((self._num_submitted, request))
-        self._forget_taken(self.latest[1])
+        self._forget_taken(self.latest.num_taken)
 
     def pending(self, num_taken: int | None = None) -> list[Request]:
         """Submitted requests the engine had not taken in at its latest publication (or when it had taken
         `num_taken`: the count published with the snapshot they are added to)."""
-        self._forget_taken(self.latest[1] if num_taken is None else num_taken)
+        self._forget_taken(self.latest.num_taken if num_taken is None else num_taken)
         return [request for _, request in self._submitted]
 
     def _forget_taken(self, num_taken: int) -> None:

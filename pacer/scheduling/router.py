@@ -28,9 +28,10 @@ class ReplicaView(Protocol):
         (a `PrefixIndex`), since a front end cannot read a replica's KV."""
         ...
 
-    def predicted_ttft_s(self, request: Request) -> float | None:
-        """Seconds until the request's first token if it were sent here now, its believed cache hit not prefilled;
-        None if the replica does not predict (its policy has no latency model), and then it admits everything."""
+    def predicted_ttft_s(self, request: Request, ahead: Sequence[Request] = ()) -> float | None:
+        """Seconds until the request's first token if it were sent here now (behind `ahead` too), its believed cache
+        hit not prefilled; None if the replica does not predict (its policy has no latency model), and then it admits
+        everything."""
         ...
 
 
@@ -160,14 +161,24 @@ def _or_inf(seconds: float | None) -> float:
     return math.inf if seconds is None else seconds
 
 
-def dispatch(request: Request, replicas: Sequence[ReplicaView], router: Router, now: float,
+def dispatch(requests: Sequence[Request], replicas: Sequence[ReplicaView], router: Router, now: float,
              admit: bool = True) -> int:
-    """The replica for `request`, with admission across replicas: the router's choice if it can meet the
-    request's TTFT SLO (or does not predict); else the replica with the least predicted TTFT if that one can;
-    else SLOUnattainable (a 429) with the soonest Retry-After. So a request is refused only when no replica
-    can serve it in time, whatever the policy. Without `admit`, the router's choice, whatever it predicts."""
-    index = router.choose(request, replicas)
-    return _admitted(request, replicas, index, now) if admit else index
+    """The replica for one call's requests (its `n` choices, which go together and queue in order), with admission
+    across replicas: the router's choice for the first if it can meet its TTFT SLO (or does not predict); else the
+    replica with the least predicted TTFT if that one can; else SLOUnattainable (a 429) with the soonest Retry-After.
+    So a request is refused only when no replica can serve it in time, whatever the policy; the other choices are
+    admitted behind the first on its replica. Without `admit`, the router's choice, whatever it predicts."""
+    first = requests[0]
+    index = router.choose(first, replicas)
+    if not admit:
+        return index
+    index = _admitted(first, replicas, index, now)
+    for i in range(1, len(requests)):
+        ttft_slo = requests[i].slo.ttft_s
+        predicted = replicas[index].predicted_ttft_s(requests[i], requests[:i]) if ttft_slo is not None else None
+        if predicted is not None and waited_s(requests[i], now) + predicted > ttft_slo:
+            raise refusal(waited_s(requests[i], now) + predicted, ttft_slo)
+    return index
 
 
 def _admitted(request: Request, replicas: Sequence[ReplicaView], index: int, now: float) -> int:

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from pacer import __version__
-from pacer.engine.async_engine import EngineClient
+from pacer.engine.frontend import Frontend
 from pacer.model.tokenizer import Tokenizer
 from pacer.request import SLO
 from pacer.server.metrics import Metrics
@@ -44,7 +44,7 @@ _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "
 class ServerState:
     """What the routes share; `draining` flips on SIGTERM (new requests then get 503)."""
 
-    engine: EngineClient
+    engine: Frontend
     serving: OpenAIServing
     metrics: Metrics
     model_name: str
@@ -54,7 +54,7 @@ class ServerState:
     draining: bool = False
 
 
-def create_app(engine: EngineClient, tokenizer: Tokenizer, model_name: str, model_root: str,
+def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_root: str,
                api_key: str | None = None, metrics: Metrics | None = None, default_slo: SLO | None = None) -> FastAPI:
     """`engine` must be started (its limits shape the API); the app stops it (aborting leftovers) on shutdown."""
     metrics = metrics or Metrics(model_name, lambda: engine.load)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pacer.engine.async_engine import RequestStream
+from pacer.engine.stream import RequestStream
 from pacer.request import SLO, Request, RequestOutput
 from pacer.scheduling import TokenLogprobs
 from pacer.server.metrics import Metrics

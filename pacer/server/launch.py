@@ -9,21 +9,20 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
 from types import FrameType
 
 import uvicorn
 
 from pacer.config import ClusterConfig, EngineConfig, ServerConfig
-from pacer.engine.async_engine import AsyncEngine
 from pacer.engine.builder import build_engine
 from pacer.engine.engine import Engine
-from pacer.engine.process import ProcessEngine
+from pacer.engine.frontend import Frontend
+from pacer.engine.hosts import ProcessHost, ThreadHost
 from pacer.heap import freeze_startup_heap
 from pacer.model.weights import DEFAULT_MODEL, load_tokenizer, resolve_model_path
 from pacer.request import SLO
 from pacer.server.app import ServerState, create_app
-from pacer.server.metrics import Metrics
+from pacer.server.metrics import Metrics, ReplicaCollector
 
 logger = logging.getLogger(__name__)
 
@@ -74,40 +73,18 @@ class DrainingServer(uvicorn.Server):
 def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_config: ClusterConfig | None = None) -> int:
     """Load the model (in this process, or in replicas on Ray) and serve until SIGTERM; returns the exit code."""
     model = engine_config.model.model or DEFAULT_MODEL
-    cluster_config = cluster_config or ClusterConfig()
-    metrics = None
-    if cluster_config.on_ray:
-        from pacer.cluster.client import ClusterEngine
-
-        if server_config.max_queued_requests is not None:
-            raise ValueError("--max-queued-requests applies to one local engine; replicas on Ray admit by SLO")
-        if server_config.engine_process:
-            raise ValueError("--engine-process applies to one local engine; replicas on Ray run in processes of their "
-                             "own")
-        async_engine = ClusterEngine(engine_config, cluster_config, admission=server_config.admission)
-        async_engine.start()  # starts the replicas and waits until they are ready
-        tokenizer = load_tokenizer(resolve_model_path(engine_config.model.model))
-        name = server_config.served_model_name or model
-        metrics = Metrics(name, lambda: async_engine.load)
-        metrics.registry.register(_Collector(lambda: async_engine.collect(name)))
-    elif uses_engine_process(engine_config, server_config):
-        async_engine = ProcessEngine(functools.partial(build_served_engine, engine_config),
-                                     max_queued_requests=server_config.max_queued_requests,
-                                     log_level=logging.getLogger().level, admission=server_config.admission)
-        async_engine.start()  # loads the model in the engine process
-        tokenizer = load_tokenizer(resolve_model_path(engine_config.model.model))
-    else:
-        async_engine = AsyncEngine(functools.partial(build_served_engine, engine_config),
-                                   max_queued_requests=server_config.max_queued_requests,
-                                   admission=server_config.admission)
-        async_engine.start()  # loads the model in the engine thread
-        tokenizer = async_engine.engine.detokenizer.tokenizer
+    name = server_config.served_model_name or model
+    frontend = make_frontend(engine_config, server_config, cluster_config or ClusterConfig())
+    frontend.start()  # loads the model (in the engine thread, the engine process, or each replica) and waits
+    tokenizer = load_tokenizer(resolve_model_path(engine_config.model.model))
+    metrics = Metrics(name, lambda: frontend.load)
+    if frontend.health() is not None:  # replicas that come and go: a series each
+        metrics.registry.register(ReplicaCollector(frontend, name))
     api_key = server_config.api_key or os.environ.get("PACER_API_KEY") or None
     default_slo = SLO(**{f"{kind}_s": None if ms is None else ms / 1e3 for kind, ms in (
         ("ttft", server_config.slo_ttft_ms), ("tbt", server_config.slo_tbt_ms), ("tpot", server_config.slo_tpot_ms))})
-    app = create_app(async_engine, tokenizer, server_config.served_model_name or model,
-                     str(resolve_model_path(engine_config.model.model)), api_key=api_key, metrics=metrics,
-                     default_slo=default_slo)
+    app = create_app(frontend, tokenizer, name, str(resolve_model_path(engine_config.model.model)), api_key=api_key,
+                     metrics=metrics, default_slo=default_slo)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, access_log=server_config.access_log,
                             log_level=logging.getLevelName(logging.getLogger().level).lower(),
                             timeout_graceful_shutdown=5, timeout_keep_alive=30)
@@ -117,19 +94,26 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_conf
     return 0
 
 
-def uses_engine_process(engine_config: EngineConfig, server_config: ServerConfig) -> bool:
-    if server_config.engine_process is not None:
-        return server_config.engine_process
-    return engine_config.model.device.startswith("cuda")
+def make_frontend(engine_config: EngineConfig, server_config: ServerConfig, cluster: ClusterConfig) -> Frontend:
+    """The front end of the engine `pacer serve` was asked for: one replica on a thread or in a process of its own
+    (`--engine-process`, the default on a GPU), or replicas on Ray."""
+    build = functools.partial(build_served_engine, engine_config)
+    if cluster.on_ray:
+        if server_config.max_queued_requests is not None:
+            raise ValueError("--max-queued-requests applies to one local engine; replicas on Ray admit by SLO")
+        if server_config.engine_process:
+            raise ValueError("--engine-process applies to one local engine; replicas on Ray run in processes of their "
+                             "own")
+        from pacer.cluster.host import ray_frontend
+
+        return ray_frontend(engine_config, cluster, admission=server_config.admission)
+    use_process = server_config.engine_process
+    if use_process is None:
+        use_process = engine_config.model.device.startswith("cuda")
+    host = ProcessHost(build, log_level=logging.getLogger().level) if use_process else ThreadHost(build)
+    return Frontend([host], admission=server_config.admission, max_queued_requests=server_config.max_queued_requests)
 
 
 def build_served_engine(config: EngineConfig) -> Engine:
     """The engine alone (a module-level function, so an engine process can be handed it pickled)."""
     return build_engine(config)[0]
-
-
-class _Collector:
-    """A prometheus_client collector from a function (the cluster's per-replica series)."""
-
-    def __init__(self, collect: Callable[[], Iterable[object]]) -> None:
-        self.collect = collect

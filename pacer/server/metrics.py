@@ -1,6 +1,6 @@
 """Prometheus metrics under vLLM's names, in the `pacer:` namespace, so existing dashboards carry over.
 
-Engine-side figures (iterations, queue/prefill/decode time, tokens) come from the engine thread
+Engine-side figures (iterations, queue/prefill/decode time, tokens) come from the engine's updates
 through the EngineObserver hooks; TTFT, inter-token latency and E2E are measured by the server
 from HTTP arrival, as METRICS.md defines them. What vLLM lacks: `pacer:request_rejected_total{reason}`,
 `pacer:request_expired_total`, and the latency model's rolling error `pacer:latency_model_error{quantile}`.
@@ -9,14 +9,17 @@ from HTTP arrival, as METRICS.md defines them. What vLLM lacks: `pacer:request_r
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from pacer.engine.async_engine import EngineLoad
 from pacer.engine.engine import IterationStats
+from pacer.engine.frontend import Frontend
+from pacer.engine.handle import ReplicaState
+from pacer.engine.protocol import EngineLoad
 from pacer.request import FinishReason, Request, RequestOutput
 
 prometheus_client.disable_created_metrics()  # vLLM does the same: *_created series only add noise
@@ -126,3 +129,39 @@ class Metrics:
             if request.first_token_s is not None:
                 self.prefill_time.observe(request.first_token_s - request.first_scheduled_s)
                 self.decode_time.observe(request.last_token_s - request.first_token_s)
+
+
+class ReplicaCollector:
+    """Per-replica series for /metrics (a prometheus_client collector), where replicas come and go (Ray)."""
+
+    def __init__(self, frontend: Frontend, model_name: str) -> None:
+        self.frontend = frontend
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[object]:
+        labels = ["model_name", "replica"]
+        families = {
+            "up": GaugeMetricFamily("pacer:replica_up", "1 if the replica is serving, 0 if it is restarting or dead.",
+                                    labels=labels),
+            "running": GaugeMetricFamily("pacer:replica_num_requests_running", "Requests in the replica's batch.",
+                                         labels=labels),
+            "waiting": GaugeMetricFamily("pacer:replica_num_requests_waiting", "Requests waiting in the replica.",
+                                         labels=labels),
+            "kv": GaugeMetricFamily("pacer:replica_kv_cache_usage_perc", "The replica's KV-cache usage (1 = full).",
+                                    labels=labels),
+            "restarts": CounterMetricFamily("pacer:replica_restarts", "Times Ray restarted the replica.",
+                                            labels=labels),
+            "routed": CounterMetricFamily("pacer:replica_requests_routed", "Requests the router sent to the replica.",
+                                          labels=labels),
+        }
+        for r in self.frontend.replicas:
+            values = {"up": float(r.state is ReplicaState.UP), "running": r.load.num_running,
+                      "waiting": r.load.num_waiting, "kv": r.load.kv_cache_usage, "restarts": r.num_restarts,
+                      "routed": r.num_routed}
+            for name, family in families.items():
+                family.add_metric([self.model_name, str(r.index)], values[name])
+        yield from families.values()
+        rerouted = CounterMetricFamily("pacer:requests_rerouted", "Requests moved to another replica because "
+                                       "theirs died before their first token.", labels=["model_name"])
+        rerouted.add_metric([self.model_name], self.frontend.num_rerouted)
+        yield rerouted

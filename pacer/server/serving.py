@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response, StreamingResponse
 
-from pacer.engine.async_engine import EngineClient, EngineError, QueueFullError, RequestExpired
+from pacer.engine.frontend import Frontend
+from pacer.engine.protocol import EngineError, QueueFullError, RequestExpired
 from pacer.model.tokenizer import Tokenizer
 from pacer.request import SLO, Request, SamplingParams
 from pacer.scheduling import TokenLogprobs
@@ -54,7 +55,7 @@ T = TypeVar("T")
 class OpenAIServing:
     """The logic behind /v1/completions and /v1/chat/completions."""
 
-    def __init__(self, engine: EngineClient, tokenizer: Tokenizer, model_name: str, metrics: Metrics,
+    def __init__(self, engine: Frontend, tokenizer: Tokenizer, model_name: str, metrics: Metrics,
                  default_slo: SLO | None = None) -> None:
         self.engine = engine
         self.default_slo = default_slo or SLO()

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pacer.engine.engine import Engine
-from pacer.request import Request, SamplingParams
+from pacer.request import Request
+from pacer.scheduling.handover import choose_decoder
 from pacer.scheduling.router import LeastTokensRouter, Router
 from pacer.sim.replica import SimReplica
 
@@ -39,8 +40,8 @@ class KVTransfer:
 
 
 class DecodePool:
-    """The decode replicas, the router that places a prefilled request on one (fewest outstanding tokens by
-    default: decode load is tokens still to generate, and TTFT is no longer at stake), and the link to them."""
+    """The decode replicas, the router that places a prefilled request on one (`handover.choose_decoder`: fewest
+    outstanding tokens by default, as the real front end), and the link to them."""
 
     def __init__(self, engines: Sequence[Engine], transfer: KVTransfer, router: Router | None = None) -> None:
         if not engines:
@@ -49,23 +50,7 @@ class DecodePool:
         self.transfer = transfer
         self.router = router or LeastTokensRouter()
 
-    def choose(self, request: Request) -> SimReplica:
-        return self.replicas[self.router.choose(request, self.replicas)]
-
-
-def prefill_only(request: Request) -> Request:
-    """What a prefill replica is sent: the request, stopping at its first token and keeping its prompt's KV."""
-    return Request(request.request_id, request.prompt_token_ids, SamplingParams(max_tokens=1, ignore_eos=True),
-                   request.slo, arrival_s=request.arrival_s, export_kv=True)
-
-
-def decode_request(prefilled: Request, max_tokens: int) -> Request:
-    """The request as `Engine.adopt` takes it: prompt and first token, the prompt's KV computed (in the payload).
-    Adoption stamps its first token and scheduling at the decode replica's now, so the `slo` policy there counts
-    its TBT slack from the hand-over; the client's token times are the simulator's records, not these fields."""
-    request = Request(prefilled.request_id, prefilled.prompt_token_ids,
-                      SamplingParams(max_tokens=max_tokens, ignore_eos=True), prefilled.slo,
-                      arrival_s=prefilled.arrival_s)
-    request.token_ids.append(prefilled.token_ids[-1])
-    request.num_computed_tokens = prefilled.num_prompt_tokens
-    return request
+    def choose(self, request: Request) -> tuple[SimReplica, int]:
+        """The decode replica for a prefilled request, and the prompt tokens it is believed to hold already."""
+        index, held = choose_decoder(request, self.replicas, self.router)
+        return self.replicas[index], held

@@ -5,6 +5,8 @@ change and kept, and at 128 replicas most reads between two arrivals cost a look
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pacer.engine.engine import Engine
 from pacer.request import Request, RequestOutput
 from pacer.scheduling import ModelOutput, SchedulerOutput
@@ -76,18 +78,29 @@ class SimReplica:
     def cached_prompt_tokens(self, request: Request) -> int:
         return self.sent.cached_prompt_tokens(request)
 
-    def predicted_ttft_s(self, request: Request) -> float | None:
+    def predicted_ttft_s(self, request: Request, ahead: Sequence[Request] = ()) -> float | None:
         """From the queue after the latest iteration, as the real front end sees a replica (it cannot see how far
         the running iteration has got either)."""
-        if self._ttft is not None and self._ttft[0] == request.request_id:
-            return self._ttft[1]
-        scheduler = self.engine.scheduler
-        if scheduler.latency is None:
-            return None
-        if self._queue_times is None:
-            snapshot = scheduler.snapshot()
-            if snapshot is None:
-                return None
-            self._queue_times = QueueTimes.of(snapshot, scheduler.latency)
-        self._ttft = (request.request_id, self._queue_times.ttft_s(with_hit(request, self.cached_prompt_tokens(request))))
+        if ahead:
+            times = self._times(ahead)
+            return None if times is None else times.ttft_s(self._with_hit(request))
+        if self._ttft is None or self._ttft[0] != request.request_id:
+            times = self._times()
+            self._ttft = (request.request_id, None if times is None else times.ttft_s(self._with_hit(request)))
         return self._ttft[1]
+
+    def _times(self, ahead: Sequence[Request] = ()) -> QueueTimes | None:
+        """The queue played forward, behind `ahead` too; kept until the replica changes when nothing is ahead."""
+        if self._queue_times is not None and not ahead:
+            return self._queue_times
+        scheduler = self.engine.scheduler
+        snapshot = scheduler.snapshot() if scheduler.latency is not None else None
+        if snapshot is None:
+            return None
+        times = QueueTimes.of(snapshot, scheduler.latency, [self._with_hit(r) for r in ahead])
+        if not ahead:
+            self._queue_times = times
+        return times
+
+    def _with_hit(self, request: Request) -> Request:
+        return with_hit(request, self.cached_prompt_tokens(request))

@@ -17,8 +17,9 @@ from pacer.engine.engine import Engine
 from pacer.request import SLO, FinishReason, Request, RequestOutput, SamplingParams
 from pacer.scheduling import ModelOutput, SchedulerOutput
 from pacer.scheduling.admission import SLOUnattainable
+from pacer.scheduling.handover import decode_request, hands_over, prefill_only
 from pacer.scheduling.router import RoundRobinRouter, Router, dispatch
-from pacer.sim.disagg import DecodePool, decode_request, prefill_only
+from pacer.sim.disagg import DecodePool
 from pacer.sim.replica import SimReplica
 
 # Simultaneous events are handled in this order: an iteration ending at t frees its KV and emits its tokens,
@@ -171,13 +172,12 @@ class Simulator:
         record.num_prompt_tokens = len(prompt)
         if sim.index in self._next_turn:
             self._history[str(sim.index)] = list(prompt)
-        request = Request(str(sim.index), prompt, SamplingParams(max_tokens=sim.max_tokens, ignore_eos=True),
-                          sim.slo, arrival_s=now)
+        request = Request(str(sim.index), prompt, _sampling(sim.max_tokens), sim.slo, arrival_s=now)
         try:
             self.replicas[0].engine.scheduler.check(request)  # what the server validates before queueing: a 400
-            if self.decode is not None and sim.max_tokens > 1:
+            if self.decode is not None and hands_over(request):
                 request = prefill_only(request)
-            replica = self.replicas[dispatch(request, self.replicas, self.router, now)]
+            replica = self.replicas[dispatch([request], self.replicas, self.router, now)]
         except ValueError as error:
             return self._ended(record, "failed", "http_4xx", str(error))
         except SLOUnattainable as error:
@@ -227,8 +227,8 @@ class Simulator:
             self._by_id[request_id].server_scheduling_delay_s = prefilled.first_scheduled_s - prefilled.arrival_s
             held = _Held(replica, replica.hold_kv(prefilled.num_prompt_tokens))
             # the decode replica is chosen now, as the real front end does, and only the blocks it lacks move
-            target = self.decode.choose(prefilled)
-            payload = replica.engine.take_exported(request_id, target.cached_prompt_tokens(prefilled))
+            target, held_tokens = self.decode.choose(prefilled)
+            payload = replica.engine.take_exported(request_id, held_tokens)
             moved = payload.num_tokens - payload.first_block * replica.engine.scheduler.kv.block_size
             self._push(self.clock.now + self.decode.transfer.seconds(moved), _HANDOFF,
                        (prefilled, payload, held, target))
@@ -236,7 +236,8 @@ class Simulator:
     def _handoff(self, prefilled: Request, payload: object, held: _Held, target: SimReplica) -> None:
         """The KV has arrived: a decode replica adopts the request, or it waits behind those already waiting."""
         assert self.decode is not None
-        request = decode_request(prefilled, self._by_id[prefilled.request_id].max_tokens)
+        sampling = _sampling(self._by_id[prefilled.request_id].max_tokens)
+        request = decode_request(prefilled, sampling, prefilled.token_ids[-1:])
         self._live[request.request_id] = request
         self._in_transfer.discard(request.request_id)
         self._parked.append(_Handoff(request, payload, held))
@@ -307,3 +308,8 @@ class Simulator:
                                f"not sent: turn {record.turn} was {status} ({kind})")
         if self._closed_loop:
             self._push(self.clock.now, _ARRIVE, self._closed_loop.pop())
+
+
+def _sampling(max_tokens: int) -> SamplingParams:
+    """A simulated request's sampling: its length is all that matters (no EOS in virtual tokens)."""
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True)

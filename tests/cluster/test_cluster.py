@@ -15,12 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from pacer.cluster.client import ClusterEngine, ReplicaState
+from pacer.cluster.host import ray_frontend
 from pacer.cluster.replica import Replica
 from pacer.config import ClusterConfig, EngineConfig
-from pacer.engine.async_engine import EngineError
+from pacer.engine.frontend import Frontend
+from pacer.engine.handle import ReplicaState
+from pacer.engine.protocol import Add, EngineError
 from pacer.llm import LLM
 from pacer.request import SLO, Request, SamplingParams
+from pacer.scheduling.admission import QueueState
 from tests.live_server import run_server
 from tests.server.test_errors import check_error
 
@@ -32,7 +35,7 @@ def request(request_id: str, max_tokens: int, prompt: list[int] = PROMPT, slo: S
                    slo or SLO(), arrival_s=time.monotonic())
 
 
-async def collect(cluster: ClusterEngine, req: Request, first_token: asyncio.Event | None = None) -> list[int] | str:
+async def collect(cluster: Frontend, req: Request, first_token: asyncio.Event | None = None) -> list[int] | str:
     """The request's token ids, or the message of the error that ended its stream."""
     tokens: list[int] = []
     try:
@@ -91,7 +94,7 @@ def test_server_routes_streams_and_counts_usage_across_replicas(tiny_model_dir, 
 def test_a_killed_replica_reroutes_unstarted_requests_fails_started_streams_and_rejoins(tiny_model_dir,
                                                                                          ray_address):
     config = EngineConfig.from_kwargs(model=str(tiny_model_dir), num_blocks=64, max_num_seqs=1)
-    cluster = ClusterEngine(config, ClusterConfig(replicas=2, threads_per_replica=1, router="round_robin",
+    cluster = ray_frontend(config, ClusterConfig(replicas=2, threads_per_replica=1, router="round_robin",
                                                   ray_address=ray_address))
     cluster.start()
 
@@ -130,7 +133,7 @@ def test_slo_router_sends_a_request_to_the_replica_with_the_shorter_predicted_tt
                                                                                    ray_address):
     config = EngineConfig.from_kwargs(model=str(tiny_model_dir), num_blocks=64, scheduler="slo",
                                       latency_profile=str(tiny_profile), max_num_batched_tokens=32)
-    cluster = ClusterEngine(config, ClusterConfig(replicas=2, threads_per_replica=1, router="slo",
+    cluster = ray_frontend(config, ClusterConfig(replicas=2, threads_per_replica=1, router="slo",
                                                   ray_address=ray_address))
     cluster.start()
 
@@ -161,7 +164,7 @@ def test_disaggregated_prefill_and_decode_give_the_colocated_ids(tiny_model_dir,
     expected = [r.token_ids for r in local.generate(prompts, greedy, use_tqdm=False)]
     follow_up = prompts[1] + expected[1] + [4] * 10  # its first 64 tokens' KV is on the decode replica already
     expected_follow_up = local.generate([follow_up], greedy, use_tqdm=False)[0].token_ids
-    cluster = ClusterEngine(config, ClusterConfig(replicas=2, prefill_replicas=1, threads_per_replica=1,
+    cluster = ray_frontend(config, ClusterConfig(replicas=2, prefill_replicas=1, threads_per_replica=1,
                                                   ray_address=ray_address))
     cluster.start()
 
@@ -188,9 +191,9 @@ def test_a_replica_whose_engine_loop_dies_exits_so_that_ray_restarts_it(tiny_mod
     import ray
 
     class BuggyReplica(Replica):
-        def _receive(self, block: bool) -> list[tuple[str, object]]:
+        def _receive(self, block: bool) -> list:
             commands = super()._receive(block)
-            if any(kind == "add" and payload[0].request_id == "bug" for kind, payload in commands):
+            if any(isinstance(c, Add) and c.requests[0].request_id == "bug" for c in commands):
                 raise RuntimeError("a scheduler bug")
             return commands
 
@@ -229,7 +232,7 @@ def test_a_replica_whose_engine_loop_dies_exits_so_that_ray_restarts_it(tiny_mod
 
 def test_a_replica_out_of_restarts_is_dead_and_the_others_serve_on(tiny_model_dir, ray_address):
     config = EngineConfig.from_kwargs(model=str(tiny_model_dir), num_blocks=64)
-    cluster = ClusterEngine(config, ClusterConfig(replicas=2, threads_per_replica=1, router="round_robin",
+    cluster = ray_frontend(config, ClusterConfig(replicas=2, threads_per_replica=1, router="round_robin",
                                                   max_restarts=0, ray_address=ray_address))
     cluster.start()
 
@@ -261,70 +264,102 @@ def test_cluster_config_rejects_bad_values(kwargs, message):
 
 def test_a_bad_router_name_fails_before_ray_starts():
     with pytest.raises(ValueError, match="router"):
-        ClusterEngine(EngineConfig(), ClusterConfig(replicas=2, router="fastest"))
+        ray_frontend(EngineConfig(), ClusterConfig(replicas=2, router="fastest"))
+
+
+class RecordingHost:
+    """A host that records what it is sent (no Ray here)."""
+
+    restarts = True
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, command) -> None:
+        self.sent.append(command)
+
+    def take_kv(self, request_id: str, num_held_tokens: int) -> str:
+        return f"kv-{request_id}"
+
+    def cached_prompt_tokens(self, request) -> None:
+        return None
+
+
+def recording_frontend(num_replicas: int, prefill_replicas: int = 0) -> Frontend:
+    from pacer.engine.protocol import EngineLoad, Ready
+    from tests.scheduling.test_slo import slo_scheduler
+
+    scheduler = slo_scheduler()  # 10 ms + 1 ms a token
+    frontend = Frontend([RecordingHost() for _ in range(num_replicas)], prefill_replicas=prefill_replicas)
+    for replica in frontend.replicas:
+        replica.rejoin(Ready(scheduler.limits, scheduler.latency, QueueState(scheduler.snapshot(), 0), EngineLoad(),
+                             4096, 0, "host"))
+    frontend.limits = scheduler.limits
+    return frontend
 
 
 def test_hand_overs_count_on_their_decode_replica_until_it_reports():
     """Two prompts prefilled between two load updates go to different decode replicas: the first one's tokens
-    count on its target from the moment it is sent (no Ray here: the actors only record their calls)."""
-    from types import SimpleNamespace
-
-    from pacer.cluster.client import _Flight, _Replica
+    count on its target from the moment it is sent."""
+    from pacer.engine.frontend import _Flight
+    from pacer.engine.protocol import Abort, Adopt
     from pacer.request import RequestOutput
 
-    def actor(calls: list):
-        record = SimpleNamespace(remote=lambda *args: calls.append(args) or f"ref-{len(calls)}")
-        return SimpleNamespace(adopt=record, take_kv=SimpleNamespace(remote=lambda rid, held: f"kv-{rid}"), abort=record)
-
-    cluster = ClusterEngine(EngineConfig(), ClusterConfig(replicas=3, prefill_replicas=1))
-    calls: list[list] = [[], [], []]
-    cluster.replicas = [_Replica(i, actor(calls[i]), prefill_only=i == 0) for i in range(3)]
-    for replica in cluster.replicas:
-        replica.state = ReplicaState.UP
+    cluster = recording_frontend(3, prefill_replicas=1)
     for rid in ("a", "b"):
         flight = _Flight(request(rid, max_tokens=50), asyncio.Queue(), replica=0, handoff=True)
         cluster._flights[rid] = flight
         cluster._hand_over(cluster.replicas[0], flight, RequestOutput(rid, [11], "x", finished=False))
-    assert [len(c) for c in calls] == [0, 1, 1]
+    sent = [r.host.sent for r in cluster.replicas]
+    assert [len(s) for s in sent] == [0, 1, 1] and isinstance(sent[1][0], Adopt) and sent[1][0].payload == "kv-a"
     assert cluster.replicas[1].num_outstanding_tokens == 49  # 50 to generate, one came from the prefill
-    # the client of "a" leaves: the abort goes to its decode replica, behind the adopt call it cancels
+    # the client of "a" leaves: the abort goes to its decode replica
     cluster.abort(["a"])
-    assert calls[1][-1] == (["a"], "ref-1")
+    assert sent[1][-1] == Abort(["a"])
 
 
 def test_admission_across_replicas_plans_with_the_prefix_each_is_believed_to_hold():
     """A follow-up whose prompt extends one sent to replica 1 is predicted there with its hit (the front end cannot
     read a replica's KV: it believes what it sent, in 16-token blocks), so it is admitted there rather than refused
-    for a prefill that replica will skip; a replica that restarts is believed to hold nothing (no Ray here)."""
-    from types import SimpleNamespace
-
-    from pacer.cluster.client import _Replica
-    from pacer.cluster.replica import ReplicaInfo
+    for a prefill that replica will skip; a replica that restarts is believed to hold nothing."""
     from pacer.scheduling.admission import SLOUnattainable
     from pacer.scheduling.router import RoundRobinRouter, dispatch
     from tests.scheduling.test_slo import slo_scheduler
 
-    scheduler = slo_scheduler()  # 10 ms + 1 ms a token
-
-    def info() -> ReplicaInfo:
-        return ReplicaInfo(scheduler.limits, scheduler.latency, (scheduler.snapshot(), 0), 0, "host", 4096)
-
-    cluster = ClusterEngine(EngineConfig(), ClusterConfig(replicas=2))
-    cluster.replicas = [_Replica(i, SimpleNamespace(submit=SimpleNamespace(remote=lambda *args: None)))
-                        for i in range(2)]
-    for replica in cluster.replicas:
-        replica.rejoin(info())
+    cluster = recording_frontend(2)
     cold, warm = cluster.replicas
     history = list(range(100, 420))  # 320 tokens: 20 blocks
     cluster._send(warm, [request("turn1", 8, prompt=history)], asyncio.Queue())
-    warm.queue.latest = (scheduler.snapshot(), 1)  # the replica took it in and is idle again
+    warm.queue.latest = QueueState(slo_scheduler().snapshot(), 1)  # the replica took it in and is idle again
     now = time.monotonic()
     follow_up = request("turn2", 8, prompt=history + [7] * 20, slo=SLO(ttft_s=0.2))
     assert warm.sent.cached_prompt_tokens(follow_up) == 320
     assert warm.predicted_ttft_s(follow_up) < 0.2 < cold.predicted_ttft_s(follow_up)  # 20 tokens to prefill, or 340
     with pytest.raises(SLOUnattainable):
-        dispatch(follow_up, [cold], RoundRobinRouter(), now)
-    assert dispatch(follow_up, [cold, warm], RoundRobinRouter(), now) == 1  # the router's pick missed: overridden
+        dispatch([follow_up], [cold], RoundRobinRouter(), now)
+    assert dispatch([follow_up], [cold, warm], RoundRobinRouter(), now) == 1  # the router's pick missed: overridden
     assert follow_up.num_cached_tokens == 0  # a query never changes the request; sending it there does
-    warm.rejoin(info())
+    warm.rejoin(warm.info)
     assert warm.sent.cached_prompt_tokens(follow_up) == 0
+
+
+def test_one_calls_choices_are_admitted_together_on_one_replica():
+    """`n` choices of one call go to one replica, each admitted behind the ones before it: a TTFT SLO that the
+    first meets but the third, queued behind two 300-token prefills, would miss refuses the whole call."""
+    from pacer.engine.protocol import Add
+    from pacer.scheduling.admission import SLOUnattainable
+
+    cluster = recording_frontend(2)
+
+    async def main() -> None:
+        prompt = list(range(300))
+        choices = [request(f"n{i}", 8, prompt=prompt, slo=SLO(ttft_s=0.5)) for i in range(3)]
+        with pytest.raises(SLOUnattainable):
+            cluster.generate(choices)  # ~0.31 s, ~0.62 s, ~0.93 s: the third misses
+        assert not any(r.host.sent for r in cluster.replicas) and cluster.num_in_flight == 0
+        stream = cluster.generate(choices[:1] + [request("n1b", 8, prompt=prompt, slo=SLO(ttft_s=0.7))])
+        commands = [command for r in cluster.replicas for command in r.host.sent]
+        assert len(commands) == 1 and isinstance(commands[0], Add) and len(commands[0].requests) == 2
+        stream.close()
+
+    asyncio.run(main())

@@ -10,7 +10,15 @@ import pytest
 
 from pacer.latency.model import BatchShape, ErrorWindow, LinearLatencyModel, largest_chunk
 from pacer.request import SLO, FinishReason, RequestStatus
-from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot, QueueTimes, QueueView, SLOUnattainable, predict_ttft
+from pacer.scheduling.admission import (
+    MIN_CHUNK,
+    QueueSnapshot,
+    QueueState,
+    QueueTimes,
+    QueueView,
+    SLOUnattainable,
+    predict_ttft,
+)
 from pacer.scheduling.slo import AGING_S, MAX_PREEMPTIONS
 from tests.scheduling.helpers import check_invariants, curved, fake_output, make_request, make_scheduler, step
 
@@ -241,7 +249,7 @@ def test_admission_rejects_what_it_cannot_serve_with_the_predicted_wait():
 def view_of(scheduler) -> QueueView:
     """The front end's view of the scheduler's queue right after an iteration (nothing submitted since)."""
     queue = QueueView(scheduler.latency)
-    queue.latest = (scheduler.snapshot(), 0)
+    queue.latest = QueueState(scheduler.snapshot(), 0)
     return queue
 
 
@@ -259,16 +267,16 @@ def test_admission_plays_the_queue_once_until_it_changes():
             late = request(f"late{i}", 100 + 50 * i, ttft_s=2.0)  # behind the queue (EDF): hopeless
             with pytest.raises(SLOUnattainable):
                 queue.admit(late, now=0.0)
-            answers.append((queue.latest[0], [], late, queue.predicted_ttft_s(late)))
+            answers.append((queue.latest.snapshot, [], late, queue.predicted_ttft_s(late)))
         assert len(plays) == 1
         submitted = request("ok", 100, ttft_s=60.0)
         queue.admit(submitted, now=0.0)
         queue.submitted(submitted)
         probe = request("probe", 100, ttft_s=60.0)
-        answers.append((queue.latest[0], [submitted], probe, queue.predicted_ttft_s(probe)))
+        answers.append((queue.latest.snapshot, [submitted], probe, queue.predicted_ttft_s(probe)))
         assert len(plays) == 2
-        queue.latest = (scheduler.snapshot(), 1)  # the engine took it in and published again
-        answers.append((queue.latest[0], [], probe, queue.predicted_ttft_s(probe)))
+        queue.latest = QueueState(scheduler.snapshot(), 1)  # the engine took it in and published again
+        answers.append((queue.latest.snapshot, [], probe, queue.predicted_ttft_s(probe)))
         assert len(plays) == 3
     for snapshot, pending, r, predicted in answers:
         assert predicted == predict_ttft(snapshot, pending, r, scheduler.latency)

@@ -1,6 +1,6 @@
 """An engine failure inside one request is that request's 500, and the server serves on.
 
-In-process (the fault is injected into the executor), through the real app and AsyncEngine.
+In-process (the fault is injected into the executor), through the real app and front end.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from pacer.config import EngineConfig
-from pacer.engine.async_engine import AsyncEngine
 from pacer.engine.builder import build_engine
+from pacer.engine.frontend import Frontend
+from pacer.engine.hosts import ThreadHost
 from pacer.scheduling import ModelOutput, SchedulerOutput
 from pacer.server.app import create_app
 
@@ -34,9 +35,9 @@ class FaultyExecutor:
 def app(tiny_model_dir):
     engine, tokenizer = build_engine(EngineConfig.from_kwargs(model=str(tiny_model_dir), num_blocks=64))
     engine.executor = FaultyExecutor(engine.executor)
-    async_engine = AsyncEngine(lambda: engine)
-    async_engine.start()
-    return create_app(async_engine, tokenizer, "tiny", str(tiny_model_dir))
+    frontend = Frontend([ThreadHost(lambda: engine)])
+    frontend.start()
+    return create_app(frontend, tokenizer, "tiny", str(tiny_model_dir))
 
 
 def run(app, calls):

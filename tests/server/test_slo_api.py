@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from pacer.config import EngineConfig
-from pacer.engine.async_engine import AsyncEngine
 from pacer.engine.builder import build_engine
+from pacer.engine.frontend import Frontend
+from pacer.engine.hosts import ThreadHost
 from pacer.scheduling import ModelOutput, SchedulerOutput
 from pacer.server.app import create_app
 from tests.live_server import run_server
@@ -116,9 +117,9 @@ def test_drop_expired_fails_a_request_that_could_not_start_in_time(tiny_model_di
         model=str(tiny_model_dir), num_blocks=64, scheduler="slo", drop_expired=True,
         latency_profile=str(tiny_profile)))
     engine.executor = SlowExecutor(engine.executor)
-    async_engine = AsyncEngine(lambda: engine)
-    async_engine.start()
-    app = create_app(async_engine, tokenizer, "tiny", str(tiny_model_dir))
+    frontend = Frontend([ThreadHost(lambda: engine)])
+    frontend.start()
+    app = create_app(frontend, tokenizer, "tiny", str(tiny_model_dir))
 
     async def main():
         async with app.router.lifespan_context(app):

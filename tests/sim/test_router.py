@@ -80,15 +80,15 @@ def test_replicas_report_outstanding_tokens_and_predicted_ttft():
 def test_dispatch_refuses_only_when_no_replica_can_meet_the_ttft_slo():
     router = router_class("round_robin")()
     due = Request("r", [0] * 8, slo=SLO(ttft_s=1.0), arrival_s=10.0)
-    assert dispatch(due, [View(0, 5.0), View(0, 0.5)], router, now=10.0) == 1  # round robin chose 0: too slow
-    assert dispatch(due, [View(0, 0.2), View(0, 0.5)], router, now=10.0) == 1  # its choice meets the SLO
+    assert dispatch([due], [View(0, 5.0), View(0, 0.5)], router, now=10.0) == 1  # round robin chose 0: too slow
+    assert dispatch([due], [View(0, 0.2), View(0, 0.5)], router, now=10.0) == 1  # its choice meets the SLO
     with pytest.raises(SLOUnattainable) as refused:
-        dispatch(due, [View(0, 3.1), View(0, 2.5)], router, now=10.2)  # waited 0.2 s: 2.7 s at best
+        dispatch([due], [View(0, 3.1), View(0, 2.5)], router, now=10.2)  # waited 0.2 s: 2.7 s at best
     assert refused.value.retry_after_s == 2  # the predicted excess of the best replica, rounded up
     fresh = router_class("round_robin")()
-    assert dispatch(due, [View(0, 3.1), View(0, 2.5)], fresh, now=10.2, admit=False) == 0  # served all the same
-    assert dispatch(due, [View(0), View(0)], router, now=10.0) == 1  # no predictions: no refusal
-    assert dispatch(Request("s", [0] * 8), [View(0, 99.0), View(0, 99.0)], router, now=0.0) == 0  # no SLO
+    assert dispatch([due], [View(0, 3.1), View(0, 2.5)], fresh, now=10.2, admit=False) == 0  # served all the same
+    assert dispatch([due], [View(0), View(0)], router, now=10.0) == 1  # no predictions: no refusal
+    assert dispatch([Request("s", [0] * 8)], [View(0, 99.0), View(0, 99.0)], router, now=0.0) == 0  # no SLO
 
 
 def test_slo_router_sends_a_shared_prefix_back_where_it_went_while_that_keeps_the_promise():
@@ -96,7 +96,7 @@ def test_slo_router_sends_a_shared_prefix_back_where_it_went_while_that_keeps_th
     system = list(range(100, 164))  # four 16-token blocks
     views = [View(10, 0.5), View(400, 0.5)]
     first = Request("a", system + [1] * 8, slo=SLO(ttft_s=1.0))
-    assert dispatch(first, views, router, now=0.0) == 0  # most room
+    assert dispatch([first], views, router, now=0.0) == 0  # most room
     views[0].sent.add(PrefixIndex.prompt_keys(first))  # as the front end records what it sends
     views[0].num_outstanding_tokens = 800  # now the busier one
     follow_up = Request("b", system + [2] * 8, slo=SLO(ttft_s=1.0))

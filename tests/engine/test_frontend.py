@@ -1,4 +1,5 @@
-"""AsyncEngine on the tiny model: outputs reach the right caller, closing a stream aborts, limits refuse early."""
+"""The front end of one engine thread on the tiny model: outputs reach the right caller, closing a stream aborts,
+limits refuse early; and the engine loop behind it holds hand-overs back until it has room."""
 
 from __future__ import annotations
 
@@ -6,16 +7,20 @@ import asyncio
 
 import pytest
 
-from pacer.engine.async_engine import AsyncEngine, EngineLoad, EngineUpdate, QueueFullError
 from pacer.engine.engine import Engine
+from pacer.engine.frontend import Frontend
+from pacer.engine.hosts import ThreadHost
+from pacer.engine.loop import EngineLoop
+from pacer.engine.protocol import Adopt, EngineLoad, EngineUpdate, QueueFullError, Stop
 from pacer.request import FinishReason, Request, RequestOutput, SamplingParams
+from pacer.scheduling.admission import QueueState
 from tests.tiny import tiny_engine, tiny_model
 
 
-def started(**kwargs) -> AsyncEngine:
-    engine = AsyncEngine(lambda: tiny_engine(), **kwargs)
-    engine.start()
-    return engine
+def started(**kwargs) -> Frontend:
+    frontend = Frontend([ThreadHost(lambda: tiny_engine())], **kwargs)
+    frontend.start()
+    return frontend
 
 
 def request(rid: str, max_tokens: int = 8) -> Request:
@@ -37,7 +42,7 @@ def sync_ids(max_tokens: int) -> list[int]:
     return ids
 
 
-async def collect(engine: AsyncEngine, rid: str, max_tokens: int) -> tuple[list[int], FinishReason]:
+async def collect(engine: Frontend, rid: str, max_tokens: int) -> tuple[list[int], FinishReason]:
     """One call's tokens and finish reason."""
     tokens, reason = [], None
     with engine.generate([request(rid, max_tokens)]) as stream:
@@ -50,7 +55,7 @@ async def collect(engine: AsyncEngine, rid: str, max_tokens: int) -> tuple[list[
 
 def test_a_build_error_reaches_the_caller_of_start():
     with pytest.raises(FileNotFoundError, match="no such model"):
-        AsyncEngine(broken).start()
+        Frontend([ThreadHost(broken)]).start()
 
 
 def test_concurrent_calls_get_their_own_outputs_and_equal_the_sync_engine():
@@ -107,7 +112,7 @@ def test_a_full_decode_engine_holds_hand_overs_back_until_it_has_room():
     of failing, and both finish with all their tokens, in arrival order."""
     model = tiny_model()
 
-    def prefilled(rid: str) -> tuple[Request, object]:
+    def prefilled(rid: str) -> Adopt:
         prefill = tiny_engine(model=model)
         first = Request(rid, [3, 4, 5, 6], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
                         export_kv=True)
@@ -117,43 +122,27 @@ def test_a_full_decode_engine_holds_hand_overs_back_until_it_has_room():
         request = Request(rid, [3, 4, 5, 6], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
         request.token_ids.append(first.output_token_ids[0])
         request.num_computed_tokens = 4
-        return request, prefill.exported.pop(rid)
+        return Adopt(request, prefill.exported.pop(rid))
 
-    handed_over = [prefilled(rid) for rid in ("a", "b")]  # both ready first, so they arrive back to back
+    loop = EngineLoop(tiny_engine(model=model, max_num_seqs=1), latency_every_s=None)
+    inbox = [[prefilled("a"), prefilled("b")]]  # both arrive back to back
+    updates: list[EngineUpdate] = []
 
-    async def main():
-        engine = AsyncEngine(lambda: tiny_engine(model=model, max_num_seqs=1))
-        outstanding: list[int] = []  # every load the engine thread publishes
-        publish = engine._publish_load
+    def receive(block: bool) -> list:
+        if inbox:
+            return inbox.pop()
+        assert not block or any(o.finished and o.request_id == "b" for u in updates for o in u.outputs)
+        return [Stop()] if block else []
 
-        def recording_publish() -> None:
-            publish()
-            outstanding.append(engine.load.num_outstanding_tokens)
-
-        engine._publish_load = recording_publish
-        engine.start()
-        try:
-            outputs: asyncio.Queue = asyncio.Queue()
-            for request, payload in handed_over:
-                engine.adopt(request, payload, outputs)
-            ended, tokens = [], {"a": 0, "b": 0}
-            while len(ended) < 2:
-                item = await asyncio.wait_for(outputs.get(), 30)
-                assert isinstance(item, RequestOutput), item
-                tokens[item.request_id] += len(item.new_token_ids)
-                if item.finished:
-                    ended.append(item.request_id)
-        finally:
-            await engine.stop()
-        # read after stop: the engine thread publishes its last load after delivering the last output
-        return ended, tokens, engine.load, outstanding, engine.queue.pending()
-
-    ended, tokens, load, outstanding, pending = asyncio.run(main())
-    assert ended == ["a", "b"] and tokens == {"a": 5, "b": 5}  # the first of the 6 came from the prefill
-    assert load.num_running == 0 and load.kv_cache_usage == 0
-    # while "b" waited, the published load counted it: "a" alone never has more than 5 tokens to go
-    assert max(outstanding) > 5
-    assert pending == []  # both hand-overs counted as taken in, as submitted requests are
+    loop.serve(receive, updates.append)
+    outputs = [o for u in updates for o in u.outputs]
+    assert all(isinstance(o, RequestOutput) for o in outputs), outputs
+    assert [o.request_id for o in outputs if o.finished] == ["a", "b"]
+    assert {rid: sum(len(o.new_token_ids) for o in outputs if o.request_id == rid) for rid in "ab"} == {"a": 5, "b": 5}
+    # while "b" waited, the load counted it: "a" alone never has more than 5 tokens to go
+    assert max(u.load.num_outstanding_tokens for u in updates) > 5
+    assert updates[-1].load.num_running == 0 and updates[-1].load.kv_cache_usage == 0
+    assert updates[-1].queue.num_taken == 2  # both hand-overs counted as taken in, as submitted requests are
 
 
 def test_an_update_absorbs_a_later_one_keeping_its_latest_state():
@@ -163,10 +152,10 @@ def test_an_update_absorbs_a_later_one_keeping_its_latest_state():
         return RequestOutput(rid, [1], "x", finished=False)
 
     model = object()
-    first = EngineUpdate([output("a")], load=EngineLoad(num_running=1), queue=(None, 1), latency=model)
-    first.absorb(EngineUpdate([output("b"), output("c")], load=EngineLoad(num_running=2), queue=(None, 3)))
+    first = EngineUpdate([output("a")], load=EngineLoad(num_running=1), queue=QueueState(None, 1), latency=model)
+    first.absorb(EngineUpdate([output("b"), output("c")], load=EngineLoad(num_running=2), queue=QueueState(None, 3)))
     assert [o.request_id for o in first.outputs] == ["a", "b", "c"]
-    assert first.load.num_running == 2 and first.queue == (None, 3) and first.latency is model
+    assert first.load.num_running == 2 and first.queue == QueueState(None, 3) and first.latency is model
     newer = object()
     first.absorb(EngineUpdate(latency=newer))
     assert first.latency is newer

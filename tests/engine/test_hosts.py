@@ -1,5 +1,5 @@
-"""ProcessEngine on the tiny model: the engine loop in a spawned process gives the same outputs as the engine
-thread, aborts free its blocks, and its death fails the requests in flight instead of leaving them hanging."""
+"""The engine loop in a process of its own (`ProcessHost`) on the tiny model: the same outputs as the engine thread,
+aborts free its blocks, and its death fails the requests in flight instead of leaving them hanging."""
 
 from __future__ import annotations
 
@@ -10,23 +10,24 @@ import signal
 
 import pytest
 
-from pacer.engine.async_engine import EngineError, QueueFullError
-from pacer.engine.process import ProcessEngine
+from pacer.engine.frontend import Frontend
+from pacer.engine.hosts import ProcessHost
+from pacer.engine.protocol import EngineError, QueueFullError
 from pacer.request import FinishReason
-from tests.engine.test_async_engine import broken, collect, request, sync_ids
+from tests.engine.test_frontend import broken, collect, request, sync_ids
 from tests.tiny import tiny_engine
 
 
 def test_a_build_error_in_the_engine_process_reaches_the_caller_of_start():
     with pytest.raises(FileNotFoundError, match="no such model"):
-        ProcessEngine(broken).start()
+        Frontend([ProcessHost(broken)]).start()
 
 
 def test_outputs_aborts_and_limits_as_the_engine_thread():
     ids = sync_ids(12)
 
     async def main():
-        engine = ProcessEngine(functools.partial(tiny_engine), max_queued_requests=4)
+        engine = Frontend([ProcessHost(functools.partial(tiny_engine))], max_queued_requests=4)
         engine.start()
         try:
             results = await asyncio.gather(*(collect(engine, f"r{i}", 12) for i in range(4)))
@@ -53,12 +54,12 @@ def test_outputs_aborts_and_limits_as_the_engine_thread():
 
 def test_a_dead_engine_process_fails_the_requests_in_flight():
     async def main():
-        engine = ProcessEngine(functools.partial(tiny_engine))
+        engine = Frontend([ProcessHost(functools.partial(tiny_engine))])
         engine.start()
         try:
             stream = engine.generate([request("doomed", 200)])
             await stream.__anext__()
-            os.kill(engine._process.pid, signal.SIGKILL)  # as the OOM killer would
+            os.kill(engine.replicas[0].info.pid, signal.SIGKILL)  # as the OOM killer would
             with pytest.raises(EngineError, match="engine process ended"):
                 async for _ in stream:
                     pass
@@ -80,7 +81,7 @@ def test_admission_in_front_of_an_engine_process_predicts_the_prefix_it_sent_as_
         return Request(rid, list(range(10, 50)) + [tail], SamplingParams(max_tokens=2, ignore_eos=True))
 
     async def main(prefix_caching: bool) -> list[int]:
-        engine = ProcessEngine(functools.partial(tiny_engine, prefix_caching=prefix_caching))
+        engine = Frontend([ProcessHost(functools.partial(tiny_engine, prefix_caching=prefix_caching))])
         engine.start()
         try:
             hints = []
