@@ -16,9 +16,9 @@ import queue
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 
+from pacer.engine.adoptions import Adoptions
 from pacer.engine.engine import Engine, StepError
 from pacer.engine.protocol import (
     Abort,
@@ -49,9 +49,7 @@ class EngineLoop:
         self.engine = engine
         self.num_taken = 0  # submitted requests taken in (published with the queue snapshot)
         self._requests: dict[str, Request] = {}
-        # Prefilled elsewhere, waiting in arrival order for a batch slot and KV blocks here: a full decode engine
-        # holds hand-overs back instead of failing them.
-        self._adoptions: deque[Adopt] = deque()
+        self._adoptions = Adoptions()
         self._update = EngineUpdate()
         self._latency_every_s = latency_every_s
         self._latency_at = time.monotonic()
@@ -80,16 +78,15 @@ class EngineLoop:
         for request_id in list(self._requests):
             self.engine.abort(request_id)
             self._finished(request_id)
-        self._fail([adoption.request.request_id for adoption in self._adoptions], "the engine stopped")
-        self._adoptions.clear()
+        self._fail(self._adoptions.request_ids(), "the engine stopped")
+        self._adoptions = Adoptions()
         publish(self.take_update())
 
     def state(self) -> tuple[EngineLoad, QueueState]:
         """The load and queue after the latest iteration."""
         scheduler = self.engine.scheduler
-        waiting = sum(adoption.request.num_outstanding_tokens for adoption in self._adoptions)  # held back
         load = EngineLoad(len(scheduler.running), len(scheduler.waiting), scheduler.kv.usage,
-                          scheduler.num_outstanding_tokens + waiting)
+                          scheduler.num_outstanding_tokens + self._adoptions.num_outstanding_tokens)
         return load, QueueState(scheduler.snapshot(), self.num_taken)
 
     def take_update(self) -> EngineUpdate:
@@ -109,7 +106,7 @@ class EngineLoop:
                 self._add(request)
         elif isinstance(command, Adopt):
             self.num_taken += 1
-            self._adoptions.append(command)
+            self._adoptions.add(command.request, command.payload)
             self._adopt_waiting()
         elif isinstance(command, Abort):
             for request_id in command.request_ids:
@@ -125,25 +122,15 @@ class EngineLoop:
             self._requests[request.request_id] = request
 
     def _adopt_waiting(self) -> None:
-        """Take over waiting hand-overs, in arrival order, while there is room; one that cannot fit even in an
-        idle engine, or whose payload does not import, fails alone."""
-        while self._adoptions:
-            request, payload = self._adoptions[0].request, self._adoptions[0].payload
-            if not self.engine.scheduler.has_room_for(request) and self.engine.has_unfinished:
-                return  # room comes back as running requests end
-            self._adoptions.popleft()
-            try:
-                self.engine.adopt(request, payload)
-            except Exception as error:  # noqa: BLE001  (too big, or a bad payload: this request's failure alone)
+        for request, error in self._adoptions.take(self.engine):
+            if error is None:
+                self._requests[request.request_id] = request
+            else:
                 logger.warning("request %s could not be adopted: %s", request.request_id, error)
                 self._fail([request.request_id], f"the decode engine could not take the request over: {error}")
-            else:
-                self._requests[request.request_id] = request
 
     def _abort(self, request_id: str) -> None:
-        waiting = [a for a in self._adoptions if a.request.request_id == request_id]
-        for adoption in waiting:  # never started here: its stream ends with an error, like a failed hand-over
-            self._adoptions.remove(adoption)
+        if self._adoptions.remove(request_id):  # never started here: its stream ends with an error, as a failed hand-over
             self._fail([request_id], "aborted while waiting to be taken over")
         output = self.engine.abort(request_id)
         self._finished(request_id)

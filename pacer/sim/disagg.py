@@ -1,17 +1,13 @@
 """Prefill/decode disaggregation (DistServe, OSDI'24) in the simulator: a pool of replicas that only prefill, a pool
-that only decodes, and the prompt's KV moved between them. Both pools run the real Engine and Scheduler, through
-the engine's own hand-over: a prefill replica serves each request with max_tokens=1 and `export_kv` (its first
-token is the prefill's; the engine keeps the prompt's KV as a payload when the request ends, and frees its blocks),
-and a decode replica takes the request with `Engine.adopt`, which allocates its blocks and imports the payload. The
-decode replica is chosen when the prompt is done, and only the blocks it is not believed to hold in its prefix cache
-move (a later turn of a conversation it decoded moves its new tokens only).
+that only decodes, and the prompt's KV moved between them. Both pools run the real Engine and Scheduler, and the
+hand-over is the Ray front end's: the same decisions (scheduling/handover.py: what a prefill replica is sent, which
+decode replica continues, which blocks move) and the same wait for room on that replica (engine/adoptions.py).
 
-KV accounting: the prefill replica keeps the prompt's KV in its blocks from the first token until a decode replica
-adopts the request (the transfer, then any wait for a decode replica with room), and the decode replica allocates
-its blocks at adoption; never both at once. While a prefilled request waits for a decode replica with room, the
-prefill pool pauses (the simulator's backpressure): a first token the decode pool cannot continue would otherwise
-be followed by a stall that a request's P99 or mean gap hides when its output is long, so the wait is moved before
-the first token, where the TTFT SLO judges it.
+What only the simulator models: the transfer's time (`KVTransfer`), and backpressure. The prefill replica keeps the
+prompt's KV in its blocks from the first token until the decode replica adopts the request, and while any prefilled
+request waits for room, the prefill pool pauses: a first token the decode pool cannot continue would otherwise be
+followed by a stall that a request's P99 or mean gap hides when its output is long, so the wait is moved before the
+first token, where the TTFT SLO judges it.
 """
 
 from __future__ import annotations

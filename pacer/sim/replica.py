@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pacer.engine.adoptions import Adoptions
 from pacer.engine.engine import Engine
 from pacer.request import Request, RequestOutput
-from pacer.scheduling import ModelOutput, SchedulerOutput
+from pacer.scheduling import ModelOutput, Scheduler, SchedulerOutput
 from pacer.scheduling.admission import QueueTimes
 from pacer.scheduling.router import PrefixIndex, with_hit
 
@@ -26,6 +27,7 @@ class SimReplica:
         self.engine = engine
         # what the front end believes its prefix cache holds, as the real ones do
         self.sent = PrefixIndex.of_tokens(engine.scheduler.kv.prefix_cache_tokens)
+        self.adoptions = Adoptions()  # hand-overs waiting for room here (a decode replica)
         self.busy = False  # an iteration is running, or planned for now
         self.num_iterations = 0
         self._outstanding: int | None = None
@@ -39,8 +41,16 @@ class SimReplica:
         self.sent.add(PrefixIndex.prompt_keys(request))
         self.engine.add_request(request)
 
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.engine.scheduler
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished
+
     def adopt(self, request: Request, payload: object) -> None:
-        """A request prefilled elsewhere (`Engine.adopt`); the caller checks `Scheduler.has_room_for` first."""
+        """A request prefilled elsewhere (`Engine.adopt`), taken from `adoptions` when there is room."""
         self._changed()
         self.sent.add(PrefixIndex.prompt_keys(request))
         self.engine.adopt(request, payload)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -74,15 +73,6 @@ class _Held:
     blocks: list[int]
 
 
-@dataclass(frozen=True)
-class _Handoff:
-    """A prefilled request whose KV has reached the decode pool, waiting for a decode replica with room."""
-
-    request: Request
-    payload: object
-    held: _Held
-
-
 class Simulator:
     """Runs a workload through one or more engine replicas behind a router, in virtual time.
 
@@ -105,8 +95,8 @@ class Simulator:
         self.router = router or RoundRobinRouter()
         self.decode = decode
         self._in_transfer: set[str] = set()  # prefilled, their first token out, their KV on its way
-        self._parked: deque[_Handoff] = deque()  # arrived, waiting for room on a decode replica
-        self._paused: list[SimReplica] = []  # prefill replicas with work, held back while a hand-over is parked
+        self._held: dict[str, _Held] = {}  # by request id: arrived at a decode replica, waiting for room there
+        self._paused: list[SimReplica] = []  # prefill replicas with work, held back while a hand-over waits
         self._events: list[tuple[float, int, int, object]] = []
         self._order = itertools.count()
         self._records: dict[int, RequestRecord] = {}
@@ -208,8 +198,8 @@ class Simulator:
         outputs = replica.end_step(plan, result)
         if self.decode is not None:
             self._send_kv(replica)
-            if self._parked and replica in self.decode.replicas:  # it may have freed room
-                self._adopt_parked(replica)
+            if len(replica.adoptions):  # a decode replica: it may have freed room
+                self._adopt_waiting(replica)
         self._emit(outputs)
         replica.busy = False
         if replica.engine.has_unfinished:
@@ -234,38 +224,37 @@ class Simulator:
                        (prefilled, payload, held, target))
 
     def _handoff(self, prefilled: Request, payload: object, held: _Held, target: SimReplica) -> None:
-        """The KV has arrived: a decode replica adopts the request, or it waits behind those already waiting."""
+        """The KV has arrived: the decode replica adopts the request, or it waits there behind those already waiting
+        (`Adoptions`, as a real decode replica's engine loop holds them)."""
         assert self.decode is not None
         sampling = _sampling(self._by_id[prefilled.request_id].max_tokens)
         request = decode_request(prefilled, sampling, prefilled.token_ids[-1:])
         self._live[request.request_id] = request
         self._in_transfer.discard(request.request_id)
-        self._parked.append(_Handoff(request, payload, held))
-        if len(self._parked) == 1:  # none waiting before it: the chosen replica, else any with room
-            for replica in [target, *(r for r in self.decode.replicas if r is not target)]:
-                self._adopt_parked(replica)
-                if not self._parked:
-                    break
+        self._held[request.request_id] = held
+        target.adoptions.add(request, payload)
+        self._adopt_waiting(target)
 
-    def _adopt_parked(self, replica: SimReplica) -> None:
-        while self._parked:
-            handoff = self._parked[0]
-            if not replica.engine.scheduler.has_room_for(handoff.request):
-                return  # no room (KV blocks or batch slots) until one of its requests ends
-            replica.adopt(handoff.request, handoff.payload)
-            self._parked.popleft()
-            self._wake(replica)
-            handoff.held.replica.release_kv(handoff.held.blocks)
-            if handoff.held.replica.engine.has_unfinished:  # it may have been waiting for those blocks
-                self._wake(handoff.held.replica)
-        paused, self._paused = self._paused, []
-        for prefill in paused:  # none parked any more: the prefill pool goes on
-            self._wake(prefill)
+    def _adopt_waiting(self, replica: SimReplica) -> None:
+        for request, error in replica.adoptions.take(replica):
+            held = self._held.pop(request.request_id)
+            if error is None:
+                self._wake(replica)
+            else:  # it can never fit there: the client sees a failed stream after its first token
+                self._live.pop(request.request_id)
+                self._ended(self._by_id[request.request_id], "failed", "http_5xx", f"hand-over failed: {error}")
+            held.replica.release_kv(held.blocks)
+            if held.replica.engine.has_unfinished:  # it may have been waiting for those blocks
+                self._wake(held.replica)
+        if not self._held:  # none waiting: the prefill pool goes on
+            paused, self._paused = self._paused, []
+            for prefill in paused:
+                self._wake(prefill)
 
     def _held_back(self, replica: SimReplica) -> bool:
         """Backpressure: a prefill replica waits while a prefilled request waits for room in the decode pool, rather
         than produce first tokens the decode pool cannot continue."""
-        if not self._parked or replica.busy or replica in self.decode.replicas:
+        if not self._held or replica.busy or replica in self.decode.replicas:
             return False
         if replica not in self._paused:
             self._paused.append(replica)
