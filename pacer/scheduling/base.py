@@ -79,7 +79,8 @@ class SchedulerOutput:
 
     def samples(self, request: Request) -> bool:
         """Does this iteration reach the request's last token, so that a new token is sampled?"""
-        return request.num_computed_tokens + self.num_scheduled_tokens[request.request_id] == request.num_tokens
+        # len(token_ids), not the num_tokens property: executors ask this of every request of every plan
+        return request.num_computed_tokens + self.num_scheduled_tokens[request.request_id] == len(request.token_ids)
 
 
 @dataclass
