@@ -23,7 +23,7 @@ from itertools import chain
 from pacer.config import SchedulerConfig
 from pacer.latency.model import BatchShape, largest_chunk
 from pacer.request import FinishReason, Request, RequestStatus
-from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot, queue_key, tokens_to_go
+from pacer.scheduling.admission import MIN_CHUNK, QueuedPrompt, QueueSnapshot, queue_key, tokens_to_go
 from pacer.scheduling.base import ModelOutput, Scheduler, SchedulerOutput
 from pacer.scheduling.registry import register
 
@@ -125,11 +125,11 @@ class SloScheduler(Scheduler):
             to_go = tokens_to_go(request, self.max_request_tokens)
             if request.status is RequestStatus.WAITING:  # it will start with its cached prefix
                 cached = request.num_cached_tokens
-                queue.append((request.slo.priority, request.ttft_deadline_s, request.num_uncomputed_tokens - cached,
-                              cached, to_go))
+                queue.append(QueuedPrompt(request.slo.priority, request.ttft_deadline_s,
+                                          request.num_uncomputed_tokens - cached, cached, to_go))
             elif request.is_prefilling:
-                queue.append((request.slo.priority, request.ttft_deadline_s, request.num_uncomputed_tokens,
-                              request.num_computed_tokens, to_go))
+                queue.append(QueuedPrompt(request.slo.priority, request.ttft_deadline_s, request.num_uncomputed_tokens,
+                                          request.num_computed_tokens, to_go))
             else:
                 decodes.append((request.num_tokens, to_go))
                 if request.slo.tpot_s is not None:
