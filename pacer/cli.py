@@ -29,7 +29,7 @@ from pacer.scheduling import SCHEDULERS
 from pacer.scheduling.router import ROUTERS
 
 if TYPE_CHECKING:
-    from pacer.bench.metrics import SLO
+    from pacer.bench.metrics import SLOTargets
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -208,14 +208,14 @@ def _sim_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, SchedulerConfig, choices={"scheduler": sorted(SCHEDULERS)}, skip=("max_model_len",))
 
 
-def _slo(args: argparse.Namespace) -> SLO:
-    from pacer.bench.metrics import SLO, parse_slo_classes
+def _slo(args: argparse.Namespace) -> SLOTargets:
+    from pacer.bench.metrics import SLOTargets, parse_slo_classes
 
     if args.slo_tpot_ms is not None and args.slo_tbt_ms is not None:
         raise ValueError("a run is judged by one decode SLO: --slo-tpot-ms (the mean gap) or --slo-tbt-ms (the p99 "
                          "gap), not both")
     tpot = args.slo_tpot_ms is not None
-    return SLO(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tpot_ms if tpot else args.slo_tbt_ms),
+    return SLOTargets(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tpot_ms if tpot else args.slo_tbt_ms),
                tbt_stat="mean" if tpot else "p99", classes=parse_slo_classes(args.slo_classes))
 
 

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pacer.bench.metrics import SLO, Summary
+from pacer.bench.metrics import SLOTargets, Summary
 
 CONDITIONS = ("sarathi", "distserve")
 MAX_SCHEDULING_DELAY_S = 2.0  # Sarathi-Serve's median scheduling-delay bound
@@ -40,7 +40,7 @@ class CapacityResult:
         return sorted((t.rate, t.summary.goodput, t.summary.slo_attainment) for t in self.trials)
 
 
-def meets(summary: Summary, condition: str, slo: SLO) -> bool:
+def meets(summary: Summary, condition: str, slo: SLOTargets) -> bool:
     """Does one trial's summary satisfy the capacity condition?"""
     if condition == "sarathi":
         if slo.tbt_s is None:
@@ -59,7 +59,7 @@ def meets(summary: Summary, condition: str, slo: SLO) -> bool:
     raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {condition!r}")
 
 
-def search_capacity(trial: Callable[[float], Summary], condition: str, slo: SLO, low: float, high: float,
+def search_capacity(trial: Callable[[float], Summary], condition: str, slo: SLOTargets, low: float, high: float,
                     tolerance: float = 0.05, max_trials: int = 12,
                     on_trial: Callable[[Trial], None] | None = None) -> CapacityResult:
     """Binary search on the rate between `low` and `high` (doubling `high` while it still meets).

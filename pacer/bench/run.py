@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from pacer.bench.capacity import CapacityResult, Trial, search_capacity
 from pacer.bench.client import ClientConfig, LoadClient, run_loop
-from pacer.bench.metrics import SLO, RequestRecord, Summary, meets_slo, records_json, request_metrics, summarize
+from pacer.bench.metrics import RequestRecord, SLOTargets, Summary, meets_slo, records_json, request_metrics, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
 from pacer.bench.servers import server_process
 from pacer.bench.workload import BenchRequest, TokenizerLike, WorkloadConfig, build_workload
@@ -25,7 +25,7 @@ from pacer.heap import freeze_startup_heap
 from pacer.model.weights import load_tokenizer, resolve_model_path
 
 
-def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
+def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLOTargets, tokenizer_model: str | None,
               out: Path | None, plots_dir: Path | None = None) -> Summary:
     """Build the workload with the target model's tokenizer, run it, print and save the report."""
     tokenizer = load_tokenizer(resolve_model_path(tokenizer_model))
@@ -42,7 +42,7 @@ def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenize
     return summary
 
 
-def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
+def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLOTargets, tokenizer_model: str | None,
                  out: Path | None, condition: str, low: float, high: float, tolerance: float,
                  max_trials: int, plots_dir: Path | None = None) -> CapacityResult:
     """Binary-search the arrival rate (capacity.py), one full workload run per trial."""
@@ -69,7 +69,7 @@ def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, token
     return result
 
 
-def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
+def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLOTargets, tokenizer_model: str | None,
                 out: Path | None, configs: dict[str, list[str]], plots_dir: Path | None = None) -> dict[str, Summary]:
     """Start each server command in turn (`pacer_command` for pacer's own; any OpenAI-compatible server with
     `{port}` in its command), send it the identical workload, stop it; report side by side."""
@@ -136,7 +136,7 @@ class WorkloadRun:
 
 
 def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client: ClientConfig,
-                 slo: SLO, tokenizer: TokenizerLike | None = None) -> WorkloadRun:
+                 slo: SLOTargets, tokenizer: TokenizerLike | None = None) -> WorkloadRun:
     """Send `requests` (open loop, or closed loop for arrival=concurrency) with a live progress bar:
     requests ended by outcome and the goodput so far (good requests / time elapsed). The tokenizer counts the
     tokens of a chunk that comes without usage."""

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pacer.bench.capacity import CapacityResult, search_capacity
-from pacer.bench.metrics import SLO, RequestRecord, Summary, records_json, summarize
+from pacer.bench.metrics import RequestRecord, SLOTargets, Summary, records_json, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
 from pacer.bench.run import _offered_rate, _said, _save, _title, format_compare, format_summary, format_trial
 from pacer.bench.workload import WorkloadConfig, conversation_turns, request_timings, shared_prefixes
@@ -17,7 +17,7 @@ from pacer.config import SchedulerConfig
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
 from pacer.kv import KVCacheManager
-from pacer.request import SLO as RequestSLO
+from pacer.request import SLO
 from pacer.scheduling import scheduler_class
 from pacer.scheduling.router import ROUTERS, router_class
 from pacer.sim.disagg import DecodePool, KVTransfer
@@ -114,11 +114,11 @@ def build_simulator(sim: SimConfig, scheduler: SchedulerConfig, max_model_len: i
                      DecodePool(engines[sim.prefill_replicas:], transfer))
 
 
-def sim_requests(workload: WorkloadConfig, slo: SLO, send_ttft_slo: bool = True) -> list[SimRequest]:
+def sim_requests(workload: WorkloadConfig, slo: SLOTargets, send_ttft_slo: bool = True) -> list[SimRequest]:
     """The bench workload's requests (same seed, same times and lengths), carrying the run's SLO as `pacer bench`
     sends it (less its TTFT part unless `send_ttft_slo`)."""
     slos = {None: slo} | {c.name: slo.of(c.name) for c in slo.classes}
-    request_slos = {name: RequestSLO(ttft_s=s.ttft_s if send_ttft_slo else None,
+    request_slos = {name: SLO(ttft_s=s.ttft_s if send_ttft_slo else None,
                                      tbt_s=s.tbt_s if s.tbt_stat == "p99" else None,
                                      tpot_s=s.tbt_s if s.tbt_stat == "mean" else None)
                     for name, s in slos.items()}
@@ -135,7 +135,7 @@ class SimRun:
     wall_s: float
     num_iterations: int
 
-    def summary(self, slo: SLO) -> Summary:
+    def summary(self, slo: SLOTargets) -> Summary:
         return summarize(self.records, slo, self.duration_s, self.offered_rate)
 
     def info(self) -> dict[str, object]:
@@ -148,7 +148,7 @@ class SimRun:
                 f"{self.num_iterations} iterations")
 
 
-def simulate(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLO) -> SimRun:
+def simulate(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLOTargets) -> SimRun:
     requests = sim_requests(workload, slo, sim.send_ttft_slo)
     simulator = build_simulator(sim, scheduler, workload.max_model_len, workload.seed)
     start = time.perf_counter()
@@ -160,7 +160,7 @@ def simulate(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfi
     return SimRun(records, duration, offered, wall, sum(r.num_iterations for r in simulator.all_replicas))
 
 
-def run_sim(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLO, out: Path | None,
+def run_sim(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLOTargets, out: Path | None,
             plots_dir: Path | None = None) -> Summary:
     run = simulate(workload, sim, scheduler, slo)
     summary = run.summary(slo)
@@ -174,7 +174,7 @@ def run_sim(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig
     return summary
 
 
-def run_sim_capacity(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLO,
+def run_sim_capacity(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLOTargets,
                      out: Path | None, condition: str, low: float, high: float, tolerance: float, max_trials: int,
                      plots_dir: Path | None = None) -> CapacityResult:
     if workload.arrival not in ("poisson", "gamma"):
@@ -198,7 +198,7 @@ def run_sim_capacity(workload: WorkloadConfig, sim: SimConfig, scheduler: Schedu
     return result
 
 
-def run_sim_compare(workload: WorkloadConfig, configs: dict[str, tuple[SimConfig, SchedulerConfig]], slo: SLO,
+def run_sim_compare(workload: WorkloadConfig, configs: dict[str, tuple[SimConfig, SchedulerConfig]], slo: SLOTargets,
                     out: Path | None, plots_dir: Path | None = None) -> dict[str, Summary]:
     """Each named configuration on the identical workload, side by side (as `pacer bench compare`)."""
     runs = {}

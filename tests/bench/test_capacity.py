@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pacer.bench.capacity import meets, search_capacity
-from pacer.bench.metrics import SLO, RequestRecord, summarize
+from pacer.bench.metrics import RequestRecord, SLOTargets, summarize
 
-SLO_ = SLO(ttft_s=1.0, tbt_s=0.1)
+SLO_ = SLOTargets(ttft_s=1.0, tbt_s=0.1)
 
 
 def stub_trial(capacity: float, calls: list[float] | None = None):
@@ -51,7 +51,7 @@ def test_the_trial_budget_is_respected():
 def test_conditions_need_their_slos_and_a_known_name():
     summary = stub_trial(1.0)(0.5)
     with pytest.raises(ValueError, match="TBT SLO"):
-        meets(summary, "sarathi", SLO(ttft_s=1.0))
+        meets(summary, "sarathi", SLOTargets(ttft_s=1.0))
     with pytest.raises(ValueError, match="condition must be"):
         meets(summary, "best", SLO_)
     with pytest.raises(ValueError, match="low < high"):
