@@ -11,7 +11,15 @@ from pathlib import Path
 from pacer.bench.capacity import CapacityResult, search_capacity
 from pacer.bench.metrics import RequestRecord, SLOTargets, Summary, records_json, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
-from pacer.bench.run import _offered_rate, _said, _save, _title, format_compare, format_summary, format_trial
+from pacer.bench.report import (
+    format_compare,
+    format_summary,
+    format_trial,
+    offered_rate,
+    print_plot_paths,
+    save_report,
+    workload_title,
+)
 from pacer.bench.workload import WorkloadConfig, conversation_turns, request_timings, shared_prefixes
 from pacer.config import SchedulerConfig
 from pacer.engine.detokenizer import Detokenizer
@@ -156,7 +164,7 @@ def simulate(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfi
     records = simulator.run(requests, workload.concurrency if closed_loop else None)
     wall = time.perf_counter() - start
     duration = max((r.finished_s for r in records if r.finished_s is not None), default=0.0)
-    offered = None if closed_loop else _offered_rate(requests)
+    offered = None if closed_loop else offered_rate(requests)
     return SimRun(records, duration, offered, wall, sum(r.num_iterations for r in simulator.all_replicas))
 
 
@@ -167,10 +175,10 @@ def run_sim(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig
     print(format_summary(summary))
     print(run.speed())
     if out is not None:
-        _save(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler) | run.info(), "slo": asdict(slo),
-                    "summary": summary.to_json(), "requests": records_json(run.records)})
+        save_report(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler) | run.info(),
+                          "slo": asdict(slo), "summary": summary.to_json(), "requests": records_json(run.records)})
     if plots_dir is not None:
-        _said(plot_run(run.records, slo, plots_dir, title=f"sim: {_title(workload)}"))
+        print_plot_paths(plot_run(run.records, slo, plots_dir, title=f"sim: {workload_title(workload)}"))
     return summary
 
 
@@ -188,13 +196,13 @@ def run_sim_capacity(workload: WorkloadConfig, sim: SimConfig, scheduler: Schedu
     result = search_capacity(trial, condition, slo, low, high, tolerance, max_trials,
                              on_trial=lambda t: print(format_trial(t, condition)))
     print(f"capacity ({condition}): {result.capacity:.4g} req/s after {len(result.trials)} trials")
-    _save(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler), "slo": asdict(slo),
-                "condition": condition, "capacity": result.capacity, "curve": result.curve(),
-                "trials": [{"rate": t.rate, "met": t.met, "summary": t.summary.to_json()} | runs[t.rate].info()
-                           for t in result.trials]})
+    save_report(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler), "slo": asdict(slo),
+                      "condition": condition, "capacity": result.capacity, "curve": result.curve(),
+                      "trials": [{"rate": t.rate, "met": t.met, "summary": t.summary.to_json()} | runs[t.rate].info()
+                                 for t in result.trials]})
     if plots_dir is not None:
-        _said([plot_capacity({scheduler.scheduler: result.curve()}, plots_dir / "capacity.png",
-                             title=f"sim capacity ({condition}): {result.capacity:.3g} req/s")])
+        print_plot_paths([plot_capacity({scheduler.scheduler: result.curve()}, plots_dir / "capacity.png",
+                                        title=f"sim capacity ({condition}): {result.capacity:.3g} req/s")])
     return result
 
 
@@ -207,13 +215,13 @@ def run_sim_compare(workload: WorkloadConfig, configs: dict[str, tuple[SimConfig
         print(f"{name}: {runs[name].speed()}")
     summaries = {name: run.summary(slo) for name, run in runs.items()}
     print(format_compare(summaries))
-    _save(out, {"workload": asdict(workload), "slo": asdict(slo),
-                "configs": {name: _sim_json(*config) for name, config in configs.items()},
-                "runs": {name: {"sim": run.info(), "summary": summaries[name].to_json(),
-                                "requests": records_json(run.records)} for name, run in runs.items()}})
+    save_report(out, {"workload": asdict(workload), "slo": asdict(slo),
+                      "configs": {name: _sim_json(*config) for name, config in configs.items()},
+                      "runs": {name: {"sim": run.info(), "summary": summaries[name].to_json(),
+                                      "requests": records_json(run.records)} for name, run in runs.items()}})
     if plots_dir is not None:
-        _said(plot_compare({name: run.records for name, run in runs.items()}, slo, plots_dir,
-                           title=f"sim: {_title(workload)}"))
+        print_plot_paths(plot_compare({name: run.records for name, run in runs.items()}, slo, plots_dir,
+                                      title=f"sim: {workload_title(workload)}"))
     return summaries
 
 
