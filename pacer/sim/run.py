@@ -21,7 +21,7 @@ from pacer.bench.report import (
     workload_title,
 )
 from pacer.bench.workload import WorkloadConfig, conversation_turns, request_timings, shared_prefixes
-from pacer.config import SchedulerConfig
+from pacer.config import ReplicasConfig, SchedulerConfig, router_field
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
 from pacer.kv import KVCacheManager
@@ -39,9 +39,13 @@ def _help(text: str, **extra: object) -> dict[str, object]:
 
 
 @dataclass(frozen=True)
-class SimConfig:
-    """What is simulated: the latency profile, the KV cache, the replicas and their router."""
+class SimConfig(ReplicasConfig):
+    """What is simulated: the replicas and their router (as `pacer serve` has them), the latency profile, the KV
+    cache."""
 
+    # round_robin, not serve's slo: the sim's default stays the policy-free baseline it has always had (its runs
+    # compare against it); `--router slo` simulates what `pacer serve` does by default
+    router: str = router_field("round_robin")
     profile: str | None = field(default=None, metadata=_help(
         "latency profile: a JSON written by `pacer profile`, Sarathi-Serve's A100 directory "
         "(benchmarks/data/profiles/sarathi-a100: Yi-34B, TP2) or a DistServe coefficient JSON "
@@ -53,16 +57,11 @@ class SimConfig:
     kv_blocks: int | None = field(default=None, metadata=_help(
         "KV blocks per replica (default: what the GPU profile leaves; required with a `pacer profile` JSON)"))
     block_size: int = field(default=16, metadata=_help("tokens per KV-cache block"))
-    replicas: int = field(default=1, metadata=_help("engine replicas behind the router"))
-    router: str = field(default="round_robin", metadata=_help("routing policy across replicas"))
     noise: float = field(default=0.0, metadata=_help(
         "coefficient of variation of each iteration's time around the prediction (0: exactly as predicted)"))
     residuals: str | None = field(default=None, metadata=_help(
         "real iterations measured against this profile (benchmarks/latency_error.py --out): each simulated "
         "iteration is scaled by their measured/predicted ratios in recorded order, per regime, from a seeded offset"))
-    prefill_replicas: int = field(default=0, metadata=_help(
-        "disaggregated serving (DistServe): this many of --replicas only prefill (each request's first token) and "
-        "hand its KV over to the others, which only decode; 0: every replica does both"))
     kv_transfer_gbps: float = field(default=100.0, metadata=_help(
         "with --prefill-replicas: Gbit/s from a prefill replica to a decode replica; a prompt's KV takes "
         "prompt tokens x the model's KV bytes per token / this"))
@@ -75,8 +74,7 @@ class SimConfig:
         "router achieves without admission control)"))
 
     def __post_init__(self) -> None:
-        if self.replicas < 1:
-            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        super().__post_init__()
         if self.kv_blocks is not None and self.kv_blocks < 1:
             raise ValueError(f"kv_blocks must be at least 1, got {self.kv_blocks}")
         if self.block_size < 1:
@@ -85,9 +83,6 @@ class SimConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.noise < 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
-        if not 0 <= self.prefill_replicas < self.replicas:
-            raise ValueError(f"prefill_replicas must be in [0, replicas), got {self.prefill_replicas} of "
-                             f"{self.replicas}: disaggregated serving needs at least one decode replica")
         if not self.kv_transfer_gbps > 0:
             raise ValueError(f"kv_transfer_gbps must be positive, got {self.kv_transfer_gbps}")
         router_class(self.router)
@@ -112,8 +107,8 @@ def build_simulator(sim: SimConfig, scheduler: SchedulerConfig, max_model_len: i
     for i in range(sim.replicas):
         kv = KVCacheManager(num_blocks, sim.block_size, sim.prefix_caching)
         limit = scheduler.max_model_len or max_model_len
-        engines.append(Engine(policy(scheduler, kv, limit, latency=latency.fresh()),
-                              SimExecutor(latency.fresh(), noise=sim.noise, seed=seed + i, residuals=residuals), Detokenizer(None),
+        executor = SimExecutor(latency.fresh(), noise=sim.noise, seed=seed + i, residuals=residuals)
+        engines.append(Engine(policy(scheduler, kv, limit, latency=latency.fresh()), executor, Detokenizer(None),
                               clock=clock))
     if not sim.prefill_replicas:
         return Simulator(engines, clock, router_class(sim.router)())
