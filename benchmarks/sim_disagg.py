@@ -58,7 +58,7 @@ def main() -> None:
             capacities = {}
             for name, sim in configs.items():
                 out = args.out / f"{mix.split()[0]}_{args.tbt_stat}{tbt_ms:g}_seqs{args.max_num_seqs}_{name}.json"
-                capacities[name] = run_sim_capacity(workload, sim, scheduler, slo, out, "distserve", 0.25, 8.0,
+                capacities[name] = run_sim_capacity(workload, sim, scheduler, slo, out, "attainment", 0.25, 8.0,
                                                     args.tolerance, 12).capacity
             results.append({"mix": mix, "tbt_ms": tbt_ms, "tbt_stat": args.tbt_stat, "capacity": capacities})
             print(json.dumps(results[-1]), flush=True)

@@ -67,7 +67,7 @@ def main() -> None:
     for mode in args.modes.split(","):
         sim = SimConfig(profile=PROFILE, send_ttft_slo=MODES[mode])
         capacity = run_sim_capacity(replace(base, num_requests=args.per_replica), sim, scheduler, slo,
-                                    args.out / f"capacity_{mode}.json", "distserve", 0.5, 4.0, 0.02, 12).capacity
+                                    args.out / f"capacity_{mode}.json", "attainment", 0.5, 4.0, 0.02, 12).capacity
         runs: dict[str, dict[str, list[dict[str, float]]]] = {}
         for n in [int(x) for x in args.replicas.split(",")]:
             seeds = args.large_seeds if n >= 128 else args.seeds

@@ -275,10 +275,12 @@ def _report_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def _capacity_flags(parser: argparse.ArgumentParser) -> None:
+    from pacer.bench.capacity import CONDITIONS
+
     search = parser.add_argument_group("capacity search")
-    search.add_argument("--condition", choices=("sarathi", "distserve"), default="distserve",
-                        help="sarathi: P99 TBT <= SLO and median scheduling delay <= 2 s; "
-                             "distserve: >= 90%% of requests meet both SLOs")
+    search.add_argument("--condition", choices=CONDITIONS, default="attainment",
+                        help="p99_tbt (Sarathi-Serve's): P99 TBT <= SLO and median scheduling delay <= 2 s; "
+                             "attainment (DistServe's): >= 90%% of requests meet both SLOs")
     search.add_argument("--min-rate", type=float, default=0.25, help="lowest rate tried (req/s)")
     search.add_argument("--max-rate", type=float, default=4.0, help="first upper rate (doubled while it still meets)")
     search.add_argument("--tolerance", type=float, default=0.05, help="stop when the bracket is this close (relative)")
