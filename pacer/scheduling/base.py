@@ -83,6 +83,14 @@ class SchedulerOutput:
         return request.num_computed_tokens + self.num_scheduled_tokens[request.request_id] == len(request.token_ids)
 
 
+@dataclass(frozen=True)
+class PlanContext:
+    """What the hooks know while one plan is built, made once per iteration by `begin_plan`: the time, and in a
+    policy's subclass whatever it decides once before it places any request (the `slo` policy's time limit)."""
+
+    now: float
+
+
 @dataclass
 class TokenLogprobs:
     """Log-probability of the sampled token and, if asked for, the top-k alternatives."""
@@ -108,7 +116,8 @@ class Scheduler:
     `max_num_seqs` requests. When KV runs out the newest running request is preempted by
     recompute: it frees its blocks and goes back to the head of the queue, outputs kept.
 
-    Policies override the hooks: `prefill_order`, `chunk_tokens`, `victim`, `prefill_first`.
+    Policies override the hooks: `begin_plan`, `prefill_order`, `chunk_tokens`, `victim`, `prefill_first`; the
+    hooks of one iteration share its `PlanContext`, not attributes of the scheduler.
     With a latency model, every plan carries its predicted time and `update` feeds the measured one
     back (the model corrects itself online).
     """
@@ -147,12 +156,17 @@ class Scheduler:
     def default_token_budget(cls, max_model_len: int) -> int:
         return 512 if cls.chunked_prefill else max(max_model_len, 2048)
 
-    def prefill_order(self, started: list[Request], waiting: Iterable[Request], now: float) -> Iterable[Request]:
+    def begin_plan(self, now: float) -> PlanContext:
+        """The context every hook of this iteration's plan receives."""
+        return PlanContext(now)
+
+    def prefill_order(self, started: list[Request], waiting: Iterable[Request],
+                      context: PlanContext) -> Iterable[Request]:
         """The order in which prompts get chunks: `started` ones (running, part of the prompt computed) and
         `waiting` ones. By default a started prompt finishes first, and waiting ones come first served."""
         return chain(started, waiting)
 
-    def chunk_tokens(self, request: Request, plan: SchedulerOutput, now: float) -> int:
+    def chunk_tokens(self, request: Request, plan: SchedulerOutput, context: PlanContext) -> int:
         """How many of the request's uncomputed tokens to run now, joining `plan` as it stands."""
         budget = self.token_budget - plan.total_num_scheduled_tokens
         remaining = request.num_uncomputed_tokens
@@ -240,30 +254,31 @@ class Scheduler:
     # ---- one iteration ------------------------------------------------------------------------
 
     def schedule(self, now: float) -> SchedulerOutput:
+        context = self.begin_plan(now)
         plan = SchedulerOutput()
         if self.prefill_first:
-            self._schedule_prompts(plan, now)
+            self._schedule_prompts(plan, context)
             if plan.is_empty:
-                self._schedule_decodes(plan, now)
+                self._schedule_decodes(plan, context)
         else:
-            self._schedule_decodes(plan, now)
-            self._schedule_prompts(plan, now)
+            self._schedule_decodes(plan, context)
+            self._schedule_prompts(plan, context)
         if not plan.is_empty:  # an empty plan is not executed: keep the ids for the next one
             plan.finished_ids, self._finished_ids = self._finished_ids, []
             if self.latency is not None:
                 plan.predicted_s = self.latency.predict(plan.shape)
         return plan
 
-    def _schedule_decodes(self, plan: SchedulerOutput, now: float) -> None:
+    def _schedule_decodes(self, plan: SchedulerOutput, context: PlanContext) -> None:
         """Running decodes first: they never wait for a prefill."""
         for request in [r for r in self.running if not r.is_prefilling]:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = self.chunk_tokens(request, plan, now)
+            n = self.chunk_tokens(request, plan, context)
             if n > 0 and self._reserve(request, n, plan):
                 plan.add(request, n)
 
-    def _schedule_prompts(self, plan: SchedulerOutput, now: float) -> None:
+    def _schedule_prompts(self, plan: SchedulerOutput, context: PlanContext) -> None:
         """Prompt chunks in policy order, over started prompts and waiting ones.
 
         A started prompt takes its chunk as a decode does (preempting if KV runs out). A waiting one is
@@ -276,14 +291,14 @@ class Scheduler:
         unvisited = {r.request_id for r in started}
         admitting = True
         admitted = []
-        for request in self.prefill_order(started, self.waiting, now):
+        for request in self.prefill_order(started, self.waiting, context):
             if request.request_id in unvisited:
                 unvisited.remove(request.request_id)
                 if request.status is RequestStatus.RUNNING:  # not preempted earlier in this loop
-                    n = self.chunk_tokens(request, plan, now)
+                    n = self.chunk_tokens(request, plan, context)
                     if n > 0 and self._reserve(request, n, plan):
                         plan.add(request, n)
-            elif admitting and self._admit(request, plan, now):
+            elif admitting and self._admit(request, plan, context):
                 admitted.append(request)
             elif not unvisited:
                 break
@@ -294,12 +309,12 @@ class Scheduler:
             # prompt's reservation was also queued again at the head; this removes that copy, leaving one.
             self.waiting.remove(request)
 
-    def _admit(self, request: Request, plan: SchedulerOutput, now: float) -> bool:
+    def _admit(self, request: Request, plan: SchedulerOutput, context: PlanContext) -> bool:
         """Start a waiting request with its first chunk, if it may go now."""
         if plan.preempted_ids or len(self.running) >= self.max_num_seqs:
             return False
         num_hit_tokens = self.kv.take_cached_prefix(request)  # a hit is n fewer tokens to prefill
-        n = self.chunk_tokens(request, plan, now)
+        n = self.chunk_tokens(request, plan, context)
         if n == 0 or not self.kv.can_allocate(request, n):
             self.kv.free(request)
             request.num_computed_tokens = 0
@@ -308,7 +323,7 @@ class Scheduler:
         self.running.append(request)
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_s is None:
-            request.first_scheduled_s = now
+            request.first_scheduled_s = context.now
             request.num_cached_tokens = num_hit_tokens
         plan.add(request, n)
         return True
