@@ -11,12 +11,9 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from pacer.scheduling.base import SchedulerOutput
 
 
 class BatchShape(NamedTuple):
@@ -47,13 +44,6 @@ class BatchShape(NamedTuple):
     def with_decode(self, context: int) -> BatchShape:
         return BatchShape(self.num_prefill_tokens, self.prefill_attention, self.prefill_context,
                           self.num_decodes + 1, self.decode_context + context)
-
-    @classmethod
-    def of(cls, plan: SchedulerOutput) -> BatchShape:
-        shape = cls()
-        for request in plan.requests:
-            shape = shape.with_chunk(plan.num_scheduled_tokens[request.request_id], request.num_computed_tokens)
-        return shape
 
 
 class LatencyModel(Protocol):

@@ -66,6 +66,13 @@ class SchedulerOutput:
         self._chunks = shape._replace(num_decodes=0, decode_context=0)
         self._num_decodes, self._decode_context = shape.num_decodes, shape.decode_context
 
+    def recount_shape(self) -> BatchShape:
+        """The batch shape summed afresh over the requests: what `shape` keeps as running sums."""
+        shape = BatchShape()
+        for request in self.requests:
+            shape = shape.with_chunk(self.num_scheduled_tokens[request.request_id], request.num_computed_tokens)
+        return shape
+
     def add(self, request: Request, n: int) -> None:
         """Give `request` n tokens in this iteration (after its `num_computed_tokens` cached ones)."""
         self.requests.append(request)
@@ -356,7 +363,7 @@ class Scheduler:
         if request.request_id in plan.num_scheduled_tokens:
             plan.requests.remove(request)
             plan.total_num_scheduled_tokens -= plan.num_scheduled_tokens.pop(request.request_id)
-            plan.shape = BatchShape.of(plan)  # rare: recount what is left
+            plan.shape = plan.recount_shape()  # rare: recount what is left
         plan.preempted_ids.append(request.request_id)
 
     # ---- after the executor -------------------------------------------------------------------
