@@ -100,7 +100,7 @@ def profile(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pacer.engine.builder import build_engine
-    from pacer.latency.profile import QUICK_GRID, ProfileGrid, default_profile_path, profile_engine
+    from pacer.engine.profile import QUICK_GRID, ProfileGrid, default_profile_path, profile_engine
 
     config = engine_config_from_args(args)
     # the profiled engine itself needs no latency model; any policy will do
