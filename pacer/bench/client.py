@@ -1,6 +1,6 @@
 """The load generator: sends a workload to an OpenAI-compatible server and records what it saw.
 
-One asyncio loop, aiohttp streaming (4x the request rate of httpx here; benchmarks/RESULTS.md), SSE
+One asyncio loop, aiohttp streaming (it sustained several times httpx's request rate: benchmarks/README.md), SSE
 parsed from raw reads. Open loop (Poisson, gamma, trace): each request is sent at its arrival time
 whatever happened to the others, so an overloaded server shows up as latency, not as a lower
 offered rate. Closed loop: `concurrency` workers each
