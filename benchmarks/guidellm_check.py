@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from pacer.bench.client import ClientConfig
-from pacer.bench.metrics import SLO, request_metrics
+from pacer.bench.metrics import SLOTargets, request_metrics
 from pacer.bench.run import metric_totals, run_workload
 from pacer.bench.servers import pacer_server
 from pacer.bench.workload import BenchRequest, WorkloadConfig, build_workload
@@ -80,7 +80,7 @@ def run_guidellm(binary: str, url: str, data: Path, hf_tokenizer: str, n: int, c
 
 
 def run_pacer_bench(requests: list[BenchRequest], config: WorkloadConfig, url: str, tokenizer) -> Latencies:
-    run = run_workload(requests, config, ClientConfig(base_url=url, send_slo=False), SLO(), tokenizer)
+    run = run_workload(requests, config, ClientConfig(base_url=url, send_slo=False), SLOTargets(), tokenizer)
     if any(r.status != "ok" for r in run.records):
         raise RuntimeError("pacer bench: a request failed")
     metrics = [request_metrics(r) for r in sorted(run.records, key=lambda r: r.sent_s)]

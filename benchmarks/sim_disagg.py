@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from pacer.bench.metrics import SLO
+from pacer.bench.metrics import SLOTargets
 from pacer.bench.workload import WorkloadConfig
 from pacer.config import SchedulerConfig
 from pacer.sim.run import SimConfig, run_sim_capacity
@@ -54,11 +54,11 @@ def main() -> None:
     for mix in args.mixes.split(","):
         workload = WorkloadConfig(num_requests=4 * args.per_replica, max_model_len=8192, **MIXES[mix])
         for tbt_ms in map(float, args.tbt_ms.split(",")):
-            slo = SLO(ttft_s=5.0, tbt_s=tbt_ms / 1e3, tbt_stat=args.tbt_stat)
+            slo = SLOTargets(ttft_s=5.0, tbt_s=tbt_ms / 1e3, tbt_stat=args.tbt_stat)
             capacities = {}
             for name, sim in configs.items():
                 out = args.out / f"{mix.split()[0]}_{args.tbt_stat}{tbt_ms:g}_seqs{args.max_num_seqs}_{name}.json"
-                capacities[name] = run_sim_capacity(workload, sim, scheduler, slo, out, "distserve", 0.25, 8.0,
+                capacities[name] = run_sim_capacity(workload, sim, scheduler, slo, out, "attainment", 0.25, 8.0,
                                                     args.tolerance, 12).capacity
             results.append({"mix": mix, "tbt_ms": tbt_ms, "tbt_stat": args.tbt_stat, "capacity": capacities})
             print(json.dumps(results[-1]), flush=True)

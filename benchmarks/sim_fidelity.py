@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pacer.bench.client import ClientConfig
-from pacer.bench.metrics import SLO, Summary
+from pacer.bench.metrics import SLOTargets, Summary
 from pacer.bench.run import run_compare
 from pacer.bench.servers import pacer_command
 from pacer.bench.workload import WorkloadConfig
@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--noise", type=float, default=0.1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/fidelity"))
     args = ap.parse_args()
-    slo = SLO(ttft_s=3.0, tbt_s=0.5)
+    slo = SLOTargets(ttft_s=3.0, tbt_s=0.5)
     base = WorkloadConfig(num_requests=args.num_requests, arrival="poisson", lengths="trace",
                           trace="../shared/data/traces/azure2023_conv.csv", length_scale=0.25, max_model_len=2048)
     policies = args.schedulers.split(",")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pacer.bench.metrics import SLO, meets_slo, parse_slo_classes, request_metrics
+from pacer.bench.metrics import SLOTargets, meets_slo, parse_slo_classes, request_metrics
 from pacer.bench.workload import WorkloadConfig
 from pacer.config import SchedulerConfig
 from pacer.scheduling.admission import QueueTimes, SLOUnattainable
@@ -63,7 +63,7 @@ def watching(seen: Seen, admit_refused: bool):
     return wrapped
 
 
-def run(workload: WorkloadConfig, sim: SimConfig, slo: SLO, admit_refused: bool):
+def run(workload: WorkloadConfig, sim: SimConfig, slo: SLOTargets, admit_refused: bool):
     seen = Seen({}, {}, set())
     simulator.dispatch = watching(seen, admit_refused)
     try:
@@ -88,7 +88,7 @@ def main() -> int:
     ap.add_argument("--slo-classes", default=None)
     args = ap.parse_args()
 
-    slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tbt_ms / 1e3, classes=parse_slo_classes(args.slo_classes))
+    slo = SLOTargets(args.slo_ttft_ms / 1e3, args.slo_tbt_ms / 1e3, classes=parse_slo_classes(args.slo_classes))
     sim = SimConfig(profile=args.profile, kv_blocks=args.kv_blocks, residuals=args.residuals)
     ratios, rows, costs = [], [], []
     for seed in range(args.seeds):
@@ -127,7 +127,7 @@ def main() -> int:
     return 0
 
 
-def _met(record, slo: SLO) -> bool:
+def _met(record, slo: SLOTargets) -> bool:
     """Both SLOs of the request's class, as the run's summary judges them."""
     return record.status == "ok" and all(meets_slo(request_metrics(record), slo.of(record.slo_class)))
 

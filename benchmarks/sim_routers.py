@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pacer.bench.metrics import SLO
+from pacer.bench.metrics import SLOTargets
 from pacer.bench.workload import WorkloadConfig
 from pacer.config import SchedulerConfig
 from pacer.sim.run import SimConfig, SimRun, run_sim_capacity, simulate
@@ -33,7 +33,7 @@ ROUTERS = ("round_robin", "least_tokens", "slo")
 MODES = {"promised": True, "routing": False}  # mode -> send_ttft_slo
 
 
-def row(run: SimRun, slo: SLO) -> dict[str, float]:
+def row(run: SimRun, slo: SLOTargets) -> dict[str, float]:
     """The figures of one run; chat TTFT is over the short prompts alone, which wait behind a document that lands
     on their replica."""
     summary = run.summary(slo)
@@ -60,14 +60,14 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     mix = f"{1 - args.documents:g}:{CHAT},{args.documents:g}:{DOCUMENTS}"
-    slo = SLO(ttft_s=args.ttft_ms / 1e3, tbt_s=0.2)
+    slo = SLOTargets(ttft_s=args.ttft_ms / 1e3, tbt_s=0.2)
     scheduler = SchedulerConfig(scheduler="slo", max_num_seqs=128)
     base = WorkloadConfig(lengths="mix", length_mix=mix, max_model_len=8192)
     results: dict[str, object] = {"length_mix": mix, "slo": asdict(slo), "load": args.load}
     for mode in args.modes.split(","):
         sim = SimConfig(profile=PROFILE, send_ttft_slo=MODES[mode])
         capacity = run_sim_capacity(replace(base, num_requests=args.per_replica), sim, scheduler, slo,
-                                    args.out / f"capacity_{mode}.json", "distserve", 0.5, 4.0, 0.02, 12).capacity
+                                    args.out / f"capacity_{mode}.json", "attainment", 0.5, 4.0, 0.02, 12).capacity
         runs: dict[str, dict[str, list[dict[str, float]]]] = {}
         for n in [int(x) for x in args.replicas.split(",")]:
             seeds = args.large_seeds if n >= 128 else args.seeds

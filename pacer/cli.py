@@ -29,7 +29,7 @@ from pacer.scheduling import SCHEDULERS
 from pacer.scheduling.router import ROUTERS
 
 if TYPE_CHECKING:
-    from pacer.bench.metrics import SLO
+    from pacer.bench.metrics import SLOTargets
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -100,7 +100,7 @@ def profile(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pacer.engine.builder import build_engine
-    from pacer.latency.profile import QUICK_GRID, ProfileGrid, default_profile_path, profile_engine
+    from pacer.engine.profile import QUICK_GRID, ProfileGrid, default_profile_path, profile_engine
 
     config = engine_config_from_args(args)
     # the profiled engine itself needs no latency model; any policy will do
@@ -208,14 +208,14 @@ def _sim_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, SchedulerConfig, choices={"scheduler": sorted(SCHEDULERS)}, skip=("max_model_len",))
 
 
-def _slo(args: argparse.Namespace) -> SLO:
-    from pacer.bench.metrics import SLO, parse_slo_classes
+def _slo(args: argparse.Namespace) -> SLOTargets:
+    from pacer.bench.metrics import SLOTargets, parse_slo_classes
 
     if args.slo_tpot_ms is not None and args.slo_tbt_ms is not None:
         raise ValueError("a run is judged by one decode SLO: --slo-tpot-ms (the mean gap) or --slo-tbt-ms (the p99 "
                          "gap), not both")
     tpot = args.slo_tpot_ms is not None
-    return SLO(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tpot_ms if tpot else args.slo_tbt_ms),
+    return SLOTargets(ttft_s=_seconds(args.slo_ttft_ms), tbt_s=_seconds(args.slo_tpot_ms if tpot else args.slo_tbt_ms),
                tbt_stat="mean" if tpot else "p99", classes=parse_slo_classes(args.slo_classes))
 
 
@@ -275,10 +275,12 @@ def _report_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def _capacity_flags(parser: argparse.ArgumentParser) -> None:
+    from pacer.bench.capacity import CONDITIONS
+
     search = parser.add_argument_group("capacity search")
-    search.add_argument("--condition", choices=("sarathi", "distserve"), default="distserve",
-                        help="sarathi: P99 TBT <= SLO and median scheduling delay <= 2 s; "
-                             "distserve: >= 90%% of requests meet both SLOs")
+    search.add_argument("--condition", choices=CONDITIONS, default="attainment",
+                        help="p99_tbt (Sarathi-Serve's): P99 TBT <= SLO and median scheduling delay <= 2 s; "
+                             "attainment (DistServe's): >= 90%% of requests meet both SLOs")
     search.add_argument("--min-rate", type=float, default=0.25, help="lowest rate tried (req/s)")
     search.add_argument("--max-rate", type=float, default=4.0, help="first upper rate (doubled while it still meets)")
     search.add_argument("--tolerance", type=float, default=0.05, help="stop when the bracket is this close (relative)")

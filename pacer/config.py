@@ -144,19 +144,21 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-@dataclass(frozen=True)
-class ClusterConfig:
-    replicas: int = field(default=1, metadata=_help(
-        "engine replicas; more than one runs them as Ray actors behind one front end and router"))
-    ray_address: str | None = field(default=None, metadata=_help(
-        "join this Ray cluster (e.g. ray://head:10001 or auto); `local` starts a private Ray runtime even for one "
-        "replica; default: a private one when --replicas > 1, no Ray otherwise"))
-    threads_per_replica: int | None = field(default=None, metadata=_help(
-        "CPU threads of each replica (default: --threads, else this machine's cores over the replicas)"))
-    router: str = field(default="slo", metadata=_help(
+def router_field(default: str) -> Any:
+    """The `router` field of ReplicasConfig, with its default: `pacer serve` and `pacer sim` differ only there."""
+    return field(default=default, metadata=_help(
         "routing policy: slo (of the replicas predicted to meet the request's TTFT SLO, the one with the fewest "
         "outstanding tokens; else the least predicted TTFT), least_tokens or round_robin"))
-    max_restarts: int = field(default=3, metadata=_help("times Ray restarts a replica that died"))
+
+
+@dataclass(frozen=True)
+class ReplicasConfig:
+    """Engine replicas behind one router, some of them prefill-only: what `pacer serve` (ClusterConfig) and
+    `pacer sim` (SimConfig) both run. Routers are checked by name where they are built (scheduling/router.py)."""
+
+    replicas: int = field(default=1, metadata=_help(
+        "engine replicas behind one router (`pacer serve` runs more than one as Ray actors behind one front end)"))
+    router: str = router_field("slo")
     prefill_replicas: int = field(default=0, metadata=_help(
         "disaggregated serving (DistServe): this many of the replicas only prefill, and hand each request's KV "
         "to one of the others, which only decode; 0: every replica does both"))
@@ -164,13 +166,28 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        if not 0 <= self.prefill_replicas < self.replicas:
+            raise ValueError(f"prefill_replicas must be in [0, replicas), got {self.prefill_replicas} of "
+                             f"{self.replicas}: disaggregated serving needs at least one decode replica")
+
+
+@dataclass(frozen=True)
+class ClusterConfig(ReplicasConfig):
+    """`pacer serve --replicas`: the replicas as Ray actors."""
+
+    ray_address: str | None = field(default=None, metadata=_help(
+        "join this Ray cluster (e.g. ray://head:10001 or auto); `local` starts a private Ray runtime even for one "
+        "replica; default: a private one when --replicas > 1, no Ray otherwise"))
+    threads_per_replica: int | None = field(default=None, metadata=_help(
+        "CPU threads of each replica (default: --threads, else this machine's cores over the replicas)"))
+    max_restarts: int = field(default=3, metadata=_help("times Ray restarts a replica that died"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.threads_per_replica is not None and self.threads_per_replica < 1:
             raise ValueError(f"threads_per_replica must be at least 1, got {self.threads_per_replica}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
-        if not 0 <= self.prefill_replicas < self.replicas:
-            raise ValueError(f"prefill_replicas must be in [0, replicas), got {self.prefill_replicas} of "
-                             f"{self.replicas}: disaggregated serving needs at least one decode replica")
 
     @property
     def on_ray(self) -> bool:

@@ -155,10 +155,6 @@ class Request:
         return self.num_uncomputed_tokens > 1
 
     @property
-    def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
-
-    @property
     def ttft_deadline_s(self) -> float:
         if self.slo.ttft_s is None or self.arrival_s is None:
             return math.inf

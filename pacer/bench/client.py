@@ -1,6 +1,6 @@
 """The load generator: sends a workload to an OpenAI-compatible server and records what it saw.
 
-One asyncio loop, aiohttp streaming (4x the request rate of httpx here; benchmarks/RESULTS.md), SSE
+One asyncio loop, aiohttp streaming (it sustained several times httpx's request rate: benchmarks/README.md), SSE
 parsed from raw reads. Open loop (Poisson, gamma, trace): each request is sent at its arrival time
 whatever happened to the others, so an overloaded server shows up as latency, not as a lower
 offered rate. Closed loop: `concurrency` workers each
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from pacer.bench.metrics import SLO, RequestRecord
+from pacer.bench.metrics import RequestRecord, SLOTargets
 from pacer.bench.workload import BenchRequest
 
 
@@ -57,7 +57,7 @@ class LoadClient:
     """Runs one workload; `records` fills in as requests end (the progress callback sees each)."""
 
     def __init__(self, config: ClientConfig, on_record: Callable[[RequestRecord], None] | None = None,
-                 slo: SLO | None = None, count_tokens: Callable[[str], int] | None = None) -> None:
+                 slo: SLOTargets | None = None, count_tokens: Callable[[str], int] | None = None) -> None:
         """count_tokens(text): the tokens in a chunk's text, for servers that send no usage with each chunk
         (without it such a chunk counts as one token)."""
         self.config = config
@@ -260,7 +260,7 @@ def _conversations(requests: list[BenchRequest]) -> list[list[BenchRequest]]:
     return conversations
 
 
-def _slo_headers(slo: SLO) -> dict[str, str]:
+def _slo_headers(slo: SLOTargets) -> dict[str, str]:
     """The SLO as pacer reads it from a request (other servers ignore the headers): a run judged on the mean gap
     promises a TPOT, one judged on the p99 gap a TBT."""
     decode = "x-slo-tpot-ms" if slo.tbt_stat == "mean" else "x-slo-tbt-ms"

@@ -82,9 +82,10 @@ def parse_slo_classes(text: str | None) -> tuple[SLOClass, ...]:
 
 
 @dataclass(frozen=True)
-class SLO:
-    """The latency promised to every request of a run; None means no promise on that metric. With `classes`,
-    a request of a class is promised that class's SLO instead (`of`).
+class SLOTargets:
+    """The latency promised to every request of a run, which its report judges each request against (what a request
+    itself carries is `pacer.request.SLO`); None means no promise on that metric. With `classes`, a request of a
+    class is promised that class's SLO instead (`of`).
 
     A request meets TBT if its P99 gap (`tbt_stat="p99"`) or its mean gap (`"mean"`, which is its TPOT) is
     <= tbt_s.
@@ -99,15 +100,15 @@ class SLO:
         for name in ("ttft_s", "tbt_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ValueError(f"SLO.{name} must be > 0 or None, got {value!r}")
+                raise ValueError(f"SLOTargets.{name} must be > 0 or None, got {value!r}")
         if self.tbt_stat not in TBT_STATS:
-            raise ValueError(f"SLO.tbt_stat must be one of {TBT_STATS}, got {self.tbt_stat!r}")
+            raise ValueError(f"SLOTargets.tbt_stat must be one of {TBT_STATS}, got {self.tbt_stat!r}")
 
-    def of(self, slo_class: str | None) -> SLO:
+    def of(self, slo_class: str | None) -> SLOTargets:
         """The SLO of a request of this class (the run's own for None or an unknown class)."""
         for c in self.classes:
             if c.name == slo_class:
-                return SLO(c.ttft_s, c.tbt_s, self.tbt_stat)
+                return SLOTargets(c.ttft_s, c.tbt_s, self.tbt_stat)
         return self
 
 
@@ -147,7 +148,7 @@ def request_metrics(record: RequestRecord) -> RequestMetrics:
     )
 
 
-def meets_slo(metrics: RequestMetrics, slo: SLO) -> tuple[bool, bool]:
+def meets_slo(metrics: RequestMetrics, slo: SLOTargets) -> tuple[bool, bool]:
     """(meets TTFT, meets TBT). A part the SLO leaves out is met; a request with no gaps meets TBT;
     a request with no first token does not meet a TTFT promise."""
     meets_ttft = slo.ttft_s is None or (metrics.ttft_s is not None and metrics.ttft_s <= slo.ttft_s)
@@ -157,7 +158,7 @@ def meets_slo(metrics: RequestMetrics, slo: SLO) -> tuple[bool, bool]:
     return meets_ttft, gap <= slo.tbt_s
 
 
-def fluidity_index(record: RequestRecord, slo: SLO, predicted_prefill_s: float = 0.0,
+def fluidity_index(record: RequestRecord, slo: SLOTargets, predicted_prefill_s: float = 0.0,
                    slack_s: float | None = None) -> float | None:
     """Etalon's fluidity-index (arXiv 2407.07000 §4; etalon/metrics/metric_utils.py): fraction of deadlines met.
 
@@ -224,7 +225,7 @@ class Summary:
     requests). Latency percentiles, throughputs and the fluidity-index cover the requests that completed ok.
     """
 
-    slo: SLO
+    slo: SLOTargets
     num_requests: int
     num_completed: int  # status "ok"
     num_rejected: int  # HTTP 429 or 503
@@ -266,7 +267,7 @@ GOODPUT_OPEN_LOOP = "requests meeting every SLO / all requests x offered rate (t
 GOODPUT_CLOSED_LOOP = "requests meeting every SLO / wall time of the run (closed loop)"
 
 
-def summarize(records: list[RequestRecord], slo: SLO, duration_s: float, offered_rate: float | None = None,
+def summarize(records: list[RequestRecord], slo: SLOTargets, duration_s: float, offered_rate: float | None = None,
               predict_prefill_s: Callable[[int], float] | None = None) -> Summary:
     """Fold a run's records into its Summary; predict_prefill_s(num_prompt_tokens) feeds the fluidity-index.
 
@@ -329,7 +330,7 @@ def summarize(records: list[RequestRecord], slo: SLO, duration_s: float, offered
 
 
 def _attainment_by_class(records: list[RequestRecord], ok: list[RequestRecord], verdicts: list[tuple[bool, bool]],
-                         slo: SLO) -> dict[str, float]:
+                         slo: SLOTargets) -> dict[str, float]:
     """Share of each class's requests (all of them, refused and failed included) that met the class's SLO."""
     good = Counter(r.slo_class for r, (ttft, tbt) in zip(ok, verdicts) if ttft and tbt)
     total = Counter(r.slo_class for r in records)

@@ -13,14 +13,14 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pacer.bench.metrics import SLO, RequestRecord, request_metrics
+from pacer.bench.metrics import RequestRecord, SLOTargets, request_metrics
 
 ATTAINMENT_BAR = 0.9  # DistServe's goodput is the highest rate with >= 90 % of requests within SLO
 NOT_OK_STYLE = {"rejected": ("x", "tab:red"), "failed": ("X", "black")}
 LOG_SPREAD = 10  # max / median above which a latency axis goes logarithmic, so stalls do not squash the body
 
 
-def plot_run(records: list[RequestRecord], slo: SLO, out_dir: Path, title: str = "") -> list[Path]:
+def plot_run(records: list[RequestRecord], slo: SLOTargets, out_dir: Path, title: str = "") -> list[Path]:
     """One run: ttft_cdf.png, tbt_cdf.png and latency_over_time.png in out_dir; returns the paths written."""
     run = {"": records}
     return [
@@ -30,7 +30,7 @@ def plot_run(records: list[RequestRecord], slo: SLO, out_dir: Path, title: str =
     ]
 
 
-def plot_compare(runs: dict[str, list[RequestRecord]], slo: SLO, out_dir: Path, title: str = "") -> list[Path]:
+def plot_compare(runs: dict[str, list[RequestRecord]], slo: SLOTargets, out_dir: Path, title: str = "") -> list[Path]:
     """Several runs of one workload (e.g. one per scheduler) overlaid: compare_ttft_cdf.png, compare_tbt_cdf.png."""
     return [
         _plot_cdfs(runs, "ttft", slo, out_dir / "compare_ttft_cdf.png", title),
@@ -66,7 +66,7 @@ def plot_capacity(curves: dict[str, list[tuple[float, float, float]]], out_path:
     return _save(fig, out_path, title)
 
 
-def _plot_cdfs(runs: dict[str, list[RequestRecord]], metric: str, slo: SLO, path: Path, title: str) -> Path:
+def _plot_cdfs(runs: dict[str, list[RequestRecord]], metric: str, slo: SLOTargets, path: Path, title: str) -> Path:
     """CDF of TTFT (one value per completed request) or TBT (every gap of every completed request, pooled,
     since P99 TBT is over all tokens: METRICS.md), one line per run."""
     fig = _figure(7, 4.8)
@@ -97,7 +97,7 @@ def _plot_cdfs(runs: dict[str, list[RequestRecord]], metric: str, slo: SLO, path
     return _save(fig, path, title)
 
 
-def _plot_over_time(records: list[RequestRecord], slo: SLO, path: Path, title: str) -> Path:
+def _plot_over_time(records: list[RequestRecord], slo: SLOTargets, path: Path, title: str) -> Path:
     """TTFT and max TBT of each request against its send time, so queue build-up and stalls show where they
     happened; rejected and failed requests are marked along the bottom at their send time."""
     fig = _figure(10, 4.8)

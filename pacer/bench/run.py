@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import shlex
 import tempfile
 import time
@@ -15,17 +13,26 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from pacer.bench.capacity import CapacityResult, Trial, search_capacity
+from pacer.bench.capacity import CapacityResult, search_capacity
 from pacer.bench.client import ClientConfig, LoadClient, run_loop
-from pacer.bench.metrics import SLO, RequestRecord, Summary, meets_slo, records_json, request_metrics, summarize
+from pacer.bench.metrics import RequestRecord, SLOTargets, Summary, meets_slo, records_json, request_metrics, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
+from pacer.bench.report import (
+    format_compare,
+    format_summary,
+    format_trial,
+    offered_rate,
+    print_plot_paths,
+    save_report,
+    workload_title,
+)
 from pacer.bench.servers import server_process
 from pacer.bench.workload import BenchRequest, TokenizerLike, WorkloadConfig, build_workload
 from pacer.heap import freeze_startup_heap
 from pacer.model.weights import load_tokenizer, resolve_model_path
 
 
-def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
+def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLOTargets, tokenizer_model: str | None,
               out: Path | None, plots_dir: Path | None = None) -> Summary:
     """Build the workload with the target model's tokenizer, run it, print and save the report."""
     tokenizer = load_tokenizer(resolve_model_path(tokenizer_model))
@@ -34,15 +41,15 @@ def run_bench(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenize
     print(format_summary(summary))
     if run.prefix_cache_hit_rate is not None:
         print(f"prefix cache hit rate (the server's /metrics): {run.prefix_cache_hit_rate:.1%}")
-    _save(out, {"workload": asdict(workload), "client": run.client_json, "slo": asdict(slo),
-                "summary": summary.to_json(), "prefix_cache_hit_rate": run.prefix_cache_hit_rate,
-                "requests": records_json(run.records)})
+    save_report(out, {"workload": asdict(workload), "client": run.client_json, "slo": asdict(slo),
+                      "summary": summary.to_json(), "prefix_cache_hit_rate": run.prefix_cache_hit_rate,
+                      "requests": records_json(run.records)})
     if plots_dir is not None:
-        _said(plot_run(run.records, slo, plots_dir, title=_title(workload)))
+        print_plot_paths(plot_run(run.records, slo, plots_dir, title=workload_title(workload)))
     return summary
 
 
-def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
+def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLOTargets, tokenizer_model: str | None,
                  out: Path | None, condition: str, low: float, high: float, tolerance: float,
                  max_trials: int, plots_dir: Path | None = None) -> CapacityResult:
     """Binary-search the arrival rate (capacity.py), one full workload run per trial."""
@@ -59,17 +66,17 @@ def run_capacity(workload: WorkloadConfig, client: ClientConfig, slo: SLO, token
     result = search_capacity(trial, condition, slo, low, high, tolerance, max_trials,
                              on_trial=lambda t: print(format_trial(t, condition)))
     print(f"capacity ({condition}): {result.capacity:.3g} req/s after {len(result.trials)} trials")
-    _save(out, {"workload": asdict(workload), "client": next(iter(runs.values())).client_json, "slo": asdict(slo),
-                "condition": condition, "capacity": result.capacity, "curve": result.curve(),
-                "trials": [{"rate": t.rate, "met": t.met, "summary": t.summary.to_json(),
-                            "requests": records_json(runs[t.rate].records)} for t in result.trials]})
+    save_report(out, {"workload": asdict(workload), "client": next(iter(runs.values())).client_json, "slo": asdict(slo),
+                      "condition": condition, "capacity": result.capacity, "curve": result.curve(),
+                      "trials": [{"rate": t.rate, "met": t.met, "summary": t.summary.to_json(),
+                                  "requests": records_json(runs[t.rate].records)} for t in result.trials]})
     if plots_dir is not None:
-        _said([plot_capacity({client.base_url: result.curve()}, plots_dir / "capacity.png",
-                             title=f"capacity ({condition}): {result.capacity:.3g} req/s")])
+        print_plot_paths([plot_capacity({client.base_url: result.curve()}, plots_dir / "capacity.png",
+                                        title=f"capacity ({condition}): {result.capacity:.3g} req/s")])
     return result
 
 
-def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokenizer_model: str | None,
+def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLOTargets, tokenizer_model: str | None,
                 out: Path | None, configs: dict[str, list[str]], plots_dir: Path | None = None) -> dict[str, Summary]:
     """Start each server command in turn (`pacer_command` for pacer's own; any OpenAI-compatible server with
     `{port}` in its command), send it the identical workload, stop it; report side by side."""
@@ -87,43 +94,13 @@ def run_compare(workload: WorkloadConfig, client: ClientConfig, slo: SLO, tokeni
             _save_metrics(server.url, Path(f"{logs}-{name}.metrics.txt"))
         summaries[name] = summarize(runs[name].records, slo, runs[name].duration_s, runs[name].offered_rate)
     print(format_compare(summaries))
-    _save(out, {"workload": asdict(workload), "slo": asdict(slo), "configs": configs,
-                "runs": {name: {"client": run.client_json, "summary": summaries[name].to_json(),
-                                "requests": records_json(run.records)} for name, run in runs.items()}})
+    save_report(out, {"workload": asdict(workload), "slo": asdict(slo), "configs": configs,
+                      "runs": {name: {"client": run.client_json, "summary": summaries[name].to_json(),
+                                      "requests": records_json(run.records)} for name, run in runs.items()}})
     if plots_dir is not None:
-        _said(plot_compare({name: run.records for name, run in runs.items()}, slo, plots_dir,
-                           title=_title(workload)))
+        print_plot_paths(plot_compare({name: run.records for name, run in runs.items()}, slo, plots_dir,
+                                      title=workload_title(workload)))
     return summaries
-
-
-def format_trial(t: Trial, condition: str) -> str:
-    """One line per capacity trial (bench and sim); the scheduling delay where the server reports it."""
-    s = t.summary
-    delay = _ms(s.scheduling_delay_s.get("p50"))
-    return (f"rate {t.rate:.4g} req/s: {'meets' if t.met else 'misses'} {condition} | goodput {s.goodput:.4g} "
-            f"req/s, attainment {s.slo_attainment:.1%}, P99 TBT {_ms(s.tbt_s.get('p99'))} ms, "
-            f"TTFT p50 {_ms(s.ttft_s.get('p50'))} ms" + (f", scheduling delay p50 {delay} ms" if delay else "")
-            + f", rejected {s.num_rejected}, failed {s.num_failed}")
-
-
-def format_compare(summaries: dict[str, Summary]) -> str:
-    """One column per configuration, one row per figure."""
-    rows = [("output tok/s", lambda s: f"{s.output_token_throughput:.1f}"),
-            ("requests ok / rejected / failed", lambda s: f"{s.num_completed} / {s.num_rejected} / {s.num_failed}")]
-    for label, key in (("TTFT", "ttft_s"), ("TBT", "tbt_s"), ("TPOT", "tpot_s"), ("E2E", "e2e_s")):
-        for q in ("p50", "p99"):
-            rows.append((f"{label} {q} (ms)", lambda s, key=key, q=q: _ms(getattr(s, key).get(q))))
-    rows += [("429 answered in, p99 (ms)", lambda s: _ms(s.rejection_latency_s.get("p99"))),
-             ("SLO attainment", lambda s: f"{s.slo_attainment:.1%}"),
-             ("attainment of accepted", lambda s: f"{s.accepted_attainment:.1%}"),
-             *((f"attainment: {c.name}", lambda s, c=c: f"{s.attainment_by_class[c.name]:.1%}")
-               for c in next(iter(summaries.values())).slo.classes),
-             ("goodput (req/s)", lambda s: f"{s.goodput:.3g}"),
-             ("token counts off usage", lambda s: str(s.num_token_count_mismatch))]
-    names = list(summaries)
-    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {label} | " + " | ".join(cell(summaries[n]) for n in names) + " |" for label, cell in rows]
-    return "\n".join(lines)
 
 
 @dataclass
@@ -136,7 +113,7 @@ class WorkloadRun:
 
 
 def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client: ClientConfig,
-                 slo: SLO, tokenizer: TokenizerLike | None = None) -> WorkloadRun:
+                 slo: SLOTargets, tokenizer: TokenizerLike | None = None) -> WorkloadRun:
     """Send `requests` (open loop, or closed loop for arrival=concurrency) with a live progress bar:
     requests ended by outcome and the goodput so far (good requests / time elapsed). The tokenizer counts the
     tokens of a chunk that comes without usage."""
@@ -165,7 +142,7 @@ def run_workload(requests: list[BenchRequest], workload: WorkloadConfig, client:
     hit_rate = None
     if before is not None and after is not None and after[0] > before[0]:
         hit_rate = (after[1] - before[1]) / (after[0] - before[0])
-    return WorkloadRun(records, duration_s, None if closed_loop else _offered_rate(requests), client_json, hit_rate)
+    return WorkloadRun(records, duration_s, None if closed_loop else offered_rate(requests), client_json, hit_rate)
 
 
 def metric_totals(base_url: str, api_key: str | None = None) -> dict[str, float] | None:
@@ -204,62 +181,3 @@ def _save_metrics(url: str, path: Path) -> None:
         path.write_text(httpx.get(url + "/metrics", timeout=10, trust_env=False).text)
     except httpx.HTTPError as error:
         path.write_text(f"# /metrics unavailable: {error!r}\n")
-
-
-def _title(workload: WorkloadConfig) -> str:
-    rate = f" at {workload.rate:g} req/s" if workload.arrival in ("poisson", "gamma") else ""
-    return f"{workload.num_requests} requests, {workload.arrival}{rate}, lengths {workload.lengths}"
-
-
-def _said(paths: list[Path]) -> None:
-    for path in paths:
-        print(f"plot: {path}")
-
-
-def _save(out: Path | None, report: dict) -> None:
-    if out is None:
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=_json_default))
-    print(f"report: {out}")
-
-
-def _offered_rate(requests: list) -> float | None:
-    """Requests/s: arrivals over their window, times the requests each brings (its conversation's turns)."""
-    times = [r.arrival_s for r in requests if r.arrival_s is not None]
-    if len(times) < 2 or max(times) <= min(times):
-        return None
-    return (len(times) - 1) / (max(times) - min(times)) * len(requests) / len(times)
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
-def format_summary(summary: Summary) -> str:
-    """A terminal table: latency percentiles in ms, then counts, throughput, attainment, goodput."""
-    data = summary.to_json()
-    lines = ["| metric | p50 | p90 | p95 | p99 | max | mean |", "|---|---|---|---|---|---|---|"]
-    for name, key in (("TTFT (ms)", "ttft_s"), ("TBT (ms)", "tbt_s"), ("TPOT (ms)", "tpot_s"), ("E2E (ms)", "e2e_s"),
-                      ("normalized latency (ms/token)", "normalized_latency_s"),
-                      ("scheduling delay (ms)", "scheduling_delay_s"), ("429 answered in (ms)", "rejection_latency_s")):
-        stats = data.get(key) or {}
-        if all(v is None for v in stats.values()):
-            continue
-        cells = [_ms(stats.get(q)) for q in ("p50", "p90", "p95", "p99", "max", "mean")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
-    for key, value in data.items():
-        if not isinstance(value, dict):
-            lines.append(f"{key}: {_plain(value)}")
-    return "\n".join(lines)
-
-
-def _ms(seconds: float | None) -> str:
-    return "" if seconds is None or not math.isfinite(seconds) else f"{seconds * 1e3:.1f}"
-
-
-def _plain(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

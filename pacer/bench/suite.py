@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from pacer.bench.client import ClientConfig
-from pacer.bench.metrics import SLO, RequestRecord, Summary, parse_slo_classes, records_json, summarize
+from pacer.bench.metrics import RequestRecord, SLOTargets, Summary, parse_slo_classes, records_json, summarize
 from pacer.bench.run import run_workload
 from pacer.bench.servers import server_process
 from pacer.bench.trace import read_trace
@@ -40,11 +40,11 @@ class SuiteSLO:
     tpot_ms: float  # the common decode SLO: a request's mean time per output token
     tbt_ms: float  # the strict variant: a request's p99 gap between tokens
 
-    def judged(self, kind: str, classes: str | None = None) -> SLO:
+    def judged(self, kind: str, classes: str | None = None) -> SLOTargets:
         classes_ = parse_slo_classes(classes)
         if kind == "tpot":
-            return SLO(self.ttft_ms / 1e3, self.tpot_ms / 1e3, "mean", classes_)
-        return SLO(self.ttft_ms / 1e3, self.tbt_ms / 1e3, "p99", classes_)
+            return SLOTargets(self.ttft_ms / 1e3, self.tpot_ms / 1e3, "mean", classes_)
+        return SLOTargets(self.ttft_ms / 1e3, self.tbt_ms / 1e3, "p99", classes_)
 
 
 @dataclass(frozen=True)

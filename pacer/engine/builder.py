@@ -11,8 +11,8 @@ import torch
 from pacer.config import EngineConfig
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
+from pacer.engine.profile import resolve_latency_model, warm_up
 from pacer.kv import KVCacheManager
-from pacer.latency.profile import resolve_latency_model, warm_up
 from pacer.model.quant import resolve_quantization
 from pacer.model.runner import ModelRunner, resolve_dtype
 from pacer.model.tokenizer import Tokenizer

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pacer.engine.detokenizer import Detokenizer
-from pacer.engine.executor import Executor
+from pacer.engine.executor import Executor, KVHandover
 from pacer.latency.model import BatchShape
 from pacer.request import FinishReason, Request, RequestOutput
 from pacer.scheduling import ModelOutput, Scheduler, SchedulerOutput
@@ -54,7 +54,7 @@ class Engine:
         self.detokenizer = detokenizer
         self.clock = clock
         self.last_iteration: IterationStats | None = None
-        self.exported: dict[str, object] = {}  # request id -> KV payload of a finished prefill (export_kv)
+        self.exported: dict[str, KVHandover] = {}  # request id -> KV payload of a finished prefill (export_kv)
 
     def add_request(self, request: Request) -> None:
         """Queue a request (its arrival_s is stamped now if unset); ValueError if it can never run."""
@@ -62,7 +62,7 @@ class Engine:
             request.arrival_s = self.clock()
         self.scheduler.add(request)
 
-    def adopt(self, request: Request, payload: object) -> None:
+    def adopt(self, request: Request, payload: KVHandover) -> None:
         """Decode a request prefilled elsewhere: `request.token_ids` holds its prompt and first token(s), its
         first `num_computed_tokens` have KV in `payload` (the other engine's `take_exported`), but for the blocks
         before the payload's `first_block`, which this engine's prefix cache was believed to hold."""
@@ -78,7 +78,7 @@ class Engine:
         request.first_scheduled_s = request.first_token_s = request.last_token_s = self.clock()
         self.detokenizer.adopt(request)
 
-    def take_exported(self, request_id: str, num_held_tokens: int = 0) -> object:
+    def take_exported(self, request_id: str, num_held_tokens: int = 0) -> KVHandover:
         """The KV payload of a finished prefill (`export_kv`), less the full blocks of its first `num_held_tokens`
         tokens, which the receiving engine is believed to hold in its prefix cache. KeyError if there is none."""
         return self.exported.pop(request_id).skip(num_held_tokens // self.scheduler.kv.block_size)

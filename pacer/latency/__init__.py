@@ -1,1 +1,2 @@
-"""Iteration-time prediction: the fitted model (model.py, pure) and the profiler that measures it (profile.py)."""
+"""Iteration-time prediction: BatchShape and the fitted LinearLatencyModel with its online correction. Pure (numpy,
+no torch); what measures a profile on the real executor is engine/profile.py."""

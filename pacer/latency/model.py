@@ -11,12 +11,9 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from pacer.scheduling.base import SchedulerOutput
 
 
 class BatchShape(NamedTuple):
@@ -47,13 +44,6 @@ class BatchShape(NamedTuple):
     def with_decode(self, context: int) -> BatchShape:
         return BatchShape(self.num_prefill_tokens, self.prefill_attention, self.prefill_context,
                           self.num_decodes + 1, self.decode_context + context)
-
-    @classmethod
-    def of(cls, plan: SchedulerOutput) -> BatchShape:
-        shape = cls()
-        for request in plan.requests:
-            shape = shape.with_chunk(plan.num_scheduled_tokens[request.request_id], request.num_computed_tokens)
-        return shape
 
 
 class LatencyModel(Protocol):
@@ -134,11 +124,10 @@ def feature_names(knots: tuple[int, ...]) -> list[str]:
 
 MIN_SAMPLES = 20  # errors seen before the margin is read from them
 # An iteration measured at more than this times its prediction counts as exactly this much, in the margin and in
-# the online correction. Beyond it the error is a stall, not a misjudged shape: on this VM the process sometimes
-# stops for 1-5 s (8 iterations of a 4-minute serving run). Taken whole, one such iteration early in a run made
-# the margin about 10 for the rest of it (a chunk of 16 tokens, refusals with a Retry-After of minutes), and no
-# margin short of idling covers a stall anyway. A persistent slowdown is still learned: the surprise is taken
-# against the corrected prediction, so each iteration moves the correction up to this factor further.
+# the online correction: beyond it the error is a stall of the machine, not a misjudged shape, which no margin
+# short of idling covers, and taken whole one stall held the margin high for the rest of a run. A persistent
+# slowdown is still learned: the surprise is taken against the corrected prediction, so each iteration moves the
+# correction up to this factor further.
 MAX_SURPRISE = 2.0
 
 
@@ -162,39 +151,26 @@ class ErrorWindow:
     regime, kept in arrival order and sorted, so the margin is an index, not a sort (the scheduler reads it every
     iteration).
 
-    One window for both regimes, because the margin lives in the tail, and the tail here is the machine, not the
-    shape: about one iteration in 100-300 runs 1.3-2x long, decode-only or not (p99.8 of serving replays: 0.45-1.6
-    for iterations with a chunk, 0.48-1.0 for decode-only ones). Decode-only iterations are 10x more frequent, so
-    pooled the tail is read from ten times the samples. (Read from chunked iterations alone, the margin for 25
-    decodes ten seconds into a run was the largest of some 25 errors, about 0.3, while 1.5-1.6x overruns hit
-    every stream at once.)"""
+    One window for both regimes: the margin lives in the tail, and the tail is the machine's, not the shape's (a
+    rare iteration runs far over its prediction, with a chunk or without), so pooled it is read from all the
+    samples, most of them decode-only. Measurements behind the constants: benchmarks/README.md."""
 
     window: int = 1000
-    # With few decodes, the p99, not the worst recent run: on this shared CPU about one iteration in 200-500
-    # runs 1.4-2x long at random, whatever its shape, and the p99.9 of a window is then that one spike, which
-    # held the margin at 1.4 for a whole run and halved the prefill chunks (benchmarks/RESULTS.md).
+    # The p99, not the worst recent error: one random spike would hold the margin up for a whole window.
     margin_quantile: float = 0.99
-    # But an overrun delays every running decode past its TBT, and a request's P99 over fewer than 100 gaps is
-    # its worst one. Beyond `base_decodes` decodes the quantile's tail shrinks in proportion, so the requests
-    # an overrun is expected to hit stay the same: the p99.8 with 25 decodes, the p99.9 with 50.
+    # An overrun delays every running decode past its TBT (and a request's P99 over < 100 gaps is its worst one).
+    # Beyond `base_decodes` decodes the quantile's tail shrinks in proportion, so the requests an overrun is
+    # expected to hit stay the same: the p99.8 with 25 decodes, the p99.9 with 50.
     base_decodes: int = 5
-    # The prior, for the p99: about the p99 of the errors of serving replays on this machine. The prior for the
-    # quantile asked is the margin until `MIN_SAMPLES` errors are in, then a floor under the quantile while the
-    # window holds fewer than 1 / (1 - quantile) errors (100 for the p99, 500 for the p99.8): the largest of 25
-    # errors is about their p96, far below a p99.8.
+    # The prior for the p99 (about that of serving replays' errors): the margin until `MIN_SAMPLES` errors are in,
+    # then a floor under the quantile while the window is too short to hold it (1 / (1 - quantile) errors).
     initial_margin: float = 0.3
-    # Beyond the p99 the prior's tail is exponential (peaks over a threshold): each e-fold further into the tail
-    # adds this much, so the p99.8 prior (25 decodes) is 0.49 and the p99.9 one 0.58. Measured: iterations with a
-    # chunk of 250 ms or more in seven serving replays ran p99 1.32x and p99.8 1.52x their prediction. A 0.3 floor
-    # for every quantile left chunks beside 20-30 decodes sized for a p99 until 500 errors were in, longer than a
-    # 2x-overload run of 120 requests (about 250 iterations), and one 1.3-1.6x overrun cost 11-18 requests their
-    # TBT (benchmarks/RESULTS.md, "Overload").
+    # Beyond the p99 the prior's tail is exponential (peaks over a threshold), this much per e-fold: with one flat
+    # floor for every quantile, chunks beside many decodes were sized for a p99 longer than a short overload lasts.
     prior_tail: float = 0.12
-    # Once the window holds `min_exceedances` errors beyond its p99, a quantile deeper than it can hold (beyond
-    # 50 decodes with 1,000 errors) is extrapolated from them instead, the prior's exponential tail with the
-    # window's own threshold and scale. As a permanent floor the prior sized every chunk beside 128 decodes for a
-    # 69 % overrun in the noiseless GPU-profile simulation and cost one replica 9 % of its capacity (1.402
-    # against 1.539 req/s, benchmarks/RESULTS.md).
+    # With this many errors beyond its p99, a quantile deeper than the window holds is extrapolated from them (the
+    # prior's tail shape, the window's own threshold and scale): the prior as a permanent floor cost capacity
+    # where predictions are exact.
     min_exceedances: int = 10
     errors: deque[float] = field(default_factory=deque)  # newest last
     _sorted: list[float] = field(default_factory=list, repr=False)  # the same errors, ascending
@@ -250,14 +226,12 @@ class LinearLatencyModel:
     key: dict[str, Any] = field(default_factory=dict)  # what it was measured on: model, dtype, device, threads
     fit_error: dict[str, float] = field(default_factory=dict)
     samples: list[tuple[BatchShape, float]] = field(default_factory=list)  # the measurements it was fitted on
-    # Online correction per regime: iterations with a prefill chunk and decode-only ones drift apart
-    # (measured in serving: the fit under-predicted the first by 30 % and the second by 7 %).
+    # Online correction per regime: iterations with a prefill chunk and decode-only ones drift apart in serving.
     calibrations: dict[str, Calibration] = field(
         default_factory=lambda: {"prefill": Calibration(), "decode": Calibration()})
-    # On top of each regime's slow bias, one fast factor shared by both: the machine's recent speed. On a
-    # shared CPU a slow spell lasts many iterations (measured/predicted has lag-1 autocorrelation 0.57 in
-    # serving here), and it slows prefills and decodes alike, so the rare prefill iterations learn it from
-    # the decodes around them (benchmarks/RESULTS.md, "Latency model").
+    # On top of each regime's slow bias, one fast factor shared by both: the machine's recent speed. A slow spell
+    # lasts many iterations and slows prefills and decodes alike, so the rare prefill iterations learn it from the
+    # decodes around them.
     drift_alpha: float = 0.3
     log_drift: float = 0.0
     errors: ErrorWindow = field(default_factory=ErrorWindow)  # of every prediction: the margin

@@ -55,9 +55,9 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> KVCache:
-    # Zeros, not empty: every page is committed now (0.25 s per GiB), as serving leaves them once it has written
-    # each block. Left to first touch, `pacer profile` timed its decode batches (whose contexts were never written)
-    # 1.3-1.5x slower than served ones, and the pool would fault in, or fail to, mid-run (benchmarks/RESULTS.md).
+    # Zeros, not empty: every page is committed now, as serving leaves them once it has written each block. Left to
+    # first touch, `pacer profile` timed decodes over never-written contexts slower than served ones, and the pool
+    # would fault in, or fail to, mid-run.
     pool = torch.zeros((num_layers, 2, num_blocks * num_kv_heads * block_size * head_dim), dtype=dtype, device=device)
     return KVCache(
         k=[pool[i, 0].view(num_blocks, num_kv_heads, head_dim, block_size) for i in range(num_layers)],

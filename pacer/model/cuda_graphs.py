@@ -1,11 +1,11 @@
 """CUDA graphs of decode-only iterations.
 
 On a GPU a decode step of a small model is about a thousand kernel launches, and each launch costs more than its
-kernel: an iteration of SmolLM2-sized models took ~17-20 ms on an H100 and an H200, whatever the batch
-(benchmarks/RESULTS.md, "On a GPU"). A captured graph replays them all as one launch, as vLLM, SGLang and gpt-fast
-do. Graphs have fixed shapes, so they are captured at start-up for padded batch sizes and, since decode attention
-gathers each request's blocks, for bucketed block-table widths; a step runs the smallest graph that holds it, or
-eagerly if none does. Padding rows write their KV into a block reserved for them and attend to it alone.
+kernel, so the step takes the same time whatever the batch. A captured graph replays them all as one launch, as
+vLLM, SGLang and gpt-fast do. Graphs have fixed shapes, so they are captured at start-up for padded batch sizes
+and, since decode attention gathers each request's blocks, for bucketed block-table widths; a step runs the
+smallest graph that holds it, or eagerly if none does. Padding rows write their KV into a block reserved for them
+and attend to it alone.
 """
 
 from __future__ import annotations

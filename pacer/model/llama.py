@@ -85,8 +85,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 class PackedLinear(nn.Module):
     """A bias-free projection whose weight oneDNN has reordered once into its blocked layout.
 
-    Plain `F.linear` repacks the weight inside every call; prepacked, bf16 projections on an AVX-512 BF16 CPU ran
-    1.2-2.3x faster (2x at decode batches of 1-8) and fp32 ones 1.1-1.6x (benchmarks/RESULTS.md). This is what
+    Plain `F.linear` repacks the weight inside every call, which costs most at small decode batches. This is what
     vLLM's CPU backend does with its own oneDNN handle; torch exposes the same primitive as mkldnn ops.
     """
 

@@ -48,7 +48,7 @@ class KVPayload:
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     """`auto` picks bfloat16 only where the hardware computes it: on a CPU without AVX-512 BF16 or AMX,
-    bf16 matmuls are emulated and run slower than fp32 (see benchmarks/RESULTS.md)."""
+    bf16 matmuls are emulated and run slower than fp32."""
     if name != "auto":
         return DTYPES[name]
     if device == "cuda":

@@ -39,13 +39,21 @@ def queue_key(request: Request, now: float, aging_s: float) -> tuple[float, floa
     return request.slo.priority - math.floor(waited / aging_s), request.ttft_deadline_s, arrival
 
 
+class QueuedPrompt(NamedTuple):
+    """A request not yet past its prompt, as admission sees it."""
+
+    priority: int
+    ttft_deadline_s: float
+    num_to_prefill: int  # prompt tokens still to prefill
+    num_computed_tokens: int  # tokens already computed, or found cached by a request that has not started
+    num_to_go: int  # output tokens it may still generate (`tokens_to_go`)
+
+
 @dataclass(frozen=True)
 class QueueSnapshot:
     """What admission needs of the scheduler's state, frozen after an iteration."""
 
-    # (priority, TTFT deadline, prompt tokens still to prefill, tokens already computed, output tokens it may still
-    # generate) of every request not yet past its prompt
-    queue: tuple[tuple[int, float, int, int, int], ...]
+    queue: tuple[QueuedPrompt, ...]  # every request not yet past its prompt
     decodes: tuple[tuple[int, int], ...]  # (context, output tokens it may still generate) of each running decode
     tbt_limit_s: float  # the tightest TBT SLO among the requests (inf if none)
     token_budget: int  # the policy's cap on tokens per iteration
@@ -203,11 +211,12 @@ class QueueTimes:
     def of(cls, snapshot: QueueSnapshot, latency: LatencyModel, pending: Iterable[Request] = ()) -> QueueTimes:
         """`pending`: requests submitted since the snapshot, which it does not count yet."""
         pending = list(pending)
-        added = ((r.slo.priority, r.ttft_deadline_s, r.num_prompt_tokens - r.num_cached_tokens, r.num_cached_tokens,
-                  tokens_to_go(r, snapshot.max_request_tokens)) for r in pending)  # a cached prefix: less to prefill
+        added = (QueuedPrompt(r.slo.priority, r.ttft_deadline_s, r.num_prompt_tokens - r.num_cached_tokens,
+                              r.num_cached_tokens, tokens_to_go(r, snapshot.max_request_tokens))
+                 for r in pending)  # a cached prefix: less to prefill
         # stable: ties stay in arrival order, as the scheduler has them
-        queue = sorted((*snapshot.queue, *added), key=lambda entry: entry[:2])
-        keys = [(priority, deadline) for priority, deadline, *_ in queue]
+        queue = sorted((*snapshot.queue, *added), key=lambda entry: (entry.priority, entry.ttft_deadline_s))
+        keys = [(entry.priority, entry.ttft_deadline_s) for entry in queue]
         tbt = min((snapshot.tbt_limit_s, *(r.slo.tbt_s for r in pending if r.slo.tbt_s is not None)))
         tpot = min((snapshot.tpot_s, *(r.slo.tpot_s for r in pending if r.slo.tpot_s is not None)))
         due = snapshot.tpot_slack_s  # when the tightest TPOT decode's next token is due, from the snapshot
@@ -222,12 +231,13 @@ class QueueTimes:
         def boundary(start_s: float, shape: BatchShape, room: int) -> Boundary:
             return Boundary(start_s, shape, room, decodes.shape, pace(), due)
 
-        times = cls(keys, [entry[2:4] for entry in queue], [], budget, 1 + latency.margin(), latency)
+        times = cls(keys, [(entry.num_to_prefill, entry.num_computed_tokens) for entry in queue], [], budget,
+                    1 + latency.margin(), latency)
         if not queue and not decodes.count:  # idle: nothing in flight, nothing ahead
             times.boundaries.append(boundary(0.0, BatchShape(), budget))
             return times
         seconds, prefilled, index = 0.0, 0, 0
-        todo, start = queue[0][2:4] if queue else (0, 0)
+        todo, start = (queue[0].num_to_prefill, queue[0].num_computed_tokens) if queue else (0, 0)
         for iteration in range(MAX_ITERATIONS):
             shape, limit, room = decodes.shape, pace().limit_s(seconds, due), budget - decodes.count
             first_done, behind = index, []  # behind: (shape, room) right after each prompt this iteration finishes
@@ -245,19 +255,20 @@ class QueueTimes:
                     behind.append((shape, largest_chunk(latency, shape, 0, room, limit)))
                 index += 1
                 if index < len(queue):
-                    todo, start = queue[index][2:4]
+                    todo, start = queue[index].num_to_prefill, queue[index].num_computed_tokens
             decodes.step(iteration)
             done = queue[first_done:index]  # prompts whose first token this iteration gives: decodes from the next
             if iteration == 0:  # in flight at the snapshot, planned without the request: it all runs, the request
                 for entry in done:  # joins the next iteration at best, and the prompts have this much left then
-                    decodes.add(entry[3] + entry[2] + 1, entry[4] - 1, 1)
+                    decodes.add(entry.num_computed_tokens + entry.num_to_prefill + 1, entry.num_to_go - 1, 1)
                 times.boundaries.extend(boundary(seconds, shape, 0) for _ in range(1 + len(done)))
                 times.prompts[:index] = [(0, 0)] * index
                 if index < len(queue):
                     times.prompts[index] = (todo, start)
             else:  # a request behind a prompt takes the room of the prompts after it, which do not finish
                 for entry, (after, room_behind) in zip(done, behind):
-                    decodes.add(entry[3] + entry[2] + 1, entry[4] - 1, iteration + 1)
+                    decodes.add(entry.num_computed_tokens + entry.num_to_prefill + 1, entry.num_to_go - 1,
+                                iteration + 1)
                     times.boundaries.append(boundary(seconds, after, room_behind))
             seconds += latency.predict(shape)
             if decodes.count:
@@ -267,7 +278,7 @@ class QueueTimes:
         per_token_s = seconds / prefilled if prefilled else math.inf  # the rest, at the rate so far
         ahead = 0
         for i in range(index, len(queue)):
-            ahead += todo if i == index else queue[i][2]
+            ahead += todo if i == index else queue[i].num_to_prefill
             times.boundaries.append(boundary(seconds + ahead * per_token_s, BatchShape(), 0))
         return times
 

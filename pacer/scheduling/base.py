@@ -66,6 +66,13 @@ class SchedulerOutput:
         self._chunks = shape._replace(num_decodes=0, decode_context=0)
         self._num_decodes, self._decode_context = shape.num_decodes, shape.decode_context
 
+    def recount_shape(self) -> BatchShape:
+        """The batch shape summed afresh over the requests: what `shape` keeps as running sums."""
+        shape = BatchShape()
+        for request in self.requests:
+            shape = shape.with_chunk(self.num_scheduled_tokens[request.request_id], request.num_computed_tokens)
+        return shape
+
     def add(self, request: Request, n: int) -> None:
         """Give `request` n tokens in this iteration (after its `num_computed_tokens` cached ones)."""
         self.requests.append(request)
@@ -79,7 +86,16 @@ class SchedulerOutput:
 
     def samples(self, request: Request) -> bool:
         """Does this iteration reach the request's last token, so that a new token is sampled?"""
-        return request.num_computed_tokens + self.num_scheduled_tokens[request.request_id] == request.num_tokens
+        # len(token_ids), not the num_tokens property: executors ask this of every request of every plan
+        return request.num_computed_tokens + self.num_scheduled_tokens[request.request_id] == len(request.token_ids)
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What the hooks know while one plan is built, made once per iteration by `begin_plan`: the time, and in a
+    policy's subclass whatever it decides once before it places any request (the `slo` policy's time limit)."""
+
+    now: float
 
 
 @dataclass
@@ -107,7 +123,8 @@ class Scheduler:
     `max_num_seqs` requests. When KV runs out the newest running request is preempted by
     recompute: it frees its blocks and goes back to the head of the queue, outputs kept.
 
-    Policies override the hooks: `prefill_order`, `chunk_tokens`, `victim`, `prefill_first`.
+    Policies override the hooks: `begin_plan`, `prefill_order`, `chunk_tokens`, `victim`, `prefill_first`; the
+    hooks of one iteration share its `PlanContext`, not attributes of the scheduler.
     With a latency model, every plan carries its predicted time and `update` feeds the measured one
     back (the model corrects itself online).
     """
@@ -146,12 +163,17 @@ class Scheduler:
     def default_token_budget(cls, max_model_len: int) -> int:
         return 512 if cls.chunked_prefill else max(max_model_len, 2048)
 
-    def prefill_order(self, started: list[Request], waiting: Iterable[Request], now: float) -> Iterable[Request]:
+    def begin_plan(self, now: float) -> PlanContext:
+        """The context every hook of this iteration's plan receives."""
+        return PlanContext(now)
+
+    def prefill_order(self, started: list[Request], waiting: Iterable[Request],
+                      context: PlanContext) -> Iterable[Request]:
         """The order in which prompts get chunks: `started` ones (running, part of the prompt computed) and
         `waiting` ones. By default a started prompt finishes first, and waiting ones come first served."""
         return chain(started, waiting)
 
-    def chunk_tokens(self, request: Request, plan: SchedulerOutput, now: float) -> int:
+    def chunk_tokens(self, request: Request, plan: SchedulerOutput, context: PlanContext) -> int:
         """How many of the request's uncomputed tokens to run now, joining `plan` as it stands."""
         budget = self.token_budget - plan.total_num_scheduled_tokens
         remaining = request.num_uncomputed_tokens
@@ -239,30 +261,31 @@ class Scheduler:
     # ---- one iteration ------------------------------------------------------------------------
 
     def schedule(self, now: float) -> SchedulerOutput:
+        context = self.begin_plan(now)
         plan = SchedulerOutput()
         if self.prefill_first:
-            self._schedule_prompts(plan, now)
+            self._schedule_prompts(plan, context)
             if plan.is_empty:
-                self._schedule_decodes(plan, now)
+                self._schedule_decodes(plan, context)
         else:
-            self._schedule_decodes(plan, now)
-            self._schedule_prompts(plan, now)
+            self._schedule_decodes(plan, context)
+            self._schedule_prompts(plan, context)
         if not plan.is_empty:  # an empty plan is not executed: keep the ids for the next one
             plan.finished_ids, self._finished_ids = self._finished_ids, []
             if self.latency is not None:
                 plan.predicted_s = self.latency.predict(plan.shape)
         return plan
 
-    def _schedule_decodes(self, plan: SchedulerOutput, now: float) -> None:
+    def _schedule_decodes(self, plan: SchedulerOutput, context: PlanContext) -> None:
         """Running decodes first: they never wait for a prefill."""
         for request in [r for r in self.running if not r.is_prefilling]:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = self.chunk_tokens(request, plan, now)
+            n = self.chunk_tokens(request, plan, context)
             if n > 0 and self._reserve(request, n, plan):
                 plan.add(request, n)
 
-    def _schedule_prompts(self, plan: SchedulerOutput, now: float) -> None:
+    def _schedule_prompts(self, plan: SchedulerOutput, context: PlanContext) -> None:
         """Prompt chunks in policy order, over started prompts and waiting ones.
 
         A started prompt takes its chunk as a decode does (preempting if KV runs out). A waiting one is
@@ -275,14 +298,14 @@ class Scheduler:
         unvisited = {r.request_id for r in started}
         admitting = True
         admitted = []
-        for request in self.prefill_order(started, self.waiting, now):
+        for request in self.prefill_order(started, self.waiting, context):
             if request.request_id in unvisited:
                 unvisited.remove(request.request_id)
                 if request.status is RequestStatus.RUNNING:  # not preempted earlier in this loop
-                    n = self.chunk_tokens(request, plan, now)
+                    n = self.chunk_tokens(request, plan, context)
                     if n > 0 and self._reserve(request, n, plan):
                         plan.add(request, n)
-            elif admitting and self._admit(request, plan, now):
+            elif admitting and self._admit(request, plan, context):
                 admitted.append(request)
             elif not unvisited:
                 break
@@ -293,12 +316,12 @@ class Scheduler:
             # prompt's reservation was also queued again at the head; this removes that copy, leaving one.
             self.waiting.remove(request)
 
-    def _admit(self, request: Request, plan: SchedulerOutput, now: float) -> bool:
+    def _admit(self, request: Request, plan: SchedulerOutput, context: PlanContext) -> bool:
         """Start a waiting request with its first chunk, if it may go now."""
         if plan.preempted_ids or len(self.running) >= self.max_num_seqs:
             return False
         num_hit_tokens = self.kv.take_cached_prefix(request)  # a hit is n fewer tokens to prefill
-        n = self.chunk_tokens(request, plan, now)
+        n = self.chunk_tokens(request, plan, context)
         if n == 0 or not self.kv.can_allocate(request, n):
             self.kv.free(request)
             request.num_computed_tokens = 0
@@ -307,7 +330,7 @@ class Scheduler:
         self.running.append(request)
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_s is None:
-            request.first_scheduled_s = now
+            request.first_scheduled_s = context.now
             request.num_cached_tokens = num_hit_tokens
         plan.add(request, n)
         return True
@@ -340,7 +363,7 @@ class Scheduler:
         if request.request_id in plan.num_scheduled_tokens:
             plan.requests.remove(request)
             plan.total_num_scheduled_tokens -= plan.num_scheduled_tokens.pop(request.request_id)
-            plan.shape = BatchShape.of(plan)  # rare: recount what is left
+            plan.shape = plan.recount_shape()  # rare: recount what is left
         plan.preempted_ids.append(request.request_id)
 
     # ---- after the executor -------------------------------------------------------------------

@@ -133,9 +133,8 @@ class SloRouter:
 
     Why not always the least predicted TTFT: once the promise is kept, a sooner first token gains nothing, and
     sending each request to the replica that could start it soonest spends the room a long prompt arriving next
-    needs. In `pacer sim` that refused 7-14 % more documents than round robin did (benchmarks/RESULTS.md, "pacer
-    sim: routers at scale"). The time the request has already waited is left to `dispatch`, which overrides a
-    pick that would miss."""
+    needs: in `pacer sim` that refused more long prompts than round robin did (benchmarks/README.md). The time
+    the request has already waited is left to `dispatch`, which overrides a pick that would miss."""
 
     def choose(self, request: Request, replicas: Sequence[ReplicaView]) -> int:
         times = [_or_inf(replica.predicted_ttft_s(request)) for replica in replicas]

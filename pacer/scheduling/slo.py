@@ -18,17 +18,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from itertools import chain
 
 from pacer.config import SchedulerConfig
 from pacer.latency.model import BatchShape, largest_chunk
 from pacer.request import FinishReason, Request, RequestStatus
-from pacer.scheduling.admission import MIN_CHUNK, QueueSnapshot, queue_key, tokens_to_go
-from pacer.scheduling.base import ModelOutput, Scheduler, SchedulerOutput
+from pacer.scheduling.admission import MIN_CHUNK, QueuedPrompt, QueueSnapshot, queue_key, tokens_to_go
+from pacer.scheduling.base import ModelOutput, PlanContext, Scheduler, SchedulerOutput
 from pacer.scheduling.registry import register
 
 AGING_S = 10.0  # one priority level gained per 10 s of waiting
 MAX_PREEMPTIONS = 3
+
+
+@dataclass(frozen=True)
+class SloPlanContext(PlanContext):
+    """Decided once per iteration, before any request is placed."""
+
+    # the tightest slack among running decodes, less the model's margin (`iteration_time_limit`); inf if none
+    time_limit_s: float
+    # Can that slack be kept at all, by one decode beside a minimum chunk? Then the decode pace bounds the batch:
+    # requests start only while the decodes leave room, and no chunk overruns the slack. If not, it is lost
+    # whatever we do, and prefills keep a minimum chunk each iteration rather than run one request at a time.
+    tbt_bounds_batch: bool
 
 
 @register("slo")
@@ -42,8 +55,6 @@ class SloScheduler(Scheduler):
     def __init__(self, config: SchedulerConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         self.drop_expired = config.drop_expired
-        self._time_limit_s = math.inf
-        self._tbt_bounds_batch = False
         self.updated_s = 0.0  # the `now` of the latest update: the snapshot's time, for the TPOT slack it gives
 
     @classmethod
@@ -55,16 +66,14 @@ class SloScheduler(Scheduler):
             if self.drop_expired else []
         for request in expired:
             self.finish(request.request_id, FinishReason.EXPIRED)
-        self._time_limit_s = self.iteration_time_limit(now)
-        # Can the tightest slack be kept at all, by one decode beside a minimum chunk? Then the decode pace
-        # bounds the batch: requests start only while the decodes leave room, and no chunk overruns the slack.
-        # If not, it is lost whatever we do, and prefills keep a minimum chunk each iteration rather than run one
-        # request at a time.
-        self._tbt_bounds_batch = self.latency.predict(BatchShape().with_decode(1).with_chunk(MIN_CHUNK, 0)) \
-            <= self._time_limit_s
         plan = super().schedule(now)
         plan.dropped = expired
         return plan
+
+    def begin_plan(self, now: float) -> SloPlanContext:
+        limit = self.iteration_time_limit(now)
+        bounds = self.latency.predict(BatchShape().with_decode(1).with_chunk(MIN_CHUNK, 0)) <= limit
+        return SloPlanContext(now, limit, bounds)
 
     def update(self, plan: SchedulerOutput, output: ModelOutput, now: float) -> list[Request]:
         self.updated_s = now
@@ -78,25 +87,26 @@ class SloScheduler(Scheduler):
             return math.inf
         return max(0.0, min(slacks)) / (1 + self.latency.margin(len(slacks)))
 
-    def prefill_order(self, started: list[Request], waiting: Iterable[Request], now: float) -> Iterable[Request]:
+    def prefill_order(self, started: list[Request], waiting: Iterable[Request],
+                      context: PlanContext) -> Iterable[Request]:
         """Started and waiting prompts in one deadline order, as admission predicts it: a long prompt already
         under way yields its chunks to a more urgent one that arrives after it."""
-        return sorted(chain(started, waiting), key=lambda r: queue_key(r, now, AGING_S))
+        return sorted(chain(started, waiting), key=lambda r: queue_key(r, context.now, AGING_S))
 
-    def chunk_tokens(self, request: Request, plan: SchedulerOutput, now: float) -> int:
+    def chunk_tokens(self, request: Request, plan: SchedulerOutput, context: SloPlanContext) -> int:
         cap = min(request.num_uncomputed_tokens, self.token_budget - plan.total_num_scheduled_tokens)
         started = request.status is RequestStatus.RUNNING
-        if cap <= 0 or math.isinf(self._time_limit_s) or (started and not request.is_prefilling):
+        if cap <= 0 or math.isinf(context.time_limit_s) or (started and not request.is_prefilling):
             return max(0, cap)  # running decodes always go (a one-token prompt is not one: it joins the batch)
-        if self._tbt_bounds_batch and not started and not self.decodes_leave_room(request, plan):
+        if context.tbt_bounds_batch and not started and not self.decodes_leave_room(request, plan, context):
             return 0
         shape = plan.shape
-        chunk = largest_chunk(self.latency, shape, request.num_computed_tokens, cap, self._time_limit_s)
-        if chunk == 0 and shape.num_prefill_tokens == 0 and not self._tbt_bounds_batch:
+        chunk = largest_chunk(self.latency, shape, request.num_computed_tokens, cap, context.time_limit_s)
+        if chunk == 0 and shape.num_prefill_tokens == 0 and not context.tbt_bounds_batch:
             chunk = min(cap, MIN_CHUNK)  # progress, when the decodes alone overrun a TBT that cannot be kept
         return chunk
 
-    def decodes_leave_room(self, request: Request, plan: SchedulerOutput) -> bool:
+    def decodes_leave_room(self, request: Request, plan: SchedulerOutput, context: SloPlanContext) -> bool:
         """May `request` start? Once it and every started prefill decode beside this plan's decodes, an iteration
         with them and a `MIN_CHUNK` chunk must still fit the time limit, and the pace the decodes were promised
         (TBT or TPOT: slack lent now is not there for ever). Otherwise the batch would grow until the decodes
@@ -110,7 +120,7 @@ class SloScheduler(Scheduler):
         future = future.with_decode(request.num_tokens).with_chunk(MIN_CHUNK, 0)
         # (a TBT slack is never above its TBT; a TPOT slack may be, while the request is ahead of its pace)
         paces = [r.slo.tpot_s for r in (*self.running, request) if r.slo.tpot_s is not None]
-        limit = min(self._time_limit_s, min(paces) / (1 + self.latency.margin(len(paces))) if paces else math.inf)
+        limit = min(context.time_limit_s, min(paces) / (1 + self.latency.margin(len(paces))) if paces else math.inf)
         return self.latency.predict(future) <= limit
 
     def victim(self, plan: SchedulerOutput) -> Request:
@@ -125,11 +135,11 @@ class SloScheduler(Scheduler):
             to_go = tokens_to_go(request, self.max_request_tokens)
             if request.status is RequestStatus.WAITING:  # it will start with its cached prefix
                 cached = request.num_cached_tokens
-                queue.append((request.slo.priority, request.ttft_deadline_s, request.num_uncomputed_tokens - cached,
-                              cached, to_go))
+                queue.append(QueuedPrompt(request.slo.priority, request.ttft_deadline_s,
+                                          request.num_uncomputed_tokens - cached, cached, to_go))
             elif request.is_prefilling:
-                queue.append((request.slo.priority, request.ttft_deadline_s, request.num_uncomputed_tokens,
-                              request.num_computed_tokens, to_go))
+                queue.append(QueuedPrompt(request.slo.priority, request.ttft_deadline_s, request.num_uncomputed_tokens,
+                                          request.num_computed_tokens, to_go))
             else:
                 decodes.append((request.num_tokens, to_go))
                 if request.slo.tpot_s is not None:

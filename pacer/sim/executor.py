@@ -38,9 +38,7 @@ class SimExecutor:
         self._cursor = {regime: self._rng.randrange(len(r)) for regime, r in residuals.items()} if residuals else {}
 
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
-        scheduled = plan.num_scheduled_tokens  # a request samples when its tokens reach its end (plan.samples)
-        sampled = {r.request_id: self.token_id for r in plan.requests
-                   if r.num_computed_tokens + scheduled[r.request_id] == len(r.token_ids)}
+        sampled = {r.request_id: self.token_id for r in plan.requests if plan.samples(r)}
         shape = plan.shape
         elapsed = self.latency.predict(shape)
         if self.residuals:

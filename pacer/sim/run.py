@@ -9,15 +9,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pacer.bench.capacity import CapacityResult, search_capacity
-from pacer.bench.metrics import SLO, RequestRecord, Summary, records_json, summarize
+from pacer.bench.metrics import RequestRecord, SLOTargets, Summary, records_json, summarize
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
-from pacer.bench.run import _offered_rate, _said, _save, _title, format_compare, format_summary, format_trial
+from pacer.bench.report import (
+    format_compare,
+    format_summary,
+    format_trial,
+    offered_rate,
+    print_plot_paths,
+    save_report,
+    workload_title,
+)
 from pacer.bench.workload import WorkloadConfig, conversation_turns, request_timings, shared_prefixes
-from pacer.config import SchedulerConfig
+from pacer.config import ReplicasConfig, SchedulerConfig, router_field
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
 from pacer.kv import KVCacheManager
-from pacer.request import SLO as RequestSLO
+from pacer.request import SLO
 from pacer.scheduling import scheduler_class
 from pacer.scheduling.router import ROUTERS, router_class
 from pacer.sim.disagg import DecodePool, KVTransfer
@@ -31,9 +39,13 @@ def _help(text: str, **extra: object) -> dict[str, object]:
 
 
 @dataclass(frozen=True)
-class SimConfig:
-    """What is simulated: the latency profile, the KV cache, the replicas and their router."""
+class SimConfig(ReplicasConfig):
+    """What is simulated: the replicas and their router (as `pacer serve` has them), the latency profile, the KV
+    cache."""
 
+    # round_robin, not serve's slo: the sim's default stays the policy-free baseline it has always had (its runs
+    # compare against it); `--router slo` simulates what `pacer serve` does by default
+    router: str = router_field("round_robin")
     profile: str | None = field(default=None, metadata=_help(
         "latency profile: a JSON written by `pacer profile`, Sarathi-Serve's A100 directory "
         "(benchmarks/data/profiles/sarathi-a100: Yi-34B, TP2) or a DistServe coefficient JSON "
@@ -45,16 +57,11 @@ class SimConfig:
     kv_blocks: int | None = field(default=None, metadata=_help(
         "KV blocks per replica (default: what the GPU profile leaves; required with a `pacer profile` JSON)"))
     block_size: int = field(default=16, metadata=_help("tokens per KV-cache block"))
-    replicas: int = field(default=1, metadata=_help("engine replicas behind the router"))
-    router: str = field(default="round_robin", metadata=_help("routing policy across replicas"))
     noise: float = field(default=0.0, metadata=_help(
         "coefficient of variation of each iteration's time around the prediction (0: exactly as predicted)"))
     residuals: str | None = field(default=None, metadata=_help(
         "real iterations measured against this profile (benchmarks/latency_error.py --out): each simulated "
         "iteration is scaled by their measured/predicted ratios in recorded order, per regime, from a seeded offset"))
-    prefill_replicas: int = field(default=0, metadata=_help(
-        "disaggregated serving (DistServe): this many of --replicas only prefill (each request's first token) and "
-        "hand its KV over to the others, which only decode; 0: every replica does both"))
     kv_transfer_gbps: float = field(default=100.0, metadata=_help(
         "with --prefill-replicas: Gbit/s from a prefill replica to a decode replica; a prompt's KV takes "
         "prompt tokens x the model's KV bytes per token / this"))
@@ -67,8 +74,7 @@ class SimConfig:
         "router achieves without admission control)"))
 
     def __post_init__(self) -> None:
-        if self.replicas < 1:
-            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        super().__post_init__()
         if self.kv_blocks is not None and self.kv_blocks < 1:
             raise ValueError(f"kv_blocks must be at least 1, got {self.kv_blocks}")
         if self.block_size < 1:
@@ -77,9 +83,6 @@ class SimConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.noise < 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
-        if not 0 <= self.prefill_replicas < self.replicas:
-            raise ValueError(f"prefill_replicas must be in [0, replicas), got {self.prefill_replicas} of "
-                             f"{self.replicas}: disaggregated serving needs at least one decode replica")
         if not self.kv_transfer_gbps > 0:
             raise ValueError(f"kv_transfer_gbps must be positive, got {self.kv_transfer_gbps}")
         router_class(self.router)
@@ -104,8 +107,8 @@ def build_simulator(sim: SimConfig, scheduler: SchedulerConfig, max_model_len: i
     for i in range(sim.replicas):
         kv = KVCacheManager(num_blocks, sim.block_size, sim.prefix_caching)
         limit = scheduler.max_model_len or max_model_len
-        engines.append(Engine(policy(scheduler, kv, limit, latency=latency.fresh()),
-                              SimExecutor(latency.fresh(), noise=sim.noise, seed=seed + i, residuals=residuals), Detokenizer(None),
+        executor = SimExecutor(latency.fresh(), noise=sim.noise, seed=seed + i, residuals=residuals)
+        engines.append(Engine(policy(scheduler, kv, limit, latency=latency.fresh()), executor, Detokenizer(None),
                               clock=clock))
     if not sim.prefill_replicas:
         return Simulator(engines, clock, router_class(sim.router)())
@@ -114,11 +117,11 @@ def build_simulator(sim: SimConfig, scheduler: SchedulerConfig, max_model_len: i
                      DecodePool(engines[sim.prefill_replicas:], transfer))
 
 
-def sim_requests(workload: WorkloadConfig, slo: SLO, send_ttft_slo: bool = True) -> list[SimRequest]:
+def sim_requests(workload: WorkloadConfig, slo: SLOTargets, send_ttft_slo: bool = True) -> list[SimRequest]:
     """The bench workload's requests (same seed, same times and lengths), carrying the run's SLO as `pacer bench`
     sends it (less its TTFT part unless `send_ttft_slo`)."""
     slos = {None: slo} | {c.name: slo.of(c.name) for c in slo.classes}
-    request_slos = {name: RequestSLO(ttft_s=s.ttft_s if send_ttft_slo else None,
+    request_slos = {name: SLO(ttft_s=s.ttft_s if send_ttft_slo else None,
                                      tbt_s=s.tbt_s if s.tbt_stat == "p99" else None,
                                      tpot_s=s.tbt_s if s.tbt_stat == "mean" else None)
                     for name, s in slos.items()}
@@ -135,7 +138,7 @@ class SimRun:
     wall_s: float
     num_iterations: int
 
-    def summary(self, slo: SLO) -> Summary:
+    def summary(self, slo: SLOTargets) -> Summary:
         return summarize(self.records, slo, self.duration_s, self.offered_rate)
 
     def info(self) -> dict[str, object]:
@@ -148,7 +151,7 @@ class SimRun:
                 f"{self.num_iterations} iterations")
 
 
-def simulate(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLO) -> SimRun:
+def simulate(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLOTargets) -> SimRun:
     requests = sim_requests(workload, slo, sim.send_ttft_slo)
     simulator = build_simulator(sim, scheduler, workload.max_model_len, workload.seed)
     start = time.perf_counter()
@@ -156,25 +159,25 @@ def simulate(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfi
     records = simulator.run(requests, workload.concurrency if closed_loop else None)
     wall = time.perf_counter() - start
     duration = max((r.finished_s for r in records if r.finished_s is not None), default=0.0)
-    offered = None if closed_loop else _offered_rate(requests)
+    offered = None if closed_loop else offered_rate(requests)
     return SimRun(records, duration, offered, wall, sum(r.num_iterations for r in simulator.all_replicas))
 
 
-def run_sim(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLO, out: Path | None,
+def run_sim(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLOTargets, out: Path | None,
             plots_dir: Path | None = None) -> Summary:
     run = simulate(workload, sim, scheduler, slo)
     summary = run.summary(slo)
     print(format_summary(summary))
     print(run.speed())
     if out is not None:
-        _save(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler) | run.info(), "slo": asdict(slo),
-                    "summary": summary.to_json(), "requests": records_json(run.records)})
+        save_report(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler) | run.info(),
+                          "slo": asdict(slo), "summary": summary.to_json(), "requests": records_json(run.records)})
     if plots_dir is not None:
-        _said(plot_run(run.records, slo, plots_dir, title=f"sim: {_title(workload)}"))
+        print_plot_paths(plot_run(run.records, slo, plots_dir, title=f"sim: {workload_title(workload)}"))
     return summary
 
 
-def run_sim_capacity(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLO,
+def run_sim_capacity(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLOTargets,
                      out: Path | None, condition: str, low: float, high: float, tolerance: float, max_trials: int,
                      plots_dir: Path | None = None) -> CapacityResult:
     if workload.arrival not in ("poisson", "gamma"):
@@ -188,17 +191,17 @@ def run_sim_capacity(workload: WorkloadConfig, sim: SimConfig, scheduler: Schedu
     result = search_capacity(trial, condition, slo, low, high, tolerance, max_trials,
                              on_trial=lambda t: print(format_trial(t, condition)))
     print(f"capacity ({condition}): {result.capacity:.4g} req/s after {len(result.trials)} trials")
-    _save(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler), "slo": asdict(slo),
-                "condition": condition, "capacity": result.capacity, "curve": result.curve(),
-                "trials": [{"rate": t.rate, "met": t.met, "summary": t.summary.to_json()} | runs[t.rate].info()
-                           for t in result.trials]})
+    save_report(out, {"workload": asdict(workload), "sim": _sim_json(sim, scheduler), "slo": asdict(slo),
+                      "condition": condition, "capacity": result.capacity, "curve": result.curve(),
+                      "trials": [{"rate": t.rate, "met": t.met, "summary": t.summary.to_json()} | runs[t.rate].info()
+                                 for t in result.trials]})
     if plots_dir is not None:
-        _said([plot_capacity({scheduler.scheduler: result.curve()}, plots_dir / "capacity.png",
-                             title=f"sim capacity ({condition}): {result.capacity:.3g} req/s")])
+        print_plot_paths([plot_capacity({scheduler.scheduler: result.curve()}, plots_dir / "capacity.png",
+                                        title=f"sim capacity ({condition}): {result.capacity:.3g} req/s")])
     return result
 
 
-def run_sim_compare(workload: WorkloadConfig, configs: dict[str, tuple[SimConfig, SchedulerConfig]], slo: SLO,
+def run_sim_compare(workload: WorkloadConfig, configs: dict[str, tuple[SimConfig, SchedulerConfig]], slo: SLOTargets,
                     out: Path | None, plots_dir: Path | None = None) -> dict[str, Summary]:
     """Each named configuration on the identical workload, side by side (as `pacer bench compare`)."""
     runs = {}
@@ -207,13 +210,13 @@ def run_sim_compare(workload: WorkloadConfig, configs: dict[str, tuple[SimConfig
         print(f"{name}: {runs[name].speed()}")
     summaries = {name: run.summary(slo) for name, run in runs.items()}
     print(format_compare(summaries))
-    _save(out, {"workload": asdict(workload), "slo": asdict(slo),
-                "configs": {name: _sim_json(*config) for name, config in configs.items()},
-                "runs": {name: {"sim": run.info(), "summary": summaries[name].to_json(),
-                                "requests": records_json(run.records)} for name, run in runs.items()}})
+    save_report(out, {"workload": asdict(workload), "slo": asdict(slo),
+                      "configs": {name: _sim_json(*config) for name, config in configs.items()},
+                      "runs": {name: {"sim": run.info(), "summary": summaries[name].to_json(),
+                                      "requests": records_json(run.records)} for name, run in runs.items()}})
     if plots_dir is not None:
-        _said(plot_compare({name: run.records for name, run in runs.items()}, slo, plots_dir,
-                           title=f"sim: {_title(workload)}"))
+        print_plot_paths(plot_compare({name: run.records for name, run in runs.items()}, slo, plots_dir,
+                                      title=f"sim: {workload_title(workload)}"))
     return summaries
 
 

@@ -43,12 +43,12 @@ def test_capacity_search_against_a_live_server(tiny_server, tiny_model_dir, tmp_
     out = tmp_path / "capacity.json"
     rc = main(["bench", "capacity", "--base-url", tiny_server.url, "--api-key", API_KEY, "--tokenizer",
                str(tiny_model_dir), "--num-requests", "6", "--prompt-tokens", "8", "--output-tokens", "4",
-               "--slo-ttft-ms", "10000", "--slo-tbt-ms", "10000", "--condition", "distserve", "--min-rate", "2",
+               "--slo-ttft-ms", "10000", "--slo-tbt-ms", "10000", "--condition", "attainment", "--min-rate", "2",
                "--max-rate", "4", "--max-trials", "3", "--out", str(out), "--plots", str(tmp_path)])
     report = json.loads(out.read_text())
     assert rc == 0 and [t["rate"] for t in report["trials"]] == [2, 4, 8]
     assert report["capacity"] == 8 and all(t["met"] for t in report["trials"])
-    assert len(report["curve"]) == 3 and "capacity (distserve): 8" in capsys.readouterr().out
+    assert len(report["curve"]) == 3 and "capacity (attainment): 8" in capsys.readouterr().out
     assert (tmp_path / "capacity.png").stat().st_size > 5000
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pacer.bench.capacity import meets, search_capacity
-from pacer.bench.metrics import SLO, RequestRecord, summarize
+from pacer.bench.metrics import RequestRecord, SLOTargets, summarize
 
-SLO_ = SLO(ttft_s=1.0, tbt_s=0.1)
+SLO_ = SLOTargets(ttft_s=1.0, tbt_s=0.1)
 
 
 def stub_trial(capacity: float, calls: list[float] | None = None):
@@ -25,7 +25,7 @@ def stub_trial(capacity: float, calls: list[float] | None = None):
     return trial
 
 
-@pytest.mark.parametrize("condition", ["sarathi", "distserve"])
+@pytest.mark.parametrize("condition", ["p99_tbt", "attainment"])
 @pytest.mark.parametrize("capacity", [0.7, 3.7, 11.0])
 def test_search_finds_a_known_capacity_within_tolerance(condition, capacity):
     result = search_capacity(stub_trial(capacity), condition, SLO_, low=0.5, high=2.0, tolerance=0.05,
@@ -38,21 +38,21 @@ def test_search_finds_a_known_capacity_within_tolerance(condition, capacity):
 
 def test_below_the_lowest_rate_the_capacity_is_zero():
     calls: list[float] = []
-    result = search_capacity(stub_trial(0.1, calls), "distserve", SLO_, low=0.5, high=2.0)
+    result = search_capacity(stub_trial(0.1, calls), "attainment", SLO_, low=0.5, high=2.0)
     assert result.capacity == 0 and calls == [0.5]
 
 
 def test_the_trial_budget_is_respected():
     calls: list[float] = []
-    search_capacity(stub_trial(1000.0, calls), "sarathi", SLO_, low=1, high=2, max_trials=5)
+    search_capacity(stub_trial(1000.0, calls), "p99_tbt", SLO_, low=1, high=2, max_trials=5)
     assert len(calls) == 5
 
 
 def test_conditions_need_their_slos_and_a_known_name():
     summary = stub_trial(1.0)(0.5)
     with pytest.raises(ValueError, match="TBT SLO"):
-        meets(summary, "sarathi", SLO(ttft_s=1.0))
+        meets(summary, "p99_tbt", SLOTargets(ttft_s=1.0))
     with pytest.raises(ValueError, match="condition must be"):
-        meets(summary, "best", SLO_)
+        meets(summary, "sarathi", SLO_)  # a scheduler, not a condition
     with pytest.raises(ValueError, match="low < high"):
-        search_capacity(stub_trial(1.0), "sarathi", SLO_, low=2, high=1)
+        search_capacity(stub_trial(1.0), "p99_tbt", SLO_, low=2, high=1)

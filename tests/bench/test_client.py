@@ -8,7 +8,7 @@ import json
 from aiohttp import web
 
 from pacer.bench.client import ClientConfig, LoadClient
-from pacer.bench.metrics import SLO, RequestRecord, summarize
+from pacer.bench.metrics import RequestRecord, SLOTargets, summarize
 from pacer.bench.workload import BenchRequest
 
 
@@ -70,7 +70,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _run(prompts: list[str], slo: SLO | None = None, classes: list[str | None] | None = None,
+async def _run(prompts: list[str], slo: SLOTargets | None = None, classes: list[str | None] | None = None,
                turns: list[int] | None = None) -> list[RequestRecord]:
     app = web.Application()
     app.router.add_post("/v1/completions", _completions)
@@ -111,9 +111,10 @@ def test_every_failure_is_recorded_by_kind():
 
 def test_the_runs_slo_travels_as_headers():
     SEEN_HEADERS.clear()
-    asyncio.run(_run(["split"], slo=SLO(ttft_s=2.5, tbt_s=0.2)))
-    asyncio.run(_run(["split"], slo=SLO(ttft_s=None, tbt_s=0.05)))
-    asyncio.run(_run(["split"], slo=SLO(ttft_s=3.0, tbt_s=0.2, tbt_stat="mean")))  # judged on TPOT, promised TPOT
+    asyncio.run(_run(["split"], slo=SLOTargets(ttft_s=2.5, tbt_s=0.2)))
+    asyncio.run(_run(["split"], slo=SLOTargets(ttft_s=None, tbt_s=0.05)))
+    # judged on TPOT, promised TPOT
+    asyncio.run(_run(["split"], slo=SLOTargets(ttft_s=3.0, tbt_s=0.2, tbt_stat="mean")))
     asyncio.run(_run(["split"]))
     assert SEEN_HEADERS == [{"x-slo-ttft-ms": "2500", "x-slo-tbt-ms": "200"}, {"x-slo-tbt-ms": "50"},
                             {"x-slo-ttft-ms": "3000", "x-slo-tpot-ms": "200"}, {}]
@@ -123,7 +124,7 @@ def test_a_requests_class_slo_travels_with_it():
     from pacer.bench.metrics import parse_slo_classes
 
     SEEN_HEADERS.clear()
-    slo = SLO(ttft_s=9.0, classes=parse_slo_classes("fast:0.5:300:50,slow:0.5:20000:-"))
+    slo = SLOTargets(ttft_s=9.0, classes=parse_slo_classes("fast:0.5:300:50,slow:0.5:20000:-"))
     records = asyncio.run(_run(["split", "split"], slo=slo, classes=["fast", "slow"]))
     assert sorted(SEEN_HEADERS, key=len) == [{"x-slo-ttft-ms": "20000"}, {"x-slo-ttft-ms": "300", "x-slo-tbt-ms": "50"}]
     assert [r.slo_class for r in records] == ["fast", "slow"]
@@ -146,7 +147,7 @@ def test_token_counts_off_the_final_usage_are_flagged_both_ways():
     over, under = asyncio.run(_run(["over-usage", "under-usage"]))
     assert (over.status, over.token_count_error) == ("ok", 1)  # 3 content chunks, usage says 2
     assert (under.status, under.token_count_error) == ("ok", -2)  # 1 content chunk, usage says 3
-    summary = summarize([over, under], SLO(), duration_s=1.0)
+    summary = summarize([over, under], SLOTargets(), duration_s=1.0)
     assert summary.num_token_count_mismatch == 2
 
 
@@ -165,5 +166,5 @@ def test_a_conversations_turns_carry_the_exchange_so_far_and_end_at_a_refusal():
     assert records[1].sent_s - records[0].finished_s >= 0.045
     assert records[1].scheduled_s <= records[1].sent_s < records[1].scheduled_s + 0.01
     assert records[2].num_prompt_tokens == 1  # as the server's usage counted it
-    summary = summarize(records, SLO(), duration_s=1.0)
+    summary = summarize(records, SLOTargets(), duration_s=1.0)
     assert summary.ttft_later_turns_s["p50"] > 0 and summary.num_rejected == 2

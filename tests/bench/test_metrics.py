@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pacer.bench.metrics import (
-    SLO,
     RequestRecord,
+    SLOTargets,
     fluidity_index,
     meets_slo,
     parse_slo_classes,
@@ -52,15 +52,15 @@ def test_one_token_request():
     m = request_metrics(record(sent_s=0.0, token_times_s=[0.5]))
     assert (m.ttft_s, m.e2e_s, m.normalized_latency_s) == (0.5, 0.5, 0.5)
     assert m.tbt_s == [] and m.tpot_s is None and m.max_tbt_s is None and m.p99_tbt_s is None
-    assert meets_slo(m, SLO(ttft_s=1.0, tbt_s=0.001)) == (True, True)  # no gaps: TBT is met
-    assert meets_slo(m, SLO(ttft_s=0.25)) == (False, True)
+    assert meets_slo(m, SLOTargets(ttft_s=1.0, tbt_s=0.001)) == (True, True)  # no gaps: TBT is met
+    assert meets_slo(m, SLOTargets(ttft_s=0.25)) == (False, True)
 
 
 def test_no_tokens_misses_ttft_only_if_promised():
     m = request_metrics(record(token_times_s=[]))
     assert m.ttft_s is None and m.e2e_s is None and m.normalized_latency_s is None
-    assert meets_slo(m, SLO(ttft_s=1.0, tbt_s=0.1)) == (False, True)
-    assert meets_slo(m, SLO()) == (True, True)
+    assert meets_slo(m, SLOTargets(ttft_s=1.0, tbt_s=0.1)) == (False, True)
+    assert meets_slo(m, SLOTargets()) == (True, True)
 
 
 def test_stall_p99_versus_mean_verdicts():
@@ -69,25 +69,25 @@ def test_stall_p99_versus_mean_verdicts():
     assert m.tpot_s == pytest.approx(0.2125)
     assert m.p99_tbt_s == pytest.approx(0.125 + 0.91 * 0.875)  # index 0.99 * 9 = 8.91
     assert m.max_tbt_s == 1.0
-    assert meets_slo(m, SLO(tbt_s=0.25, tbt_stat="mean")) == (True, True)
-    assert meets_slo(m, SLO(tbt_s=0.25, tbt_stat="p99")) == (True, False)
+    assert meets_slo(m, SLOTargets(tbt_s=0.25, tbt_stat="mean")) == (True, True)
+    assert meets_slo(m, SLOTargets(tbt_s=0.25, tbt_stat="p99")) == (True, False)
     # The other way round: one 100 s stall among 200 gaps leaves P99 at 125 ms but the mean at ~622 ms.
     m = request_metrics(record(token_times_s=stream(0.0, 0.25, [0.125] * 200 + [100.0])))
     assert m.p99_tbt_s == 0.125
     assert m.tpot_s == pytest.approx((200 * 0.125 + 100.0) / 201)
-    assert meets_slo(m, SLO(tbt_s=0.25, tbt_stat="p99")) == (True, True)
-    assert meets_slo(m, SLO(tbt_s=0.25, tbt_stat="mean")) == (True, False)
+    assert meets_slo(m, SLOTargets(tbt_s=0.25, tbt_stat="p99")) == (True, True)
+    assert meets_slo(m, SLOTargets(tbt_s=0.25, tbt_stat="mean")) == (True, False)
 
 
 def test_slo_validation():
     with pytest.raises(ValueError, match="tbt_stat"):
-        SLO(tbt_s=0.1, tbt_stat="p50")
+        SLOTargets(tbt_s=0.1, tbt_stat="p50")
     with pytest.raises(ValueError, match="ttft_s"):
-        SLO(ttft_s=0.0)
+        SLOTargets(ttft_s=0.0)
 
 
 def test_attainment_and_goodput_count_rejected_and_failed():
-    slo = SLO(ttft_s=1.0, tbt_s=0.25)
+    slo = SLOTargets(ttft_s=1.0, tbt_s=0.25)
     good = [record(i, sent_s=float(i), token_times_s=stream(float(i), 0.5, [0.125] * 3)) for i in range(5)]
     late_first = record(5, token_times_s=stream(0.0, 2.0, [0.125] * 3))  # misses TTFT only
     stalled = record(6, token_times_s=stream(0.0, 0.5, [1.0, 1.0, 1.0]))  # misses TBT only
@@ -132,7 +132,7 @@ def test_tbt_pools_every_token_of_every_request():
     # One request with a single 1 s gap, one with ten 125 ms gaps: per token the 125 ms gaps dominate.
     short = record(0, token_times_s=stream(0.0, 0.5, [1.0]))
     long = record(1, token_times_s=stream(0.0, 0.5, [0.125] * 10))
-    s = summarize([short, long], SLO(), duration_s=1.0)
+    s = summarize([short, long], SLOTargets(), duration_s=1.0)
     assert s.tbt_s["p50"] == 0.125
     assert s.tbt_s["mean"] == pytest.approx((1.0 + 10 * 0.125) / 11)
     assert s.tbt_s["max"] == 1.0
@@ -141,11 +141,11 @@ def test_tbt_pools_every_token_of_every_request():
 
 def test_fluidity_all_on_time():
     r = record(token_times_s=stream(0.0, 0.25, [0.125] * 10))
-    assert fluidity_index(r, SLO(ttft_s=0.25, tbt_s=0.125)) == 1.0
+    assert fluidity_index(r, SLOTargets(ttft_s=0.25, tbt_s=0.125)) == 1.0
 
 
 def test_fluidity_early_stall_costs_more_than_late_stall():
-    slo = SLO(ttft_s=0.25, tbt_s=0.125)
+    slo = SLOTargets(ttft_s=0.25, tbt_s=0.125)
     # Same gaps, same order statistics: 8 gaps of 62.5 ms and one 875 ms stall, early or late.
     early = record(token_times_s=stream(0.0, 0.25, [0.0625, 0.875] + [0.0625] * 8))
     late = record(token_times_s=stream(0.0, 0.25, [0.0625] * 9 + [0.875]))
@@ -159,19 +159,19 @@ def test_fluidity_early_stall_costs_more_than_late_stall():
 
 
 def test_fluidity_deadlines_restart_after_a_late_token():
-    slo = SLO(tbt_s=0.125)
+    slo = SLOTargets(tbt_s=0.125)
     # First token 1 s late past predicted prefill + slack -> misses 1 + floor(1 / 0.125) = 9; the rest are on
     # time relative to it.
     r = record(token_times_s=stream(0.0, 1.5, [0.125] * 4))
     assert fluidity_index(r, slo, predicted_prefill_s=0.25, slack_s=0.25) == 4 / 13
     # No TTFT promise and no slack: the schedule starts at the first token, which has no deadline.
     assert fluidity_index(r, slo) == 1.0
-    assert fluidity_index(r, SLO(ttft_s=1.0)) is None  # no TBT SLO
+    assert fluidity_index(r, SLOTargets(ttft_s=1.0)) is None  # no TBT SLO
     assert fluidity_index(record(token_times_s=[]), slo) is None
 
 
 def test_summarize_empty():
-    s = summarize([], SLO(ttft_s=1.0, tbt_s=0.1), duration_s=0.0)
+    s = summarize([], SLOTargets(ttft_s=1.0, tbt_s=0.1), duration_s=0.0)
     assert s.num_requests == 0 and s.num_good == 0 and s.mean_fluidity_index is None
     assert math.isnan(s.slo_attainment) and math.isnan(s.goodput) and math.isnan(s.ttft_s["p99"])
     data = s.to_json()
@@ -180,7 +180,7 @@ def test_summarize_empty():
 
 
 def test_summary_to_json_and_fluidity_and_scheduling_delay():
-    slo = SLO(ttft_s=0.25, tbt_s=0.125)
+    slo = SLOTargets(ttft_s=0.25, tbt_s=0.125)
     records = [record(0, token_times_s=stream(0.0, 0.25, [0.125] * 4), server_scheduling_delay_s=0.0625),
                record(1, token_times_s=stream(0.0, 0.25, [0.0625, 0.875] + [0.0625] * 8))]
     s = summarize(records, slo, duration_s=4.0, offered_rate=0.5)
@@ -193,15 +193,15 @@ def test_summary_to_json_and_fluidity_and_scheduling_delay():
 
 def test_unknown_status_is_an_error():
     with pytest.raises(ValueError, match="request 3"):
-        summarize([record(3, token_times_s=[1.0], status="timeout")], SLO(), duration_s=1.0)
+        summarize([record(3, token_times_s=[1.0], status="timeout")], SLOTargets(), duration_s=1.0)
 
 
 def test_slo_classes_parse_and_judge_each_request_by_its_class():
     classes = parse_slo_classes("interactive:0.3:1000:200, batch:0.7:20000:-")
     assert [(c.name, c.share, c.ttft_s, c.tbt_s) for c in classes] == [("interactive", 0.3, 1.0, 0.2),
                                                                          ("batch", 0.7, 20.0, None)]
-    slo = SLO(ttft_s=0.1, tbt_s=0.1, classes=classes)
-    assert slo.of("batch") == SLO(20.0, None) and slo.of(None) is slo
+    slo = SLOTargets(ttft_s=0.1, tbt_s=0.1, classes=classes)
+    assert slo.of("batch") == SLOTargets(20.0, None) and slo.of(None) is slo
     records = [record(0, 0.0, stream(0.0, 2.0, [0.5]), slo_class="interactive"),  # TTFT 2 s > 1 s: missed
                record(1, 0.0, stream(0.0, 0.5, [0.1]), slo_class="interactive"),
                record(2, 0.0, stream(0.0, 2.0, [0.5]), slo_class="batch"),  # within the batch SLO

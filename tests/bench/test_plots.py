@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pacer.bench.metrics import SLO, RequestRecord
+from pacer.bench.metrics import RequestRecord, SLOTargets
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SLO_BOTH = SLO(ttft_s=0.2, tbt_s=0.05)
+SLO_BOTH = SLOTargets(ttft_s=0.2, tbt_s=0.05)
 
 
 def ok(index: int, sent_s: float, ttft_s: float, gaps_s: list[float]) -> RequestRecord:
@@ -53,11 +53,11 @@ def test_plot_run_writes_three_pngs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("records", "slo"), [
-    ([], SLO()),
-    ([not_ok(0, 0.0, "rejected"), not_ok(1, 0.5, "failed", "network")], SLO(ttft_s=0.2)),
+    ([], SLOTargets()),
+    ([not_ok(0, 0.0, "rejected"), not_ok(1, 0.5, "failed", "network")], SLOTargets(ttft_s=0.2)),
     ([ok(0, 0.0, 0.1, [])], SLO_BOTH),  # completed, but one token: a TTFT and no gaps
 ], ids=["no-requests", "none-completed", "no-gaps"])
-def test_plot_run_with_nothing_to_plot(tmp_path: Path, records: list[RequestRecord], slo: SLO) -> None:
+def test_plot_run_with_nothing_to_plot(tmp_path: Path, records: list[RequestRecord], slo: SLOTargets) -> None:
     paths = plot_run(records, slo, tmp_path)
     assert len(paths) == 3
     for path in paths:
@@ -66,7 +66,7 @@ def test_plot_run_with_nothing_to_plot(tmp_path: Path, records: list[RequestReco
 
 def test_plot_run_when_latencies_span_decades(tmp_path: Path) -> None:
     """Long stalls switch the latency axes to log scale; 0 ms gaps must still plot (symlog)."""
-    for path in plot_run(run_records(stall_s=5.0), SLO(tbt_s=0.05, tbt_stat="mean"), tmp_path):
+    for path in plot_run(run_records(stall_s=5.0), SLOTargets(tbt_s=0.05, tbt_stat="mean"), tmp_path):
         assert_png(path)
 
 
@@ -80,7 +80,7 @@ def test_plot_compare_overlays_runs(tmp_path: Path) -> None:
 
 def test_plot_compare_with_nothing_to_plot(tmp_path: Path) -> None:
     for runs in ({}, {"fcfs": [], "slo": [not_ok(0, 0.0, "rejected")]}):
-        for path in plot_compare(runs, SLO(), tmp_path):
+        for path in plot_compare(runs, SLOTargets(), tmp_path):
             assert_png(path)
 
 

@@ -15,20 +15,6 @@ from pacer.latency.model import (
     feature_names,
     largest_chunk,
 )
-from pacer.request import Request
-from pacer.scheduling import SchedulerOutput
-
-
-def test_shape_of_a_plan_sums_chunks_and_decodes():
-    decode = Request("d", list(range(10)))
-    decode.num_computed_tokens = 9  # 1 token left: a decode at context 10
-    chunk = Request("p", list(range(40)))
-    chunk.num_computed_tokens = 8
-    plan = SchedulerOutput([decode, chunk], {"d": 1, "p": 16}, 17)
-    shape = BatchShape.of(plan)
-    assert shape == BatchShape(num_prefill_tokens=16, prefill_attention=16 * (8 + 17 / 2), prefill_context=8,
-                               num_decodes=1, decode_context=10)
-    assert shape.num_tokens == 17
 
 
 def _random_shapes(rng: np.random.Generator, n: int) -> list[BatchShape]:

@@ -14,7 +14,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
-from pacer.latency.profile import default_profile_path
+from pacer.engine.profile import default_profile_path
 from pacer.model import cpu_kernels
 from pacer.model.attention import allocate_kv_cache
 from pacer.model.llama import LlamaModel, block_formats

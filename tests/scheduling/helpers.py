@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pacer.config import SchedulerConfig
 from pacer.kv import KVCacheManager
-from pacer.latency.model import BatchShape, LatencyModel, LinearLatencyModel
+from pacer.latency.model import LatencyModel, LinearLatencyModel
 from pacer.request import Request, SamplingParams
 from pacer.scheduling import ModelOutput, Scheduler, SchedulerOutput, scheduler_class
 
@@ -51,7 +51,7 @@ def step(scheduler: Scheduler, now: float = 0.0, token: int = 7) -> tuple[Schedu
     plan = scheduler.schedule(now)
     assert plan.total_num_scheduled_tokens <= scheduler.token_budget
     assert plan.total_num_scheduled_tokens == sum(plan.num_scheduled_tokens.values())
-    assert plan.shape == BatchShape.of(plan), "the plan's incremental batch shape drifted"
+    assert plan.shape == plan.recount_shape(), "the plan's incremental batch shape drifted"
     finished = scheduler.update(plan, fake_output(plan, token), now)
     check_invariants(scheduler)
     return plan, finished

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pacer.request import FinishReason, RequestStatus
-from pacer.scheduling import SCHEDULERS, scheduler_class
+from pacer.latency.model import BatchShape
+from pacer.request import FinishReason, Request, RequestStatus
+from pacer.scheduling import SCHEDULERS, SchedulerOutput, scheduler_class
 from tests.scheduling.helpers import EOS, make_request, make_scheduler, step
 
 
@@ -13,6 +14,19 @@ def test_registry_lists_policies_and_rejects_unknown():
     assert {"fcfs", "orca", "sarathi"} <= set(SCHEDULERS)
     with pytest.raises(ValueError, match="known: fcfs, orca"):
         scheduler_class("nope")
+
+
+def test_a_plans_batch_shape_sums_its_chunks_and_decodes():
+    decode = Request("d", list(range(10)))
+    decode.num_computed_tokens = 9  # 1 token left: a decode at context 10
+    chunk = Request("p", list(range(40)))
+    chunk.num_computed_tokens = 8
+    plan = SchedulerOutput()
+    plan.add(decode, 1)
+    plan.add(chunk, 16)
+    expected = BatchShape(num_prefill_tokens=16, prefill_attention=16 * (8 + 17 / 2), prefill_context=8,
+                          num_decodes=1, decode_context=10)
+    assert plan.shape == plan.recount_shape() == expected and expected.num_tokens == 17
 
 
 def test_sarathi_chunks_prompt_to_budget_and_decodes_go_first():

@@ -12,6 +12,7 @@ from pacer.latency.model import BatchShape, ErrorWindow, LinearLatencyModel, lar
 from pacer.request import SLO, FinishReason, RequestStatus
 from pacer.scheduling.admission import (
     MIN_CHUNK,
+    QueuedPrompt,
     QueueSnapshot,
     QueueState,
     QueueTimes,
@@ -307,7 +308,7 @@ def test_admission_plays_prompts_into_decodes_and_decodes_out_at_max_tokens():
     assert largest_chunk(latency, BatchShape().with_decode(100), 0, 512, 0.1 / (1 + MARGIN)) == 65
 
     def snapshot(queue, decodes=()):
-        return QueueSnapshot(tuple(queue), tuple(decodes), 0.1, 512, 4096)
+        return QueueSnapshot(tuple(QueuedPrompt(*entry) for entry in queue), tuple(decodes), 0.1, 512, 4096)
 
     # a decode with one token to go leaves after the iteration in flight: the prompt ahead then runs in one piece,
     # and the probe fits in the rest of that iteration

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pacer.bench.metrics import SLO as RunSLO
+from pacer.bench.metrics import SLOTargets
 from pacer.bench.trace import read_trace
 from pacer.bench.workload import WorkloadConfig, shared_prefixes
 from pacer.config import SchedulerConfig
@@ -126,7 +126,7 @@ def profile(tmp_path):
 def test_same_seed_gives_a_byte_identical_report(profile, tmp_path):
     workload = WorkloadConfig(num_requests=50, rate=20.0, lengths="uniform", prompt_tokens=200, output_tokens=40)
     sim = SimConfig(profile=str(profile), kv_blocks=64, noise=0.1)
-    slo = RunSLO(ttft_s=1.0, tbt_s=0.1)
+    slo = SLOTargets(ttft_s=1.0, tbt_s=0.1)
     outs = [tmp_path / "a.json", tmp_path / "b.json"]
     for out in outs:
         run_sim(workload, sim, SchedulerConfig(scheduler="slo"), slo, out)

@@ -6,8 +6,8 @@ import pytest
 
 from pacer.config import EngineConfig
 from pacer.engine.builder import build_engine
+from pacer.engine.profile import QUICK_GRID, default_profile_path
 from pacer.latency.model import LinearLatencyModel
-from pacer.latency.profile import QUICK_GRID, default_profile_path
 from pacer.model.runner import resolve_dtype
 
 
