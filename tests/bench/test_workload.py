@@ -13,6 +13,7 @@ import pytest
 
 from pacer.bench.trace import TraceError, TraceRecord, read_trace
 from pacer.bench.workload import BenchRequest, WorkloadConfig, build_workload
+from tests.strict import skip_or_fail
 
 TRACES = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 
@@ -24,7 +25,7 @@ def tokenizer():
     try:
         return load_tokenizer(resolve_model_path(None))
     except FileNotFoundError as error:
-        pytest.skip(str(error))
+        skip_or_fail(str(error))
 
 
 def shipped_trace(name: str) -> Path:

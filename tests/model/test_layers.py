@@ -8,16 +8,14 @@ import torch.nn.functional as F
 
 from pacer.model import cpu_kernels as K
 from pacer.model.llama import RMSNorm, silu_and_mul
+from tests.strict import kernel_ops
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 @pytest.fixture(scope="module")
 def ops():
-    ops = K.layer_ops()
-    if ops is None:
-        pytest.skip("C++ kernels unavailable (no compiler?)")
-    return ops
+    return kernel_ops(K.layer_ops(), "C++ fused layers")
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
