@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pacer.cluster.replica import Replica, ReplicaInfo
 from pacer.config import ClusterConfig, EngineConfig
 from pacer.engine.async_engine import EngineError, EngineLoad, EngineObserver, EngineUpdate, Failure, RequestStream
+from pacer.extras import require
 from pacer.request import FinishReason, Request, RequestOutput
 from pacer.scheduling.admission import QueueView, SLOUnattainable
 from pacer.scheduling.base import RequestLimits
@@ -95,6 +96,7 @@ class ClusterEngine:
 
     def __init__(self, engine_config: EngineConfig, cluster: ClusterConfig, admission: bool = True) -> None:
         router_class(cluster.router)  # fail on a bad name before starting anything
+        require("ray", "ray", "pacer serve --replicas/--ray-address (engine replicas on Ray)")
         self.engine_config = engine_config
         self.cluster = cluster
         self.admission = admission
