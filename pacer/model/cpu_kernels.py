@@ -87,8 +87,8 @@ class _KernelLoader:
 
         here = Path(__file__).parent
         flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fopenmp"]
-        build_dir = build_directory()
         try:
+            build_dir = build_directory()
             with _exclusive(build_dir):
                 cpp_extension.load(
                     name=build_dir.name,
@@ -108,8 +108,9 @@ class _KernelLoader:
 def build_directory() -> Path:
     """Where the extension is built and cached: torch's extensions root (TORCH_EXTENSIONS_DIR, else
     ~/.cache/torch_extensions), then a folder per CPU, torch, Python and checkout. Not torch's default folder, which
-    keys on the Python version alone: -march=native builds run only on CPUs with the same features, and two checkouts
-    in one folder rebuild each other's build at every start (its ninja file names the sources by absolute path)."""
+    keys on the Python version and accelerator only: -march=native builds run only on CPUs with the same features,
+    and two checkouts in one folder rebuild each other's build at every start (its ninja file names the sources by
+    absolute path)."""
     from torch.utils import cpp_extension
 
     try:
