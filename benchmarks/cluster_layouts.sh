@@ -28,6 +28,6 @@ $PACER bench compare --config "local-t1=--threads 1" --config "ray-t1=--ray-addr
 # 2x1 against 1x2
 $PACER bench compare --config "1x2=--scheduler slo --threads 2" \
   --config "2x1=--scheduler slo --replicas 2 --threads-per-replica 1" \
-  --server-args "$COMMON" --arrival trace --lengths trace --trace ../shared/data/traces/azure2023_conv.csv \
+  --server-args "$COMMON" --arrival trace --lengths trace --trace benchmarks/data/azure2023_conv.csv \
   --length-scale 0.25 --time-scale 4.5 --num-requests 150 --max-model-len 2048 --slo-ttft-ms 3000 \
   --slo-tbt-ms 500 --out $OUT/cluster_layouts_azure.json

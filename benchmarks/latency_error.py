@@ -34,7 +34,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scheduler", default="slo")
     ap.add_argument("--num-requests", type=int, default=100)
-    ap.add_argument("--trace", default="../shared/data/traces/azure2023_conv.csv")
+    ap.add_argument("--trace", default="benchmarks/data/azure2023_conv.csv")
     ap.add_argument("--length-scale", type=float, default=0.25)
     ap.add_argument("--time-scale", type=float, default=4.5)
     ap.add_argument("--arrival", default="trace", help="trace (the trace's own times) or poisson at --rate")

@@ -18,7 +18,7 @@ run() {  # NAME SCHEDULERS...
   local name=$1; shift
   $PACER bench compare --schedulers "$(IFS=,; echo "$*")" \
     --server-args "--dtype $DTYPE --threads 2 --kv-cache-memory 2GiB" --arrival poisson --rate "$RATE" \
-    --lengths trace --trace ../shared/data/traces/azure2023_conv.csv --length-scale 0.25 --max-model-len 2048 \
+    --lengths trace --trace benchmarks/data/azure2023_conv.csv --length-scale 0.25 --max-model-len 2048 \
     --num-requests 200 --slo-classes interactive:0.3:2500:500,batch:0.7:20000:1000 \
     --out "$out/$name.json" 2>&1 | tr '\r' '\n' | grep -v '^bench:' > "$out/$name.log"
 }

@@ -23,7 +23,7 @@ for multiple in ${MULTIPLES:-1 2 4}; do
   fi
   $PACER bench compare "${others[@]}" --config "slo=--scheduler slo" \
     --server-args "--dtype $DTYPE --threads 2 --kv-cache-memory 2GiB" --arrival poisson --rate "$rate" \
-    --seed "${SEED:-0}" --lengths trace --trace "${TRACE:-../shared/data/traces/azure2023_conv.csv}" \
+    --seed "${SEED:-0}" --lengths trace --trace "${TRACE:-benchmarks/data/azure2023_conv.csv}" \
     --length-scale 0.25 --max-model-len 2048 --num-requests "${NUM_REQUESTS:-120}" --slo-ttft-ms 3000 \
     --slo-tbt-ms "$SLO_TBT_MS" --out "${PREFIX}_${multiple}x${TAG:-}.json"
 done

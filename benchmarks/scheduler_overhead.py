@@ -5,7 +5,7 @@ queue of 64 waiting prompts that cannot join (max_num_seqs is full), the KV pool
 Every prompt opens with the same 128 tokens (a system prompt), then its own; each policy runs with prefix caching
 off and on (its cost: publishing each block a decode fills, and the look-ups of the requests that start).
 
-    .venv/bin/python benchmarks/scheduler_overhead.py --profile PROFILE [--profile ../shared/data/profiles/sarathi-a100]
+    .venv/bin/python benchmarks/scheduler_overhead.py --profile PROFILE [--profile benchmarks/data/profiles/sarathi-a100]
 """
 
 from __future__ import annotations

@@ -147,11 +147,12 @@ def completion_body(model: str, prompt: list[int], output_tokens: int) -> dict:
 async def stream_one(http, model: str, prompt: list[int], output_tokens: int, result: RequestResult,
                      t0: float) -> None:
     """Send one streaming completion and fill `result` in from its SSE events."""
-    async with http.stream("POST", "/v1/completions", json=completion_body(model, prompt, output_tokens)) as response:
-        if response.status_code != 200:
-            body = (await response.aread()).decode(errors="replace")
-            raise RuntimeError(f"HTTP {response.status_code}: {body[:500]}")
-        async for line in response.aiter_lines():
+    async with http.post("/v1/completions", json=completion_body(model, prompt, output_tokens)) as response:
+        if response.status != 200:
+            body = await response.text(errors="replace")
+            raise RuntimeError(f"HTTP {response.status}: {body[:500]}")
+        async for raw in response.content:  # one line at a time
+            line = raw.decode().rstrip("\r\n")
             if not line.startswith("data:"):
                 continue
             data = line[len("data:"):].strip()
@@ -191,13 +192,13 @@ async def run_client(http, model: str, client: int, prompts: list[list[int]], ou
 async def run_load(base_url: str, model: str, prompts: list[list[int]], clients: int, output_tokens: int,
                    request_timeout_s: float) -> list[RequestResult]:
     """`clients` concurrent clients; client c sends its share of `prompts` one after the other."""
-    import httpx
+    import aiohttp
 
     per_client = len(prompts) // clients
-    timeout = httpx.Timeout(request_timeout_s, connect=10.0)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    # trust_env=False: a proxy from the environment must not sit between the client and localhost.
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits, trust_env=False) as http:
+    timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=10.0)
+    # trust_env=False (aiohttp's default): a proxy from the environment must not sit between the client and localhost.
+    async with aiohttp.ClientSession(base_url=base_url, timeout=timeout, connector=aiohttp.TCPConnector(limit=clients),
+                                     trust_env=False) as http:
         t0 = time.perf_counter()
         shares = [prompts[c * per_client:(c + 1) * per_client] for c in range(clients)]
         runs = [run_client(http, model, c, share, output_tokens, t0, request_timeout_s)
@@ -305,18 +306,17 @@ def stop_server(process: subprocess.Popen, name: str) -> None:
 
 def wait_ready(base_url: str, process: subprocess.Popen, timeout_s: float, log_path: Path) -> str:
     """Poll /health until 200; returns the served model name (from /v1/models)."""
-    import httpx
+    from pacer.bench.servers import http_get  # no proxy from the environment
 
     deadline = time.monotonic() + timeout_s
-    with httpx.Client(base_url=base_url, timeout=5.0, trust_env=False) as http:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {process.returncode} before it was ready; "
-                                   f"its log ends:\n{tail(log_path)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if http.get("/health").status_code == 200:
-                    return http.get("/v1/models").json()["data"][0]["id"]
-            time.sleep(HEALTH_POLL_S)
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode} before it was ready; "
+                               f"its log ends:\n{tail(log_path)}")
+        with contextlib.suppress(OSError):
+            if http_get(base_url + "/health", timeout_s=5.0)[0] == 200:
+                return json.loads(http_get(base_url + "/v1/models", timeout_s=5.0)[1])["data"][0]["id"]
+        time.sleep(HEALTH_POLL_S)
     raise TimeoutError(f"the server was not ready after {timeout_s:.0f} s; its log ends:\n{tail(log_path)}")
 
 

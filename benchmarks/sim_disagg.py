@@ -20,8 +20,8 @@ from pacer.bench.workload import WorkloadConfig
 from pacer.config import SchedulerConfig
 from pacer.sim.run import SimConfig, run_sim_capacity
 
-PROFILE = "../shared/data/profiles/sarathi-a100"
-TRACES = "../shared/data/traces"
+PROFILE = "benchmarks/data/profiles/sarathi-a100"
+TRACES = "benchmarks/data"
 MIXES = {  # name -> workload fields
     "chat+documents": {"lengths": "mix", "length_mix": "0.9:64-1024:32-512,0.1:6144-7936:64-256"},
     "arxiv (prompt-heavy)": {"lengths": "trace", "trace": f"{TRACES}/arxiv_4k_llama2_lengths.csv",

@@ -40,7 +40,7 @@ def main() -> int:
     args = ap.parse_args()
     slo = SLOTargets(ttft_s=3.0, tbt_s=0.5)
     base = WorkloadConfig(num_requests=args.num_requests, arrival="poisson", lengths="trace",
-                          trace="../shared/data/traces/azure2023_conv.csv", length_scale=0.25, max_model_len=2048)
+                          trace="benchmarks/data/azure2023_conv.csv", length_scale=0.25, max_model_len=2048)
     policies = args.schedulers.split(",")
     server = ["--dtype", "float32", "--threads", "2", "--kv-cache-memory", "2GiB", "--latency-profile", args.profile]
     rows = []

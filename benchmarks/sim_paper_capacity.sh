@@ -6,8 +6,8 @@ set -euo pipefail
 OUT=${OUT:-benchmarks/out/sim_paper}
 N=${N:-2000}
 mkdir -p "$OUT"
-COMMON=(--profile ../shared/data/profiles/sarathi-a100 --lengths trace
-        --trace ../shared/data/traces/sharegpt_8k_llama2_lengths.csv --num-requests "$N" --max-model-len 8192
+COMMON=(--profile benchmarks/data/profiles/sarathi-a100 --lengths trace
+        --trace benchmarks/data/sharegpt_8k_llama2_lengths.csv --num-requests "$N" --max-model-len 8192
         --max-num-seqs 128 --condition p99_tbt --min-rate 0.05 --max-rate 0.4 --tolerance 0.02 --max-trials 16)
 for setting in "strict 200 512" "relaxed 1000 2048"; do
   read -r name tbt budget <<<"$setting"

@@ -81,7 +81,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, required=True)
     ap.add_argument("--num-requests", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--trace", default="../shared/data/traces/azure2023_conv.csv")
+    ap.add_argument("--trace", default="benchmarks/data/azure2023_conv.csv")
     ap.add_argument("--length-scale", type=float, default=0.25)
     ap.add_argument("--slo-ttft-ms", type=float, default=3000)
     ap.add_argument("--slo-tbt-ms", type=float, default=500)

@@ -27,7 +27,7 @@ from pacer.bench.workload import WorkloadConfig
 from pacer.config import SchedulerConfig
 from pacer.sim.run import SimConfig, SimRun, run_sim_capacity, simulate
 
-PROFILE = "../shared/data/profiles/sarathi-a100"
+PROFILE = "benchmarks/data/profiles/sarathi-a100"
 CHAT, DOCUMENTS = "64-1024:32-512", "6144-7936:64-256"  # prompt:output tokens; 7936 + 256 = the 8192 context
 ROUTERS = ("round_robin", "least_tokens", "slo")
 MODES = {"promised": True, "routing": False}  # mode -> send_ttft_slo

@@ -24,6 +24,7 @@ from pacer.config import (
     config_from_args,
     engine_config_from_args,
 )
+from pacer.extras import MissingExtra
 from pacer.request import SamplingParams
 from pacer.scheduling import SCHEDULERS
 from pacer.scheduling.router import ROUTERS
@@ -123,10 +124,12 @@ def profile(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     from pacer.bench.client import ClientConfig
+    from pacer.bench.plots import require_matplotlib
     from pacer.bench.run import run_bench, run_capacity, run_compare
     from pacer.bench.workload import WorkloadConfig
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    if args.plots is not None:
+        require_matplotlib()
     slo = _slo(args)
     workload, client = config_from_args(WorkloadConfig, args), config_from_args(ClientConfig, args)
     if args.bench_command == "compare":
@@ -145,7 +148,6 @@ def bench_suite(args: argparse.Namespace) -> int:
     from pacer.bench.suite import load_suite, run_suite
     from pacer.model.weights import load_tokenizer, resolve_model_path
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     suite = load_suite(args.suite)
     if args.repeats is not None:
         suite = replace(suite, repeats=args.repeats)
@@ -161,9 +163,12 @@ def bench_suite(args: argparse.Namespace) -> int:
 
 
 def sim(args: argparse.Namespace) -> int:
+    from pacer.bench.plots import require_matplotlib
     from pacer.bench.workload import WorkloadConfig
     from pacer.sim.run import SimConfig, run_sim, run_sim_capacity, run_sim_compare
 
+    if args.plots is not None:
+        require_matplotlib()
     slo = _slo(args)
     workload = config_from_args(WorkloadConfig, args)
     simulated, scheduler = config_from_args(SimConfig, args), config_from_args(SchedulerConfig, args)
@@ -368,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, MissingExtra) as e:
         print(f"pacer: error: {e}", file=sys.stderr)
         return 2
 

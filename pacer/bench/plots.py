@@ -1,23 +1,31 @@
 """PNG plots of `pacer bench` runs for reports and the README: latency CDFs, latency over time, capacity curves.
 
 Latencies are drawn in ms (the edge unit, METRICS.md names); inputs stay in seconds like the rest of pacer.
+matplotlib is optional (`pacer[plots]`): imported at the first figure, so that bench and sim run without it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib import ticker
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from pacer.bench.metrics import RequestRecord, SLOTargets, request_metrics
+from pacer.extras import require
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 ATTAINMENT_BAR = 0.9  # DistServe's goodput is the highest rate with >= 90 % of requests within SLO
 NOT_OK_STYLE = {"rejected": ("x", "tab:red"), "failed": ("X", "black")}
 LOG_SPREAD = 10  # max / median above which a latency axis goes logarithmic, so stalls do not squash the body
+
+
+def require_matplotlib() -> None:
+    """Fail with the extra to install, before a run rather than after it, when plots are asked for."""
+    require("matplotlib", "plots", "plots (--plots)")
 
 
 def plot_run(records: list[RequestRecord], slo: SLOTargets, out_dir: Path, title: str = "") -> list[Path]:
@@ -131,6 +139,8 @@ def _plot_over_time(records: list[RequestRecord], slo: SLOTargets, path: Path, t
 def _latency_scale(ax: Axes, which: str, values_ms: np.ndarray) -> None:
     """Logarithmic (symlog if some are 0 ms, e.g. tokens that arrived in one chunk) when the values spread over
     more than a decade, with ticks in plain ms numbers rather than powers of ten."""
+    from matplotlib import ticker
+
     values_ms = values_ms[np.isfinite(values_ms)]
     median = float(np.median(values_ms)) if values_ms.size else 0.0
     if median <= 0 or values_ms.max() <= LOG_SPREAD * median:
@@ -188,6 +198,10 @@ def _decorate(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
 def _figure(width: float, height: float) -> Figure:
     """A Figure drawn by Agg without pyplot: no window, no global backend switch for whoever imports us (a
     notebook keeps its own), and no pyplot registry holding every figure alive until closed."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig

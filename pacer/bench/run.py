@@ -9,7 +9,6 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
@@ -26,7 +25,7 @@ from pacer.bench.report import (
     save_report,
     workload_title,
 )
-from pacer.bench.servers import server_process
+from pacer.bench.servers import http_get, server_process
 from pacer.bench.workload import BenchRequest, TokenizerLike, WorkloadConfig, build_workload
 from pacer.heap import freeze_startup_heap
 from pacer.model.weights import load_tokenizer, resolve_model_path
@@ -150,14 +149,14 @@ def metric_totals(base_url: str, api_key: str | None = None) -> dict[str, float]
     `_sum` and `_count`); None if it serves none that parse."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(base_url + "/metrics", headers=headers, timeout=10, trust_env=False)
-        if response.status_code != 200:
+        status, text = http_get(base_url + "/metrics", timeout_s=10, headers=headers)
+        if status != 200:
             return None
         totals: dict[str, float] = defaultdict(float)
-        for family in text_string_to_metric_families(response.text):
+        for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 totals[sample.name] += sample.value
-    except (httpx.HTTPError, ValueError):
+    except (OSError, ValueError):
         return None
     return dict(totals)
 
@@ -178,6 +177,6 @@ def prefix_cache_counters(client: ClientConfig) -> tuple[float, float] | None:
 def _save_metrics(url: str, path: Path) -> None:
     """Keep the server's own /metrics as the run left them (latency-model error, rejections, ...)."""
     try:
-        path.write_text(httpx.get(url + "/metrics", timeout=10, trust_env=False).text)
-    except httpx.HTTPError as error:
+        path.write_text(http_get(url + "/metrics", timeout_s=10)[1])
+    except OSError as error:
         path.write_text(f"# /metrics unavailable: {error!r}\n")

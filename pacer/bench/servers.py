@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import shlex
 import signal
@@ -10,11 +11,28 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+# The servers are local: never reach them through a proxy from the environment (http_proxy and friends).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_get(url: str, timeout_s: float, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """GET `url` without a proxy: (status, body), whatever the status. OSError if no response came (refused,
+    timed out, cut off)."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with _DIRECT.open(request, timeout=timeout_s) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:  # a response all the same: 4xx or 5xx
+        with error:
+            return error.code, error.read().decode(errors="replace")
+    except http.client.HTTPException as error:  # a malformed or truncated response
+        raise ConnectionError(f"GET {url}: {error!r}") from error
 
 
 def free_port() -> int:
@@ -75,8 +93,8 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, log_pat
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}; see {log_path}:\n"
                                + log_path.read_text()[-2000:])
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
+        with contextlib.suppress(OSError):
+            if http_get(url + "/health", timeout_s=2)[0] == 200:
                 return
         time.sleep(0.25)
     raise RuntimeError(f"server not healthy after {timeout_s:.0f} s; see {log_path}")

@@ -17,6 +17,7 @@ from pacer.config import ClusterConfig, EngineConfig
 from pacer.engine.frontend import Frontend
 from pacer.engine.handle import HostEvents
 from pacer.engine.protocol import Abort, Add, Adopt, Command, Ready
+from pacer.extras import require
 from pacer.request import Request
 from pacer.scheduling.router import router_class
 
@@ -28,7 +29,7 @@ _PRUNE_ADOPTIONS = 64  # hand-over calls kept for aborts to wait on, before the 
 
 def ray_frontend(engine_config: EngineConfig, cluster: ClusterConfig, admission: bool = True) -> Frontend:
     """Start (or join) Ray and return the front end of `cluster.replicas` replica actors (not started yet)."""
-    import ray
+    ray = require("ray", "ray", "pacer serve --replicas/--ray-address (engine replicas on Ray)")
 
     router = router_class(cluster.router)()  # fail on a bad name before starting anything
     threads = (cluster.threads_per_replica or engine_config.model.threads

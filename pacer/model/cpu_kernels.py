@@ -10,11 +10,14 @@ All are one extension, so one build. Without a compiler, the callers fall back t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 # Set to 1 to skip building/using the C++ kernels (plain torch is used instead).
 NO_KERNEL_ENV = "PACER_NO_CPP_KERNEL"
+# What running without them costs, for the one warning that says so.
+FALLBACK_COST = ("decode attention, the fused norms and the matmuls on GGUF blocks fall back to plain torch, several "
+                 "times slower a step")
 SOURCES = ("attention_cpu.cpp", "layers_cpu.cpp", "quant_cpu.cpp", "cpu_vec.h")
 
 
@@ -82,27 +88,67 @@ class _KernelLoader:
         here = Path(__file__).parent
         flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fopenmp"]
         try:
-            cpp_extension.load(
-                name=f"pacer_cpu_{_cpu_fingerprint()}",
-                sources=[str(here / source) for source in SOURCES if source.endswith(".cpp")],
-                extra_cflags=flags,
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-            )
+            build_dir = build_directory()
+            with _exclusive(build_dir):
+                cpp_extension.load(
+                    name=build_dir.name,
+                    sources=[str(here / source) for source in SOURCES if source.endswith(".cpp")],
+                    extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(build_dir),
+                    is_python_module=False,
+                )
             return True
         except Exception as e:  # noqa: BLE001 - any build failure means: use plain torch
-            logger.warning("pacer's C++ CPU kernels unavailable, using plain torch: %s", e)
+            logger.warning("pacer's C++ kernels are unavailable (their build failed: %s): %s. A C++ compiler (g++ or "
+                           "clang++) and ninja build them at the next start", e, FALLBACK_COST)
             return False
 
 
-def _cpu_fingerprint() -> str:
-    """-march=native builds are only valid on CPUs with the same features: key the cached build on them, so a cache
-    directory shared between machines cannot hand out an illegal instruction."""
+def build_directory() -> Path:
+    """Where the extension is built and cached: torch's extensions root (TORCH_EXTENSIONS_DIR, else
+    ~/.cache/torch_extensions), then a folder per CPU, torch, Python and checkout. Not torch's default folder, which
+    keys on the Python version and accelerator only: -march=native builds run only on CPUs with the same features,
+    and two checkouts in one folder rebuild each other's build at every start (its ninja file names the sources by
+    absolute path)."""
+    from torch.utils import cpp_extension
+
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor() or platform.machine()
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    key = "\n".join([flags, torch.__version__, python, str(Path(__file__).parent)])
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / "pacer" / f"pacer_cpu_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+@contextlib.contextmanager
+def _exclusive(build_dir: Path) -> Iterator[None]:
+    """Hold pacer's own lock on `build_dir` while torch builds or loads there.
+
+    torch guards a build with a `lock` file (FileBaton) that only a clean exit removes: a build killed half-way (a
+    SIGKILL, a SIGTERM, a closed terminal) leaves it, and every later start then waits for it forever, even to load
+    a finished build. Ours is an flock, which the kernel drops when its holder dies however it dies; holding it, no
+    live pacer uses `build_dir`, so a `lock` there is stale and goes.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no flock, and torch's lock file as it is
+        yield
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "pacer.flock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process building pacer's C++ kernels in %s", build_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            logger.warning("removing %s, left by a build of pacer's C++ kernels that was killed", stale)
+            stale.unlink(missing_ok=True)
+        yield  # the flock goes with the file's close
 
 
 _loader = _KernelLoader()

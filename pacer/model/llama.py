@@ -87,6 +87,8 @@ class PackedLinear(nn.Module):
 
     Plain `F.linear` repacks the weight inside every call, which costs most at small decode batches. This is what
     vLLM's CPU backend does with its own oneDNN handle; torch exposes the same primitive as mkldnn ops.
+    They are private (`torch.ops.mkldnn._*`, no stability promise), so build one only where `available` says they
+    work.
     """
 
     # The batch size oneDNN tunes the packed layout for; it serves every other size too (vLLM uses 32 as well).
@@ -95,28 +97,45 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), self.PACK_FOR_BATCH)
+        self.packed = _pack(weight.detach().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [None], "")
+        return _packed_linear(x, self.packed)
 
     @staticmethod
     def available(device: torch.device, dtype: torch.dtype) -> bool:
-        """oneDNN on a CPU that packs this dtype: its bf16 path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, so on an
-        AVX2-only CPU bf16 projections stay `F.linear` (torch computes them another way)."""
+        """oneDNN on a CPU whose torch has the private ops and packs this dtype with them: its bf16 path needs
+        AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, so on an AVX2-only CPU bf16 projections stay `F.linear` (torch computes
+        them another way), as they do everywhere if a torch release drops or changes the ops."""
         return device.type == "cpu" and torch.backends.mkldnn.is_available() and _packs(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN prepacked"
 
 
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, PackedLinear.PACK_FOR_BATCH)
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
+
+
 @functools.cache
 def _packs(dtype: torch.dtype) -> bool:
-    """Does oneDNN reorder a weight of this dtype on this CPU? Asked once, of a tiny weight."""
+    """Do oneDNN's private ops exist here, pack a weight of this dtype and multiply like F.linear? Asked once per
+    dtype, of a tiny weight; where they do not, one warning says so and the projections stay F.linear."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 32, generator=generator).to(dtype)  # [out, in]
+    x = torch.randn(3, 32, generator=generator).to(dtype)
     try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), PackedLinear.PACK_FOR_BATCH)
-    except RuntimeError as error:
-        logger.warning("oneDNN cannot prepack %s weights here (%s): projections use F.linear", dtype, error)
+        out = _packed_linear(x, _pack(weight))
+        # bf16: both round their fp32 sums, which may differ in order, to 8 bits of mantissa
+        if not torch.allclose(out.float(), F.linear(x, weight).float(), rtol=2e-2, atol=2e-2):
+            raise RuntimeError("its output differs from F.linear's")
+    except Exception as error:  # noqa: BLE001 - private ops: missing (AttributeError), refused (RuntimeError), wrong
+        logger.warning("oneDNN's prepacked linear does not work here for %s weights (%s): projections use F.linear, "
+                       "which repacks the weight in every call (1.1-2.3x slower)", dtype, error)
         return False
     return True
 

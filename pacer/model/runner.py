@@ -113,10 +113,12 @@ class ModelRunner:
         """Build the C++ kernels now, not in the first step, and say what runs slowly without them."""
         if cpu_kernels.load():
             return
-        logger.warning("no C++ kernels: decode attention gathers KV blocks, norms run unfused (slow)")
+        if not cpu_kernels.enabled():  # a failed build has said what it costs already, once
+            logger.warning("pacer's C++ kernels are turned off (%s=1): %s", cpu_kernels.NO_KERNEL_ENV,
+                           cpu_kernels.FALLBACK_COST)
         if any(isinstance(m, QuantizedLinear) for m in model.modules()):
-            logger.warning("no C++ kernels: every projection dequantizes its GGUF blocks in numpy (slow; "
-                           "--quantization none dequantizes them once, at load)")
+            logger.warning("without pacer's C++ kernels every projection dequantizes its GGUF blocks in numpy at each "
+                           "call (--quantization none dequantizes them once, at load)")
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture the CUDA graphs of decode steps, if this runner reserved a block for them (CUDA, --cuda-graphs)."""

@@ -8,9 +8,15 @@ import pytest
 
 from pacer.bench.metrics import RequestRecord, SLOTargets
 from pacer.bench.plots import plot_capacity, plot_compare, plot_run
+from tests.strict import import_or_skip
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SLO_BOTH = SLOTargets(ttft_s=0.2, tbt_s=0.05)
+
+
+@pytest.fixture(autouse=True)
+def matplotlib():
+    return import_or_skip("matplotlib")  # pacer[plots]
 
 
 def ok(index: int, sent_s: float, ttft_s: float, gaps_s: list[float]) -> RequestRecord:

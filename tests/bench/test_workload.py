@@ -13,8 +13,9 @@ import pytest
 
 from pacer.bench.trace import TraceError, TraceRecord, read_trace
 from pacer.bench.workload import BenchRequest, WorkloadConfig, build_workload
+from tests.strict import skip_or_fail
 
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces"
+TRACES = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +25,11 @@ def tokenizer():
     try:
         return load_tokenizer(resolve_model_path(None))
     except FileNotFoundError as error:
-        pytest.skip(str(error))
+        skip_or_fail(str(error))
 
 
-def shared_trace(name: str) -> Path:
-    path = TRACES / name
-    if not path.exists():
-        pytest.skip(f"shared trace not found at {path}")
-    return path
+def shipped_trace(name: str) -> Path:
+    return TRACES / name
 
 
 def assert_exact(requests: list[BenchRequest], tokenizer) -> None:
@@ -182,7 +180,7 @@ def test_uniform_lengths_are_exact_and_in_range(tokenizer):
 
 
 def test_trace_lengths_are_exact(tokenizer):
-    config = WorkloadConfig(num_requests=100, lengths="trace", trace=str(shared_trace("sharegpt_8k_llama2_lengths.csv")),
+    config = WorkloadConfig(num_requests=100, lengths="trace", trace=str(shipped_trace("sharegpt_8k_llama2_lengths.csv")),
                             length_scale=0.25)
     records = read_trace(config.trace)[:100]
     requests = build_workload(config, tokenizer)
@@ -231,7 +229,7 @@ def test_mooncake_requests_share_their_first_block(tokenizer, tmp_path):
 
 def test_real_mooncake_workload_is_exact(tokenizer):
     config = WorkloadConfig(num_requests=50, arrival="trace", lengths="trace", time_scale=0.1, length_scale=1 / 16,
-                            trace=str(shared_trace("mooncake_conversation.jsonl")), max_model_len=1024)
+                            trace=str(shipped_trace("mooncake_conversation.jsonl")), max_model_len=1024)
     requests = build_workload(config, tokenizer)
     assert_exact(requests, tokenizer)
     first, second = (tokenizer.encode(r.prompt) for r in requests[:2])
@@ -309,8 +307,8 @@ def test_config_needs_a_trace_for_trace_modes(kwargs):
     ("arxiv_4k_llama2_lengths.csv", "lengths", 28_257, TraceRecord(None, 3772, 54)),
     ("mooncake_conversation.jsonl", "mooncake", 12_031, TraceRecord(0.0, 6758, 500, tuple(range(14)))),
 ])
-def test_reads_the_shared_traces(tmp_path, name, fmt, rows, first):
-    path = shared_trace(name)
+def test_reads_the_shipped_traces(tmp_path, name, fmt, rows, first):
+    path = shipped_trace(name)
     records = read_trace(path)
     assert len(records) == rows
     assert records[0] == first
@@ -319,7 +317,7 @@ def test_reads_the_shared_traces(tmp_path, name, fmt, rows, first):
 
 
 def test_azure_timestamps_are_seconds_from_the_first_request():
-    records = read_trace(shared_trace("azure2023_conv.csv"))
+    records = read_trace(shipped_trace("azure2023_conv.csv"))
     assert records[1].timestamp_s == pytest.approx(50.995169 - 46.68059)  # 18:15:50.9951690 - 18:15:46.6805900
     assert records[-1].timestamp_s == pytest.approx(3501.72, abs=0.01)  # 58 minutes
 

@@ -6,11 +6,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.strict import import_or_skip
+
 
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
     """The address of a local Ray runtime. Its CPUs are logical: 2 replicas x 1 thread, twice over, must fit."""
-    ray = pytest.importorskip("ray")
+    ray = import_or_skip("ray")
     context = ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield context.address_info["address"]
     ray.shutdown()

@@ -12,12 +12,14 @@ from pacer import LLM, SamplingParams
 from pacer.config import SchedulerConfig
 from pacer.engine.engine import Engine
 from pacer.kv import KVCacheManager
+from pacer.model import cpu_kernels
 from pacer.model.attention import AttentionMetadata
 from pacer.model.gguf_file import GGUFFile
 from pacer.model.weights import resolve_model_path
 from pacer.request import FinishReason
 from pacer.scheduling import scheduler_class
 from tests.conftest import DEVICE
+from tests.strict import kernel_ops
 
 pytestmark = pytest.mark.slow
 
@@ -157,9 +159,10 @@ def test_bfloat16_teacher_forced_top1_within_reference_top5(reference):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="int8 activations run on a CPU")
 def test_int8_activations_teacher_forced_top1_within_reference_top5(reference):
+    if not kernel_ops(cpu_kernels.quant_ops(), "int8 activations").int8_activations():
+        pytest.skip("int8 activations need an AVX2 CPU")
     llm = LLM(dtype="float32", int8_activations=True, kv_cache_memory="64MiB")
-    if not llm.engine.executor.quantization.endswith("-a8"):
-        pytest.skip("int8 activations need pacer's C++ kernels on an AVX2 CPU")
+    assert llm.engine.executor.quantization.endswith("-a8")
     assert_teacher_forced_top1_within_reference_top5(llm, reference, decode=True)  # int8 below 32 rows
 
 

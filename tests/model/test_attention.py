@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from pacer.model import attention as A
 from pacer.model import cpu_kernels as K
 from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache, paged_attention
+from tests.strict import kernel_ops
 
 TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 
@@ -30,10 +31,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def kernel():
-    ops = K.attention_ops()
-    if ops is None:
-        pytest.skip("C++ paged attention kernel unavailable (no compiler?)")
-    return ops
+    return kernel_ops(K.attention_ops(), "C++ paged attention kernel")
 
 
 class Case:

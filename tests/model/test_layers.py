@@ -1,23 +1,32 @@
-"""pacer's fused C++ layers (RMSNorm with the residual add, SiLU-and-mul) against torch's unfused ops."""
+"""pacer's fused C++ layers (RMSNorm with the residual add, SiLU-and-mul) against torch's unfused ops, and oneDNN's
+prepacked projections against F.linear, with the fallback where torch's private oneDNN ops are missing."""
 
 from __future__ import annotations
+
+import functools
+import logging
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from pacer.config import CacheConfig, ModelConfig
 from pacer.model import cpu_kernels as K
+from pacer.model import llama
+from pacer.model.attention import AttentionMetadata
 from pacer.model.llama import RMSNorm, silu_and_mul
+from pacer.model.runner import ModelRunner
+from pacer.model.weights import Checkpoint, expected_shapes
+from tests.strict import kernel_ops
+from tests.tiny import TINY
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 @pytest.fixture(scope="module")
 def ops():
-    ops = K.layer_ops()
-    if ops is None:
-        pytest.skip("C++ kernels unavailable (no compiler?)")
-    return ops
+    return kernel_ops(K.layer_ops(), "C++ fused layers")
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -77,21 +86,71 @@ def test_modules_agree_with_and_without_the_kernels(ops, dtype, monkeypatch):
     close(fused[2], plain[2], dtype)
 
 
-def test_weights_are_prepacked_only_where_onednn_packs_the_dtype(monkeypatch, caplog):
-    """An AVX2-only CPU cannot reorder bf16 weights: such a model keeps F.linear, with a warning, instead of failing."""
-    import torch
+@pytest.fixture
+def fresh_packs():
+    """`_packs` keeps its answer for the process: ask afresh in the test, and leave no answer behind."""
+    llama._packs.cache_clear()
+    yield
+    llama._packs.cache_clear()
 
-    from pacer.model import llama
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prepacked_projection_matches_f_linear(dtype):
+    if not llama.PackedLinear.available(torch.device("cpu"), dtype):
+        pytest.skip(f"oneDNN does not pack {dtype} weights on this CPU")  # bf16: AVX-512 BW/VL/DQ or AVX-NE-CONVERT
+    weight, x = (torch.randn(40, 64) * 0.1).to(dtype), torch.randn(2, 5, 64).to(dtype)
+    torch.testing.assert_close(llama.PackedLinear(weight)(x), F.linear(x, weight))
+
+
+def test_weights_are_prepacked_only_where_onednn_packs_the_dtype(monkeypatch, caplog, fresh_packs):
+    """An AVX2-only CPU cannot reorder bf16 weights: such a model keeps F.linear, with a warning, instead of failing."""
 
     def refuses(weight, batch):
         raise RuntimeError("bf16 path needs the cpu support avx512bw")
 
-    llama._packs.cache_clear()
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuses)
-    try:
-        assert not llama.PackedLinear.available(torch.device("cpu"), torch.bfloat16)
-        assert "cannot prepack" in caplog.text
-    finally:
-        llama._packs.cache_clear()
+    assert not llama.PackedLinear.available(torch.device("cpu"), torch.bfloat16)
+    assert "avx512bw" in caplog.text and "projections use F.linear" in caplog.text
     monkeypatch.undo()
     assert llama.PackedLinear.available(torch.device("cpu"), torch.float32)
+
+
+def test_wrong_results_from_the_packed_op_leave_f_linear(monkeypatch, caplog, fresh_packs):
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, packed, *args: torch.zeros(3, 16))
+    assert not llama.PackedLinear.available(torch.device("cpu"), torch.float32)
+    assert "differs from F.linear" in caplog.text
+
+
+def tiny_checkpoint() -> Checkpoint:
+    generator = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(shape, generator=generator) * 0.2 if len(shape) > 1 else torch.ones(shape)
+               for name, shape in expected_shapes(TINY).items()}
+    return Checkpoint(TINY, weights, types.SimpleNamespace(eos_token_id=TINY.eos_token_id))
+
+
+def prefill_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
+    meta = AttentionMetadata.build(runner.block_size, prefill=[(list(range(-(-len(ids) // runner.block_size))), 0,
+                                                                 len(ids))])
+    positions = torch.arange(len(ids))
+    with torch.inference_mode():
+        return runner.model(torch.tensor(ids), positions, runner.cache, meta, positions)
+
+
+def test_a_torch_without_the_onednn_ops_runs_the_model_on_f_linear(monkeypatch, caplog, fresh_packs):
+    """The private ops missing altogether (a torch release that drops them): the runner keeps F.linear, warns once,
+    and computes what the prepacked model computes."""
+    load = functools.partial(ModelRunner.load, tiny_checkpoint(), ModelConfig(dtype="float32"),
+                             CacheConfig(num_blocks=8, block_size=4))
+    ids = [5, 17, 42, 7, 99, 3]
+    packed = load()
+    assert packed.kernels.startswith("onednn-prepacked")
+    expected = prefill_logits(packed, ids)
+    llama._packs.cache_clear()
+    monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())  # every op an AttributeError
+    with caplog.at_level(logging.WARNING, logger=llama.__name__):
+        plain = load()
+        load()  # asked once a process
+    assert len([r for r in caplog.records if "prepacked linear does not work" in r.getMessage()]) == 1
+    assert plain.kernels.startswith("torch-linear")
+    assert not any(isinstance(m, llama.PackedLinear) for m in plain.model.modules())
+    torch.testing.assert_close(prefill_logits(plain, ids), expected, rtol=1e-4, atol=1e-4)

@@ -20,6 +20,7 @@ from pacer.model.attention import allocate_kv_cache
 from pacer.model.llama import LlamaModel, block_formats
 from pacer.model.quant import QuantizedLinear, QuantizedTensor, dequantize, quantize_weights, resolve_quantization
 from pacer.model.runner import ModelRunner
+from tests.strict import kernel_ops
 from tests.tiny import TINY, tiny_model
 
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
@@ -63,10 +64,21 @@ def test_quantized_tensor_round_trips_through_gguf_quantize(qtype):
     assert (tensor.dequantize() - weight).abs().max() <= step
 
 
-@pytest.mark.skipif(cpu_kernels.quant_ops() is None, reason="needs pacer's C++ kernels")
+@pytest.fixture(scope="module")
+def quant_kernel():
+    return kernel_ops(cpu_kernels.quant_ops(), "C++ quantized linear")
+
+
+@pytest.fixture(scope="module")
+def int8_kernel(quant_kernel):
+    if not quant_kernel.int8_activations():
+        pytest.skip("int8 activations need an AVX2 CPU")
+    return quant_kernel
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 31, 32, 70])
-def test_kernel_matches_dequantize_then_linear(qtype, rows):
+def test_kernel_matches_dequantize_then_linear(quant_kernel, qtype, rows):
     torch.manual_seed(rows)
     blocks = QuantizedTensor.quantize(torch.randn(36, 96), qtype).blocks
     x = torch.randn(rows, 96)
@@ -77,22 +89,18 @@ def test_kernel_matches_dequantize_then_linear(qtype, rows):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x[None])[0], out)  # leading dimensions, as F.linear takes them
     # the GEMM path (prefill sizes) multiplies the exactly dequantized weight
-    gemm = cpu_kernels.quant_ops().linear(x, blocks, int(qtype), 1, False)
+    gemm = quant_kernel.linear(x, blocks, int(qtype), 1, False)
     torch.testing.assert_close(gemm, expected, rtol=1e-5, atol=1e-5)
 
 
-INT8 = cpu_kernels.quant_ops() is not None and cpu_kernels.quant_ops().int8_activations()
-
-
-@pytest.mark.skipif(not INT8, reason="int8 activations need pacer's C++ kernels on an AVX2 CPU")
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("rows", [1, 3, 8, 31])
-def test_int8_activations_stay_within_their_rounding(qtype, rows):
+def test_int8_activations_stay_within_their_rounding(int8_kernel, qtype, rows):
     torch.manual_seed(rows)
     blocks = QuantizedTensor.quantize(torch.randn(36, 96), qtype).blocks
     x = torch.randn(rows, 96)
     weight = dequantize(blocks, qtype)
-    out = cpu_kernels.quant_ops().linear(x, blocks, int(qtype), 32, True)
+    out = int8_kernel.linear(x, blocks, int(qtype), 32, True)
     # each activation block rounded to 8 bits moves it by at most half a step of max|x| / 127
     step = x.reshape(rows, -1, 32).abs().amax(dim=2, keepdim=True) / 127
     bound = F.linear(torch.broadcast_to(step / 2, (rows, 3, 32)).reshape(rows, 96), weight.abs())
@@ -132,8 +140,7 @@ def test_tiny_model_on_blocks_matches_the_same_values_in_fp32(qtype):
                                    atol=1e-4)
 
 
-@pytest.mark.skipif(not INT8, reason="int8 activations need pacer's C++ kernels on an AVX2 CPU")
-def test_int8_activations_switch_on_for_every_block_projection():
+def test_int8_activations_switch_on_for_every_block_projection(int8_kernel):
     on_blocks, _ = quantized_copy(tiny_model(), Q.Q4_1)
     exact = forward_logits(on_blocks, list(range(3, 10)))
     assert on_blocks.use_int8_activations()

@@ -10,6 +10,7 @@ import pytest
 
 from pacer.model.tokenizer import Tokenizer
 from pacer.model.weights import load_tokenizer
+from tests.strict import import_or_skip
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_save_and_reload_round_trip(tokenizer: Tokenizer, tmp_path: Path) -> Non
 
 
 def test_transformers_reads_the_saved_tokenizer(tokenizer: Tokenizer, reference: dict, tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = import_or_skip("transformers")
     tokenizer.save(tmp_path)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for case in reference["cases"]:
@@ -121,7 +122,7 @@ def _with_template(tokenizer: Tokenizer, template: str) -> Tokenizer:
 
 
 def test_rich_template_renders_like_transformers(tokenizer: Tokenizer) -> None:
-    utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    utils = import_or_skip("transformers.utils.chat_template_utils")
     messages = [
         {"role": "system", "content": "ignored"},
         {"role": "user", "content": "<b>&'quoted' \"ü\"</b>"},

