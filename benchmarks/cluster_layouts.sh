@@ -3,7 +3,7 @@
 #  1. front-end overhead: one replica through Ray (--ray-address local) against the same engine in-process,
 #     light load (one request at a time: TTFT is the path's own latency) and saturating load (throughput);
 #  2. 2 replicas x 1 thread against 1 replica x 2 threads on the scaled Azure conversation trace with SLOs.
-# Results go to benchmarks/out/cluster_*; figures in benchmarks/RESULTS.md. Run alone: 2 cores.
+# Results go to benchmarks/out/cluster_*; figures in benchmarks/log/2026-11-26-ray-scale-out.md. Run alone: 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACER=${PACER:-.venv/bin/pacer}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine in a process of its own (--engine-process) against the engine thread beside the HTTP front end, with
-# sarathi's engine thread as the reference, in one `pacer bench compare` (benchmarks/RESULTS.md, "The engine in a
-# process of its own"). Uniform lengths (prompts 16-256, outputs 16-128), Poisson arrivals, TTFT 1 s, TBT 100 ms:
+# sarathi's engine thread as the reference, in one `pacer bench compare` (benchmarks/log/2026-11-27-gpu-h200.md,
+# "The engine in a process of its own"). Uniform lengths (prompts 16-256, outputs 16-128), Poisson arrivals, TTFT 1 s, TBT 100 ms:
 # the GPU checks' load. fp32, one thread, a latency profile measured first.
 #   MODEL=DIR DEVICE=cuda PY=python3 benchmarks/engine_process.sh       # on a GPU
 #   MODEL=DIR DEVICE=cpu THREADS=2 RATE=2 benchmarks/engine_process.sh  # here

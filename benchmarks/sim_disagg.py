@@ -1,5 +1,5 @@
 """`pacer sim`: prefill/decode disaggregation (DistServe) against colocated serving on the same GPUs
-(benchmarks/RESULTS.md, "pacer sim: disaggregated prefill and decode").
+(benchmarks/log/2026-11-26-sim-disaggregation.md).
 
 Yi-34B TP2 on A100s (Sarathi-Serve's measurements), 4 replicas = 8 GPUs in every configuration, the `slo` scheduler
 and router, TTFT 5 s. For each length mix and P99 TBT SLO: the capacity (DistServe's condition: >= 90 % of requests

@@ -1,5 +1,5 @@
-"""`pacer sim`: the routers at 8, 32 and 128 replicas on a skewed workload (benchmarks/RESULTS.md, "pacer sim:
-routers at scale").
+"""`pacer sim`: the routers at 8, 32 and 128 replicas on a skewed workload (benchmarks/log/2026-11-26-sim-routers.md
+and 2026-11-27-sim-routers-reruns.md).
 
 Yi-34B TP2 on A100s (Sarathi-Serve's measurements), the `slo` scheduler, a length mix of chat prompts and long
 documents, TTFT 5 s and P99 TBT 0.2 s. For each mode: the capacity of one replica (DistServe's condition: >= 90 % of
