@@ -18,7 +18,7 @@ from pacer.sim.disagg import DecodePool, KVTransfer
 from pacer.sim.executor import SimExecutor
 from pacer.sim.run import SimConfig, build_simulator
 from pacer.sim.simulator import SimRequest, Simulator, VirtualClock
-from tests.sim.test_gpu import profiles  # noqa: F401  (a fixture)
+from tests.sim.test_gpu import PROFILES
 from tests.sim.test_simulator import constant, linear
 
 
@@ -102,8 +102,8 @@ def test_conservation_with_kv_pressure_on_both_sides():
         assert replica.engine.scheduler.kv.num_free_blocks == replica.engine.scheduler.kv.num_blocks
 
 
-def test_gpu_profiles_size_the_transfer_from_the_model_shape(profiles, tmp_path):  # noqa: F811
-    gpu_profile = str(profiles / "sarathi-a100")
+def test_gpu_profiles_size_the_transfer_from_the_model_shape(tmp_path):
+    gpu_profile = str(PROFILES / "sarathi-a100")
     sim = build_simulator(SimConfig(profile=gpu_profile, replicas=4, prefill_replicas=2, kv_transfer_gbps=100),
                           SchedulerConfig(scheduler="slo"), 8192)
     assert (len(sim.replicas), len(sim.decode.replicas)) == (2, 2)
@@ -118,9 +118,9 @@ def test_gpu_profiles_size_the_transfer_from_the_model_shape(profiles, tmp_path)
                         SchedulerConfig(), 4096)
 
 
-def test_sim_compare_colocated_against_disaggregated(profiles, tmp_path):  # noqa: F811
+def test_sim_compare_colocated_against_disaggregated(tmp_path):
     out = tmp_path / "compare.json"
-    assert main(["sim", "compare", "--profile", str(profiles / "sarathi-a100"), "--num-requests", "60", "--rate", "2",
+    assert main(["sim", "compare", "--profile", str(PROFILES / "sarathi-a100"), "--num-requests", "60", "--rate", "2",
                  "--lengths", "mix", "--length-mix", "0.8:64-512:16-64,0.2:2048-4096:16-64", "--max-model-len", "8192",
                  "--slo-ttft-ms", "5000", "--slo-tbt-ms", "200", "--replicas", "2", "--scheduler", "slo",
                  "--config", "colocated=--router slo", "--config", "1P1D=--prefill-replicas 1 --kv-transfer-gbps 25",
