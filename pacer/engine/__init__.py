@@ -1,2 +1,3 @@
-"""The engine: its loop (add, abort, step), the threads and process that host it, the detokenizer, the Executor
-protocol, and building a real one from an EngineConfig, with the latency profile it measures or loads."""
+"""The engine and how it is served: Engine (add, adopt, abort, step) and the Executor protocol; the engine loop and
+its hosts (a thread, a process); the typed protocol between them and the front end; the Frontend that routes and
+admits over one replica or many; building a real engine from an EngineConfig, with its latency profile."""
