@@ -180,7 +180,8 @@ class ClusterConfig(ReplicasConfig):
         "replica; default: a private one when --replicas > 1, no Ray otherwise"))
     threads_per_replica: int | None = field(default=None, metadata=_help(
         "CPU threads of each replica (default: --threads, else this machine's cores over the replicas)"))
-    max_restarts: int = field(default=3, metadata=_help("times Ray restarts a replica that died"))
+    max_restarts: int = field(default=3, metadata=_help(
+        "times a replica that died is started again: a Ray actor, or the engine process of --engine-process"))
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -59,6 +59,7 @@ class RayHost:
     """One replica actor: commands are its method calls, updates its stream, consumed by a task on the front end's
     event loop; when the actor dies, the task waits for Ray to restart it and reports it back."""
 
+    kind = "ray"
     restarts = True
 
     def __init__(self, create: object, max_restarts: int) -> None:

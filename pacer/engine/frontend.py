@@ -52,7 +52,7 @@ class _Flight:
 
     request: Request  # the front end's copy: only its predicted cache hit changes, so it can be sent again
     outputs: asyncio.Queue
-    replica: int
+    replica: int | None  # None: held while the replicas restart
     started: bool = False  # has produced a token: it can no longer move to another replica
     handoff: bool = False  # sent to a prefill replica, to be handed to a decode replica after its first token
 
@@ -80,6 +80,7 @@ class Frontend:
         self.limits: RequestLimits | None = None
         self.num_rerouted = 0
         self._flights: dict[str, _Flight] = {}
+        self._held: list[_Flight] = []  # no token yet when their replica died, none up: sent again once one is
         self._finish_times: deque[float] = deque(maxlen=_RATE_WINDOW)
         self._shutdown = shutdown
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,8 +136,8 @@ class Frontend:
                           sum(s.num_outstanding_tokens for s in up))
 
     def health(self) -> dict[str, object] | None:
-        """Details for /health beyond up or down: each replica's state, where replicas come and go."""
-        if not any(replica.host.restarts for replica in self.replicas):
+        """Details for /health beyond up or down: each replica's state, for replicas on Ray."""
+        if not any(replica.host.kind == "ray" for replica in self.replicas):
             return None
         return {"replicas": [{"replica": r.index, "state": r.state.value, "restarts": r.num_restarts,
                               "running": r.load.num_running, "waiting": r.load.num_waiting}
@@ -171,7 +172,11 @@ class Frontend:
         by_replica: dict[int, list[str]] = {}
         for request_id in request_ids:
             flight = self._flights.get(request_id)
-            if flight is not None:
+            if flight is not None and flight.replica is None:  # held: it ends here
+                self._held.remove(flight)
+                self._flights.pop(request_id)
+                flight.outputs.put_nowait(Failure(request_id, "aborted while the engine restarted"))
+            elif flight is not None:
                 by_replica.setdefault(flight.replica, []).append(request_id)
         for index, ids in by_replica.items():
             if self.replicas[index].state is ReplicaState.UP:
@@ -184,7 +189,7 @@ class Frontend:
         """Deliver nothing more for these requests (their caller has gone)."""
         for request_id in request_ids:
             flight = self._flights.pop(request_id, None)
-            if flight is not None:
+            if flight is not None and flight.replica is not None:
                 self.replicas[flight.replica].flights.discard(request_id)
 
     def retry_after_s(self, num_queued: int) -> int:
@@ -259,35 +264,54 @@ class Frontend:
             flight.outputs.put_nowait(item)
 
     def _lost(self, replica: ReplicaHandle, message: str) -> None:
-        """The replica died: re-route what had no token yet, fail what had, stop routing to it."""
+        """The replica died: re-route what had no token yet (or hold it while replicas restart), fail what had, stop
+        routing to it."""
         replica.state = ReplicaState.RESTARTING if replica.host.restarts else ReplicaState.DEAD
         flights = [self._flights[rid] for rid in replica.flights if rid in self._flights]
         replica.flights.clear()
-        up = self._up()
+        restarting = any(r.state is ReplicaState.RESTARTING for r in self.replicas)
         for flight in flights:
-            request_id = flight.request.request_id
-            self._flights.pop(request_id, None)
-            if flight.started or not up:
-                if len(self.replicas) > 1:
-                    reason = "it had started streaming" if flight.started else "no other replica is up"
-                    message = f"engine replica {replica.index} died while serving this request, and {reason}"
-                flight.outputs.put_nowait(Failure(request_id, message))
+            if not flight.started and (self._up() or restarting):
+                flight.replica = None
+                self._held.append(flight)
                 continue
-            try:
-                target = up[dispatch([flight.request], up, self.router, time.monotonic())]
-            except SLOUnattainable:  # it was admitted once: serve it late rather than drop it
-                target = up[self.router.choose(flight.request, up)]
-            self.num_rerouted += 1
-            self._send(target, [flight.request], flight.outputs)
+            if len(self.replicas) > 1:
+                reason = "it had started streaming" if flight.started else "no other replica is up"
+                message = f"engine replica {replica.index} died while serving this request, and {reason}"
+            self._flights.pop(flight.request.request_id, None)
+            flight.outputs.put_nowait(Failure(flight.request.request_id, message))
+        self._send_held()
 
     def _rejoined(self, replica: ReplicaHandle, ready: Ready | None) -> None:
         if ready is None:
             replica.state = ReplicaState.DEAD
             logger.error("replica %d is dead for good", replica.index)
+            if not any(r.state in (ReplicaState.UP, ReplicaState.RESTARTING) for r in self.replicas):
+                for flight in self._held:
+                    self._flights.pop(flight.request.request_id, None)
+                    flight.outputs.put_nowait(Failure(flight.request.request_id, "the engine died and could not "
+                                                      "be restarted; see the server log"))
+                self._held = []
             return
         replica.num_restarts += 1
         replica.rejoin(ready)
         logger.info("replica %d rejoined (pid %d on %s)", replica.index, ready.pid, ready.host)
+        self._send_held()
+
+    def _send_held(self) -> None:
+        """Requests held for a replica: to the replicas up now (admitted once, they are served late rather than
+        dropped)."""
+        up = self._up()
+        if not up:
+            return
+        held, self._held = self._held, []
+        for flight in held:
+            try:
+                target = up[dispatch([flight.request], up, self.router, time.monotonic())]
+            except SLOUnattainable:
+                target = up[self.router.choose(flight.request, up)]
+            self.num_rerouted += 1
+            self._send(target, [flight.request], flight.outputs)
 
     def _call_soon(self, callback: Callable, *args: object) -> None:
         """Run `callback` on the event loop; before there is one (no request yet), at once: nothing awaits it."""

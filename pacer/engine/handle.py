@@ -32,7 +32,8 @@ class Host(Protocol):
     """How one replica is reached: it starts the replica, carries commands to its engine loop, and reports through
     the `HostEvents` it was launched with."""
 
-    restarts: bool  # a replica that dies comes back (Ray restarts it); otherwise it is gone for good
+    kind: str  # "thread", "process" or "ray"
+    restarts: bool  # a replica that dies is started again (while it has restarts left); otherwise it is gone
 
     def launch(self, events: HostEvents) -> None:
         """Start the replica without waiting for it."""

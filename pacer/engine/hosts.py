@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 class ThreadHost:
     """The engine loop on a thread of this process, which also builds the engine (one OpenMP pool, see
     engine/loop.py). The front end reads its KV for admission (a racy read: a prediction) and its live latency
-    model, and gets one update per iteration."""
+    model, and gets one update per iteration. A thread whose loop died is not restarted: the engine it left may be
+    in any state."""
 
+    kind = "thread"
     restarts = False
 
     def __init__(self, build: Callable[[], Engine]) -> None:
@@ -82,22 +84,26 @@ class ThreadHost:
 class ProcessHost:
     """The engine loop alone on the main thread of a child process (spawned, so CUDA can start there): it reads
     commands from one pipe between iterations and writes one update per iteration to another, which a reader thread
-    here hands to the front end. `build` must pickle (a module-level function, or a partial of one)."""
+    here hands to the front end. A child that dies (killed, out of memory) is started again, up to `max_restarts`
+    times, as Ray restarts a replica. `build` must pickle (a module-level function, or a partial of one)."""
 
-    restarts = False
+    kind = "process"
 
-    def __init__(self, build: Callable[[], Engine], log_level: int = logging.INFO) -> None:
+    def __init__(self, build: Callable[[], Engine], log_level: int = logging.INFO, max_restarts: int = 3) -> None:
         self._build = build
         self._log_level = log_level
+        self.max_restarts = max_restarts
         self._process: multiprocessing.process.BaseProcess | None = None
         self._commands: Connection | None = None
         self._updates: Connection | None = None
-        self._reader: threading.Thread | None = None
         self._events: HostEvents | None = None
+        self._reader: threading.Thread | None = None
+        self._stopping = False
+        self._num_restarts = 0
 
     @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
+    def restarts(self) -> bool:
+        return self.max_restarts > 0
 
     def launch(self, events: HostEvents) -> None:
         self._events = events
@@ -121,7 +127,8 @@ class ProcessHost:
         if isinstance(ready, BaseException):
             self._process.join()
             raise ready
-        self._reader = threading.Thread(target=self._read, name="pacer-engine-reader", daemon=True)
+        self._reader = threading.Thread(target=self._read, args=(self._process, self._updates),
+                                        name="pacer-engine-reader", daemon=True)
         self._reader.start()
         return ready
 
@@ -131,7 +138,7 @@ class ProcessHost:
     def send(self, command: Command) -> None:
         try:
             self._commands.send(command)
-        except OSError:  # the engine process is gone; the reader reports it
+        except OSError:  # the engine process is gone; its reader reports it
             pass
 
     def take_kv(self, request_id: str, num_held_tokens: int) -> object:
@@ -142,24 +149,41 @@ class ProcessHost:
 
     async def stop(self) -> None:
         if self._process is not None:
+            self._stopping = True
             self.send(Stop())
-            await asyncio.to_thread(self._reader.join)
-            await asyncio.to_thread(self._process.join)
+            await asyncio.to_thread(self._reader.join)  # its last update (what the stop aborted) delivered
             self._commands.close()
             self._process = None
 
-    def _read(self) -> None:
-        """The reader thread: every update from the engine process, until it closes its end."""
+    def _read(self, process: multiprocessing.process.BaseProcess, updates: Connection) -> None:
+        """A reader thread: every update from one engine process, until it closes its end; then, unless the front
+        end stopped it, the process is lost, and is started again while restarts remain."""
         while True:
             try:
-                update = self._updates.recv()
+                update = updates.recv()
             except (EOFError, OSError):
                 break
             if isinstance(update, str):  # the engine loop failed: the child's last words
                 logger.error("the engine process failed: %s", update)
                 break
             self._events.updated(update)
-        self._events.lost("the engine process ended; see the server log")
+        process.join()
+        if self._stopping:
+            return
+        self._events.lost(f"the engine process ended (exit code {process.exitcode}); see the server log")
+        self._restart()
+
+    def _restart(self) -> None:
+        while self._num_restarts < self.max_restarts and not self._stopping:
+            self._num_restarts += 1
+            logger.warning("restarting the engine process (%d of %d)", self._num_restarts, self.max_restarts)
+            try:
+                self.launch(self._events)
+                self._events.rejoined(self.ready())
+                return
+            except Exception:  # it failed to build again: try while restarts remain
+                logger.exception("the engine process could not be restarted")
+        self._events.rejoined(None)
 
 
 def _engine_main(build: Callable[[], Engine], commands: Connection, updates: Connection, log_level: int) -> None:

@@ -110,7 +110,7 @@ def make_frontend(engine_config: EngineConfig, server_config: ServerConfig, clus
     use_process = server_config.engine_process
     if use_process is None:
         use_process = engine_config.model.device.startswith("cuda")
-    host = ProcessHost(build, log_level=logging.getLogger().level) if use_process else ThreadHost(build)
+    host = ProcessHost(build, logging.getLogger().level, cluster.max_restarts) if use_process else ThreadHost(build)
     return Frontend([host], admission=server_config.admission, max_queued_requests=server_config.max_queued_requests)
 
 

@@ -52,9 +52,9 @@ def test_outputs_aborts_and_limits_as_the_engine_thread():
     assert load.kv_cache_usage == 0 and load.num_running == 0 and in_flight == 0
 
 
-def test_a_dead_engine_process_fails_the_requests_in_flight():
+def test_a_dead_engine_process_without_restarts_fails_the_requests_in_flight():
     async def main():
-        engine = Frontend([ProcessHost(functools.partial(tiny_engine))])
+        engine = Frontend([ProcessHost(functools.partial(tiny_engine), max_restarts=0)])
         engine.start()
         try:
             stream = engine.generate([request("doomed", 200)])
@@ -96,3 +96,33 @@ def test_admission_in_front_of_an_engine_process_predicts_the_prefix_it_sent_as_
 
     assert asyncio.run(main(True)) == [0, 32]  # the 40 shared tokens hold two full 16-token blocks
     assert asyncio.run(main(False)) == [0, 0]
+
+
+def test_a_killed_engine_process_restarts_and_serves_the_requests_it_had_not_started():
+    """kill -9 the engine process with one request streaming and two queued behind it (one batch slot): the streaming
+    one ends with an error, the queued ones are held, sent to the restarted process, and finish with the ids the
+    engine gives them; nothing is lost, and the front end serves on."""
+    ids = sync_ids(12)
+
+    async def main():
+        engine = Frontend([ProcessHost(functools.partial(tiny_engine, max_num_seqs=1), max_restarts=1)])
+        engine.start()
+        try:
+            first = engine.generate([request("streaming", 200)])
+            await first.__anext__()
+            queued = [asyncio.create_task(collect(engine, f"q{i}", 12)) for i in range(2)]
+            await asyncio.sleep(0.1)  # both sent, neither started: the batch slot is taken
+            pid = engine.replicas[0].info.pid
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(EngineError, match="engine process ended"):
+                async for _ in first:
+                    pass
+            results = await asyncio.wait_for(asyncio.gather(*queued), 120)
+            assert engine.is_alive and engine.replicas[0].info.pid != pid and engine.replicas[0].num_restarts == 1
+            assert engine.num_rerouted == 2 and engine.num_in_flight == 0
+            return results, await collect(engine, "after", 12)
+        finally:
+            await engine.stop()
+
+    results, after = asyncio.run(main())
+    assert results == [(ids, FinishReason.LENGTH)] * 2 and after == (ids, FinishReason.LENGTH)
