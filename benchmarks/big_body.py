@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Does an oversized request hurt anyone else? Small streaming requests' TTFT with and without 20 MB bodies arriving
+beside them (issue 35: the 413 within 100 ms, and the concurrent requests' TTFT p99 within 10 % of a run without).
+
+One `pacer serve` (started here, default model, flags after `--server-args`) serves `--clients` closed-loop clients,
+each sending streaming /v1/completions of `--prompt-words` words and `--max-tokens` tokens back to back for
+`--duration-s`. The run is done twice on the same server, alternating `--repeats` times: `quiet`, and `oversized`, where
+one more client posts a `--body-mb` MB body (a prompt of that many bytes) every `--every-s` seconds and times its
+answer. Reported per condition (median over repeats): TTFT p50 and p99 of the small requests (send -> first content
+chunk), their count, and for the oversized posts the status codes and the time to the status line.
+
+    .venv/bin/python benchmarks/big_body.py --out benchmarks/out/big_body.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from pacer.bench.servers import pacer_server
+
+HERE = Path(__file__).resolve().parent
+
+
+async def small_client(session: aiohttp.ClientSession, url: str, args: argparse.Namespace, until: float,
+                       ttfts: list[float], errors: list[str]) -> None:
+    body = {"prompt": " ".join(["hello"] * args.prompt_words), "max_tokens": args.max_tokens, "stream": True,
+            "ignore_eos": True, "temperature": 0}
+    while time.monotonic() < until:
+        sent = time.perf_counter()
+        first = None
+        async with session.post(url + "/v1/completions", json=body) as response:
+            if response.status != 200:
+                errors.append(str(response.status))
+                await response.read()
+                continue
+            async for line in response.content:
+                if first is None and line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                    first = time.perf_counter() - sent
+        if first is not None:
+            ttfts.append(first)
+
+
+async def big_client(session: aiohttp.ClientSession, url: str, args: argparse.Namespace, until: float,
+                     answers: list[tuple[int, float]]) -> None:
+    payload = json.dumps({"prompt": "x" * int(args.body_mb * 1e6), "max_tokens": 4}).encode()
+    while time.monotonic() < until:
+        sent = time.perf_counter()
+        try:
+            async with session.post(url + "/v1/completions", data=payload,
+                                    headers={"Content-Type": "application/json"}) as response:
+                answers.append((response.status, time.perf_counter() - sent))
+                await response.read()
+        except aiohttp.ClientError as error:  # a server may close the connection after its 413
+            answers.append((-1, time.perf_counter() - sent))
+            print(f"oversized post: {error!r}", file=sys.stderr)
+        await asyncio.sleep(args.every_s)
+
+
+async def one_run(url: str, args: argparse.Namespace, oversized: bool) -> dict:
+    ttfts: list[float] = []
+    errors: list[str] = []
+    answers: list[tuple[int, float]] = []
+    until = time.monotonic() + args.duration_s
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+        tasks = [small_client(session, url, args, until, ttfts, errors) for _ in range(args.clients)]
+        if oversized:
+            tasks.append(big_client(session, url, args, until, answers))
+        await asyncio.gather(*tasks)
+    ttfts.sort()
+    return {"condition": "oversized" if oversized else "quiet", "requests": len(ttfts), "errors": errors,
+            "ttft_p50_ms": 1e3 * ttfts[len(ttfts) // 2], "ttft_p99_ms": 1e3 * ttfts[min(len(ttfts) - 1,
+                                                                                        int(0.99 * len(ttfts)))],
+            "oversized": [{"status": s, "ms": 1e3 * t} for s, t in answers]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--prompt-words", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--duration-s", type=float, default=60.0)
+    ap.add_argument("--body-mb", type=float, default=20.0)
+    ap.add_argument("--every-s", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--server-args", default="--threads 2", help="more `pacer serve` flags, one string")
+    ap.add_argument("--out", default=str(HERE / "out" / "big_body.json"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    runs = []
+    with pacer_server(args.server_args.split(), out.with_suffix(".server.log")) as server:
+        asyncio.run(one_run(server.url, argparse.Namespace(**{**vars(args), "duration_s": 5.0}), False))  # warm-up
+        for i in range(args.repeats):
+            for oversized in (False, True):
+                runs.append(asyncio.run(one_run(server.url, args, oversized)) | {"repeat": i})
+                print(json.dumps({k: v for k, v in runs[-1].items() if k != "oversized"}), file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+    print(f"{args.clients} clients x {args.prompt_words}-word prompts, {args.max_tokens} tokens, {args.duration_s:.0f} s "
+          f"a run; medians of {args.repeats}\n")
+    print("| condition | small requests | TTFT p50 (ms) | TTFT p99 (ms) | oversized posts: statuses | to status (ms), p50 / max |")
+    print("|---|---|---|---|---|---|")
+    for condition in ("quiet", "oversized"):
+        mine = [r for r in runs if r["condition"] == condition]
+        posts = [p for r in mine for p in r["oversized"]]
+        statuses = ", ".join(f"{s}: {sum(p['status'] == s for p in posts)}" for s in sorted({p["status"] for p in posts}))
+        times = sorted(p["ms"] for p in posts)
+        print(f"| {condition} | {statistics.median(r['requests'] for r in mine):.0f} "
+              f"| {statistics.median(r['ttft_p50_ms'] for r in mine):.0f} "
+              f"| {statistics.median(r['ttft_p99_ms'] for r in mine):.0f} | {statuses or '-'} "
+              f"| {f'{times[len(times) // 2]:.0f} / {times[-1]:.0f}' if times else '-'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
