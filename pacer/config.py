@@ -119,6 +119,11 @@ class ServerConfig:
         "that tells how many refusals were false"))
     drain_timeout_s: float = field(default=30.0, metadata=_help(
         "on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before aborting them"))
+    # 60 s: far longer than a client that still reads ever pauses (a GC, a network handover), and short next to
+    # the minutes a generation to the end of the context would otherwise hold its KV for nobody.
+    stream_timeout_s: float = field(default=60.0, metadata=_help(
+        "seconds a stream waits for a client that reads nothing (once ~128 KiB of its output are waiting) before "
+        "it is aborted and its KV freed; 0: forever"))
     access_log: bool = field(default=False, metadata=_help("log every HTTP request"))
     slo_ttft_ms: float | None = field(default=None, metadata=_help(
         "TTFT SLO for requests that set none (body ttft_slo_ms or header x-slo-ttft-ms); default: none"))
@@ -139,6 +144,8 @@ class ServerConfig:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if not self.stream_timeout_s >= 0:  # NaN too
+            raise ValueError(f"stream_timeout_s must be >= 0, got {self.stream_timeout_s}")
         for name in ("slo_ttft_ms", "slo_tpot_ms", "slo_tbt_ms"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
