@@ -109,6 +109,9 @@ class ServerConfig:
     port: int = field(default=8000, metadata=_help("TCP port"))
     api_key: str | None = field(default=None, metadata=_help(
         "require `Authorization: Bearer KEY` on /v1 routes (default: $PACER_API_KEY, else no key)"))
+    api_key_all_routes: bool = field(default=False, metadata=_help(
+        "with an API key: require it on every route, /health, /metrics and /version too (default: only /v1, as "
+        "vLLM)"))
     served_model_name: str | None = field(default=None, metadata=_help(
         "the model name clients send and see (default: the --model value)"))
     max_queued_requests: int | None = field(default=None, metadata=_help(

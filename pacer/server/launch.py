@@ -89,17 +89,20 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_conf
     """Load the model (in this process, or in replicas on Ray) and serve until SIGTERM; returns the exit code."""
     model = engine_config.model.model or DEFAULT_MODEL
     name = server_config.served_model_name or model
+    api_key = server_config.api_key or os.environ.get("PACER_API_KEY") or None
+    if server_config.api_key_all_routes and api_key is None:
+        raise ValueError("--api-key-all-routes needs an API key (--api-key or $PACER_API_KEY)")
     frontend = make_frontend(engine_config, server_config, cluster_config or ClusterConfig())
     frontend.start()  # loads the model (in the engine thread, the engine process, or each replica) and waits
     tokenizer = load_tokenizer(resolve_model_path(engine_config.model.model))
     metrics = Metrics(name, lambda: frontend.load)
     if frontend.health() is not None:  # replicas that come and go: a series each
         metrics.registry.register(ReplicaCollector(frontend, name))
-    api_key = server_config.api_key or os.environ.get("PACER_API_KEY") or None
     default_slo = SLO(**{f"{kind}_s": None if ms is None else ms / 1e3 for kind, ms in (
         ("ttft", server_config.slo_ttft_ms), ("tbt", server_config.slo_tbt_ms), ("tpot", server_config.slo_tpot_ms))})
     app = create_app(frontend, tokenizer, name, str(resolve_model_path(engine_config.model.model)), api_key=api_key,
-                     metrics=metrics, default_slo=default_slo, stream_timeout_s=server_config.stream_timeout_s)
+                     metrics=metrics, default_slo=default_slo, api_key_all_routes=server_config.api_key_all_routes,
+                     stream_timeout_s=server_config.stream_timeout_s)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, access_log=server_config.access_log,
                             log_level=logging.getLevelName(logging.getLogger().level).lower(),
                             timeout_graceful_shutdown=5, timeout_keep_alive=30)
