@@ -227,6 +227,7 @@ def markdown(result: dict, command: str) -> str:
     requests = (f"{result['requests']}: {o['complete']} complete, {o['error_event']} ended with an error event, "
                 f"{o['not_accepted']} not accepted")
     health = f"{result['down_after_kill_s']} s / {result['up_after_kill_s']} s"
+    load = result["load_average"]
     lines = [f"`{command}`", "",
              "| figure | value |", "|---|---|",
              f"| requests | {requests} |",
@@ -234,7 +235,8 @@ def markdown(result: dict, command: str) -> str:
              f"| re-routed (no token yet when the replica died) | {result['rerouted']:.0f} |",
              f"| /health shows the replica down / up again after the kill | {health} |",
              f"| goodput before the kill (mean of {WINDOW_S:.0f} s windows) | {result['goodput_before_tok_s']} tok/s |",
-             f"| back to >= {RECOVERED:.0%} of it | {result['recovered_after_kill_s']} s after the kill |", "",
+             f"| back to >= {RECOVERED:.0%} of it | {result['recovered_after_kill_s']} s after the kill |",
+             f"| machine's 1-minute load average at start / end | {load['start']:.1f} / {load['end']:.1f} |", "",
              "| window (s from the kill) | goodput (tok/s) |", "|---|---|"]
     lines += [f"| {w['from_kill_s']:+.0f} to {w['from_kill_s'] + WINDOW_S:+.0f} | {w['goodput_tok_s']:.1f} |"
               for w in result["windows"]]
@@ -259,8 +261,10 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log_path = args.out.with_suffix(".server.log")
     log(f"starting pacer serve {' '.join(flags)} (log: {log_path})")
+    load_before = os.getloadavg()[0]  # the 1-minute load: other work on the machine makes goodput noisy
     with server_process(pacer_command(flags), log_path, ready_timeout_s=600) as server:
         result = asyncio.run(run(server.url, server.process.pid, args))
+    result["load_average"] = {"start": load_before, "end": os.getloadavg()[0]}
     args.out.write_text(json.dumps(result | {"args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     print(markdown(result, "benchmarks/chaos.py " + " ".join(sys.argv[1:])))
     return 1 if result["outcomes"]["lost"] else 0
