@@ -109,6 +109,9 @@ class ServerConfig:
     port: int = field(default=8000, metadata=_help("TCP port"))
     api_key: str | None = field(default=None, metadata=_help(
         "require `Authorization: Bearer KEY` on /v1 routes (default: $PACER_API_KEY, else no key)"))
+    api_key_all_routes: bool = field(default=False, metadata=_help(
+        "with an API key: require it on every route, /health, /metrics and /version too (default: only /v1, as "
+        "vLLM)"))
     served_model_name: str | None = field(default=None, metadata=_help(
         "the model name clients send and see (default: the --model value)"))
     max_queued_requests: int | None = field(default=None, metadata=_help(
@@ -119,6 +122,11 @@ class ServerConfig:
         "that tells how many refusals were false"))
     drain_timeout_s: float = field(default=30.0, metadata=_help(
         "on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before aborting them"))
+    # 60 s: far longer than a client that still reads ever pauses (a GC, a network handover), and short next to
+    # the minutes a generation to the end of the context would otherwise hold its KV for nobody.
+    stream_timeout_s: float = field(default=60.0, metadata=_help(
+        "seconds a stream waits for a client that reads nothing (once ~128 KiB of its output are waiting) before "
+        "it is aborted and its KV freed; 0: forever"))
     access_log: bool = field(default=False, metadata=_help("log every HTTP request"))
     slo_ttft_ms: float | None = field(default=None, metadata=_help(
         "TTFT SLO for requests that set none (body ttft_slo_ms or header x-slo-ttft-ms); default: none"))
@@ -139,6 +147,8 @@ class ServerConfig:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if not self.stream_timeout_s >= 0:  # NaN too
+            raise ValueError(f"stream_timeout_s must be >= 0, got {self.stream_timeout_s}")
         for name in ("slo_ttft_ms", "slo_tpot_ms", "slo_tbt_ms"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

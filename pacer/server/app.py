@@ -55,12 +55,17 @@ class ServerState:
 
 
 def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_root: str,
-               api_key: str | None = None, metrics: Metrics | None = None, default_slo: SLO | None = None) -> FastAPI:
-    """`engine` must be started (its limits shape the API); the app stops it (aborting leftovers) on shutdown."""
+               api_key: str | None = None, metrics: Metrics | None = None, default_slo: SLO | None = None,
+               api_key_all_routes: bool = False, stream_timeout_s: float = 0.0) -> FastAPI:
+    """`engine` must be started (its limits shape the API); the app stops it (aborting leftovers) on shutdown.
+    The API key guards /v1, or with `api_key_all_routes` every route; `stream_timeout_s` bounds a stalled stream
+    (pacer/server/sse.py)."""
+    if api_key_all_routes and api_key is None:
+        raise ValueError("api_key_all_routes needs an API key (--api-key or $PACER_API_KEY)")
     metrics = metrics or Metrics(model_name, lambda: engine.load)
     engine.observer = metrics
-    state = ServerState(engine, OpenAIServing(engine, tokenizer, model_name, metrics, default_slo), metrics, model_name,
-                        model_root, engine.limits.max_model_len, api_key)
+    serving = OpenAIServing(engine, tokenizer, model_name, metrics, default_slo, stream_timeout_s)
+    state = ServerState(engine, serving, metrics, model_name, model_root, engine.limits.max_model_len, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,15 +77,18 @@ def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_ro
     app.state.pacer = state
     _add_error_handlers(app, metrics)
 
-    def accepting(request: Request) -> float:
-        """Auth and drain checks for /v1 routes; returns the HTTP arrival time (monotonic s)."""
-        arrival_s = time.monotonic()
+    def authorized(request: Request) -> None:
         if state.api_key is not None:
             header = request.headers.get("authorization", "")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), state.api_key.encode()):
                 raise APIError(401, "Missing or incorrect API key: send `Authorization: Bearer <key>`",
                                type="authentication_error", code="invalid_api_key")
+
+    def accepting(request: Request) -> float:
+        """Auth and drain checks for /v1 routes; returns the HTTP arrival time (monotonic s)."""
+        arrival_s = time.monotonic()
+        authorized(request)
         if state.draining:
             raise APIError(503, "the server is shutting down and takes no new requests",
                            type="service_unavailable", code="shutting_down")
@@ -99,7 +107,9 @@ def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_ro
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, root=model_root, max_model_len=state.max_model_len)])
 
-    @app.get("/health")
+    operator_routes = [Depends(authorized)] if api_key_all_routes else []  # open by default, as vLLM's
+
+    @app.get("/health", dependencies=operator_routes)
     async def health() -> Response:
         """200 while serving (with each replica's state, on Ray), 503 while draining or with no engine up."""
         if state.draining or not engine.is_alive:
@@ -108,11 +118,11 @@ def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_ro
         details = engine.health()
         return Response(status_code=200) if details is None else JSONResponse(details)
 
-    @app.get("/version")
+    @app.get("/version", dependencies=operator_routes)
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=operator_routes)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

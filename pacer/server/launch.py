@@ -26,9 +26,16 @@ from pacer.server.metrics import Metrics, ReplicaCollector
 
 logger = logging.getLogger(__name__)
 
+# Unsent bytes a connection's socket may hold before a write would block (TCP_NOTSENT_LOWAT). Without it Linux lets
+# them grow to tcp_wmem's maximum (4 MiB by default), minutes of tokens, before uvicorn's `send` waits and a client
+# that reads nothing shows; with it, ~64 KiB here and asyncio's 64 KiB write buffer. Bytes in flight are not
+# counted, so a fast client on a long link is not slowed.
+_MAX_UNSENT_BYTES = 64 * 1024
+
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, except that the first SIGTERM or Ctrl-C drains before exiting.
+    """uvicorn, except that the first SIGTERM or Ctrl-C drains before exiting, and that a connection's unsent
+    output is bounded (`_MAX_UNSENT_BYTES`).
 
     While draining, /v1 routes answer 503 and /health 503 (so a load balancer moves away),
     in-flight requests run to completion for up to `drain_timeout_s`, then whatever is left is
@@ -45,6 +52,14 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if hasattr(socket, "TCP_NOTSENT_LOWAT"):  # Linux and macOS; a connection inherits it from its listener
+            for server in getattr(self, "servers", []):
+                for listener in server.sockets:
+                    if listener.family in (socket.AF_INET, socket.AF_INET6):
+                        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _MAX_UNSENT_BYTES)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.state.draining or self._loop is None:
@@ -74,17 +89,20 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_conf
     """Load the model (in this process, or in replicas on Ray) and serve until SIGTERM; returns the exit code."""
     model = engine_config.model.model or DEFAULT_MODEL
     name = server_config.served_model_name or model
+    api_key = server_config.api_key or os.environ.get("PACER_API_KEY") or None
+    if server_config.api_key_all_routes and api_key is None:
+        raise ValueError("--api-key-all-routes needs an API key (--api-key or $PACER_API_KEY)")
     frontend = make_frontend(engine_config, server_config, cluster_config or ClusterConfig())
     frontend.start()  # loads the model (in the engine thread, the engine process, or each replica) and waits
     tokenizer = load_tokenizer(resolve_model_path(engine_config.model.model))
     metrics = Metrics(name, lambda: frontend.load)
     if frontend.health() is not None:  # replicas that come and go: a series each
         metrics.registry.register(ReplicaCollector(frontend, name))
-    api_key = server_config.api_key or os.environ.get("PACER_API_KEY") or None
     default_slo = SLO(**{f"{kind}_s": None if ms is None else ms / 1e3 for kind, ms in (
         ("ttft", server_config.slo_ttft_ms), ("tbt", server_config.slo_tbt_ms), ("tpot", server_config.slo_tpot_ms))})
     app = create_app(frontend, tokenizer, name, str(resolve_model_path(engine_config.model.model)), api_key=api_key,
-                     metrics=metrics, default_slo=default_slo)
+                     metrics=metrics, default_slo=default_slo, api_key_all_routes=server_config.api_key_all_routes,
+                     stream_timeout_s=server_config.stream_timeout_s)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, access_log=server_config.access_log,
                             log_level=logging.getLevelName(logging.getLogger().level).lower(),
                             timeout_graceful_shutdown=5, timeout_keep_alive=30)

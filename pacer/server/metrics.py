@@ -3,7 +3,8 @@
 Engine-side figures (iterations, queue/prefill/decode time, tokens) come from the engine's updates
 through the EngineObserver hooks; TTFT, inter-token latency and E2E are measured by the server
 from HTTP arrival, as METRICS.md defines them. What vLLM lacks: `pacer:request_rejected_total{reason}`,
-`pacer:request_expired_total`, and the latency model's rolling error `pacer:latency_model_error{quantile}`.
+`pacer:request_expired_total`, `pacer:request_stream_timeout_total`, and the latency model's rolling error
+`pacer:latency_model_error{quantile}`.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class Metrics:
         self.expired = counter("pacer:request_expired",
                                "Requests dropped because their TTFT deadline passed before they started "
                                "(--drop-expired).").labels(model_name)
+        self.stream_timeouts = counter("pacer:request_stream_timeout",
+                                       "Streams cut off because their client read nothing for --stream-timeout-s "
+                                       "(their requests aborted).").labels(model_name)
         error = Gauge("pacer:latency_model_error", "Latency model: quantile of |measured - predicted| / "
                       f"measured iteration time over the last {_ERROR_WINDOW} iterations.",
                       labels + ["quantile"], registry=registry)

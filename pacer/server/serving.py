@@ -7,17 +7,18 @@ admission is all or nothing; their outputs come back on one stream and are folde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
 import jinja2
 from pydantic import BaseModel
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from pacer.engine.frontend import Frontend
 from pacer.engine.protocol import EngineError, QueueFullError, RequestExpired
@@ -48,6 +49,7 @@ from pacer.server.protocol import (
     TopLogprob,
     invalid,
 )
+from pacer.server.sse import EventStream
 
 T = TypeVar("T")
 
@@ -56,8 +58,9 @@ class OpenAIServing:
     """The logic behind /v1/completions and /v1/chat/completions."""
 
     def __init__(self, engine: Frontend, tokenizer: Tokenizer, model_name: str, metrics: Metrics,
-                 default_slo: SLO | None = None) -> None:
+                 default_slo: SLO | None = None, stream_timeout_s: float = 0.0) -> None:
         self.engine = engine
+        self.stream_timeout_s = stream_timeout_s
         self.default_slo = default_slo or SLO()
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -74,7 +77,7 @@ class OpenAIServing:
                             request_slo(body, http.headers, self.default_slo))
         created = int(time.time())
         if body.stream:
-            return self._sse(self._completion_chunks(call, body, call_id, created))
+            return self._sse(call_id, self._completion_chunks(call, body, call_id, created))
         await _until_disconnected(http, self._collect(call))
         choices = [CompletionChoice(index=c.index, text="".join(c.text), finish_reason=c.finish_reason,
                                     logprobs=self._completion_logprobs(c.logprobs, 0)
@@ -84,7 +87,7 @@ class OpenAIServing:
                                         usage=call.usage(), pacer=call.report()))
 
     async def _completion_chunks(self, call: Call, body: CompletionRequest, call_id: str,
-                                 created: int) -> AsyncIterator[str]:
+                                 created: int) -> AsyncGenerator[str, None]:
         offsets = {c.index: 0 for c in call.choices.values()}
         continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
         with call.stream:
@@ -150,7 +153,7 @@ class OpenAIServing:
                             "messages", request_slo(body, http.headers, self.default_slo))
         created = int(time.time())
         if body.stream:
-            return self._sse(self._chat_chunks(call, body, call_id, created))
+            return self._sse(call_id, self._chat_chunks(call, body, call_id, created))
         await _until_disconnected(http, self._collect(call))
         choices = [ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)),
                               finish_reason=c.finish_reason,
@@ -160,7 +163,7 @@ class OpenAIServing:
                                             usage=call.usage(), pacer=call.report()))
 
     async def _chat_chunks(self, call: Call, body: ChatCompletionRequest, call_id: str,
-                           created: int) -> AsyncIterator[str]:
+                           created: int) -> AsyncGenerator[str, None]:
         continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
         def chunk(choice: ChatStreamChoice) -> str:
@@ -254,18 +257,19 @@ class OpenAIServing:
         except EngineError as error:
             raise APIError(500, str(error), type="server_error", code="engine_error") from error
 
-    def _sse(self, chunks: AsyncIterator[str]) -> StreamingResponse:
-        async def events() -> AsyncIterator[str]:
+    def _sse(self, call_id: str, chunks: AsyncGenerator[str, None]) -> EventStream:
+        async def events() -> AsyncGenerator[str, None]:
             try:
-                async for event in chunks:
-                    yield event
+                async with contextlib.aclosing(chunks):  # closing events closes chunks: their requests abort now
+                    async for event in chunks:
+                        yield event
             except EngineError as error:
                 code = "slo_expired" if isinstance(error, RequestExpired) else "engine_error"
                 body = ErrorResponse(error=ErrorInfo(message=str(error), type="server_error", code=code))
                 yield _event(body.model_dump_json())
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EventStream(events(), call_id, self.stream_timeout_s, self.metrics.stream_timeouts.inc)
 
     def _encode(self, text: str, param: str) -> list[int]:
         _check_text(text, param)
