@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Chaos on the cluster: kill -9 one replica's worker under steady load, and count what is lost (issue 35).
+With `--target engine-process`, the engine process of one `pacer serve --engine-process` instead.
 
 Starts `pacer serve --replicas 2 --threads-per-replica 1` (SmolLM2 unless `--model`) on a free loopback port,
 runs a closed loop of `--clients` streaming completions (fixed prompt and output lengths, `ignore_eos`) for
@@ -115,15 +116,19 @@ async def watch_health(url: str, t0: float, stop: asyncio.Event, samples: list[t
     while not stop.is_set():
         try:
             status, text = await asyncio.to_thread(http_get, url + "/health", 2.0)
-            states = [r["state"] for r in json.loads(text)["replicas"]] if status == 200 else [f"http {status}"]
+            if status != 200:
+                states = [f"http {status}"]
+            else:  # replicas on Ray list their states; one engine (process) is up when /health answers 200
+                states = [r["state"] for r in json.loads(text)["replicas"]] if text.strip() else ["up"]
         except (OSError, ValueError, KeyError) as error:
             states = [type(error).__name__]
         samples.append((time.perf_counter() - t0, states))
         await asyncio.sleep(0.25)
 
 
-def replica_workers(root_pid: int) -> list[int]:
-    """Pids of the Ray Replica actors' worker processes among `root_pid`'s descendants (from /proc)."""
+def replica_workers(root_pid: int, target: str) -> list[int]:
+    """Pids of the engines among `root_pid`'s descendants (from /proc): the Ray Replica actors' worker processes, or
+    the engine process (`--engine-process`: a spawned multiprocessing child)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -138,10 +143,10 @@ def replica_workers(root_pid: int) -> list[int]:
         for child in children.get(pid, []):
             todo.append(child)
             try:
-                title = (Path("/proc") / str(child) / "cmdline").read_bytes().split(b"\0")[0].decode()
+                argv = (Path("/proc") / str(child) / "cmdline").read_bytes()
             except OSError:
                 continue
-            if title.startswith("ray::Replica"):
+            if (argv.startswith(b"ray::Replica") if target == "ray" else b"spawn_main" in argv):
                 found.append(child)
     return sorted(found)
 
@@ -155,9 +160,10 @@ async def run(url: str, server_pid: int, args: argparse.Namespace) -> dict:
     import aiohttp
 
     prompts = make_prompts(64, args.prompt_tokens, seed=0)
+    wanted = 2 if args.target == "ray" else 1
     for _ in range(60):  # Ray names an actor's process once it runs
-        workers = replica_workers(server_pid)
-        if len(workers) >= 2:
+        workers = replica_workers(server_pid, args.target)
+        if len(workers) >= wanted:
             break
         await asyncio.sleep(0.5)
     log(f"replica workers: {workers}")
@@ -253,11 +259,13 @@ def main() -> int:
     parser.add_argument("--before-s", type=float, default=30.0, help="measured load before the kill")
     parser.add_argument("--after-s", type=float, default=90.0, help="load after the kill")
     parser.add_argument("--request-timeout-s", type=float, default=120.0)
+    parser.add_argument("--target", choices=["ray", "engine-process"], default="ray",
+                        help="kill one of 2 replicas on Ray, or the engine process of one `--engine-process` server")
     parser.add_argument("--server-args", default="", help="more flags for pacer serve")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "chaos.json")
     args = parser.parse_args()
-    flags = ["--replicas", "2", "--threads-per-replica", "1", *(["--model", args.model] if args.model else []),
-             *args.server_args.split()]
+    layout = ["--replicas", "2", "--threads-per-replica", "1"] if args.target == "ray" else ["--engine-process"]
+    flags = [*layout, *(["--model", args.model] if args.model else []), *args.server_args.split()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log_path = args.out.with_suffix(".server.log")
     log(f"starting pacer serve {' '.join(flags)} (log: {log_path})")
