@@ -51,6 +51,11 @@ from pacer.server.protocol import (
 
 T = TypeVar("T")
 
+# Engine requests one call may make (prompts x n): each is real work even for one token (~2 ms of the tiny model's
+# front end and engine), and a short body could otherwise ask for millions. vLLM has no bound; 1024 lets a client
+# batch hundreds of prompts.
+MAX_CHOICES = 1024
+
 
 class OpenAIServing:
     """The logic behind /v1/completions and /v1/chat/completions."""
@@ -68,7 +73,7 @@ class OpenAIServing:
 
     async def completions(self, body: CompletionRequest, http: HTTPRequest, arrival_s: float) -> Response:
         self._check(body)
-        prompts = self._completion_prompts(body.prompt)
+        prompts = self._completion_prompts(body.prompt, body.n)
         call_id = f"cmpl-{uuid.uuid4().hex}"
         call = self._submit(call_id, prompts, body, body.max_tokens, body.logprobs, arrival_s, "prompt",
                             request_slo(body, http.headers, self.default_slo))
@@ -107,11 +112,14 @@ class OpenAIServing:
             yield _event(CompletionResponse(id=call_id, created=created, model=self.model_name, choices=[],
                                             usage=call.usage(), pacer=call.report()).model_dump_json())
 
-    def _completion_prompts(self, prompt: str | list) -> list[list[int]]:
+    def _completion_prompts(self, prompt: str | list, n: int) -> list[list[int]]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
             raise invalid("prompt must not be an empty list", "prompt")
+        if len(prompt) * n > MAX_CHOICES:
+            raise invalid(f"prompt: {len(prompt)} prompts x n={n} make more than {MAX_CHOICES} choices in one call",
+                          "prompt")
         prompts = [self._encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
         for ids in prompts:
             if not ids:
@@ -202,6 +210,8 @@ class OpenAIServing:
         unsupported = body.unsupported()
         if unsupported:
             raise invalid(f"{', '.join(unsupported)} is not supported by pacer", unsupported[0], "unsupported")
+        if body.stop_token_ids and max(body.stop_token_ids) >= self.tokenizer.vocab_size:
+            raise invalid(f"stop_token_ids must be in [0, {self.tokenizer.vocab_size})", "stop_token_ids")
 
     def _submit(self, call_id: str, prompts: list[list[int]], body: SamplingRequest, max_tokens: int | None,
                 logprobs: int | None, arrival_s: float, prompt_param: str, slo: SLO) -> Call:
@@ -236,7 +246,8 @@ class OpenAIServing:
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p,
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty,
-                seed=None if body.seed is None else body.seed + index,  # n choices, n different samples
+                # n choices, n different samples; mod 2**64, as torch reads a negative seed
+                seed=None if body.seed is None else (body.seed + index) % 2**64,
                 stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
                 stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
                 logprobs=logprobs, skip_special_tokens=body.skip_special_tokens)
