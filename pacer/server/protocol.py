@@ -113,12 +113,13 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    # Required, null refused: only an assistant message with tool_calls may go without, and tools are not supported.
+    content: str | list[TextPart]
     name: str | None = None
 
     def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
+        if isinstance(self.content, str):
+            return self.content
         return "".join(part.text for part in self.content)
 
 
