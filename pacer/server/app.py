@@ -55,12 +55,13 @@ class ServerState:
 
 
 def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_root: str,
-               api_key: str | None = None, metrics: Metrics | None = None, default_slo: SLO | None = None) -> FastAPI:
+               api_key: str | None = None, metrics: Metrics | None = None, default_slo: SLO | None = None,
+               max_tokens_default: int | None = None) -> FastAPI:
     """`engine` must be started (its limits shape the API); the app stops it (aborting leftovers) on shutdown."""
     metrics = metrics or Metrics(model_name, lambda: engine.load)
     engine.observer = metrics
-    state = ServerState(engine, OpenAIServing(engine, tokenizer, model_name, metrics, default_slo), metrics, model_name,
-                        model_root, engine.limits.max_model_len, api_key)
+    serving = OpenAIServing(engine, tokenizer, model_name, metrics, default_slo, max_tokens_default)
+    state = ServerState(engine, serving, metrics, model_name, model_root, engine.limits.max_model_len, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -61,9 +61,10 @@ class OpenAIServing:
     """The logic behind /v1/completions and /v1/chat/completions."""
 
     def __init__(self, engine: Frontend, tokenizer: Tokenizer, model_name: str, metrics: Metrics,
-                 default_slo: SLO | None = None) -> None:
+                 default_slo: SLO | None = None, max_tokens_default: int | None = None) -> None:
         self.engine = engine
         self.default_slo = default_slo or SLO()
+        self.max_tokens_default = max_tokens_default  # for requests that set none; None: to the end of the context
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = metrics
@@ -219,7 +220,7 @@ class OpenAIServing:
         for prompt in prompts:
             for j in range(body.n):
                 index = len(requests)
-                params = self._sampling_params(body, max_tokens, logprobs, j)
+                params = self._sampling_params(body, max_tokens or self._default_max_tokens(body, prompt), logprobs, j)
                 requests.append(Request(f"{call_id}-{index}", prompt, params, slo, arrival_s=arrival_s))
         try:
             stream = self.engine.generate(requests)
@@ -236,6 +237,14 @@ class OpenAIServing:
         except EngineError as error:
             raise APIError(503, str(error), type="service_unavailable", code="engine_unavailable") from error
         return Call(stream, requests, sum(map(len, prompts)), arrival_s, self.metrics)
+
+    def _default_max_tokens(self, body: SamplingRequest, prompt: list[int]) -> int | None:
+        """The server's default output length (at least min_tokens), cut where the context ends, as no limit would
+        be; None (no default) runs to the end of the context."""
+        if self.max_tokens_default is None:
+            return None
+        room = self.engine.limits.max_request_tokens - len(prompt)
+        return max(1, min(max(self.max_tokens_default, body.min_tokens), room))
 
     def _sampling_params(self, body: SamplingRequest, max_tokens: int | None, logprobs: int | None,
                          index: int) -> SamplingParams:

@@ -1,0 +1,95 @@
+"""Bounded work per request, decided before the work: the default output length, the body size limit, the
+character bound on prompts, tokenization off the event loop.
+
+In-process (the real app and front end on the tiny model, through httpx's ASGI transport) unless the HTTP server
+itself is what is tested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+
+from pacer.config import EngineConfig, ServerConfig
+from pacer.engine.builder import build_engine
+from pacer.engine.frontend import Frontend
+from pacer.engine.hosts import ThreadHost
+from pacer.server.app import create_app
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+CONTEXT = 256  # the tiny model's context length
+
+
+def make_app(model_dir, **options):
+    engine, tokenizer = build_engine(EngineConfig.from_kwargs(model=str(model_dir), num_blocks=64, threads=1))
+    frontend = Frontend([ThreadHost(lambda: engine)])
+    frontend.start()
+    return create_app(frontend, tokenizer, "tiny", str(model_dir), **options)
+
+
+def run(app, *calls: Callable[[httpx.AsyncClient], Awaitable]) -> list:
+    async def main() -> list:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://pacer", timeout=60) as client:
+                return [await call(client) for call in calls]
+
+    return asyncio.run(main())
+
+
+def posting(route: str, body: dict) -> Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]:
+    async def call(client: httpx.AsyncClient) -> httpx.Response:
+        return await client.post(route, json=body)
+
+    return call
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir):
+    return make_app(tiny_model_dir)
+
+
+def usage(response: httpx.Response) -> tuple[int, int, str]:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"], body["choices"][0]["finish_reason"]
+
+
+# ---- max_tokens omitted -------------------------------------------------------------------------
+
+
+def test_without_max_tokens_chat_runs_to_the_end_of_the_context_and_completions_to_16(app):
+    chat, null, completion = run(
+        app, posting(CHAT, {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}),
+        posting(COMPLETIONS, {"prompt": "hi", "max_tokens": None, "ignore_eos": True}),
+        posting(COMPLETIONS, {"prompt": "hi", "ignore_eos": True}))
+    prompt, output, reason = usage(chat)
+    assert prompt + output == CONTEXT and reason == "length"
+    prompt, output, reason = usage(null)
+    assert prompt + output == CONTEXT and reason == "length"
+    assert usage(completion)[1:] == (16, "length")  # OpenAI's default for completions, as vLLM
+
+
+def test_max_tokens_default_applies_where_the_request_sets_no_limit(tiny_model_dir):
+    messages = [{"role": "user", "content": "hi"}]
+    omitted, given, given_new, completion, null, at_least_min, near_the_end = run(
+        make_app(tiny_model_dir, max_tokens_default=5),
+        posting(CHAT, {"messages": messages, "ignore_eos": True}),
+        posting(CHAT, {"messages": messages, "ignore_eos": True, "max_tokens": 7}),
+        posting(CHAT, {"messages": messages, "ignore_eos": True, "max_completion_tokens": 3}),
+        posting(COMPLETIONS, {"prompt": "hi", "ignore_eos": True}),
+        posting(COMPLETIONS, {"prompt": "hi", "ignore_eos": True, "max_tokens": None}),
+        posting(CHAT, {"messages": messages, "ignore_eos": True, "min_tokens": 8}),
+        posting(COMPLETIONS, {"prompt": list(range(1000, 1000 + CONTEXT - 3)), "max_tokens": None,
+                              "ignore_eos": True}))
+    assert [usage(r)[1] for r in (omitted, given, given_new, completion, null, at_least_min)] == [5, 7, 3, 16, 5, 8]
+    assert usage(near_the_end)[1:] == (3, "length")  # cut where the context ends, as no default would be
+
+
+def test_max_tokens_default_must_be_positive():
+    with pytest.raises(ValueError, match="max_tokens_default"):
+        ServerConfig(max_tokens_default=0)
