@@ -8,7 +8,8 @@ itself is what is tested.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ from pacer.engine.builder import build_engine
 from pacer.engine.frontend import Frontend
 from pacer.engine.hosts import ThreadHost
 from pacer.server.app import create_app
+from tests.server.test_errors import AUTH, check_error
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -93,3 +95,44 @@ def test_max_tokens_default_applies_where_the_request_sets_no_limit(tiny_model_d
 def test_max_tokens_default_must_be_positive():
     with pytest.raises(ValueError, match="max_tokens_default"):
         ServerConfig(max_tokens_default=0)
+
+
+# ---- the body size limit ------------------------------------------------------------------------
+
+
+def test_a_20_mb_body_gets_413_at_once_and_the_server_serves_on(tiny_server):
+    """Against uvicorn itself (the 4 MiB default): refused by its Content-Length, before the body is read."""
+    body = b'{"prompt": "' + b"a" * 20_000_000 + b'", "max_tokens": 1}'
+    start = time.perf_counter()
+    response = httpx.post(tiny_server.url + COMPLETIONS, content=body,
+                          headers={**AUTH, "Content-Type": "application/json"})
+    elapsed_s = time.perf_counter() - start
+    error = check_error(response, 413, code="request_too_large")
+    assert str(4 * 2**20) in error["message"]
+    assert elapsed_s < 2  # loose: the client's own sending of 20 MB is most of it (the server answers in ms)
+    ok = httpx.post(tiny_server.url + COMPLETIONS, json={"prompt": "hi", "max_tokens": 2}, headers=AUTH)
+    assert ok.status_code == 200
+    assert tiny_server.metrics()['pacer:request_rejected_total{reason="request_too_large"}'] >= 1
+
+
+def test_a_chunked_body_without_content_length_is_counted_as_it_arrives(tiny_server):
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(80):  # 5 MiB
+            yield b"a" * 2**16
+        yield b'"}'
+
+    response = httpx.post(tiny_server.url + COMPLETIONS, content=chunks(),
+                          headers={**AUTH, "Content-Type": "application/json"})
+    assert "content-length" not in response.request.headers
+    check_error(response, 413, code="request_too_large")
+
+
+def test_max_request_bytes_is_the_operators(tiny_model_dir):
+    small = posting(COMPLETIONS, {"prompt": "hi", "max_tokens": 1})
+    large = posting(COMPLETIONS, {"prompt": "hi " * 200, "max_tokens": 1})
+    ok, refused = run(make_app(tiny_model_dir, max_request_bytes=256), small, large)
+    assert ok.status_code == 200
+    check_error(refused, 413, code="request_too_large")
+    with pytest.raises(ValueError, match="max_request_bytes"):
+        ServerConfig(max_request_bytes="0")
