@@ -177,6 +177,15 @@ class Tokenizer:
             if added.special
         )
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """At least as many characters as any token stands for, so a text of n characters has at least
+        n / max_token_chars tokens: a bound on a prompt's length before it is tokenized. A vocabulary string has a
+        character per byte (byte-level BPE) or per character (SentencePiece, '▁' for a space), never fewer; a
+        normalizer may compose characters (NFC: up to 3 into 1), hence the margin then."""
+        longest = max(map(len, self.backend.get_vocab(with_added_tokens=True)))
+        return longest if self.backend.normalizer is None else 4 * longest
+
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 

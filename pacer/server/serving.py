@@ -69,6 +69,7 @@ class OpenAIServing:
         self.model_name = model_name
         self.metrics = metrics
         self._token_text = functools.lru_cache(maxsize=65536)(self._decode_token)  # logprobs' token strings
+        self._max_token_chars = tokenizer.max_token_chars
 
     # ---- completions --------------------------------------------------------------------------
 
@@ -121,6 +122,9 @@ class OpenAIServing:
         if len(prompt) * n > MAX_CHOICES:
             raise invalid(f"prompt: {len(prompt)} prompts x n={n} make more than {MAX_CHOICES} choices in one call",
                           "prompt")
+        for text in prompt:
+            if isinstance(text, str):
+                self._check_length(len(text), "prompt")
         prompts = [self._encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
         for ids in prompts:
             if not ids:
@@ -146,6 +150,7 @@ class OpenAIServing:
         self._check(body)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
+        self._check_length(sum(len(m["content"]) for m in messages), "messages")
         for i, message in enumerate(messages):
             _check_text(message["content"], f"messages.{i}.content")
         try:
@@ -213,6 +218,14 @@ class OpenAIServing:
             raise invalid(f"{', '.join(unsupported)} is not supported by pacer", unsupported[0], "unsupported")
         if body.stop_token_ids and max(body.stop_token_ids) >= self.tokenizer.vocab_size:
             raise invalid(f"stop_token_ids must be in [0, {self.tokenizer.vocab_size})", "stop_token_ids")
+
+    def _check_length(self, num_chars: int, param: str) -> None:
+        """Refuse text too long for any tokenization of it to fit, without tokenizing it."""
+        limit = self.engine.limits.max_request_tokens
+        if num_chars > limit * self._max_token_chars:
+            raise invalid(f"the {param} has {num_chars} characters, more than {limit} tokens of at most "
+                          f"{self._max_token_chars} characters each can hold: shorten the {param}", param,
+                          "context_length_exceeded")
 
     def _submit(self, call_id: str, prompts: list[list[int]], body: SamplingRequest, max_tokens: int | None,
                 logprobs: int | None, arrival_s: float, prompt_param: str, slo: SLO) -> Call:

@@ -136,3 +136,34 @@ def test_max_request_bytes_is_the_operators(tiny_model_dir):
     check_error(refused, 413, code="request_too_large")
     with pytest.raises(ValueError, match="max_request_bytes"):
         ServerConfig(max_request_bytes="0")
+
+
+# ---- the character bound ------------------------------------------------------------------------
+
+
+def test_a_prompt_too_long_to_fit_in_any_tokenization_is_refused_without_tokenizing(app):
+    """256 tokens of at most 81 characters: a 1 MB prompt cannot fit, whatever its tokens."""
+    started = []
+
+    def timed(route: str, body: dict):
+        call = posting(route, body)
+
+        async def timed_call(client: httpx.AsyncClient) -> tuple[httpx.Response, float]:
+            started.append(time.perf_counter())
+            response = await call(client)
+            return response, time.perf_counter() - started[-1]
+
+        return timed_call
+
+    megabyte = "hello world " * 87_400
+    (completion, completion_s), (chat, chat_s), (many, _), (shorter, _) = run(
+        app, timed(COMPLETIONS, {"prompt": megabyte, "max_tokens": 1}),
+        timed(CHAT, {"messages": [{"role": "system", "content": megabyte[:600_000]},
+                                  {"role": "user", "content": megabyte[:600_000]}], "max_tokens": 1}),
+        timed(COMPLETIONS, {"prompt": ["hi", "x" * (256 * 81 + 1)], "max_tokens": 1}),
+        timed(COMPLETIONS, {"prompt": "x" * (256 * 81), "max_tokens": 1}))  # tokenized, then refused by count
+    for response, param in ((completion, "prompt"), (chat, "messages"), (many, "prompt"), (shorter, "prompt")):
+        check_error(response, 400, param, "context_length_exceeded")
+    assert "81 characters" in completion.json()["error"]["message"]
+    assert "81 characters" not in shorter.json()["error"]["message"]
+    assert completion_s < 1 and chat_s < 1  # loose (tokenizing 1 MB takes about as long here; refusing, ms)
