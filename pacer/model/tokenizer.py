@@ -194,6 +194,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """As `encode`, but the backend lets go of the GIL while it works (its `encode` holds it), so a thread can
+        tokenize a long text while the event loop serves on."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Cost is linear in `len(ids)`, so incremental detokenizers can decode short windows
         (vLLM's prefix/read offsets) every step."""

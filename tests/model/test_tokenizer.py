@@ -207,3 +207,8 @@ def test_no_token_stands_for_more_characters_than_max_token_chars(tokenizer):
     assert max(map(len, texts)) <= tokenizer.max_token_chars == 81
     text = "\n" + " " * 80
     assert len(tokenizer.encode(text * 10)) == 10
+
+
+def test_encode_batch_tokenizes_as_encode(tokenizer):
+    texts = ["Hello, world!", "<|im_start|>user\n123 héllo<|im_end|>", ""]
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(text) for text in texts]
