@@ -82,6 +82,16 @@ def test_seeds_a_torch_generator_cannot_take_are_refused():
         torch.Generator().manual_seed(SamplingParams(seed=seed).seed)
 
 
+def test_a_top_k_beyond_the_vocabulary_samples_as_no_top_k():
+    """The same draws as top_k 0, so it took the unfiltered path, not a topk over the whole vocabulary (a fuzzed
+    top_k of 2**63 with n=40 took 6 s on the tiny model)."""
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    for top_p in (1.0, 0.9):
+        huge = draw(logits, SamplingParams(top_k=2**63, top_p=top_p), n=50)
+        assert huge == draw(logits, SamplingParams(top_k=0, top_p=top_p), n=50)
+        assert huge == draw(logits, SamplingParams(top_k=5000, top_p=top_p), n=50)
+
+
 def test_a_temperature_too_small_to_divide_by_is_greedy():
     params = SamplingParams(temperature=1e-300)
     assert params.greedy and sample(LOGITS[None], [params], [None])[0] == [0]
