@@ -24,8 +24,9 @@ from tests.live_server import run_server
 # PACER_FUZZ_EXAMPLES=400 (new requests, since more examples change what hypothesis generates).
 EXAMPLES = int(os.environ.get("PACER_FUZZ_EXAMPLES", "40"))
 MAX_OUTPUT_TOKENS = 16  # the cap on generated max_tokens / max_completion_tokens / min_tokens, and the server default
-# The fuzzer's timeout in issue 35. Sampling, not the model, is the tiny model's cost: a top_k of 34,189 takes 7 ms a
-# row and token (torch.topk), so n=55 x 16 tokens took 11 s.
+# The fuzzer's timeout in issue 35. Sampling, row by row, not the model, is the tiny model's cost: a top_k of 34,189
+# takes 7 ms a row and token (torch.topk), so n=55 x 16 tokens took 11 s; penalties and logprobs with n=115 x 28
+# tokens (a float max_tokens, before floats were capped too), 17 s.
 MAX_RESPONSE_S = 30.0
 
 
@@ -41,7 +42,7 @@ def cap_output(body: object) -> None:
     if isinstance(body, dict):
         for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
             value = body.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_OUTPUT_TOKENS:
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_OUTPUT_TOKENS:
                 body[name] = MAX_OUTPUT_TOKENS
 
 
