@@ -136,6 +136,15 @@ class ServerConfig:
     slo_tbt_ms: float | None = field(default=None, metadata=_help(
         "TBT SLO (every gap between tokens) for requests that set none (body tbt_slo_ms or header x-slo-tbt-ms); "
         "default: none"))
+    # 4 MiB holds a 128K-token context at 32 bytes a token (text JSON escapes heavily, e.g. \uXXXX): no real prompt
+    # is refused, and no body costs more than a few tens of ms to read and parse before a limit can refuse it.
+    max_request_bytes: str = field(default="4MiB", metadata=_help(
+        "largest request body, e.g. 4MiB; a larger one gets 413 before it is read (by its Content-Length, or as it "
+        "arrives when chunked)"))
+    max_tokens_default: int | None = field(default=None, metadata=_help(
+        "output tokens for a request that sets no max_tokens (chat without max_tokens or max_completion_tokens, "
+        "completions with max_tokens null; completions without the field get OpenAI's 16); default: to the end "
+        "of the context, as vLLM"))
     engine_process: bool | None = field(default=None, metadata=_help(
         "run the engine in a process of its own, apart from the HTTP front end, so the two never share the GIL "
         "(default: on with a CUDA device, where a step is many short GIL-holding torch calls; off on a CPU)"))
@@ -145,6 +154,10 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if parse_bytes(self.max_request_bytes) < 1:
+            raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes!r}")
+        if self.max_tokens_default is not None and self.max_tokens_default < 1:
+            raise ValueError(f"max_tokens_default must be at least 1, got {self.max_tokens_default}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not self.stream_timeout_s >= 0:  # NaN too

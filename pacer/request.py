@@ -6,6 +6,10 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+# Below this temperature sampling is greedy (as vLLM): logits / temperature overflows to inf long before it reaches 0.
+GREEDY_TEMPERATURE = 1e-5
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes; a negative seed means seed mod 2**64
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued; holds no KV blocks
@@ -28,7 +32,7 @@ class SamplingParams:
 
     max_tokens: int | None = 16  # None: up to the context (or KV) limit
     min_tokens: int = 0  # EOS and stop token ids are masked until this many tokens were generated
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (below GREEDY_TEMPERATURE) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
     min_p: float = 0.0
@@ -62,6 +66,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):
@@ -69,7 +75,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def penalized(self) -> bool:

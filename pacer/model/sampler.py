@@ -62,6 +62,8 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
     """Sample one token from `logits` [V] after temperature and the top-k, top-p, min-p filters."""
     probs = torch.softmax(logits / p.temperature, dim=-1)
     top_k = max(0, p.top_k)
+    if top_k >= probs.numel():
+        top_k = 0  # keeps every token anyway: no full-vocabulary topk (10 ms a row and token on a CPU)
     if top_k or p.top_p < 1 or p.min_p > 0:
         k = min(probs.numel(), top_k or NUCLEUS_CANDIDATES)
         values, indices = probs.topk(k)

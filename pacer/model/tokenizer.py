@@ -177,6 +177,15 @@ class Tokenizer:
             if added.special
         )
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """At least as many characters as any token stands for, so a text of n characters has at least
+        n / max_token_chars tokens: a bound on a prompt's length before it is tokenized. A vocabulary string has a
+        character per byte (byte-level BPE) or per character (SentencePiece, '▁' for a space), never fewer; a
+        normalizer may compose characters (NFC: up to 3 into 1), hence the margin then."""
+        longest = max(map(len, self.backend.get_vocab(with_added_tokens=True)))
+        return longest if self.backend.normalizer is None else 4 * longest
+
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 
@@ -184,6 +193,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """As `encode`, but the backend lets go of the GIL while it works (its `encode` holds it), so a thread can
+        tokenize a long text while the event loop serves on."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Cost is linear in `len(ids)`, so incremental detokenizers can decode short windows

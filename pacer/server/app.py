@@ -19,9 +19,11 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from pacer import __version__
+from pacer.config import ServerConfig, parse_bytes
 from pacer.engine.frontend import Frontend
 from pacer.model.tokenizer import Tokenizer
 from pacer.request import SLO
+from pacer.server.body_limit import BodySizeLimit
 from pacer.server.metrics import Metrics
 from pacer.server.protocol import (
     APIError,
@@ -56,7 +58,9 @@ class ServerState:
 
 def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_root: str,
                api_key: str | None = None, metrics: Metrics | None = None, default_slo: SLO | None = None,
-               api_key_all_routes: bool = False, stream_timeout_s: float = 0.0) -> FastAPI:
+               api_key_all_routes: bool = False, stream_timeout_s: float = 0.0,
+               max_tokens_default: int | None = None,
+               max_request_bytes: int = parse_bytes(ServerConfig.max_request_bytes)) -> FastAPI:
     """`engine` must be started (its limits shape the API); the app stops it (aborting leftovers) on shutdown.
     The API key guards /v1, or with `api_key_all_routes` every route; `stream_timeout_s` bounds a stalled stream
     (pacer/server/sse.py)."""
@@ -64,7 +68,7 @@ def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_ro
         raise ValueError("api_key_all_routes needs an API key (--api-key or $PACER_API_KEY)")
     metrics = metrics or Metrics(model_name, lambda: engine.load)
     engine.observer = metrics
-    serving = OpenAIServing(engine, tokenizer, model_name, metrics, default_slo, stream_timeout_s)
+    serving = OpenAIServing(engine, tokenizer, model_name, metrics, default_slo, stream_timeout_s, max_tokens_default)
     state = ServerState(engine, serving, metrics, model_name, model_root, engine.limits.max_model_len, api_key)
 
     @contextlib.asynccontextmanager
@@ -74,6 +78,7 @@ def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_ro
         await engine.stop()
 
     app = FastAPI(title="pacer", version=__version__, lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)  # not FastAPI's max_body_size: its 413 is plain text
     app.state.pacer = state
     _add_error_handlers(app, metrics)
 
@@ -131,7 +136,7 @@ def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_ro
 
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     def respond(status: int, info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:
-        if status in (400, 404, 429, 503) and info.code != "not_found":  # not a request: a wrong URL
+        if status in (400, 404, 413, 429, 503) and info.code != "not_found":  # not a request: a wrong URL
             metrics.rejected(info.code or str(status))
         return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
 
@@ -163,6 +168,8 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             message, code = f"the body could not be read as UTF-8 JSON ({message})", "invalid_json"
         elif status == 404:
             message, code = f"no route {request.method} {request.url.path}", "not_found"
+        elif status == 413:
+            code = "request_too_large"
         return respond(status, ErrorInfo(message=message, type=_HTTP_ERROR_TYPES.get(status, "invalid_request_error"),
                                          code=code), getattr(error, "headers", None))
 

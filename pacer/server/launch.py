@@ -13,7 +13,7 @@ from types import FrameType
 
 import uvicorn
 
-from pacer.config import ClusterConfig, EngineConfig, ServerConfig
+from pacer.config import ClusterConfig, EngineConfig, ServerConfig, parse_bytes
 from pacer.engine.builder import build_engine
 from pacer.engine.engine import Engine
 from pacer.engine.frontend import Frontend
@@ -102,7 +102,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_conf
         ("ttft", server_config.slo_ttft_ms), ("tbt", server_config.slo_tbt_ms), ("tpot", server_config.slo_tpot_ms))})
     app = create_app(frontend, tokenizer, name, str(resolve_model_path(engine_config.model.model)), api_key=api_key,
                      metrics=metrics, default_slo=default_slo, api_key_all_routes=server_config.api_key_all_routes,
-                     stream_timeout_s=server_config.stream_timeout_s)
+                     stream_timeout_s=server_config.stream_timeout_s, max_tokens_default=server_config.max_tokens_default,
+                     max_request_bytes=parse_bytes(server_config.max_request_bytes))
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, access_log=server_config.access_log,
                             log_level=logging.getLevelName(logging.getLogger().level).lower(),
                             timeout_graceful_shutdown=5, timeout_keep_alive=30)

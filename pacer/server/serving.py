@@ -53,25 +53,36 @@ from pacer.server.sse import EventStream
 
 T = TypeVar("T")
 
+# Engine requests one call may make (prompts x n): each is real work even for one token (~2 ms of the tiny model's
+# front end and engine), and a short body could otherwise ask for millions. vLLM has no bound; 1024 lets a client
+# batch hundreds of prompts.
+MAX_CHOICES = 1024
+# Longer texts are tokenized on a thread: 4K characters take ~3 ms (1 MB, ~0.8 s) that would stall every stream's
+# tokens on the event loop; the hop costs ~0.1 ms.
+TOKENIZE_ON_THREAD_CHARS = 4096
+
 
 class OpenAIServing:
     """The logic behind /v1/completions and /v1/chat/completions."""
 
     def __init__(self, engine: Frontend, tokenizer: Tokenizer, model_name: str, metrics: Metrics,
-                 default_slo: SLO | None = None, stream_timeout_s: float = 0.0) -> None:
+                 default_slo: SLO | None = None, stream_timeout_s: float = 0.0,
+                 max_tokens_default: int | None = None) -> None:
         self.engine = engine
         self.stream_timeout_s = stream_timeout_s
         self.default_slo = default_slo or SLO()
+        self.max_tokens_default = max_tokens_default  # for requests that set none; None: to the end of the context
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = metrics
         self._token_text = functools.lru_cache(maxsize=65536)(self._decode_token)  # logprobs' token strings
+        self._max_token_chars = tokenizer.max_token_chars
 
     # ---- completions --------------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, http: HTTPRequest, arrival_s: float) -> Response:
         self._check(body)
-        prompts = self._completion_prompts(body.prompt)
+        prompts = await self._completion_prompts(body.prompt, body.n)
         call_id = f"cmpl-{uuid.uuid4().hex}"
         call = self._submit(call_id, prompts, body, body.max_tokens, body.logprobs, arrival_s, "prompt",
                             request_slo(body, http.headers, self.default_slo))
@@ -110,12 +121,18 @@ class OpenAIServing:
             yield _event(CompletionResponse(id=call_id, created=created, model=self.model_name, choices=[],
                                             usage=call.usage(), pacer=call.report()).model_dump_json())
 
-    def _completion_prompts(self, prompt: str | list) -> list[list[int]]:
+    async def _completion_prompts(self, prompt: str | list, n: int) -> list[list[int]]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
             raise invalid("prompt must not be an empty list", "prompt")
-        prompts = [self._encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
+        if len(prompt) * n > MAX_CHOICES:
+            raise invalid(f"prompt: {len(prompt)} prompts x n={n} make more than {MAX_CHOICES} choices in one call",
+                          "prompt")
+        for text in prompt:
+            if isinstance(text, str):
+                self._check_length(len(text), "prompt")
+        prompts = [await self._encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
         for ids in prompts:
             if not ids:
                 raise invalid("prompt is empty: it must have at least one token", "prompt")
@@ -140,13 +157,14 @@ class OpenAIServing:
         self._check(body)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
+        self._check_length(sum(len(m["content"]) for m in messages), "messages")
         for i, message in enumerate(messages):
             _check_text(message["content"], f"messages.{i}.content")
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except jinja2.TemplateError as error:
             raise invalid(f"the model's chat template refused these messages: {error}", "messages") from error
-        prompt = self._encode(text, "messages")
+        prompt = await self._encode(text, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         call_id = f"chatcmpl-{uuid.uuid4().hex}"
         call = self._submit(call_id, [prompt], body, body.max_completion_tokens or body.max_tokens, top, arrival_s,
@@ -205,6 +223,16 @@ class OpenAIServing:
         unsupported = body.unsupported()
         if unsupported:
             raise invalid(f"{', '.join(unsupported)} is not supported by pacer", unsupported[0], "unsupported")
+        if body.stop_token_ids and max(body.stop_token_ids) >= self.tokenizer.vocab_size:
+            raise invalid(f"stop_token_ids must be in [0, {self.tokenizer.vocab_size})", "stop_token_ids")
+
+    def _check_length(self, num_chars: int, param: str) -> None:
+        """Refuse text too long for any tokenization of it to fit, without tokenizing it."""
+        limit = self.engine.limits.max_request_tokens
+        if num_chars > limit * self._max_token_chars:
+            raise invalid(f"the {param} has {num_chars} characters, more than {limit} tokens of at most "
+                          f"{self._max_token_chars} characters each can hold: shorten the {param}", param,
+                          "context_length_exceeded")
 
     def _submit(self, call_id: str, prompts: list[list[int]], body: SamplingRequest, max_tokens: int | None,
                 logprobs: int | None, arrival_s: float, prompt_param: str, slo: SLO) -> Call:
@@ -212,7 +240,7 @@ class OpenAIServing:
         for prompt in prompts:
             for j in range(body.n):
                 index = len(requests)
-                params = self._sampling_params(body, max_tokens, logprobs, j)
+                params = self._sampling_params(body, max_tokens or self._default_max_tokens(body, prompt), logprobs, j)
                 requests.append(Request(f"{call_id}-{index}", prompt, params, slo, arrival_s=arrival_s))
         try:
             stream = self.engine.generate(requests)
@@ -230,6 +258,14 @@ class OpenAIServing:
             raise APIError(503, str(error), type="service_unavailable", code="engine_unavailable") from error
         return Call(stream, requests, sum(map(len, prompts)), arrival_s, self.metrics)
 
+    def _default_max_tokens(self, body: SamplingRequest, prompt: list[int]) -> int | None:
+        """The server's default output length (at least min_tokens), cut where the context ends, as no limit would
+        be; None (no default) runs to the end of the context."""
+        if self.max_tokens_default is None:
+            return None
+        room = self.engine.limits.max_request_tokens - len(prompt)
+        return max(1, min(max(self.max_tokens_default, body.min_tokens), room))
+
     def _sampling_params(self, body: SamplingRequest, max_tokens: int | None, logprobs: int | None,
                          index: int) -> SamplingParams:
         try:
@@ -239,7 +275,8 @@ class OpenAIServing:
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p,
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty,
-                seed=None if body.seed is None else body.seed + index,  # n choices, n different samples
+                # n choices, n different samples; mod 2**64, as torch reads a negative seed
+                seed=None if body.seed is None else (body.seed + index) % 2**64,
                 stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
                 stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
                 logprobs=logprobs, skip_special_tokens=body.skip_special_tokens)
@@ -271,9 +308,11 @@ class OpenAIServing:
 
         return EventStream(events(), call_id, self.stream_timeout_s, self.metrics.stream_timeouts.inc)
 
-    def _encode(self, text: str, param: str) -> list[int]:
+    async def _encode(self, text: str, param: str) -> list[int]:
         _check_text(text, param)
-        return self.tokenizer.encode(text)
+        if len(text) < TOKENIZE_ON_THREAD_CHARS:
+            return self.tokenizer.encode(text)
+        return (await asyncio.to_thread(self.tokenizer.encode_batch, [text]))[0]
 
     def _decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -72,6 +72,31 @@ def test_penalty_ranges_are_validated():
             SamplingParams(**bad)
 
 
+def test_seeds_a_torch_generator_cannot_take_are_refused():
+    import pytest
+
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(seed=seed)
+    for seed in (2**64 - 1, -(2**63)):
+        torch.Generator().manual_seed(SamplingParams(seed=seed).seed)
+
+
+def test_a_top_k_beyond_the_vocabulary_samples_as_no_top_k():
+    """The same draws as top_k 0, so it took the unfiltered path, not a topk over the whole vocabulary (a fuzzed
+    top_k of 2**63 with n=40 took 6 s on the tiny model)."""
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    for top_p in (1.0, 0.9):
+        huge = draw(logits, SamplingParams(top_k=2**63, top_p=top_p), n=50)
+        assert huge == draw(logits, SamplingParams(top_k=0, top_p=top_p), n=50)
+        assert huge == draw(logits, SamplingParams(top_k=5000, top_p=top_p), n=50)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    params = SamplingParams(temperature=1e-300)
+    assert params.greedy and sample(LOGITS[None], [params], [None])[0] == [0]
+
+
 def test_rows_without_penalties_are_left_alone_in_a_mixed_batch():
     from pacer.model.sampler import apply_penalties
     from pacer.request import Request

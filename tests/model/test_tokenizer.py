@@ -198,3 +198,17 @@ def test_from_gguf_metadata_adds_bos_when_the_file_asks() -> None:
 def test_from_gguf_metadata_rejects_unknown_tokenizers(key: str, value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Tokenizer.from_gguf_metadata(_tiny_metadata(**{key: value}))
+
+
+def test_no_token_stands_for_more_characters_than_max_token_chars(tokenizer):
+    """What lets the server refuse an over-long prompt by its length alone (SmolLM2's longest: 81 characters, a
+    newline and 80 spaces; a fixed 64 would have been wrong)."""
+    texts = tokenizer.backend.decode_batch([[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False)
+    assert max(map(len, texts)) <= tokenizer.max_token_chars == 81
+    text = "\n" + " " * 80
+    assert len(tokenizer.encode(text * 10)) == 10
+
+
+def test_encode_batch_tokenizes_as_encode(tokenizer):
+    texts = ["Hello, world!", "<|im_start|>user\n123 héllo<|im_end|>", ""]
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(text) for text in texts]

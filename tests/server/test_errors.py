@@ -45,6 +45,9 @@ BAD_REQUESTS = [
     (CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
     (CHAT, {"messages": [{"content": "x"}]}, 400, "messages.0.role", "invalid_value"),
     (CHAT, {"messages": "hi"}, 400, "messages", "invalid_value"),
+    (CHAT, {"messages": [{"role": "user"}]}, 400, "messages.0.content", "invalid_value"),
+    (CHAT, {"messages": [MESSAGES[0], {"role": "assistant", "content": None}]}, 400, "messages.1.content",
+     "invalid_value"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      None, "invalid_value"),
     (CHAT, {"messages": MESSAGES, "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid_value"),
@@ -56,6 +59,33 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": "hi", "tbt_slo_ms": 0}, 400, "tbt_slo_ms", "invalid_value"),
     (CHAT, {"messages": MESSAGES, "ttft_slo_ms": "soon"}, 400, "ttft_slo_ms", "invalid_value"),
     (CHAT, {"messages": MESSAGES, "priority": "high"}, 400, "priority", "invalid_value"),
+    # Beyond what the engine can take (each was a 500 from the engine, or worse, once):
+    (COMPLETIONS, {"prompt": "hi", "seed": 2**80, "temperature": 1}, 400, "seed", "invalid_value"),
+    (CHAT, {"messages": MESSAGES, "seed": -(2**63) - 1}, 400, "seed", "invalid_value"),
+    (COMPLETIONS, {"prompt": "hi", "stop_token_ids": [10**6], "min_tokens": 2}, 400, "stop_token_ids",
+     "invalid_value"),
+    (COMPLETIONS, {"prompt": "hi", "stop_token_ids": [2**80], "min_tokens": 2}, 400, "stop_token_ids",
+     "invalid_value"),
+    (CHAT, {"messages": MESSAGES, "stop_token_ids": [-5], "min_tokens": 2}, 400, "stop_token_ids.0", "invalid_value"),
+    (COMPLETIONS, {"prompt": "hi", "best_of": -1}, 400, "best_of", "invalid_value"),
+    (COMPLETIONS, {"prompt": ["a"] * 9, "n": 128, "max_tokens": 1}, 400, "prompt", "invalid_value"),
+    (COMPLETIONS, {"prompt": [2**80]}, 400, "prompt", "invalid_value"),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 2**80}, 400, "max_tokens", "context_length_exceeded"),
+    (COMPLETIONS, {"prompt": "hi", "min_tokens": 2**80}, 400, "min_tokens", "invalid_value"),
+    (COMPLETIONS, {"prompt": "hi", "n": 2**80}, 400, "n", "invalid_value"),
+    (COMPLETIONS, {"prompt": "hi", "logprobs": 2**80}, 400, "logprobs", "invalid_value"),
+    (CHAT, {"messages": MESSAGES, "priority": 2**80}, 400, "priority", "invalid_value"),
+    (CHAT, {"messages": MESSAGES, "top_logprobs": 2**80, "logprobs": True}, 400, "top_logprobs", "invalid_value"),
+]
+# Non-finite numbers (Python's JSON reader takes them, as many clients write them): raw bodies.
+NON_FINITE = [
+    ('{"prompt": "hi", "temperature": Infinity}', "temperature"),
+    ('{"prompt": "hi", "top_p": NaN}', "top_p"),
+    ('{"prompt": "hi", "presence_penalty": -Infinity}', "presence_penalty"),
+    ('{"prompt": "hi", "repetition_penalty": Infinity}', "repetition_penalty"),
+    ('{"prompt": "hi", "ttft_slo_ms": Infinity}', "ttft_slo_ms"),
+    ('{"prompt": "hi", "tpot_slo_ms": NaN}', "tpot_slo_ms"),
+    ('{"prompt": "hi", "min_p": NaN}', "min_p"),
 ]
 
 
@@ -87,6 +117,36 @@ def test_malformed_body_is_400(tiny_server, raw):
     response = httpx.post(tiny_server.url + COMPLETIONS, content=raw,
                           headers={**AUTH, "Content-Type": "application/json"})
     check_error(response, 400)
+
+
+@pytest.mark.parametrize("raw, param", NON_FINITE, ids=[param for _, param in NON_FINITE])
+def test_non_finite_numbers_are_400(tiny_server, raw, param):
+    response = httpx.post(tiny_server.url + COMPLETIONS, content=raw,
+                          headers={**AUTH, "Content-Type": "application/json"})
+    check_error(response, 400, param, "invalid_value")
+
+
+def test_seeds_at_the_ends_of_the_range_sample_and_wrap_modulo_2_64(tiny_server):
+    """A negative seed is its value mod 2**64 (as torch reads it); the n choices of one seed take seed, seed + 1,
+    ... mod 2**64, so the last seed's second choice is seed 0's first."""
+    def texts(seed: int, n: int = 1) -> list[str]:
+        body = {"prompt": "hi", "max_tokens": 4, "temperature": 1, "seed": seed, "n": n, "ignore_eos": True}
+        response = post(tiny_server, COMPLETIONS, body)
+        assert response.status_code == 200, response.text
+        return [c["text"] for c in sorted(response.json()["choices"], key=lambda c: c["index"])]
+
+    last = texts(2**64 - 1, n=2)
+    assert texts(-1) == last[:1] and texts(0) == last[1:] and texts(-(2**63)) == texts(2**63)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(tiny_server):
+    def text(temperature: float) -> str:
+        body = {"prompt": "hi", "max_tokens": 6, "temperature": temperature, "ignore_eos": True}
+        response = post(tiny_server, COMPLETIONS, body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    assert text(1e-300) == text(0) != ""
 
 
 def test_unknown_route_is_404_json(tiny_server):
