@@ -94,7 +94,7 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, log_pat
             raise RuntimeError(f"server exited with {process.returncode}; see {log_path}:\n"
                                + log_path.read_text()[-2000:])
         with contextlib.suppress(OSError):
-            if http_get(url + "/health", timeout_s=2)[0] == 200:
+            if http_get(url + "/health", timeout_s=2)[0] in (200, 401):  # 401: up, /health behind its API key
                 return
         time.sleep(0.25)
     raise RuntimeError(f"server not healthy after {timeout_s:.0f} s; see {log_path}")
