@@ -4,7 +4,9 @@
 Load (issue 35): open-loop Poisson chat requests at `--rate`, lengths from the suite's `chat` workload
 (benchmarks/suite.toml: the Azure 2023 conversation trace, lengths x 0.25, capped to 2048 tokens), streamed from
 /v1/chat/completions. The default rate, 0.4 req/s, is 80 % of pacer's capacity on that workload as the suite
-measured it on this class of machine (0.5 req/s, benchmarks/log/): the issue asks for 80 % of capacity. On top:
+measured it on this class of machine (0.5 [0.5-1] req/s on 2026-12-06, benchmarks/README.md's current figures): the
+issue asks for 80 % of capacity. `--concurrency N` runs a closed loop of N clients instead (issue 35's first soak
+used 6), which holds the load in flight fixed however fast the machine is at the time. On top:
 `--abandon-share` (10 %) of the streams are dropped by the client after 5 chunks, and `--invalid-share` (5 %) of
 the requests are invalid (negative max_tokens, a body that is not JSON, a prompt longer than the context, a chat
 message without a role), each of which must get a 4xx.
