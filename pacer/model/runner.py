@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from pacer.config import CacheConfig, ModelConfig, parse_bytes
+from pacer.memory import bound_shape_caches
 from pacer.model import cpu_kernels
 from pacer.model.attention import AttentionMetadata, KVCache, allocate_kv_cache
 from pacer.model.config import LlamaConfig
@@ -81,6 +82,7 @@ class ModelRunner:
     def load(cls, checkpoint: Checkpoint, model_config: ModelConfig, cache_config: CacheConfig) -> ModelRunner:
         device = torch.device(model_config.device)
         dtype = resolve_dtype(model_config.dtype, model_config.device)
+        bound_shape_caches()
         if model_config.threads is not None and device.type == "cpu":
             torch.set_num_threads(model_config.threads)
         config = checkpoint.config
@@ -92,7 +94,7 @@ class ModelRunner:
         model.load_weights(weights)
         del weights
         model.eval()
-        if PackedLinear.available(device, dtype):
+        if PackedLinear.available(device, dtype):  # after bound_shape_caches: the first oneDNN primitive is built here
             model.prepack_for_cpu()
         if device.type == "cpu":
             cls.warn_without_kernels(model)
