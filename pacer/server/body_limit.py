@@ -8,7 +8,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 class BodyTooLarge(HTTPException):
     def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, f"the request body is larger than this server's limit of {max_bytes} bytes")
+        # Connection: close, so the server drops the connection instead of parsing the rest of the body to reuse it
+        super().__init__(413, f"the request body is larger than this server's limit of {max_bytes} bytes",
+                         headers={"Connection": "close"})
 
 
 class BodySizeLimit:
