@@ -136,8 +136,9 @@ class ServerConfig:
     slo_tbt_ms: float | None = field(default=None, metadata=_help(
         "TBT SLO (every gap between tokens) for requests that set none (body tbt_slo_ms or header x-slo-tbt-ms); "
         "default: none"))
-    # 4 MiB holds a 128K-token context at 32 bytes a token (text JSON escapes heavily, e.g. \uXXXX): no real prompt
-    # is refused, and no body costs more than a few tens of ms to read and parse before a limit can refuse it.
+    # 4 MiB holds a 128K-token context at 32 bytes a token (JSON text escapes heavily: a \u escape is six bytes):
+    # no real prompt is refused, and no body costs more than a few tens of ms to read and parse before a limit can
+    # refuse it.
     max_request_bytes: str = field(default="4MiB", metadata=_help(
         "largest request body, e.g. 4MiB; a larger one gets 413 before it is read (by its Content-Length, or as it "
         "arrives when chunked)"))

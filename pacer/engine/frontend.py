@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from pacer.engine.handle import Host, ReplicaHandle, ReplicaState
+from pacer.engine.handle import HandsOver, Host, ReplicaHandle, ReplicaState
 from pacer.engine.protocol import (
     Abort,
     Add,
@@ -70,6 +70,8 @@ class Frontend:
                  shutdown: Callable[[], None] | None = None) -> None:
         if not hosts:
             raise ValueError("the front end needs at least one replica")
+        if not all(isinstance(host, HandsOver) for host in hosts[:prefill_replicas]):
+            raise ValueError("prefill-only replicas need hosts that hand requests over (replicas on Ray)")
         self.replicas = [ReplicaHandle(i, host, prefill_only=i < prefill_replicas) for i, host in enumerate(hosts)]
         self.router = router or RoundRobinRouter()
         self.decode_router: Router = LeastTokensRouter()  # decode load is tokens to generate; TTFT is settled
@@ -269,9 +271,9 @@ class Frontend:
         replica.state = ReplicaState.RESTARTING if replica.host.restarts else ReplicaState.DEAD
         flights = [self._flights[rid] for rid in replica.flights if rid in self._flights]
         replica.flights.clear()
-        restarting = any(r.state is ReplicaState.RESTARTING for r in self.replicas)
+        movable = bool(self._up()) or any(r.state is ReplicaState.RESTARTING for r in self.replicas)
         for flight in flights:
-            if not flight.started and (self._up() or restarting):
+            if not flight.started and movable:
                 flight.replica = None
                 self._held.append(flight)
                 continue

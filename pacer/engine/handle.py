@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pacer.engine.protocol import Command, EngineLoad, EngineUpdate, Ready
 from pacer.request import Request
@@ -49,10 +49,6 @@ class Host(Protocol):
 
     def send(self, command: Command) -> None: ...
 
-    def take_kv(self, request_id: str, num_held_tokens: int) -> object:
-        """The exported KV of a prefilled request, less the first `num_held_tokens` tokens', for `Adopt` elsewhere."""
-        ...
-
     def cached_prompt_tokens(self, request: Request) -> int | None:
         """The request's prompt tokens the replica's prefix cache holds, where the host can read its KV (the same
         process); None: the front end believes what it sent."""
@@ -60,6 +56,15 @@ class Host(Protocol):
 
     async def stop(self) -> None:
         """Abort what is left and end the replica."""
+        ...
+
+
+@runtime_checkable
+class HandsOver(Protocol):
+    """A host whose replica can prefill for another (disaggregated serving: replicas on Ray)."""
+
+    def take_kv(self, request_id: str, num_held_tokens: int) -> object:
+        """The exported KV of a prefilled request, less the first `num_held_tokens` tokens', for `Adopt` elsewhere."""
         ...
 
 

@@ -61,9 +61,6 @@ class ThreadHost:
     def send(self, command: Command) -> None:
         self._inbox.put(command)
 
-    def take_kv(self, request_id: str, num_held_tokens: int) -> object:
-        raise NotImplementedError("one engine in this process does not hand requests over")
-
     def cached_prompt_tokens(self, request: Request) -> int | None:
         return self.loop.engine.scheduler.kv.num_cached_tokens(request)
 
@@ -140,9 +137,6 @@ class ProcessHost:
             self._commands.send(command)
         except OSError:  # the engine process is gone; its reader reports it
             pass
-
-    def take_kv(self, request_id: str, num_held_tokens: int) -> object:
-        raise NotImplementedError("one engine process does not hand requests over")
 
     def cached_prompt_tokens(self, request: Request) -> int | None:
         return None  # its KV is in the child: the front end believes what it sent

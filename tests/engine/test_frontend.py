@@ -159,3 +159,8 @@ def test_an_update_absorbs_a_later_one_keeping_its_latest_state():
     newer = object()
     first.absorb(EngineUpdate(latency=newer))
     assert first.latency is newer
+
+
+def test_prefill_only_replicas_need_hosts_that_hand_requests_over():
+    with pytest.raises(ValueError, match="hand requests over"):
+        Frontend([ThreadHost(tiny_engine), ThreadHost(tiny_engine)], prefill_replicas=1)
