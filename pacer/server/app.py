@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from pacer import __version__
 from pacer.config import ServerConfig, parse_bytes
@@ -40,6 +40,17 @@ logger = logging.getLogger(__name__)
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list"}
 _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI entries for the errors a route answers, all with OpenAI's error body."""
+    reasons = {400: "invalid request", 401: "missing or wrong API key", 413: "body larger than --max-request-bytes",
+               429: "refused by admission control (Retry-After says when to retry)",
+               503: "draining, or no engine is running"}
+    return {status: {"model": ErrorResponse, "description": reasons[status]} for status in statuses}
+
+
+_GENERATE_ERRORS = _errors(400, 401, 413, 429, 503)
 
 
 @dataclass
@@ -99,22 +110,24 @@ def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_ro
                            type="service_unavailable", code="shutting_down")
         return arrival_s
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATE_ERRORS)
     async def completions(body: CompletionRequest, request: Request, arrival_s: float = Depends(accepting)):
         return await state.serving.completions(body, request, arrival_s)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATE_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                arrival_s: float = Depends(accepting)):
         return await state.serving.chat(body, request, arrival_s)
 
-    @app.get("/v1/models", dependencies=[Depends(accepting)])
+    @app.get("/v1/models", dependencies=[Depends(accepting)], responses=_errors(401, 503))
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, root=model_root, max_model_len=state.max_model_len)])
 
     operator_routes = [Depends(authorized)] if api_key_all_routes else []  # open by default, as vLLM's
 
-    @app.get("/health", dependencies=operator_routes)
+    @app.get("/health", dependencies=operator_routes, response_class=Response, responses={
+        200: {"description": "serving: an empty body, or each replica's state as JSON on Ray",
+              "content": {}}, **_errors(401, 503)})
     async def health() -> Response:
         """200 while serving (with each replica's state, on Ray), 503 while draining or with no engine up."""
         if state.draining or not engine.is_alive:
@@ -123,15 +136,34 @@ def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_ro
         details = engine.health()
         return Response(status_code=200) if details is None else JSONResponse(details)
 
-    @app.get("/version", dependencies=operator_routes)
+    @app.get("/version", dependencies=operator_routes, responses=_errors(401))
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    @app.get("/metrics", dependencies=operator_routes)
+    @app.get("/metrics", dependencies=operator_routes, response_class=PlainTextResponse, responses=_errors(401))
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    _drop_422(app)
     return app
+
+
+def _drop_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route with a body or parameters; pacer answers invalid input with OpenAI's
+    400 instead, so the schema must not promise a 422."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for route in schema["paths"].values():
+                for operation in route.values():
+                    operation["responses"].pop("422", None)
+            schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+            schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
@@ -152,11 +184,12 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             return respond(400, ErrorInfo(message=message, type="invalid_request_error", code="invalid_json"))
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         # A union (e.g. prompt: str | list[...]) reports each alternative; name the field, not the branch.
-        loc = [part for part in loc if not (part in _TYPE_NAMES or "[" in part or part[:1].isupper())]
+        loc = [part for part in loc if not (part in _TYPE_NAMES or "[" in part or part[:1].isupper()
+                                           or part.startswith("constrained-"))]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         if first.get("type") == "missing":
-            message = f"{param} is required"
+            message = f"{param} is required" if param else "a JSON body is required"
         return respond(400, ErrorInfo(message=message, type="invalid_request_error", param=param,
                                       code="invalid_value"))
 

@@ -87,8 +87,12 @@ class SamplingRequest(BaseModel):
         return ["logit_bias"] if self.logit_bias else []
 
 
+_Text = Annotated[str, Field(min_length=1)]  # an empty prompt has no token to start from
+_Ids = Annotated[list[int], Field(min_length=1)]
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: _Text | Annotated[list[_Text], Field(min_length=1)] | _Ids | Annotated[list[_Ids], Field(min_length=1)]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False

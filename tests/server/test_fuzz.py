@@ -69,3 +69,23 @@ def test_no_generated_request_gets_a_5xx_or_takes_long(fuzz_server, mode):
                         phases=[Phase.explicit, Phase.generate],  # no shrinking: each try is a request
                         suppress_health_check=list(HealthCheck))(given(operation.as_strategy(mode))(send))
         fuzz()
+
+
+def test_the_schema_documents_what_the_server_answers(fuzz_server):
+    """What schemathesis' conformance checks hold the server to: OpenAI's 400 (never FastAPI's 422) and the other
+    errors with their body on the generating routes, /metrics as Prometheus text, /health with an empty body."""
+    import httpx
+
+    schema = httpx.get(fuzz_server.url + "/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert set(responses) == {"200", "400", "401", "413", "429", "503"}
+        assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert all("422" not in operation["responses"] for route in schema["paths"].values()
+               for operation in route.values())
+    assert list(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert schema["paths"]["/health"]["get"]["responses"]["200"]["content"] == {}
+    empty = httpx.post(fuzz_server.url + "/v1/completions", json={"prompt": ""})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
+    no_body = httpx.post(fuzz_server.url + "/v1/completions")
+    assert no_body.status_code == 400 and no_body.json()["error"]["message"] == "a JSON body is required"
