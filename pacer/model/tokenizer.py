@@ -7,10 +7,10 @@ never needs `transformers`; the chat template renders the way `transformers` ren
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cache, cached_property
+from functools import cache, cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 _SPECIAL_ROLES = ("bos", "eos", "unk", "pad")
@@ -26,9 +26,20 @@ _SPECIAL_ROLES = ("bos", "eos", "unk", "pad")
 # Our special-token role -> the word llama.cpp uses in `tokenizer.ggml.{word}_token_id`.
 _GGUF_SPECIAL_KEYS = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}
 
-# llama.cpp's `tokenizer.ggml.token_type` values (llama_token_type) that must stay whole in text.
+# llama.cpp's `tokenizer.ggml.token_type` values (llama_token_type).
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
+
+# The split rules of Llama 3's and Qwen2's tokenizer.json, which llama.cpp rewrites without `(?i:...)` (its regex
+# engine lacks it); we keep the original, as the models were trained with it.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _gpt2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -42,11 +53,39 @@ def _smollm_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-# `tokenizer.ggml.pre` -> how the text is split before BPE. Only byte-level vocabularies whose split
-# rule we know exactly; guessing would tokenize differently from training without any error.
-_GGUF_PRE_TOKENIZERS = {
-    "gpt-2": _gpt2_pre_tokenizer,
-    "smollm": _smollm_pre_tokenizer,
+def _split_pre_tokenizer(pattern: str) -> pre_tokenizers.PreTokenizer:
+    """Split by the model's regex, then map bytes to GPT-2's alphabet without splitting again."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class _PreType:
+    """How llama.cpp runs one `tokenizer.ggml.pre` value (`llama_vocab::impl::load`)."""
+
+    pre_tokenizer: Callable[[], pre_tokenizers.PreTokenizer]
+    ignore_merges: bool = False  # a word that is itself a token stays whole (Llama 3's tokenizer.json says so too)
+    add_bos: bool = False  # llama.cpp's default where the file has no tokenizer.ggml.add_bos_token
+
+
+_LLAMA3 = _PreType(partial(_split_pre_tokenizer, _LLAMA3_SPLIT), ignore_merges=True, add_bos=True)
+_QWEN2 = _PreType(partial(_split_pre_tokenizer, _QWEN2_SPLIT))
+
+# `tokenizer.ggml.pre` -> how the text is split before BPE. Only byte-level vocabularies whose split rule we know
+# exactly, under every name llama.cpp maps to that very rule and flags; guessing would tokenize differently from
+# training without any error.
+_GGUF_PRE_TYPES = {
+    "gpt-2": _PreType(_gpt2_pre_tokenizer),
+    "smollm": _PreType(_smollm_pre_tokenizer),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
+        _LLAMA3,
+    ),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2),
 }
 
 
@@ -75,23 +114,15 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
-        """Rebuild the byte-level BPE tokenizer a GGUF file describes (its tokens are already in
-        GPT-2's byte-to-unicode alphabet, as in tokenizer.json)."""
+        """Rebuild the byte-level BPE tokenizer a GGUF file describes and tokenize as llama.cpp does (its tokens
+        are already in GPT-2's byte-to-unicode alphabet, as in tokenizer.json)."""
         kind = metadata.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise ValueError(
                 f"GGUF tokenizer.ggml.model={kind!r} is not supported; only byte-level BPE ('gpt2')"
             )
-        pre = metadata.get("tokenizer.ggml.pre")
-        if pre not in _GGUF_PRE_TOKENIZERS:
-            raise ValueError(
-                f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_GGUF_PRE_TOKENIZERS)}"
-            )
+        backend, add_bos = _byte_level_backend(metadata)
         tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-        merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
-        backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        backend.pre_tokenizer = _GGUF_PRE_TOKENIZERS[pre]()
-        backend.decoder = decoders.ByteLevel()
 
         # Control tokens (<|im_start|>...) must never be split by BPE nor merged with their neighbours.
         token_types = metadata.get("tokenizer.ggml.token_type") or []
@@ -102,7 +133,7 @@ class Tokenizer:
 
         ids = {role: metadata.get(f"tokenizer.ggml.{key}_token_id") for role, key in _GGUF_SPECIAL_KEYS.items()}
         specials = {f"{role}_token": None if i is None else tokens[i] for role, i in ids.items()}
-        if metadata.get("tokenizer.ggml.add_bos_token") and ids["bos"] is not None:
+        if metadata.get("tokenizer.ggml.add_bos_token", add_bos) and ids["bos"] is not None:
             # Only used by encode(add_special_tokens=True): chat prompts get BOS from the template.
             bos = tokens[ids["bos"]]
             backend.post_processor = processors.TemplateProcessing(
@@ -238,6 +269,21 @@ class Tokenizer:
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+
+
+def _byte_level_backend(metadata: Mapping[str, Any]) -> tuple[Backend, bool]:
+    """The BPE model and split rule of a 'gpt2' vocabulary, and whether llama.cpp adds BOS by default."""
+    pre = metadata.get("tokenizer.ggml.pre")
+    if pre not in _GGUF_PRE_TYPES:
+        raise ValueError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_GGUF_PRE_TYPES)}")
+    pre_type = _GGUF_PRE_TYPES[pre]
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre_type.ignore_merges))
+    backend.pre_tokenizer = pre_type.pre_tokenizer()
+    backend.decoder = decoders.ByteLevel()
+    return backend, pre_type.add_bos
 
 
 def _read_json(path: Path) -> dict[str, Any]:
