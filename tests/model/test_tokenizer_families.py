@@ -165,6 +165,20 @@ def test_sentencepiece_respects_add_space_prefix_false() -> None:
     assert tokenizer.decode(tokenizer.encode(" Hello world")) == " Hello world"
 
 
+def test_saved_sentencepiece_tokenizer_reads_back_the_same(ours: dict[str, Tokenizer], tmp_path: Path) -> None:
+    """What a checkpoint export writes (tokenizer.json: normalizer, byte fallback, decoder) and vLLM or transformers
+    read back."""
+    transformers = import_or_skip("transformers")
+    tokenizer = ours["llama-spm"]
+    tokenizer.save(tmp_path)
+    reloaded, hf = Tokenizer.from_directory(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in [*TEXTS, " Hello", "<s>[INST] hi [/INST]"]:
+        ids = tokenizer.encode(text)
+        assert reloaded.encode(text) == hf(text, add_special_tokens=False).input_ids == ids, text
+        assert hf.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids), text
+    assert hf("Hi").input_ids == tokenizer.encode("Hi", add_special_tokens=True)
+
+
 @pytest.mark.parametrize("name", VOCABS)
 def test_no_token_stands_for_more_characters_than_max_token_chars(ours: dict[str, Tokenizer], name: str) -> None:
     """SentencePiece's '▁' and byte tokens ('<0xE2>': 6 characters, less than one of text) keep the bound, and its
