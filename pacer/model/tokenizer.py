@@ -7,10 +7,10 @@ never needs `transformers`; the chat template renders the way `transformers` ren
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cache, cached_property
+from functools import cache, cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 _SPECIAL_ROLES = ("bos", "eos", "unk", "pad")
@@ -26,9 +26,25 @@ _SPECIAL_ROLES = ("bos", "eos", "unk", "pad")
 # Our special-token role -> the word llama.cpp uses in `tokenizer.ggml.{word}_token_id`.
 _GGUF_SPECIAL_KEYS = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}
 
-# llama.cpp's `tokenizer.ggml.token_type` values (llama_token_type) that must stay whole in text.
+# llama.cpp's `tokenizer.ggml.token_type` values (llama_token_type).
+_TOKEN_TYPE_NORMAL = 1
+_TOKEN_TYPE_UNKNOWN = 2
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
+
+# SentencePiece writes a space as U+2581 in its pieces.
+_SPM_SPACE = "\u2581"
+
+# The split rules of Llama 3's and Qwen2's tokenizer.json, which llama.cpp rewrites without `(?i:...)` (its regex
+# engine lacks it); we keep the original, as the models were trained with it.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _gpt2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -42,11 +58,39 @@ def _smollm_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-# `tokenizer.ggml.pre` -> how the text is split before BPE. Only byte-level vocabularies whose split
-# rule we know exactly; guessing would tokenize differently from training without any error.
-_GGUF_PRE_TOKENIZERS = {
-    "gpt-2": _gpt2_pre_tokenizer,
-    "smollm": _smollm_pre_tokenizer,
+def _split_pre_tokenizer(pattern: str) -> pre_tokenizers.PreTokenizer:
+    """Split by the model's regex, then map bytes to GPT-2's alphabet without splitting again."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class _PreType:
+    """How llama.cpp runs one `tokenizer.ggml.pre` value (`llama_vocab::impl::load`)."""
+
+    pre_tokenizer: Callable[[], pre_tokenizers.PreTokenizer]
+    ignore_merges: bool = False  # a word that is itself a token stays whole (Llama 3's tokenizer.json says so too)
+    add_bos: bool = False  # llama.cpp's default where the file has no tokenizer.ggml.add_bos_token
+
+
+_LLAMA3 = _PreType(partial(_split_pre_tokenizer, _LLAMA3_SPLIT), ignore_merges=True, add_bos=True)
+_QWEN2 = _PreType(partial(_split_pre_tokenizer, _QWEN2_SPLIT))
+
+# `tokenizer.ggml.pre` -> how the text is split before BPE. Only byte-level vocabularies whose split rule we know
+# exactly, under every name llama.cpp maps to that very rule and flags; guessing would tokenize differently from
+# training without any error.
+_GGUF_PRE_TYPES = {
+    "gpt-2": _PreType(_gpt2_pre_tokenizer),
+    "smollm": _PreType(_smollm_pre_tokenizer),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
+        _LLAMA3,
+    ),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2),
 }
 
 
@@ -75,34 +119,32 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
-        """Rebuild the byte-level BPE tokenizer a GGUF file describes (its tokens are already in
-        GPT-2's byte-to-unicode alphabet, as in tokenizer.json)."""
+        """Rebuild the tokenizer a GGUF file describes and tokenize as llama.cpp does: byte-level BPE
+        (`tokenizer.ggml.model` 'gpt2', tokens already in GPT-2's byte alphabet as in tokenizer.json) or
+        SentencePiece BPE ('llama': merges by score, '▁' for a space, bytes for unknown characters)."""
         kind = metadata.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        if kind == "gpt2":
+            backend, add_bos = _byte_level_backend(metadata)
+        elif kind == "llama":
+            backend, add_bos = _sentencepiece_backend(metadata)
+        else:
             raise ValueError(
-                f"GGUF tokenizer.ggml.model={kind!r} is not supported; only byte-level BPE ('gpt2')"
-            )
-        pre = metadata.get("tokenizer.ggml.pre")
-        if pre not in _GGUF_PRE_TOKENIZERS:
-            raise ValueError(
-                f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_GGUF_PRE_TOKENIZERS)}"
+                f"GGUF tokenizer.ggml.model={kind!r} is not supported; only byte-level BPE ('gpt2') and "
+                "SentencePiece BPE ('llama')"
             )
         tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-        merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
-        backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        backend.pre_tokenizer = _GGUF_PRE_TOKENIZERS[pre]()
-        backend.decoder = decoders.ByteLevel()
 
-        # Control tokens (<|im_start|>...) must never be split by BPE nor merged with their neighbours.
+        # Control tokens (<|im_start|>...) must never be split by BPE nor merged with their neighbours; llama.cpp
+        # matches the unknown token (<unk>) in text the same way.
         token_types = metadata.get("tokenizer.ggml.token_type") or []
-        special = [t for t, k in zip(tokens, token_types) if k == _TOKEN_TYPE_CONTROL]
+        special = [t for t, k in zip(tokens, token_types) if k in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_UNKNOWN)]
         user = [t for t, k in zip(tokens, token_types) if k == _TOKEN_TYPE_USER_DEFINED]
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
         backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
 
         ids = {role: metadata.get(f"tokenizer.ggml.{key}_token_id") for role, key in _GGUF_SPECIAL_KEYS.items()}
         specials = {f"{role}_token": None if i is None else tokens[i] for role, i in ids.items()}
-        if metadata.get("tokenizer.ggml.add_bos_token") and ids["bos"] is not None:
+        if metadata.get("tokenizer.ggml.add_bos_token", add_bos) and ids["bos"] is not None:
             # Only used by encode(add_special_tokens=True): chat prompts get BOS from the template.
             bos = tokens[ids["bos"]]
             backend.post_processor = processors.TemplateProcessing(
@@ -181,10 +223,14 @@ class Tokenizer:
     def max_token_chars(self) -> int:
         """At least as many characters as any token stands for, so a text of n characters has at least
         n / max_token_chars tokens: a bound on a prompt's length before it is tokenized. A vocabulary string has a
-        character per byte (byte-level BPE) or per character (SentencePiece, '▁' for a space), never fewer; a
-        normalizer may compose characters (NFC: up to 3 into 1), hence the margin then."""
+        character per byte (byte-level BPE) or per character (SentencePiece: '▁' for a space, six for a byte
+        fallback token '<0xE2>' that stands for less than one), never fewer. SentencePiece's normalizer only adds
+        a '▁' and swaps ' ' for '▁', so the text tokenized is no shorter than the text given; other normalizers may
+        compose characters (NFC: up to 3 into 1), hence the margin then."""
         longest = max(map(len, self.backend.get_vocab(with_added_tokens=True)))
-        return longest if self.backend.normalizer is None else 4 * longest
+        normalizer = self.backend.normalizer
+        never_shortens = normalizer is None or _never_shortens(json.loads(normalizer.__getstate__()))
+        return longest if never_shortens else 4 * longest
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -238,6 +284,80 @@ class Tokenizer:
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+
+
+def _byte_level_backend(metadata: Mapping[str, Any]) -> tuple[Backend, bool]:
+    """The BPE model and split rule of a 'gpt2' vocabulary, and whether llama.cpp adds BOS by default."""
+    pre = metadata.get("tokenizer.ggml.pre")
+    if pre not in _GGUF_PRE_TYPES:
+        raise ValueError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_GGUF_PRE_TYPES)}")
+    pre_type = _GGUF_PRE_TYPES[pre]
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre_type.ignore_merges))
+    backend.pre_tokenizer = pre_type.pre_tokenizer()
+    backend.decoder = decoders.ByteLevel()
+    return backend, pre_type.add_bos
+
+
+def _sentencepiece_backend(metadata: Mapping[str, Any]) -> tuple[Backend, bool]:
+    """llama.cpp's SentencePiece tokenizer (`llm_tokenizer_spm_session`) as a BPE model: start from characters and
+    merge the adjacent pair whose joined piece scores highest, which is BPE with merges ranked by that score. A
+    character outside the vocabulary becomes its UTF-8 bytes (<0xE2>...). Spaces are written '▁', and each run of
+    text, the first or one after a special token, gets a leading space (`add_space_prefix`, true unless the file
+    says otherwise), which decoding takes off again. llama.cpp adds BOS by default."""
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    scores: list[float] | None = metadata.get("tokenizer.ggml.scores")
+    if scores is None:
+        raise ValueError("GGUF SentencePiece vocabulary ('llama') without tokenizer.ggml.scores")
+    token_types = metadata.get("tokenizer.ggml.token_type") or [_TOKEN_TYPE_NORMAL] * len(tokens)
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # No fuse_unk: one <unk> per unknown character (when a byte token is missing), as llama.cpp, so that no token
+    # stands for more characters than its own (max_token_chars).
+    model = models.BPE(
+        vocab=vocab,
+        merges=_merges_by_score(tokens, scores, token_types),
+        unk_token=None if unk_id is None else tokens[unk_id],
+        byte_fallback=True,
+    )
+    backend = Backend(model)
+    escape = normalizers.Replace(" ", _SPM_SPACE)
+    decode = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if metadata.get("tokenizer.ggml.add_space_prefix", True):
+        # A normalizer, not Metaspace: tokenizers normalizes each run between added tokens on its own, and
+        # Metaspace would not add '▁' before a run that starts with a space (llama.cpp: ' hi' -> '▁▁hi').
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPM_SPACE), escape])
+        decode.append(decoders.Strip(" ", 1, 0))
+    else:
+        backend.normalizer = escape
+    backend.decoder = decoders.Sequence(decode)
+    return backend, True
+
+
+def _merges_by_score(tokens: list[str], scores: list[float], token_types: list[int]) -> list[tuple[str, str]]:
+    """Every split of a normal token into two normal tokens, best-scoring joined piece first (ties: lower id)."""
+    normal = {t for t, k in zip(tokens, token_types) if k == _TOKEN_TYPE_NORMAL}
+    ranked = [
+        (-scores[i], i, token[:cut], token[cut:])
+        for i, (token, kind) in enumerate(zip(tokens, token_types))
+        if kind == _TOKEN_TYPE_NORMAL
+        for cut in range(1, len(token))
+        if token[:cut] in normal and token[cut:] in normal
+    ]
+    ranked.sort(key=lambda merge: merge[:2])
+    return [(left, right) for _, _, left, right in ranked]
+
+
+def _never_shortens(normalizer: dict[str, Any]) -> bool:
+    """Whether a normalizer (as tokenizers serializes it) only adds characters or swaps one for one."""
+    kind = normalizer["type"]
+    if kind == "Sequence":
+        return all(map(_never_shortens, normalizer["normalizers"]))
+    if kind == "Replace":
+        return len(normalizer["pattern"].get("String", "")) == 1 and len(normalizer["content"]) >= 1
+    return kind == "Prepend"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
