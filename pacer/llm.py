@@ -52,10 +52,10 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[GenerationOutput]:
-        """Prompts are text (tokenized as is, no chat template) or token id lists."""
+        """Prompts are text (no chat template; a BOS where the tokenizer adds one) or token id lists."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        ids = [self.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p) for p in prompts]
         return self._run(ids, sampling_params, use_tqdm)
 
     def chat(self, messages: list[Message] | Sequence[list[Message]],

@@ -132,7 +132,7 @@ class OpenAIServing:
         for text in prompt:
             if isinstance(text, str):
                 self._check_length(len(text), "prompt")
-        prompts = [await self._encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
+        prompts = [await self._encode(p, "prompt", True) if isinstance(p, str) else list(p) for p in prompt]
         for ids in prompts:
             if not ids:
                 raise invalid("prompt is empty: it must have at least one token", "prompt")
@@ -164,7 +164,7 @@ class OpenAIServing:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except jinja2.TemplateError as error:
             raise invalid(f"the model's chat template refused these messages: {error}", "messages") from error
-        prompt = await self._encode(text, "messages")
+        prompt = await self._encode(text, "messages", False)
         top = (body.top_logprobs or 0) if body.logprobs else None
         call_id = f"chatcmpl-{uuid.uuid4().hex}"
         call = self._submit(call_id, [prompt], body, body.max_completion_tokens or body.max_tokens, top, arrival_s,
@@ -308,11 +308,13 @@ class OpenAIServing:
 
         return EventStream(events(), call_id, self.stream_timeout_s, self.metrics.stream_timeouts.inc)
 
-    async def _encode(self, text: str, param: str) -> list[int]:
+    async def _encode(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
+        """`add_special_tokens`: the tokenizer's own rule (a BOS for Llama 3 and SentencePiece vocabularies) for a
+        plain prompt, as vLLM and llama.cpp do; never for a chat prompt, whose template writes its own."""
         _check_text(text, param)
         if len(text) < TOKENIZE_ON_THREAD_CHARS:
-            return self.tokenizer.encode(text)
-        return (await asyncio.to_thread(self.tokenizer.encode_batch, [text]))[0]
+            return self.tokenizer.encode(text, add_special_tokens)
+        return (await asyncio.to_thread(self.tokenizer.encode_batch, [text], add_special_tokens))[0]
 
     def _decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
