@@ -14,20 +14,20 @@ import torch
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers
 
-_COMMON = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2}
+_COMMON = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "bos_token_id": 1,
+           "eos_token_id": 2}
 
 FAMILIES: dict[str, dict] = {
     "llama": {"model_type": "llama", "head_dim": 16, "tie_word_embeddings": True,
-                  "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 64}},
+              "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
     "mistral": {"model_type": "mistral", "head_dim": 16, "tie_word_embeddings": False, "sliding_window": 4096,
-                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
     "qwen2": {"model_type": "qwen2", "tie_word_embeddings": True, "use_sliding_window": False,
-                  "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+              "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
     "qwen3": {"model_type": "qwen3", "head_dim": 32, "tie_word_embeddings": True, "attention_bias": False,
-                  "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+              "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
 }
 
 

@@ -39,10 +39,15 @@ def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
     quantization = resolve_quantization(config.model.quantization, config.model.device, dtype)
     checkpoint = load_checkpoint(path, dtype, quantization)
     runner = ModelRunner.load(checkpoint, config.model, config.cache)
-    limit = checkpoint.config.max_position_embeddings
+    limit = checkpoint.config.max_context_len
+    capped = limit < checkpoint.config.max_position_embeddings
+    if capped:
+        logger.info("contexts capped at the model's sliding window, %d tokens (of %d positions)", limit,
+                    checkpoint.config.max_position_embeddings)
     max_model_len = config.scheduler.max_model_len or limit
     if max_model_len > limit:
-        raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens")
+        window = " (its sliding window: pacer attends to whole contexts, so serves none longer)" if capped else ""
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens{window}")
     runner.capture_decode_graphs(config.scheduler.max_num_seqs, max_model_len)
     kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.prefix_caching)
     logger.info("loaded %s in %.1f s (%s, %s): weights %.1f MB in memory, quantization %s", path.name,

@@ -35,6 +35,12 @@ class LlamaConfig:
     rope_freq_factors: tuple[float, ...] | None = None
     sliding_window: int | None = None  # attention sees only this many tokens back (Mistral v0.1); None: all
 
+    @property
+    def max_context_len(self) -> int:
+        """The longest context pacer serves: attention is full causal, so a sliding window caps it (within the window
+        the two attend the same)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture {self.architecture!r} is not supported; supported: {ARCHITECTURES}")

@@ -1,4 +1,5 @@
-"""The Llama architecture (SmolLM2 is one) over a flattened batch of tokens and a paged KV cache.
+"""The Llama architecture over a flattened batch of tokens and a paged KV cache: SmolLM2 and Llama 3.x, and the
+families that differ from it by a switch in `LlamaConfig` (Mistral, Qwen2's q/k/v biases, Qwen3's q/k norms).
 
 One forward pass takes T tokens from many requests (decode tokens and prefill chunks mixed, no
 padding), writes their K/V into the paged cache and returns logits only for the rows that sample.
@@ -26,17 +27,22 @@ Formats = dict[str, GGMLQuantizationType]  # weight name -> the block format it 
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE in the rotate-half convention (HF Llama), cos/sin tabulated once in fp32."""
+    """RoPE in the rotate-half convention (HF Llama), cos/sin tabulated once in fp32. `freq_factors` (one per rotated
+    pair) divide the inverse frequencies: Llama 3.1's `llama3` and `linear` scaling (see LlamaConfig)."""
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+    def __init__(self, head_dim: int, theta: float, max_positions: int,
+                 freq_factors: tuple[float, ...] | None = None) -> None:
         super().__init__()
-        self.head_dim, self.theta, self.max_positions = head_dim, theta, max_positions
+        self.head_dim, self.theta, self.max_positions, self.freq_factors = head_dim, theta, max_positions, freq_factors
         self.reset(None)
 
     def reset(self, device: torch.device | None) -> None:
         """(Re)compute the tables, e.g. after the model was built on the meta device."""
         hd = self.head_dim
         inv_freq = 1.0 / self.theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
+        if self.freq_factors is not None:  # divided in fp64, so that the fp32 result rounds like transformers' own
+            factors = torch.tensor(self.freq_factors, dtype=torch.float64, device=device)
+            inv_freq = (inv_freq.double() / factors).float()
         positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
         freqs = torch.outer(positions, inv_freq)  # [P, hd/2]
         self.register_buffer("cos", freqs.cos(), persistent=False)
@@ -83,7 +89,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class PackedLinear(nn.Module):
-    """A bias-free projection whose weight oneDNN has reordered once into its blocked layout.
+    """A projection whose weight oneDNN has reordered once into its blocked layout (the bias, if any, as it is).
 
     Plain `F.linear` repacks the weight inside every call, which costs most at small decode batches. This is what
     vLLM's CPU backend does with its own oneDNN handle; torch exposes the same primitive as mkldnn ops.
@@ -94,13 +100,14 @@ class PackedLinear(nn.Module):
     # The batch size oneDNN tunes the packed layout for; it serves every other size too (vLLM uses 32 as well).
     PACK_FOR_BATCH = 32
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.packed = _pack(weight.detach().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _packed_linear(x, self.packed)
+        return _packed_linear(x, self.packed, self.bias)
 
     @staticmethod
     def available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -117,22 +124,24 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, PackedLinear.PACK_FOR_BATCH)
 
 
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
 
 
 @functools.cache
 def _packs(dtype: torch.dtype) -> bool:
-    """Do oneDNN's private ops exist here, pack a weight of this dtype and multiply like F.linear? Asked once per
-    dtype, of a tiny weight; where they do not, one warning says so and the projections stay F.linear."""
+    """Do oneDNN's private ops exist here, pack a weight of this dtype and multiply like F.linear, with and without
+    a bias? Asked once per dtype, of a tiny weight; where they do not, one warning says so and the projections stay
+    F.linear."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(16, 32, generator=generator).to(dtype)  # [out, in]
     x = torch.randn(3, 32, generator=generator).to(dtype)
     try:
-        out = _packed_linear(x, _pack(weight))
-        # bf16: both round their fp32 sums, which may differ in order, to 8 bits of mantissa
-        if not torch.allclose(out.float(), F.linear(x, weight).float(), rtol=2e-2, atol=2e-2):
-            raise RuntimeError("its output differs from F.linear's")
+        for bias in (None, torch.randn(16, generator=generator).to(dtype)):
+            out = _packed_linear(x, _pack(weight), bias)
+            # bf16: both round their fp32 sums, which may differ in order, to 8 bits of mantissa
+            if not torch.allclose(out.float(), F.linear(x, weight, bias).float(), rtol=2e-2, atol=2e-2):
+                raise RuntimeError("its output differs from F.linear's")
     except Exception as error:  # noqa: BLE001 - private ops: missing (AttributeError), refused (RuntimeError), wrong
         logger.warning("oneDNN's prepacked linear does not work here for %s weights (%s): projections use F.linear, "
                        "which repacks the weight in every call (1.1-2.3x slower)", dtype, error)
@@ -140,28 +149,36 @@ def _packs(dtype: torch.dtype) -> bool:
     return True
 
 
-def linear(in_features: int, out_features: int, qtype: GGMLQuantizationType | None) -> nn.Module:
-    """A bias-free projection: fp weights, or GGUF blocks of `qtype`."""
+def linear(in_features: int, out_features: int, qtype: GGMLQuantizationType | None, bias: bool = False) -> nn.Module:
+    """A projection: fp weights, or GGUF blocks of `qtype`; the bias, if any, in the model's dtype."""
     if qtype is None:
-        return nn.Linear(in_features, out_features, bias=False)
-    return QuantizedLinear(in_features, out_features, qtype)
+        return nn.Linear(in_features, out_features, bias=bias)
+    return QuantizedLinear(in_features, out_features, qtype, bias)
 
 
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, formats: Formats, prefix: str) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        # q, k and v in one matmul: [(H + 2 KV) * hd, D]
+        # q, k and v in one matmul: [(H + 2 KV) * hd, D], and [(H + 2 KV) * hd] biases (Qwen2)
         self.qkv_proj = linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
-                               formats.get(prefix + "qkv_proj.weight"))
+                               formats.get(prefix + "qkv_proj.weight"), bias=config.attention_bias)
         self.o_proj = linear(self.num_heads * self.head_dim, config.hidden_size, formats.get(prefix + "o_proj.weight"))
+        # Qwen3: one RMSNorm over each head of q, one over each head of k, before RoPE
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int,
                 meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], *rope)  # q and k rotated together
+        qk = qkv[:, : self.num_heads + self.num_kv_heads]
+        if self.q_norm is not None:  # the norms see [T * heads, hd] rows (contiguous copies, as the fused op wants)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q.reshape(-1, self.head_dim)).view(T, self.num_heads, self.head_dim),
+                            self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)), 1)
+        qk = apply_rope(qk, *rope)  # q and k rotated together
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads:]
         out = paged_attention(q, k, v, cache, layer, meta, self.scale)  # [T, H, hd]
@@ -211,7 +228,8 @@ class LlamaModel(nn.Module):
                              else QuantizedEmbedding(config.vocab_size, config.hidden_size, embed_type, dtype))
         self.layers = nn.ModuleList(DecoderLayer(config, formats, f"layers.{i}.") for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings,
+                                    config.rope_freq_factors)
         head_type = embed_type if config.tie_word_embeddings else formats.get("lm_head.weight")
         self.lm_head = None if config.tie_word_embeddings and head_type is None else linear(
             config.hidden_size, config.vocab_size, head_type)
@@ -248,7 +266,7 @@ class LlamaModel(nn.Module):
         for module in list(self.modules()):
             for name, child in module.named_children():
                 if isinstance(child, nn.Linear):
-                    setattr(module, name, PackedLinear(child.weight))
+                    setattr(module, name, PackedLinear(child.weight, child.bias))
         if self.lm_head is None:
             self.lm_head = PackedLinear(self.embed_tokens.weight)
 
@@ -279,6 +297,10 @@ class LlamaModel(nn.Module):
 
 
 
+# A fused projection -> the HF projections stacked into it, in order (their weights, and biases where they have them).
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def fuse_projections(weights: dict[str, Weight], config: LlamaConfig) -> dict[str, Weight]:
     """HF Llama names -> this model's names, with q/k/v and gate/up stacked into one projection each."""
     fused = {}
@@ -286,17 +308,14 @@ def fuse_projections(weights: dict[str, Weight], config: LlamaConfig) -> dict[st
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         short = name.removeprefix("model.")
-        if any(part in short for part in (".k_proj.", ".v_proj.", ".up_proj.")):
-            continue  # consumed with their q_proj / gate_proj partner
-        if ".q_proj." in short:
-            prefix = name.replace("q_proj.weight", "")
-            fused[short.replace("q_proj", "qkv_proj")] = cat_rows([weights[prefix + p + "_proj.weight"] for p in "qkv"])
-        elif ".gate_proj." in short:
-            prefix = name.replace("gate_proj.weight", "")
-            fused[short.replace("gate_proj", "gate_up_proj")] = cat_rows(
-                [weights[prefix + p + "_proj.weight"] for p in ("gate", "up")])
-        else:
+        projection, kind = short.split(".")[-2:]  # e.g. q_proj, bias
+        target = next((t for t, parts in _FUSED.items() if projection in parts), None)
+        if target is None:
             fused[short] = tensor
+        elif projection == _FUSED[target][0]:  # the others are stacked with their first
+            prefix = name.removesuffix(f"{projection}.{kind}")
+            fused[short.replace(projection, target)] = cat_rows([weights[f"{prefix}{p}.{kind}"]
+                                                                 for p in _FUSED[target]])
     return fused
 
 

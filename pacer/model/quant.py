@@ -157,13 +157,14 @@ def _kernel(x: torch.Tensor) -> object | None:
 
 
 class QuantizedLinear(nn.Module):
-    """A bias-free projection over GGUF blocks (the `weight` buffer, uint8), activations in fp32."""
+    """A projection over GGUF blocks (the `weight` buffer, uint8), activations in fp32; the bias, if any, is a float
+    parameter added after the kernel (which takes none)."""
 
     # From this many rows on (prefill chunks), a slice of the weight is dequantized and multiplied as fp32: there the
     # work is arithmetic, not bytes (benchmarks/quant_micro.py measured the crossover at 16-32 rows).
     GEMM_FROM = 32
 
-    def __init__(self, in_features: int, out_features: int, qtype: GGMLQuantizationType) -> None:
+    def __init__(self, in_features: int, out_features: int, qtype: GGMLQuantizationType, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
         # Below GEMM_FROM rows, round activations to int8 blocks and use integer dot products (llama.cpp's scheme):
@@ -172,20 +173,23 @@ class QuantizedLinear(nn.Module):
         block_size, type_size = GGML_QUANT_SIZES[qtype]
         self.register_buffer("weight", torch.empty(out_features, in_features // block_size * type_size,
                                                    dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _kernel(x)
-        if ops is not None:
-            if x.dim() == 2 and x.is_contiguous():  # the model's own calls (~120 a step): no reshape and view around
-                return ops.linear(x, self.weight, int(self.qtype), self.GEMM_FROM, self.int8_activations)
+        if ops is None:
+            return F.linear(x, dequantize(self.weight, self.qtype).to(x.dtype), self.bias)
+        if x.dim() == 2 and x.is_contiguous():  # the model's own calls (~120 a step): no reshape and view around
+            out = ops.linear(x, self.weight, int(self.qtype), self.GEMM_FROM, self.int8_activations)
+        else:
             rows = x.reshape(-1, self.in_features).contiguous()
             out = ops.linear(rows, self.weight, int(self.qtype), self.GEMM_FROM, self.int8_activations)
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, dequantize(self.weight, self.qtype).to(x.dtype))
+            out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out.add_(self.bias)
 
     def extra_repr(self) -> str:
-        activations = ", int8 activations" if self.int8_activations else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype.name} blocks{activations}"
+        extras = (", bias" if self.bias is not None else "") + (", int8 activations" if self.int8_activations else "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype.name} blocks{extras}"
 
 
 class QuantizedEmbedding(nn.Module):

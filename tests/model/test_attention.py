@@ -148,12 +148,16 @@ def test_fast_path_matches_reference_and_naive(kernel, dtype, block_size, decode
     assert_written(case, ref_cache)
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (4, 4, 64), (8, 1, 128)])
+# The families' shapes run the generic kernel loops: Qwen3-0.6B (16, 8, 128), Llama 3 8B and Mistral 7B (32, 8, 128),
+# Qwen2.5-7B's group of 7 (28, 4, 128), Qwen2.5-0.5B (14, 2, 64), a head_dim of 32 and 16 (the tiny test models).
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (4, 2, 32), (4, 4, 64), (8, 1, 128),
+                                                            (16, 8, 128), (32, 8, 128), (28, 4, 128), (14, 2, 64)])
 @pytest.mark.parametrize("block_size", [4, 32])
-def test_other_head_shapes(kernel, num_heads, num_kv_heads, head_dim, block_size):
-    case = Case([3, 20, 77], [(5, 4)], block_size, torch.float32, num_heads, num_kv_heads, head_dim, seed=1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_other_head_shapes(kernel, num_heads, num_kv_heads, head_dim, block_size, dtype):
+    case = Case([3, 20, 77], [(5, 4)], block_size, dtype, num_heads, num_kv_heads, head_dim, seed=1)
     fast, _ = case.run(paged_attention)
-    assert_close(fast, case.naive(), torch.float32)
+    assert_close(fast, case.naive(), dtype)
 
 
 def test_long_decode_context_on_two_threads(kernel):

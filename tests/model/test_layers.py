@@ -98,8 +98,9 @@ def fresh_packs():
 def test_prepacked_projection_matches_f_linear(dtype):
     if not llama.PackedLinear.available(torch.device("cpu"), dtype):
         pytest.skip(f"oneDNN does not pack {dtype} weights on this CPU")  # bf16: AVX-512 BW/VL/DQ or AVX-NE-CONVERT
-    weight, x = (torch.randn(40, 64) * 0.1).to(dtype), torch.randn(2, 5, 64).to(dtype)
+    weight, x, bias = (torch.randn(40, 64) * 0.1).to(dtype), torch.randn(2, 5, 64).to(dtype), torch.randn(40).to(dtype)
     torch.testing.assert_close(llama.PackedLinear(weight)(x), F.linear(x, weight))
+    torch.testing.assert_close(llama.PackedLinear(weight, bias)(x), F.linear(x, weight, bias))  # Qwen2's q/k/v
 
 
 def test_weights_are_prepacked_only_where_onednn_packs_the_dtype(monkeypatch, caplog, fresh_packs):

@@ -93,6 +93,21 @@ def test_kernel_matches_dequantize_then_linear(quant_kernel, qtype, rows):
     torch.testing.assert_close(gemm, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_bias_is_added_after_the_kernel_and_in_the_fallback(monkeypatch):
+    """Qwen2's q/k/v biases on GGUF blocks: the kernel takes none, so the layer adds it, as F.linear would."""
+    blocks = QuantizedTensor.quantize(torch.randn(36, 96), Q.Q8_0).blocks
+    layer = QuantizedLinear(96, 36, Q.Q8_0, bias=True)
+    layer.weight.copy_(blocks)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(36))
+    x = torch.randn(3, 96)
+    expected = F.linear(x, dequantize(blocks, Q.Q8_0), layer.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x[None])[0], expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(cpu_kernels.NO_KERNEL_ENV, "1")
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("rows", [1, 3, 8, 31])
 def test_int8_activations_stay_within_their_rounding(int8_kernel, qtype, rows):

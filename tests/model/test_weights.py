@@ -196,9 +196,11 @@ def test_sharded_safetensors_directory(tiny, tmp_path: Path) -> None:
 def test_rejects_unsupported_hf_configs(tiny, tmp_path: Path) -> None:
     _exported_tiny(tiny, tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
-    for patch, message in (({"model_type": "qwen2"}, "only 'llama'"),
-                           ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling"),
-                           ({"attention_bias": True}, "biases")):
+    for patch, message in (({"model_type": "gemma"}, "model_type 'gemma' is not supported"),
+                           ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
+                           ({"attention_bias": True}, "o_proj's"),
+                           ({"mlp_bias": True}, "mlp_bias"),
+                           ({"hidden_act": "gelu"}, "hidden_act 'gelu'")):
         (tmp_path / "config.json").write_text(json.dumps(raw | patch))
         with pytest.raises(ValueError, match=message):
             load_checkpoint(tmp_path)
