@@ -117,7 +117,7 @@ def profile(args: argparse.Namespace) -> int:
     out = args.out or default_profile_path(model.key)
     model.save(out)
     error = model.fit_error
-    print(f"{model.key['num_shapes']} shapes in {model.key['profile_s']} s; fit error p50 {error['p50']:.1%}, "
+    print(f"{model.key['model']} ({model.key['family']}): {model.key['num_shapes']} shapes in {model.key['profile_s']} s; fit error p50 {error['p50']:.1%}, "
           f"p90 {error['p90']:.1%}, max {error['max']:.1%}; saved {out}")
     return 0
 

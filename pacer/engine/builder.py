@@ -23,10 +23,10 @@ logger = logging.getLogger(__name__)
 
 
 def profile_key(path: Path, runner: ModelRunner, device: str) -> dict[str, object]:
-    """What a latency profile is valid for: the model file, dtype, quantization, device, torch's thread count and
-    the kernels (a profile measured with slower kernels overstates every iteration)."""
+    """What a latency profile is valid for: the model file and its family, dtype, quantization, device, torch's thread
+    count and the kernels (a profile measured with slower kernels overstates every iteration)."""
     size = path.stat().st_size if path.is_file() else "dir"
-    return {"model": f"{path.name}-{size}", "dtype": str(runner.dtype).removeprefix("torch."),
+    return {"model": f"{path.name}-{size}", "family": runner.model.config.architecture, "dtype": str(runner.dtype).removeprefix("torch."),
             "quantization": runner.quantization, "device": device, "threads": torch.get_num_threads(),
             "kernels": runner.kernels}
 

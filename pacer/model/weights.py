@@ -104,6 +104,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_directory(path) if path.is_dir() else Tokenizer.from_gguf_metadata(GGUFFile(path).metadata)
 
 
+def model_family(path: str | Path) -> str:
+    """The model's family (`LlamaConfig.architecture`), from config.json or the GGUF header, without the weights."""
+    path = Path(path)
+    if path.is_dir():
+        return _config_from_hf(json.loads((path / "config.json").read_text(encoding="utf-8"))).architecture
+    return str(GGUFFile(path).metadata.get("general.architecture"))
+
+
 # ---- Hugging Face directory -----------------------------------------------------------------------
 
 

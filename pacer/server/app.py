@@ -67,7 +67,7 @@ class ServerState:
     draining: bool = False
 
 
-def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_root: str,
+def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_root: str, model_family: str,
                api_key: str | None = None, metrics: Metrics | None = None, default_slo: SLO | None = None,
                api_key_all_routes: bool = False, stream_timeout_s: float = 0.0,
                max_tokens_default: int | None = None,
@@ -121,7 +121,8 @@ def create_app(engine: Frontend, tokenizer: Tokenizer, model_name: str, model_ro
 
     @app.get("/v1/models", dependencies=[Depends(accepting)], responses=_errors(401, 503))
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, root=model_root, max_model_len=state.max_model_len)])
+        return ModelList(data=[ModelCard(id=model_name, root=model_root, family=model_family,
+                                        max_model_len=state.max_model_len)])
 
     operator_routes = [Depends(authorized)] if api_key_all_routes else []  # open by default, as vLLM's
 

@@ -19,7 +19,7 @@ from pacer.engine.engine import Engine
 from pacer.engine.frontend import Frontend
 from pacer.engine.hosts import ProcessHost, ThreadHost
 from pacer.heap import freeze_startup_heap
-from pacer.model.weights import DEFAULT_MODEL, load_tokenizer, resolve_model_path
+from pacer.model.weights import DEFAULT_MODEL, load_tokenizer, model_family, resolve_model_path
 from pacer.request import SLO
 from pacer.server.app import ServerState, create_app
 from pacer.server.metrics import Metrics, ReplicaCollector
@@ -94,13 +94,14 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, cluster_conf
         raise ValueError("--api-key-all-routes needs an API key (--api-key or $PACER_API_KEY)")
     frontend = make_frontend(engine_config, server_config, cluster_config or ClusterConfig())
     frontend.start()  # loads the model (in the engine thread, the engine process, or each replica) and waits
-    tokenizer = load_tokenizer(resolve_model_path(engine_config.model.model))
+    model_path = resolve_model_path(engine_config.model.model)
+    tokenizer = load_tokenizer(model_path)
     metrics = Metrics(name, lambda: frontend.load)
     if frontend.health() is not None:  # replicas that come and go: a series each
         metrics.registry.register(ReplicaCollector(frontend, name))
     default_slo = SLO(**{f"{kind}_s": None if ms is None else ms / 1e3 for kind, ms in (
         ("ttft", server_config.slo_ttft_ms), ("tbt", server_config.slo_tbt_ms), ("tpot", server_config.slo_tpot_ms))})
-    app = create_app(frontend, tokenizer, name, str(resolve_model_path(engine_config.model.model)), api_key=api_key,
+    app = create_app(frontend, tokenizer, name, str(model_path), model_family(model_path), api_key=api_key,
                      metrics=metrics, default_slo=default_slo, api_key_all_routes=server_config.api_key_all_routes,
                      stream_timeout_s=server_config.stream_timeout_s, max_tokens_default=server_config.max_tokens_default,
                      max_request_bytes=parse_bytes(server_config.max_request_bytes))

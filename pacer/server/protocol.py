@@ -263,6 +263,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "pacer"
     root: str
+    family: str  # the architecture family: llama, mistral, qwen2, qwen3
     max_model_len: int
 
 

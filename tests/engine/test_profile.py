@@ -41,7 +41,7 @@ def test_serve_picks_the_cached_profile_or_measures_one(tiny_model_dir, tmp_path
     assert measured is not None and default_profile_path(measured.key).is_file()
     engine, _ = build_engine(EngineConfig.from_kwargs(scheduler="sarathi", **options))
     assert engine.scheduler.latency.coefficients == measured.coefficients  # cached now: every policy gets it
-    assert measured.key["kernels"] == engine.executor.kernels
+    assert measured.key["kernels"] == engine.executor.kernels and measured.key["family"] == "llama"
 
     # a profile measured with other kernels (an older build) is measured again, not trusted
     stale = LinearLatencyModel.load(default_profile_path(measured.key))

@@ -24,7 +24,7 @@ def get_all(tiny_model_dir, all_routes: bool, headers: dict[str, str]) -> dict[s
     engine, tokenizer = build_engine(EngineConfig.from_kwargs(model=str(tiny_model_dir), num_blocks=64))
     frontend = Frontend([ThreadHost(lambda: engine)])
     frontend.start()
-    app = create_app(frontend, tokenizer, "tiny", str(tiny_model_dir), api_key=KEY, api_key_all_routes=all_routes)
+    app = create_app(frontend, tokenizer, "tiny", str(tiny_model_dir), "llama", api_key=KEY, api_key_all_routes=all_routes)
 
     async def main() -> dict[str, httpx.Response]:
         async with app.router.lifespan_context(app):
@@ -62,4 +62,4 @@ def test_all_routes_need_the_key_when_asked(tiny_model_dir):
 
 def test_all_routes_without_a_key_is_refused():
     with pytest.raises(ValueError, match="needs an API key"):
-        create_app(None, None, "tiny", "tiny", api_key=None, api_key_all_routes=True)
+        create_app(None, None, "tiny", "tiny", "llama", api_key=None, api_key_all_routes=True)

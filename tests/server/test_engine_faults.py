@@ -37,7 +37,7 @@ def app(tiny_model_dir):
     engine.executor = FaultyExecutor(engine.executor)
     frontend = Frontend([ThreadHost(lambda: engine)])
     frontend.start()
-    return create_app(frontend, tokenizer, "tiny", str(tiny_model_dir))
+    return create_app(frontend, tokenizer, "tiny", str(tiny_model_dir), "llama")
 
 
 def run(app, calls):

@@ -30,7 +30,7 @@ def make_app(model_dir, **options):
     engine, tokenizer = build_engine(EngineConfig.from_kwargs(model=str(model_dir), num_blocks=64, threads=1))
     frontend = Frontend([ThreadHost(lambda: engine)])
     frontend.start()
-    return create_app(frontend, tokenizer, "tiny", str(model_dir), **options)
+    return create_app(frontend, tokenizer, "tiny", str(model_dir), "llama", **options)
 
 
 def run(app, *calls: Callable[[httpx.AsyncClient], Awaitable]) -> list:

@@ -24,7 +24,7 @@ def model(tiny_server) -> str:
 def test_models_lists_the_served_model(client, model):
     [card] = client.models.list().data
     assert card.id == model
-    assert card.max_model_len == 256
+    assert card.max_model_len == 256 and card.family == "llama"
 
 
 def test_chat_completion(client, model):

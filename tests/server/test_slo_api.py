@@ -119,7 +119,7 @@ def test_drop_expired_fails_a_request_that_could_not_start_in_time(tiny_model_di
     engine.executor = SlowExecutor(engine.executor)
     frontend = Frontend([ThreadHost(lambda: engine)])
     frontend.start()
-    app = create_app(frontend, tokenizer, "tiny", str(tiny_model_dir))
+    app = create_app(frontend, tokenizer, "tiny", str(tiny_model_dir), "llama")
 
     async def main():
         async with app.router.lifespan_context(app):
