@@ -17,7 +17,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from pacer.model.config import LlamaConfig
-from pacer.model.quant import KERNEL_TYPES, QuantizedTensor, dequantize_blocks
+from pacer.model.dequant import BLOCK_TYPES, dequantize_blocks
+from pacer.model.quant import KERNEL_TYPES, QuantizedTensor
 from pacer.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,11 @@ _GGUF_LAYER_NAMES = {
 }
 _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+# Formats without a decoder in dequant.py that GGUFs of Llama-like models use (Q2_K/Q3_K files, the importance-matrix
+# IQ quants): gguf.quants decodes them, correctly but several times slower per byte.
+REFERENCE_TYPES = tuple(GGMLQuantizationType[name] for name in (
+    "Q2_K", "Q3_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS"))
+_LOADABLE_TYPES = _FLOAT_TYPES + BLOCK_TYPES + REFERENCE_TYPES
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,10 @@ class GGUFFile:
 
 
 def _locate(name: str, data_start: int, dims: tuple[int, ...], ggml_type: int, offset: int) -> _GGUFTensor:
-    qtype = GGMLQuantizationType(ggml_type)
+    try:
+        qtype = GGMLQuantizationType(ggml_type)
+    except ValueError:
+        raise ValueError(f"GGUF tensor {name!r} has unknown block type {ggml_type}") from None
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     if dims[0] % block_size:
         raise ValueError(f"GGUF tensor {name}: row of {dims[0]} values is not whole {qtype.name} blocks")
@@ -140,6 +149,10 @@ def read_gguf(path: Path, dtype: torch.dtype, keep_blocks: bool = False,
     to `dtype`, except with `keep_blocks`: then matrices in a block format the kernels compute with stay as the
     file's blocks (`QuantizedTensor`)."""
     file = GGUFFile(path)
+    for gguf_name, info in file.tensors.items():
+        if info.ggml_type not in _LOADABLE_TYPES:
+            raise ValueError(f"GGUF tensor {gguf_name!r} is {info.ggml_type.name} blocks, which pacer does not load; "
+                             f"supported: {', '.join(t.name for t in _LOADABLE_TYPES)}")
     config = _config_from_gguf(file.metadata, file.tensors)
     weights: dict[str, torch.Tensor | QuantizedTensor] = {}
     dequantized = set()
@@ -211,7 +224,7 @@ def _dequantize(raw: np.ndarray, info: _GGUFTensor) -> np.ndarray:
 
     numpy, not torch: it is single-threaded, and torch's 2-thread elementwise ops ran 25x slower
     than 1 thread on a busy 2-core box. Blocks are decoded with the same fp32 ops as
-    gguf.quants.dequantize, so results match it bit for bit.
+    gguf.quants.dequantize, so results match it bit for bit (`REFERENCE_TYPES` are its results).
     """
     kind = info.ggml_type
     if kind == GGMLQuantizationType.F32:
@@ -220,14 +233,13 @@ def _dequantize(raw: np.ndarray, info: _GGUFTensor) -> np.ndarray:
         values = raw.view(np.float16).astype(np.float32)
     elif kind == GGMLQuantizationType.BF16:  # bf16 is the top half of an fp32
         values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    else:
-        blocks = raw.reshape(-1, GGML_QUANT_SIZES[kind][1])
-        if kind in KERNEL_TYPES:
-            values = dequantize_blocks(blocks, kind)
-        else:  # K-quants and friends: the correct but slow reference implementation
-            from gguf.quants import dequantize
+    elif kind in BLOCK_TYPES:
+        values = dequantize_blocks(raw.reshape(-1, GGML_QUANT_SIZES[kind][1]), kind)
+    else:  # REFERENCE_TYPES, by whole rows: gguf.quants works 16 rows at a time, so blocks as rows crawl
+        from gguf.quants import dequantize
 
-            values = dequantize(blocks, kind)
+        block_size, type_size = GGML_QUANT_SIZES[kind]
+        values = dequantize(raw.reshape(-1, info.shape[-1] // block_size * type_size), kind)
     return values.reshape(info.shape)
 
 

@@ -20,6 +20,7 @@ from gguf.quants import quantize as gguf_quantize
 from torch import nn
 
 from pacer.model import cpu_kernels
+from pacer.model.dequant import dequantize_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -100,55 +101,6 @@ def dequantize(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tenso
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     values = dequantize_blocks(blocks.reshape(-1, type_size).numpy(), qtype)
     return torch.from_numpy(values).reshape(*blocks.shape[:-1], blocks.shape[-1] // type_size * block_size)
-
-
-def dequantize_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """`[n, block bytes]` uint8 blocks of a `KERNEL_TYPES` format -> a new fp32 `[n, 32]`, decoded with the same fp32
-    ops as gguf.quants.dequantize, so bit for bit its values (in numpy, as the GGUF loader converts, see gguf_file)."""
-    return _BLOCK_DEQUANTIZERS[qtype](blocks)
-
-
-def _f16_column(blocks: np.ndarray, start: int) -> np.ndarray:
-    """The fp16 scalar at byte `start` of every block, as fp32 `[num_blocks, 1]`."""
-    return blocks[:, start : start + 2].view(np.float16).astype(np.float32)
-
-
-def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """`[n, 16]` bytes -> `[n, 32]` 4-bit values: low nibbles are values 0..15, high ones 16..31."""
-    q = np.empty((packed.shape[0], 2 * packed.shape[1]), np.uint8)
-    np.bitwise_and(packed, 0x0F, out=q[:, : packed.shape[1]])
-    np.right_shift(packed, 4, out=q[:, packed.shape[1] :])
-    return q
-
-
-def _dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
-    # [n, 34] = f16 scale d | 32 x int8; value = d * q
-    values = blocks[:, 2:].view(np.int8).astype(np.float32)
-    values *= _f16_column(blocks, 0)
-    return values
-
-
-def _dequant_q4_0(blocks: np.ndarray) -> np.ndarray:
-    # [n, 18] = f16 d | 16 bytes of nibbles; value = d * (q - 8)
-    values = _unpack_nibbles(blocks[:, 2:]).astype(np.float32)
-    values -= 8
-    values *= _f16_column(blocks, 0)
-    return values
-
-
-def _dequant_q4_1(blocks: np.ndarray) -> np.ndarray:
-    # [n, 20] = f16 d | f16 m | 16 bytes of nibbles; value = d * q + m
-    values = _unpack_nibbles(blocks[:, 4:]).astype(np.float32)
-    values *= _f16_column(blocks, 0)
-    values += _f16_column(blocks, 2)
-    return values
-
-
-_BLOCK_DEQUANTIZERS = {
-    GGMLQuantizationType.Q8_0: _dequant_q8_0,
-    GGMLQuantizationType.Q4_0: _dequant_q4_0,
-    GGMLQuantizationType.Q4_1: _dequant_q4_1,
-}
 
 
 def _kernel(x: torch.Tensor) -> object | None:
