@@ -293,7 +293,8 @@ def _byte_level_backend(metadata: Mapping[str, Any]) -> tuple[Backend, bool]:
         raise ValueError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_GGUF_PRE_TYPES)}")
     pre_type = _GGUF_PRE_TYPES[pre]
     tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-    merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
+    # gguf's writer drops an empty array, so a vocabulary without merges (bytes only) has no key at all.
+    merges = [tuple(merge.split(" ", 1)) for merge in metadata.get("tokenizer.ggml.merges", [])]
     vocab = {t: i for i, t in enumerate(tokens)}
     backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre_type.ignore_merges))
     backend.pre_tokenizer = pre_type.pre_tokenizer()
