@@ -31,6 +31,12 @@ _GGUF_SCALARS = {
     GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
 }  # fmt: skip
 
+# `general.architecture` values pacer loads; each becomes `LlamaConfig.architecture`. Mistral has none of its own:
+# llama.cpp's converter writes MistralForCausalLM as "llama" (and drops its sliding window).
+_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# The converter permutes q/k rows (weights and biases) for these: LlamaModel reorders them for ggml's adjacent-pair
+# RoPE, while Qwen2/Qwen3 keep HF's order and llama.cpp runs them with NEOX RoPE, which is HF's rotate_half.
+_PERMUTED_ARCHITECTURES = ("llama",)
 _GGUF_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -41,13 +47,18 @@ _GGUF_LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "attn_output": "self_attn.o_proj",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_GGUF_BIASED = ("attn_q", "attn_k", "attn_v")  # Qwen2's q/k/v biases; the HF contract has no others
+_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_ROPE_FREQS = "rope_freqs.weight"  # RoPE frequency divisors, read into the config (see _rope_freq_factors)
+_ROTARY_ROWS = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 # Formats without a decoder in dequant.py that GGUFs of Llama-like models use (Q2_K/Q3_K files, the importance-matrix
 # IQ quants): gguf.quants decodes them, correctly but several times slower per byte.
@@ -145,24 +156,28 @@ def _locate(name: str, data_start: int, dims: tuple[int, ...], ggml_type: int, o
 
 def read_gguf(path: Path, dtype: torch.dtype, keep_blocks: bool = False,
               ) -> tuple[LlamaConfig, dict[str, torch.Tensor | QuantizedTensor], Tokenizer]:
-    """The config, HF-named `[out, in]` tensors (q/k un-permuted) and tokenizer of a GGUF. Tensors are dequantized
-    to `dtype`, except with `keep_blocks`: then matrices in a block format the kernels compute with stay as the
-    file's blocks (`QuantizedTensor`)."""
+    """The config, HF-named `[out, in]` tensors (q/k un-permuted where the converter permuted them) and tokenizer of a
+    GGUF. Tensors are dequantized to `dtype`, except with `keep_blocks`: then matrices in a block format the kernels
+    compute with stay as the file's blocks (`QuantizedTensor`). An architecture, block type or RoPE scaling pacer
+    does not implement is refused before any tensor is read."""
     file = GGUFFile(path)
     for gguf_name, info in file.tensors.items():
         if info.ggml_type not in _LOADABLE_TYPES:
             raise ValueError(f"GGUF tensor {gguf_name!r} is {info.ggml_type.name} blocks, which pacer does not load; "
                              f"supported: {', '.join(t.name for t in _LOADABLE_TYPES)}")
-    config = _config_from_gguf(file.metadata, file.tensors)
+    config = _config_from_gguf(file)
+    permuted = config.architecture in _PERMUTED_ARCHITECTURES
     weights: dict[str, torch.Tensor | QuantizedTensor] = {}
     dequantized = set()
     for gguf_name, info in file.tensors.items():
-        name = _hf_name(gguf_name)
+        if gguf_name == _ROPE_FREQS:
+            continue
+        name = _hf_name(gguf_name, config.architecture)
         raw = file.tensor_bytes(info)
         keep = keep_blocks and info.ggml_type in KERNEL_TYPES and len(info.shape) == 2
         values = raw.reshape(info.shape[0], -1) if keep else _dequantize(raw, info)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):  # whole rows move: blocks permute as values do
-            heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
+        if permuted and name.endswith(_ROTARY_ROWS):  # whole rows move: blocks permute as values do
+            heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
             values = _unpermute_rotary_rows(values, heads)
         if keep:
             weights[name] = QuantizedTensor(info.ggml_type, torch.from_numpy(np.array(values)))
@@ -176,21 +191,22 @@ def read_gguf(path: Path, dtype: torch.dtype, keep_blocks: bool = False,
     return config, weights, Tokenizer.from_gguf_metadata(file.metadata)
 
 
-def _config_from_gguf(metadata: dict[str, Any], tensors: dict[str, _GGUFTensor]) -> LlamaConfig:
+def _config_from_gguf(file: GGUFFile) -> LlamaConfig:
+    metadata, tensors = file.metadata, file.tensors
     arch = metadata.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported; only 'llama'")
+    if arch not in _GGUF_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(_GGUF_ARCHITECTURES)}")
 
     def get(key: str, default: Any = None) -> Any:
-        value = metadata.get(f"llama.{key}", default)
+        value = metadata.get(f"{arch}.{key}", default)
         if value is None:
-            raise ValueError(f"GGUF metadata is missing llama.{key}")
+            raise ValueError(f"GGUF metadata is missing {arch}.{key}")
         return value
 
-    if get("rope.scaling.type", "none") not in ("none", "linear") or get("rope.scaling.factor", 1.0) != 1.0:
-        raise ValueError("GGUF uses RoPE scaling, which pacer does not implement")
     hidden, num_heads = get("embedding_length"), get("attention.head_count")
-    head_dim = get("attention.key_length", hidden // num_heads)
+    head_dim = get("attention.key_length", hidden // num_heads)  # Qwen3's is not hidden / heads
+    if get("attention.value_length", head_dim) != head_dim:
+        raise ValueError("GGUF has value heads of another size than its key heads, which pacer does not implement")
     if get("rope.dimension_count", head_dim) != head_dim:
         raise ValueError("GGUF uses partial rotary embeddings, which pacer does not implement")
     return LlamaConfig(
@@ -207,16 +223,38 @@ def _config_from_gguf(metadata: dict[str, Any], tensors: dict[str, _GGUFTensor])
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        architecture=arch,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        rope_freq_factors=_rope_freq_factors(file, arch, head_dim),
+        sliding_window=get("attention.sliding_window", 0) or None,  # 0: no window (llama.cpp's convention)
     )
 
 
-def _hf_name(gguf_name: str) -> str:
+def _rope_freq_factors(file: GGUFFile, arch: str, head_dim: int) -> tuple[float, ...] | None:
+    """What RoPE's inverse frequencies are divided by, as llama.cpp's rope applies them: the `rope_freqs` tensor
+    (Llama 3.1's `llama3` scaling, which the converter bakes into it) times a `linear` scaling factor. llama.cpp
+    reads a missing scaling type as linear and ignores the factor under `none`; YaRN and LongRoPE are refused."""
+    kind = file.metadata.get(f"{arch}.rope.scaling.type", "linear")
+    if kind not in ("none", "linear"):
+        raise ValueError(f"GGUF RoPE scaling type {kind!r} is not supported; supported: 'none', 'linear'")
+    factor = file.metadata.get(f"{arch}.rope.scaling.factor") or file.metadata.get(f"{arch}.rope.scale_linear")
+    factor = float(factor or 1.0) if kind == "linear" else 1.0
+    info = file.tensors.get(_ROPE_FREQS)
+    if info is None:
+        return None if factor == 1.0 else (factor,) * (head_dim // 2)
+    return tuple(float(f) * factor for f in _dequantize(file.tensor_bytes(info), info).reshape(-1))
+
+
+def _hf_name(gguf_name: str, arch: str) -> str:
     if gguf_name in _GGUF_NAMES:
         return _GGUF_NAMES[gguf_name]
     match = _GGUF_LAYER_RE.fullmatch(gguf_name)
-    if match is None or match.group(2) not in _GGUF_LAYER_NAMES:
-        raise ValueError(f"unexpected tensor {gguf_name!r} in a llama GGUF")
-    return f"model.layers.{match.group(1)}.{_GGUF_LAYER_NAMES[match.group(2)]}.weight"
+    if match is None or match.group(2) not in _GGUF_LAYER_NAMES or (
+            match.group(3) == "bias" and match.group(2) not in _GGUF_BIASED):
+        raise ValueError(f"unexpected tensor {gguf_name!r} in a {arch} GGUF")
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
 
 
 def _dequantize(raw: np.ndarray, info: _GGUFTensor) -> np.ndarray:
@@ -260,13 +298,12 @@ def _to_torch(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(values).to(dtype)
 
 
-def _unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's convert-time permutation of q/k rows.
+def _unpermute_rotary_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's convert-time permutation of q/k rows (a weight's rows, a bias's values).
 
     ggml's RoPE rotates adjacent pairs (rows 2j, 2j+1 of a head); HF's rotate_half rotates row j
     with row j + head_dim/2. The converter reordered rows for ggml; we put them back.
     """
-    out_features, in_features = weight.shape
-    head_dim = out_features // num_heads
-    per_head = weight.reshape(num_heads, head_dim // 2, 2, in_features)
-    return np.ascontiguousarray(per_head.transpose(0, 2, 1, 3)).reshape(out_features, in_features)
+    head_dim = rows.shape[0] // num_heads
+    per_head = rows.reshape(num_heads, head_dim // 2, 2, -1)
+    return np.ascontiguousarray(per_head.transpose(0, 2, 1, 3)).reshape(rows.shape)
