@@ -1,7 +1,7 @@
 """GGUFs of each Llama-like family, written from its tiny HF directory as llama.cpp's converter writes them
-(tests/gguf_writer.py), load to that directory's config and tensors: exactly in F32, and in a block type exactly to
-gguf.quants' round trip of the HF tensor (q/k permutation undone only where the converter did it). Architectures and
-RoPE scalings pacer does not implement are refused, by name (block types: test_dequant.py)."""
+(tests/gguf_writer.py), load to the config and tensors pacer loads from that directory: exactly in F32, and in a
+block type exactly to gguf.quants' round trip of the HF tensor (q/k permutation undone only where the converter did
+it). Architectures and RoPE scalings pacer does not implement are refused, by name (block types: test_dequant.py)."""
 
 from __future__ import annotations
 
@@ -20,46 +20,27 @@ from safetensors.numpy import load_file
 from pacer.model.config import LlamaConfig
 from pacer.model.gguf_file import read_gguf
 from pacer.model.quant import QuantizedTensor
-from pacer.model.tokenizer import Tokenizer
+from pacer.model.weights import Checkpoint, load_checkpoint
 from tests.families import FAMILIES, save_family
-from tests.gguf_writer import ARCHITECTURES, rope_parameters, write_gguf
-from tests.strict import import_or_skip
+from tests.gguf_writer import write_gguf
 
 # What gguf.quants can write; the K-quants are tested on random blocks (test_dequant.py).
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_family(request.param, tmp_path_factory.mktemp(request.param))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Checkpoint]:
+    """A family's HF directory and pacer's load of it, the reference its GGUF must match."""
+    directory = save_family(request.param, tmp_path_factory.mktemp(request.param))
+    return directory, load_checkpoint(directory)
 
 
-def hf_config(hf_dir: Path) -> LlamaConfig:
-    """The config a GGUF of `hf_dir` must carry, read from config.json, with transformers' `llama3` inverse
-    frequencies for the RoPE factors. As llama.cpp writes them, a GGUF keeps eps in fp32, calls Mistral `llama` and
-    drops its sliding window."""
-    raw = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    family, rope = raw["model_type"], rope_parameters(raw)
-    head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
-    return LlamaConfig(
-        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
-        num_layers=raw["num_hidden_layers"], num_heads=raw["num_attention_heads"],
-        num_kv_heads=raw["num_key_value_heads"], head_dim=head_dim, rope_theta=rope["rope_theta"],
-        rms_norm_eps=float(np.float32(raw["rms_norm_eps"])), max_position_embeddings=raw["max_position_embeddings"],
-        tie_word_embeddings=raw["tie_word_embeddings"], bos_token_id=raw["bos_token_id"],
-        eos_token_id=raw["eos_token_id"], architecture=ARCHITECTURES[family], attention_bias=family == "qwen2",
-        qk_norm=family == "qwen3", rope_freq_factors=_transformers_llama3_factors(hf_dir, rope, head_dim))
-
-
-def _transformers_llama3_factors(hf_dir: Path, rope: dict, head_dim: int) -> tuple[float, ...] | None:
-    if rope.get("rope_type") != "llama3":
-        return None
-    transformers = import_or_skip("transformers")
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](transformers.AutoConfig.from_pretrained(hf_dir), "cpu")
-    plain = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2).double() / head_dim)
-    return tuple((plain / scaled.double()).tolist())
+def as_converted(config: LlamaConfig) -> LlamaConfig:
+    """`config` as llama.cpp's converter writes it into a GGUF: eps in fp32, Mistral as `llama` and without its
+    sliding window (convert_hf_to_gguf writes neither)."""
+    if config.architecture == "mistral":
+        config = replace(config, architecture="llama", sliding_window=None)
+    return replace(config, rms_norm_eps=float(np.float32(config.rms_norm_eps)))
 
 
 def assert_same_config(loaded: LlamaConfig, expected: LlamaConfig) -> None:
@@ -71,31 +52,31 @@ def assert_same_config(loaded: LlamaConfig, expected: LlamaConfig) -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
-def test_gguf_loads_to_the_hf_config_and_tensors(family_dir: Path, tmp_path: Path, qtype: Q) -> None:
-    config, weights, _ = read_gguf(write_gguf(family_dir, tmp_path / "model.gguf", qtype), torch.float32)
-    assert_same_config(config, hf_config(family_dir))
-    hf = load_file(family_dir / "model.safetensors")
-    assert weights.keys() == hf.keys()
-    for name, tensor in weights.items():
+def test_gguf_loads_to_the_hf_config_and_tensors(family: tuple[Path, Checkpoint], tmp_path: Path, qtype: Q) -> None:
+    directory, reference = family
+    checkpoint = load_checkpoint(write_gguf(directory, tmp_path / "model.gguf", qtype))
+    assert_same_config(checkpoint.config, as_converted(reference.config))
+    assert checkpoint.weights.keys() == reference.weights.keys()
+    for name, tensor in checkpoint.weights.items():
         # 2-D tensors went through the type, 1-D ones stay F32; dequantize(quantize(.)) is blockwise along rows, so
         # it commutes with the converter's row permutation: any mismatch is a permutation not undone.
-        expected = dequantize(quantize(hf[name], qtype), qtype).reshape(hf[name].shape) if hf[name].ndim == 2 \
-            else hf[name]
+        hf = reference.weights[name].numpy()
+        expected = dequantize(quantize(hf, qtype), qtype).reshape(hf.shape) if hf.ndim == 2 else hf
         assert tensor.dtype == torch.float32
         assert np.array_equal(tensor.numpy().view(np.int32), expected.view(np.int32)), f"{name} ({qtype.name})"
 
 
-def test_kept_blocks_are_unpermuted_like_values(family_dir: Path, tmp_path: Path) -> None:
-    path = write_gguf(family_dir, tmp_path / "model.gguf", Q.Q8_0)
-    values, blocks = read_gguf(path, torch.float32)[1], read_gguf(path, torch.float32, keep_blocks=True)[1]
+def test_kept_blocks_are_unpermuted_like_values(family: tuple[Path, Checkpoint], tmp_path: Path) -> None:
+    path = write_gguf(family[0], tmp_path / "model.gguf", Q.Q8_0)
+    values, blocks = load_checkpoint(path).weights, load_checkpoint(path, quantization="auto").weights
     for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
         assert isinstance(blocks[name], QuantizedTensor)
         assert torch.equal(blocks[name].dequantize(), values[name])
 
 
-def test_gguf_tokenizer_encodes_like_the_hf_directory(family_dir: Path, tmp_path: Path) -> None:
-    tokenizer = read_gguf(write_gguf(family_dir, tmp_path / "model.gguf"), torch.float32)[2]
-    reference = Tokenizer.from_directory(family_dir)
+def test_gguf_tokenizer_encodes_like_the_hf_directory(family: tuple[Path, Checkpoint], tmp_path: Path) -> None:
+    tokenizer = read_gguf(write_gguf(family[0], tmp_path / "model.gguf"), torch.float32)[2]
+    reference = family[1].tokenizer
     text = "Hello, wörld! 123\n\ttabs  and  spaces"
     assert tokenizer.encode(text) == reference.encode(text)
     assert (tokenizer.bos_token, tokenizer.eos_token) == (reference.bos_token, reference.eos_token)
