@@ -1,6 +1,7 @@
-"""GGUF files: a direct header parser (gguf's GGUFReader makes one numpy view per vocabulary string
-and took 3.6-5 s on the default model), vectorised dequantization of the block formats, or the blocks
-themselves for the formats pacer's kernels compute with."""
+"""GGUF files of the Llama-like families (llama, which Mistral's are too, qwen2, qwen3): a direct header parser
+(gguf's GGUFReader makes one numpy view per vocabulary string and took 3.6-5 s on the default model), the config
+from each architecture's keys, HF-named tensors dequantized (dequant.py), or the blocks themselves for the formats
+pacer's kernels compute with."""
 
 from __future__ import annotations
 
