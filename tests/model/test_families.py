@@ -1,6 +1,7 @@
 """Every Llama-like family pacer serves against transformers on the same tiny random weights (tests/families.py):
 fp32 logits of a mixed batch (decodes, and prompts prefilled in chunks between them) and greedy ids through the engine,
-on the plain model and on the runner's default projections (oneDNN-prepacked where it packs); the config.json
+loaded from the safetensors directory and from an F32 GGUF of it (tests/gguf_writer.py, laid out as llama.cpp's converter
+lays it out), on the plain model and on the runner's default projections (oneDNN-prepacked where it packs); the config.json
 variants and refusals; the sliding window's cap; the export's round trip through transformers."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pacer.model.weights import Checkpoint, export_safetensors, load_checkpoint
 from pacer.request import Request, SamplingParams
 from pacer.scheduling import scheduler_class
 from tests.families import FAMILIES, save_family
+from tests.gguf_writer import write_gguf
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 32
@@ -54,6 +56,15 @@ def checkpoint(family_dir: Path) -> Checkpoint:
     return load_checkpoint(family_dir)
 
 
+@pytest.fixture(scope="module", params=["safetensors", "gguf"])
+def loaded(request: pytest.FixtureRequest, family_dir: Path, checkpoint: Checkpoint,
+           tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    """The family from either file; the GGUF is F32, so its tensors are the directory's exactly."""
+    if request.param == "safetensors":
+        return checkpoint
+    return load_checkpoint(write_gguf(family_dir, tmp_path_factory.mktemp("gguf") / "model.gguf"))
+
+
 def plain_runner(checkpoint: Checkpoint) -> ModelRunner:
     """The model as LlamaModel builds it: fp32 nn.Linear projections (or GGUF blocks), no prepacking."""
     config = checkpoint.config
@@ -66,10 +77,10 @@ def plain_runner(checkpoint: Checkpoint) -> ModelRunner:
 
 
 @pytest.fixture(scope="module", params=["plain", "default"])
-def runner(request: pytest.FixtureRequest, checkpoint: Checkpoint) -> ModelRunner:
+def runner(request: pytest.FixtureRequest, loaded: Checkpoint) -> ModelRunner:
     if request.param == "plain":
-        return plain_runner(checkpoint)
-    return ModelRunner.load(checkpoint, ModelConfig(dtype="float32"),
+        return plain_runner(loaded)
+    return ModelRunner.load(loaded, ModelConfig(dtype="float32"),
                             CacheConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, prefix_caching=False))
 
 
@@ -107,11 +118,12 @@ def test_mixed_batch_logits_equal_transformers(runner: ModelRunner, hf: torch.nn
         torch.testing.assert_close(logits, hf_logits(hf, SEQUENCES[r]), **TOL)
 
 
-def test_greedy_ids_equal_transformers(runner: ModelRunner, checkpoint: Checkpoint, hf: torch.nn.Module) -> None:
+def test_greedy_ids_equal_transformers(runner: ModelRunner, hf: torch.nn.Module) -> None:
     """Through the engine with an 8-token budget: prompts prefilled in chunks beside the others' decodes."""
     config = SchedulerConfig(scheduler="sarathi", max_num_seqs=4, max_num_batched_tokens=8)
     kv = KVCacheManager(runner.num_blocks, BLOCK_SIZE)
-    engine = Engine(scheduler_class("sarathi")(config, kv, checkpoint.config.max_context_len), runner, Detokenizer(None))
+    engine = Engine(scheduler_class("sarathi")(config, kv, runner.model.config.max_context_len), runner,
+                    Detokenizer(None))
     greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     out = {}
     for r, ids in SEQUENCES.items():
