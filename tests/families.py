@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers
 
+from pacer.model.tokenizer import Tokenizer
+
 _COMMON = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "bos_token_id": 1,
            "eos_token_id": 2}
@@ -31,11 +33,11 @@ FAMILIES: dict[str, dict] = {
 }
 
 
-def hf_model(family: str, seed: int = 0) -> torch.nn.Module:
+def hf_model(family: str, seed: int = 0, **overrides: object) -> torch.nn.Module:
     """A transformers CausalLM of `family` with random weights large enough for varied logits, in fp32, eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = {**_COMMON, **FAMILIES[family]}
+    settings = {**_COMMON, **FAMILIES[family], **overrides}
     config = AutoConfig.for_model(settings.pop("model_type"), **settings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -55,9 +57,16 @@ def byte_tokenizer() -> Backend:
     return backend
 
 
-def save_family(family: str, directory: Path, seed: int = 0) -> Path:
+def save_family(family: str, directory: Path, seed: int = 0, tokenizer: Tokenizer | None = None) -> Path:
     """Write `family`'s tiny model as an HF directory pacer and transformers both load: config.json, safetensors,
-    tokenizer.json and a tokenizer_config.json naming its special tokens."""
+    tokenizer.json and a tokenizer_config.json naming its special tokens. With a real `tokenizer` (a family's own),
+    the model takes its vocabulary size and special tokens."""
+    if tokenizer is not None:
+        model = hf_model(family, seed, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+        model.save_pretrained(directory)
+        tokenizer.save(directory)
+        return directory
     model = hf_model(family, seed)
     model.save_pretrained(directory)
     tokenizer = byte_tokenizer()

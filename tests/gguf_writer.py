@@ -25,14 +25,20 @@ PERMUTED = ("llama",)  # LlamaModel permutes q/k for ggml's adjacent-pair RoPE; 
 
 
 def write_gguf(hf_dir: Path, path: Path, qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
-               pre: str = "gpt-2", metadata: dict[str, Any] | None = None) -> Path:
+               pre: str = "gpt-2", metadata: dict[str, Any] | None = None,
+               tokenizer: dict[str, Any] | None = None) -> Path:
     """Convert `hf_dir` to `path` with every matrix in `qtype`; `pre` is tokenizer.ggml.pre (the converter's is a
-    hash lookup we skip), `metadata` extra `{arch}.*` keys the converter would not write (a sliding window...)."""
+    hash lookup we skip), `metadata` extra `{arch}.*` keys the converter would not write (a sliding window...).
+    `tokenizer`: `tokenizer.*` keys to write as they are (a real model's, from a llama.cpp vocab file) instead of
+    converting the directory's byte-level tokenizer.json."""
     config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     arch = ARCHITECTURES[config["model_type"]]
     writer = gguf.GGUFWriter(path, arch)
     _write_parameters(writer, arch, config)
-    _write_vocab(writer, hf_dir, config, pre)
+    if tokenizer is None:
+        _write_vocab(writer, hf_dir, config, pre)
+    else:
+        _copy_tokenizer(writer, tokenizer)
     for key, value in (metadata or {}).items():
         _add_value(writer, f"{arch}.{key}", value)
     for name, data, kind in _tensors(hf_dir, arch, config, qtype):
@@ -91,6 +97,16 @@ def _write_vocab(writer: gguf.GGUFWriter, hf_dir: Path, config: dict[str, Any], 
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]])
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
+
+
+def _copy_tokenizer(writer: gguf.GGUFWriter, metadata: dict[str, Any]) -> None:
+    arrays = {"tokenizer.ggml.tokens": writer.add_token_list, "tokenizer.ggml.token_type": writer.add_token_types,
+              "tokenizer.ggml.merges": writer.add_token_merges, "tokenizer.ggml.scores": writer.add_token_scores}
+    for key, value in metadata.items():
+        if key in arrays:
+            arrays[key](value)
+        elif key.startswith("tokenizer."):
+            _add_value(writer, key, value)
 
 
 def _tensors(hf_dir: Path, arch: str, config: dict[str, Any], qtype: GGMLQuantizationType,
