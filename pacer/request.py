@@ -110,6 +110,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
+    # Drafts for the next iteration (speculative decoding): guesses at the tokens after token_ids, set by the
+    # engine's drafter before each plan; not part of token_ids until the model has verified them.
+    spec_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     # Prefix caching (kv/manager.py): the chain key of each full block of token_ids (valid for good: tokens are only
     # appended), how many of block_ids are published, and its tokens found cached: predicted when it is queued

@@ -11,7 +11,7 @@ from itertools import pairwise
 from pathlib import Path
 
 PACER = Path(__file__).resolve().parents[1] / "pacer"
-PURE = ("scheduling", "kv", "latency", "sim")  # STYLE.md: their tests run in milliseconds, without torch
+PURE = ("scheduling", "kv", "latency", "sim", "speculation")  # STYLE.md: their tests run in milliseconds, without torch
 
 
 def node(module: str) -> str | None:

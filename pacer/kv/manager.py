@@ -63,6 +63,20 @@ class KVCacheManager:
         request.block_ids.extend(new)
         return new
 
+    def num_free_slots(self, request: Request) -> int:
+        """Tokens the request could add after its computed ones without preempting anyone: the room left in its
+        blocks and in every free block."""
+        return (len(request.block_ids) + self.pool.num_free) * self.block_size - request.num_computed_tokens
+
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Give back the request's blocks past those its first `num_tokens` tokens need: the KV reserved for drafts
+        the model rejected. Those blocks were never published (only blocks full of computed tokens are)."""
+        keep = self.blocks_for(num_tokens)
+        assert request.num_cached_blocks <= keep, f"request {request.request_id}: trimming a published block"
+        if keep < len(request.block_ids):
+            self.pool.release(request.block_ids[keep:])
+            del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         """Give back the request's blocks; its published ones stay findable until the pool reuses them."""
         self.pool.release(request.block_ids)

@@ -34,6 +34,9 @@ class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     total_num_scheduled_tokens: int = 0
+    # Verify rows (speculative decoding): a decode given its drafts to check after its last token, so its
+    # scheduled tokens are 1 + len(drafts), all sampled at; the executor says which drafts it accepted.
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # Preempted this iteration: their KV is gone, the executor drops any state it keeps for them.
     preempted_ids: list[str] = field(default_factory=list)
     # Finished or aborted since the previous plan, for the same reason.
@@ -84,10 +87,25 @@ class SchedulerOutput:
         else:
             self._chunks = self._chunks.with_chunk(n, request.num_computed_tokens)
 
+    def add_drafts(self, request: Request, draft_ids: list[int]) -> None:
+        """Make the request's decode a verify row of 1 + len(draft_ids) tokens. For the latency model it is a chunk
+        of that many tokens after its context, which is what the forward pass computes."""
+        rid, k = request.request_id, len(draft_ids)
+        assert self.num_scheduled_tokens[rid] == 1, f"request {rid}: drafts join a decode, not a chunk"
+        self.draft_token_ids[rid] = draft_ids
+        self.num_scheduled_tokens[rid] = 1 + k
+        self.total_num_scheduled_tokens += k
+        self._num_decodes -= 1
+        self._decode_context -= request.num_computed_tokens + 1
+        self._chunks = self._chunks.with_chunk(1 + k, request.num_computed_tokens)
+
     def samples(self, request: Request) -> bool:
         """Does this iteration reach the request's last token, so that a new token is sampled?"""
         # len(token_ids), not the num_tokens property: executors ask this of every request of every plan
-        return request.num_computed_tokens + self.num_scheduled_tokens[request.request_id] == len(request.token_ids)
+        n = self.num_scheduled_tokens[request.request_id]
+        if self.draft_token_ids:  # a verify row's drafts lie past its last token
+            n -= len(self.draft_token_ids.get(request.request_id, ()))
+        return request.num_computed_tokens + n == len(request.token_ids)
 
 
 @dataclass(frozen=True)
@@ -108,9 +126,11 @@ class TokenLogprobs:
 
 @dataclass
 class ModelOutput:
-    """What an executor returns: one sampled token per request that reached its last token."""
+    """What an executor returns: one sampled token per request that reached its last token. For a verify row, the
+    drafts it accepted (a prefix of the plan's) come first, and the sampled token is the one after them."""
 
     sampled_token_ids: dict[str, int]
+    accepted_draft_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
@@ -123,7 +143,12 @@ class Scheduler:
     `max_num_seqs` requests. When KV runs out the newest running request is preempted by
     recompute: it frees its blocks and goes back to the head of the queue, outputs kept.
 
-    Policies override the hooks: `begin_plan`, `prefill_order`, `chunk_tokens`, `victim`, `prefill_first`; the
+    Speculative decoding: once every running decode has its token, each with drafts (`Request.spec_token_ids`)
+    gets as many of them as `draft_tokens` says, verified in the same iteration; drafts never take a decode's place
+    nor preempt for their KV, and `update` gives back the KV of those the model rejected.
+
+    Policies override the hooks: `begin_plan`, `prefill_order`, `chunk_tokens`, `draft_tokens`, `victim`,
+    `prefill_first`; the
     hooks of one iteration share its `PlanContext`, not attributes of the scheduler.
     With a latency model, every plan carries its predicted time and `update` feeds the measured one
     back (the model corrects itself online).
@@ -180,6 +205,11 @@ class Scheduler:
         if self.chunked_prefill:
             return min(remaining, budget)
         return remaining if remaining <= budget else 0
+
+    def draft_tokens(self, request: Request, limit: int, plan: SchedulerOutput, context: PlanContext) -> int:
+        """How many of the decode's drafts (at most `limit`) to verify now, joining `plan` as it stands: all that
+        fit the token budget. (The goodput-sized length of issue 37 will override this.)"""
+        return min(limit, self.token_budget - plan.total_num_scheduled_tokens)
 
     def snapshot(self) -> QueueSnapshot | None:
         """The queue as admission control sees it (admission.py); None: this policy admits everything."""
@@ -284,6 +314,22 @@ class Scheduler:
             n = self.chunk_tokens(request, plan, context)
             if n > 0 and self._reserve(request, n, plan):
                 plan.add(request, n)
+        self._schedule_drafts(plan, context)
+
+    def _schedule_drafts(self, plan: SchedulerOutput, context: PlanContext) -> None:
+        """Give the plan's decodes their drafts, after every decode has its token. A request drafts no further than
+        its max_tokens and context allow, and only into KV that is free now."""
+        for request in plan.requests:
+            drafts = request.spec_token_ids
+            if not drafts or plan.num_scheduled_tokens[request.request_id] != 1 or request.is_prefilling:
+                continue
+            limit = min(len(drafts), self.max_request_tokens - request.num_tokens,
+                        (request.sampling.max_tokens or self.max_request_tokens) - request.num_output_tokens - 1)
+            k = min(self.draft_tokens(request, limit, plan, context) if limit > 0 else 0,
+                    self.kv.num_free_slots(request) - 1)  # its own token's slot is reserved already
+            if k > 0:
+                self.kv.allocate(request, 1 + k)
+                plan.add_drafts(request, drafts[:k])
 
     def _schedule_prompts(self, plan: SchedulerOutput, context: PlanContext) -> None:
         """Prompt chunks in policy order, over started prompts and waiting ones.
@@ -363,6 +409,7 @@ class Scheduler:
         if request.request_id in plan.num_scheduled_tokens:
             plan.requests.remove(request)
             plan.total_num_scheduled_tokens -= plan.num_scheduled_tokens.pop(request.request_id)
+            plan.draft_token_ids.pop(request.request_id, None)
             plan.shape = plan.recount_shape()  # rare: recount what is left
         plan.preempted_ids.append(request.request_id)
 
@@ -374,23 +421,47 @@ class Scheduler:
             self.latency.observe(plan.shape, plan.predicted_s, output.elapsed_s)
         finished = []
         scheduled, sampled, running = plan.num_scheduled_tokens, output.sampled_token_ids, RequestStatus.RUNNING
+        drafted, accepted = plan.draft_token_ids, output.accepted_draft_ids
         for request in plan.requests:
             if request.status is not running:
                 continue
-            request.num_computed_tokens += scheduled[request.request_id]
-            self.kv.cache_computed(request)
             token = sampled.get(request.request_id)
+            reason = None
+            if drafted and request.request_id in drafted:
+                reason = self._fold_verified(request, accepted.get(request.request_id, []))
+            else:
+                request.num_computed_tokens += scheduled[request.request_id]
+                self.kv.cache_computed(request)
             if token is None:
                 continue  # a prefill chunk that did not reach the end of the prompt
-            request.token_ids.append(token)
+            if request.spec_token_ids:
+                request.spec_token_ids = []  # guesses after the tokens it had: stale now
+            if reason is None:  # else a stop among the accepted drafts ended it, and the token after is dropped
+                request.token_ids.append(token)
+                reason = self._stop_reason(request, token)
             if request.first_token_s is None:
                 request.first_token_s = now
             request.last_token_s = now
-            reason = self._stop_reason(request, token)
             if reason is not None:
                 self.finish(request.request_id, reason)
                 finished.append(request)
         return finished
+
+    def _fold_verified(self, request: Request, accepted: list[int]) -> FinishReason | None:
+        """A verify row's accepted drafts join the request's tokens, one by one up to the first stop, and the KV
+        reserved for the rejected ones goes back; only verified tokens are ever published to the prefix cache.
+        Returns the stop reason if one of them ended the request."""
+        request.num_computed_tokens += 1  # its last token, which the drafts followed
+        reason = None
+        for token in accepted:
+            request.token_ids.append(token)
+            request.num_computed_tokens += 1  # its KV was written when it was checked as a draft
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                break
+        self.kv.trim(request, request.num_computed_tokens)
+        self.kv.cache_computed(request)
+        return reason
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
         sampling = request.sampling

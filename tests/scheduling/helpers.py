@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pacer.config import SchedulerConfig
 from pacer.kv import KVCacheManager
 from pacer.latency.model import LatencyModel, LinearLatencyModel
@@ -31,9 +33,25 @@ def make_request(rid: str, prompt_len: int, max_tokens: int = 4, arrival_s: floa
                    arrival_s=arrival_s)
 
 
-def fake_output(plan: SchedulerOutput, token: int = 7) -> ModelOutput:
-    """Every request that reaches its last token samples `token`."""
-    return ModelOutput({r.request_id: token for r in plan.requests if plan.samples(r)})
+Accept = Callable[[Request, list[int]], int]  # how many of a verify row's drafts the fake model accepts
+
+
+def fake_output(plan: SchedulerOutput, token: int = 7, accept: Accept | None = None) -> ModelOutput:
+    """Every request that reaches its last token samples `token`; a verify row first accepts `accept(request,
+    drafts)` of its drafts (none without `accept`)."""
+    accepted = {rid: drafts[:accept(plan_request(plan, rid), drafts)] for rid, drafts in plan.draft_token_ids.items()
+                } if accept else {}
+    return ModelOutput({r.request_id: token for r in plan.requests if plan.samples(r)}, accepted)
+
+
+def plan_request(plan: SchedulerOutput, request_id: str) -> Request:
+    return next(r for r in plan.requests if r.request_id == request_id)
+
+
+def propose(scheduler: Scheduler, drafts: list[int]) -> None:
+    """What the engine's drafter does before each plan: here, the same drafts for every running decode."""
+    for r in scheduler.running:
+        r.spec_token_ids = [] if r.is_prefilling else list(drafts)
 
 
 def check_invariants(scheduler: Scheduler) -> None:
@@ -44,14 +62,22 @@ def check_invariants(scheduler: Scheduler) -> None:
     assert all(not r.block_ids for r in scheduler.waiting), "a waiting request holds blocks"
     assert len(scheduler.running) <= scheduler.max_num_seqs
     for r in scheduler.running:
-        assert len(r.block_ids) * kv.block_size >= r.num_computed_tokens
+        # exactly the blocks its computed tokens fill: none left reserved for a rejected draft
+        assert len(r.block_ids) == kv.blocks_for(r.num_computed_tokens), f"request {r.request_id} holds extra KV"
 
 
-def step(scheduler: Scheduler, now: float = 0.0, token: int = 7) -> tuple[SchedulerOutput, list[Request]]:
+def step(scheduler: Scheduler, now: float = 0.0, token: int = 7, drafts: list[int] | None = None,
+         accept: Accept | None = None) -> tuple[SchedulerOutput, list[Request]]:
+    """One iteration with fabricated outputs; with `drafts`, every running decode proposes them first."""
+    if drafts:
+        propose(scheduler, drafts)
     plan = scheduler.schedule(now)
     assert plan.total_num_scheduled_tokens <= scheduler.token_budget
     assert plan.total_num_scheduled_tokens == sum(plan.num_scheduled_tokens.values())
     assert plan.shape == plan.recount_shape(), "the plan's incremental batch shape drifted"
-    finished = scheduler.update(plan, fake_output(plan, token), now)
+    for r in plan.requests:  # KV is reserved for every scheduled token, drafts included
+        assert len(r.block_ids) * scheduler.kv.block_size >= r.num_computed_tokens + plan.num_scheduled_tokens[
+            r.request_id]
+    finished = scheduler.update(plan, fake_output(plan, token, accept), now)
     check_invariants(scheduler)
     return plan, finished
