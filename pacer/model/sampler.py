@@ -60,27 +60,37 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
     """Sample one token from `logits` [V] after temperature and the top-k, top-p, min-p filters."""
+    values, indices = filtered_probs(logits, p)
+    return race(values, indices, generator)
+
+
+def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The distribution tokens are sampled from: softmax(logits / temperature) with the top-k, top-p and min-p
+    filters applied, unnormalised (filtered tokens have 0). Returns (values, indices): the probability of token
+    indices[i] is values[i] / values.sum(), or, where indices is None, values covers the whole vocabulary."""
     probs = torch.softmax(logits / p.temperature, dim=-1)
     top_k = max(0, p.top_k)
     if top_k >= probs.numel():
         top_k = 0  # keeps every token anyway: no full-vocabulary topk (10 ms a row and token on a CPU)
-    if top_k or p.top_p < 1 or p.min_p > 0:
-        k = min(probs.numel(), top_k or NUCLEUS_CANDIDATES)
-        values, indices = probs.topk(k)
-        if not top_k and p.top_p < 1 and values.sum() < p.top_p and k < probs.numel():
-            values, indices = probs.sort(descending=True)
-        keep = torch.ones_like(values, dtype=torch.bool)
-        if p.top_p < 1:
-            # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
-            keep &= (values.cumsum(0) - values) < p.top_p
-        if p.min_p > 0:
-            keep &= values >= p.min_p * values[0]
-        keep[0] = True
-        values = values * keep
-    else:
-        values, indices = probs, None
-    # Exponential race (Gumbel-max for probabilities): argmax p_i / E_i with E_i ~ Exp(1) is a
-    # sample from p, and needs no normalisation after filtering.
+    if not (top_k or p.top_p < 1 or p.min_p > 0):
+        return probs, None
+    k = min(probs.numel(), top_k or NUCLEUS_CANDIDATES)
+    values, indices = probs.topk(k)
+    if not top_k and p.top_p < 1 and values.sum() < p.top_p and k < probs.numel():
+        values, indices = probs.sort(descending=True)
+    keep = torch.ones_like(values, dtype=torch.bool)
+    if p.top_p < 1:
+        # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
+        keep &= (values.cumsum(0) - values) < p.top_p
+    if p.min_p > 0:
+        keep &= values >= p.min_p * values[0]
+    keep[0] = True
+    return values * keep, indices
+
+
+def race(values: torch.Tensor, indices: torch.Tensor | None, generator: torch.Generator | None) -> int:
+    """A token drawn from `filtered_probs`' (values, indices). Exponential race (Gumbel-max for probabilities):
+    argmax p_i / E_i with E_i ~ Exp(1) is a sample from p, and needs no normalisation after filtering."""
     noise = torch.empty_like(values).exponential_(generator=generator)
     choice = int((values / noise).argmax())
     return choice if indices is None else int(indices[choice])
