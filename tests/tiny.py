@@ -8,11 +8,13 @@ from pacer.config import SchedulerConfig
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
 from pacer.kv import KVCacheManager
+from pacer.latency.model import LatencyModel
 from pacer.model.attention import allocate_kv_cache
 from pacer.model.config import LlamaConfig
 from pacer.model.llama import LlamaModel
 from pacer.model.runner import ModelRunner
 from pacer.scheduling import scheduler_class
+from pacer.speculation.drafter import NgramDrafter
 
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512,
@@ -39,9 +41,13 @@ def tiny_runner(num_blocks: int = 64, block_size: int = 4, dtype: torch.dtype = 
 
 
 def tiny_engine(policy: str = "sarathi", num_blocks: int = 64, block_size: int = 4, budget: int | None = 16,
-                max_num_seqs: int = 8, model: LlamaModel | None = None, prefix_caching: bool = False) -> Engine:
+                max_num_seqs: int = 8, model: LlamaModel | None = None, prefix_caching: bool = False,
+                num_speculative_tokens: int = 0, latency: LatencyModel | None = None) -> Engine:
+    """With `num_speculative_tokens`, n-gram drafts of up to that many tokens (`--speculation ngram`)."""
     runner = tiny_runner(num_blocks, block_size, model=model)
     config = SchedulerConfig(scheduler=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
     scheduler = scheduler_class(policy)(config, KVCacheManager(num_blocks, block_size, prefix_caching),
-                                        TINY.max_position_embeddings, eos_token_id=TINY.eos_token_id)
-    return Engine(scheduler, runner, Detokenizer(None))
+                                        TINY.max_position_embeddings, eos_token_id=TINY.eos_token_id,
+                                        latency=latency)
+    drafter = NgramDrafter(num_speculative_tokens) if num_speculative_tokens else None
+    return Engine(scheduler, runner, Detokenizer(None), drafter=drafter)

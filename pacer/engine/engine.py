@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pacer.engine.executor import Executor, KVHandover
 from pacer.latency.model import BatchShape
 from pacer.request import FinishReason, Request, RequestOutput
 from pacer.scheduling import ModelOutput, Scheduler, SchedulerOutput
+from pacer.speculation.drafter import Drafter
 
 
 class StepError(RuntimeError):
@@ -33,26 +35,41 @@ class IterationStats:
     elapsed_s: float  # the executor's measured time
     predicted_s: float | None
     shape: BatchShape  # what the latency model predicts from
+    # speculative decoding: decodes that verified drafts, their drafts, and the drafts accepted
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @classmethod
     def of(cls, plan: SchedulerOutput, result: ModelOutput) -> IterationStats:
         shape = plan.shape
-        return cls(len(plan.requests), shape.num_prefill_tokens, shape.num_decodes, len(plan.preempted_ids),
-                   result.elapsed_s, plan.predicted_s, shape)
+        stats = cls(len(plan.requests), shape.num_prefill_tokens, shape.num_decodes, len(plan.preempted_ids),
+                    result.elapsed_s, plan.predicted_s, shape)
+        if not plan.draft_token_ids:
+            return stats
+        # a verify row is a chunk to the latency model, but its tokens are decode tokens here
+        num_draft_tokens = sum(map(len, plan.draft_token_ids.values()))
+        num_verified = len(plan.draft_token_ids) + num_draft_tokens
+        return dataclasses.replace(
+            stats, num_prefill_tokens=stats.num_prefill_tokens - num_verified,
+            num_decode_tokens=stats.num_decode_tokens + num_verified, num_drafts=len(plan.draft_token_ids),
+            num_draft_tokens=num_draft_tokens, num_accepted_tokens=sum(map(len, result.accepted_draft_ids.values())))
 
 
 class Engine:
     """Single-threaded core loop; the async engine and the simulator both drive it by calling step().
 
-    `clock` is the only source of time (the simulator passes its virtual clock).
+    `clock` is the only source of time (the simulator passes its virtual clock). With a `drafter` (speculative
+    decoding), the running decodes get drafts before each plan, for the scheduler to verify with their token.
     """
 
     def __init__(self, scheduler: Scheduler, executor: Executor, detokenizer: Detokenizer,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, drafter: Drafter | None = None) -> None:
         self.scheduler = scheduler
         self.executor = executor
         self.detokenizer = detokenizer
         self.clock = clock
+        self.drafter = drafter
         self.last_iteration: IterationStats | None = None
         self.exported: dict[str, KVHandover] = {}  # request id -> KV payload of a finished prefill (export_kv)
 
@@ -106,6 +123,8 @@ class Engine:
         """Plan the next iteration at the clock's now. Also returns the final outputs of requests the policy
         ended while planning (expired before they started). step() runs the halves back to back; the
         simulator runs the plan's iteration in virtual time in between."""
+        if self.drafter is not None:
+            self.drafter.propose(self.scheduler.running)
         plan = self.scheduler.schedule(now=self.clock())
         return plan, [self.detokenizer.ended(r) for r in plan.dropped]
 

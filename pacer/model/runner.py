@@ -17,6 +17,7 @@ from pacer.model.cuda_graphs import DecodeGraphs
 from pacer.model.llama import LlamaModel, PackedLinear, block_formats, fuse_projections
 from pacer.model.quant import QuantizedLinear
 from pacer.model.sampler import apply_penalties, sample
+from pacer.model.verify import verify
 from pacer.model.weights import Checkpoint
 from pacer.request import Request
 from pacer.scheduling import ModelOutput, SchedulerOutput
@@ -62,7 +63,8 @@ class ModelRunner:
     """Owns the weights, the physical KV cache and per-request sampling generators.
 
     Tokens with query length 1 (decodes, and 1-token chunks) go first in the flattened batch so
-    the attention kernel sees them as one group; prefill chunks follow.
+    the attention kernel sees them as one group; prefill chunks follow, verify rows among them (a row's last
+    token and its drafts, after its context, as a chunk is), whose every position gets logits.
     """
 
     def __init__(self, model: LlamaModel, cache: KVCache, block_size: int, device: torch.device,
@@ -180,20 +182,26 @@ class ModelRunner:
         start = time.perf_counter()
         for rid in plan.finished_ids:
             self._generators.pop(rid, None)
-        counts = plan.num_scheduled_tokens
+        counts, drafted = plan.num_scheduled_tokens, plan.draft_token_ids
         batch = sorted(plan.requests, key=lambda r: counts[r.request_id] != 1)  # stable: decodes first
         input_ids: list[int] = []
         positions: list[int] = []
-        decode, prefill, sampling = [], [], []
+        decode, prefill, sampling, verifying = [], [], [], []
         for r in batch:
             n, start_pos = counts[r.request_id], r.num_computed_tokens
-            input_ids += r.token_ids[start_pos:start_pos + n]
+            drafts = drafted.get(r.request_id) if drafted else None
+            if drafts:  # a verify row: its last token, then the drafts, each position sampled
+                verifying.append((len(input_ids), r, drafts))
+                input_ids.append(r.token_ids[start_pos])
+                input_ids += drafts
+            else:
+                input_ids += r.token_ids[start_pos:start_pos + n]
             positions += range(start_pos, start_pos + n)
             if n == 1:
                 decode.append((r.block_ids, start_pos + 1))
             else:
                 prefill.append((r.block_ids, start_pos, n))
-            if plan.samples(r):
+            if plan.samples(r) and not drafts:
                 sampling.append((len(input_ids) - 1, r))
         to = {"device": self.device, "dtype": torch.long}
         sampled: dict[str, int] = {}
@@ -203,10 +211,12 @@ class ModelRunner:
             logits = self.graphs.run(input_ids, positions, decode)
         if logits is None:
             meta = AttentionMetadata.build(self.block_size, decode, prefill, self.device)
-            logits_indices = torch.tensor([i for i, _ in sampling], **to)
+            rows = [i for i, _ in sampling] + [i + j for i, _, drafts in verifying for j in range(len(drafts) + 1)]
             logits = self.model(torch.tensor(input_ids, **to), torch.tensor(positions, **to), self.cache, meta,
-                                logits_indices)
+                                torch.tensor(rows, **to))
+        accepted = self._verify(logits[len(sampling):], verifying, sampled) if verifying else {}
         if sampling:
+            logits = logits[:len(sampling)]
             requests = [r for _, r in sampling]
             if any(r.sampling.penalized for r in requests):
                 apply_penalties(logits, requests)  # in place; rows without penalties are left alone
@@ -217,7 +227,19 @@ class ModelRunner:
                 sampled[r.request_id] = token
                 if lp is not None:
                     logprobs[r.request_id] = lp
-        return ModelOutput(sampled, logprobs, elapsed_s=time.perf_counter() - start)
+        return ModelOutput(sampled, logprobs, time.perf_counter() - start, accepted)
+
+    def _verify(self, logits: torch.Tensor, verifying: list[tuple[int, Request, list[int]]],
+                sampled: dict[str, int]) -> dict[str, list[int]]:
+        """Verify each row's drafts against its logits ([k + 1, V] each, in `verifying` order): the accepted drafts
+        per request, and the token after them into `sampled`."""
+        accepted = {}
+        row = 0
+        for _, r, drafts in verifying:
+            accepted[r.request_id], sampled[r.request_id] = verify(logits[row:row + len(drafts) + 1], drafts,
+                                                                   r.sampling, self._generator(r))
+            row += len(drafts) + 1
+        return accepted
 
     @torch.inference_mode()
     def export_kv(self, block_ids: list[int], num_tokens: int) -> KVPayload:

@@ -130,9 +130,9 @@ class ModelOutput:
     drafts it accepted (a prefix of the plan's) come first, and the sampled token is the one after them."""
 
     sampled_token_ids: dict[str, int]
-    accepted_draft_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    accepted_draft_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 class Scheduler:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 from pacer.request import Request
 from pacer.speculation.ngram import TokenBuffer, propose_ngram
+
+
+class Drafter(Protocol):
+    def propose(self, running: Iterable[Request]) -> None:
+        """Set `spec_token_ids` of the running requests (empty where there is no guess, or no drafting) before the
+        scheduler plans the next iteration."""
+        ...
 
 
 def can_speculate(request: Request) -> bool:

@@ -39,13 +39,11 @@ Accept = Callable[[Request, list[int]], int]  # how many of a verify row's draft
 def fake_output(plan: SchedulerOutput, token: int = 7, accept: Accept | None = None) -> ModelOutput:
     """Every request that reaches its last token samples `token`; a verify row first accepts `accept(request,
     drafts)` of its drafts (none without `accept`)."""
-    accepted = {rid: drafts[:accept(plan_request(plan, rid), drafts)] for rid, drafts in plan.draft_token_ids.items()
-                } if accept else {}
-    return ModelOutput({r.request_id: token for r in plan.requests if plan.samples(r)}, accepted)
-
-
-def plan_request(plan: SchedulerOutput, request_id: str) -> Request:
-    return next(r for r in plan.requests if r.request_id == request_id)
+    accepted = {}
+    if accept is not None:
+        requests = {r.request_id: r for r in plan.requests}
+        accepted = {rid: drafts[:accept(requests[rid], drafts)] for rid, drafts in plan.draft_token_ids.items()}
+    return ModelOutput({r.request_id: token for r in plan.requests if plan.samples(r)}, accepted_draft_ids=accepted)
 
 
 def propose(scheduler: Scheduler, drafts: list[int]) -> None:

@@ -35,7 +35,7 @@ def test_accepted_drafts_join_and_the_rejected_ones_give_back_their_kv():
     propose(s, [20, 21, 22, 23])
     plan = s.schedule(0.0)
     assert len(r.block_ids) == 5  # slots for 10 tokens
-    s.update(plan, ModelOutput({"a": 30}, {"a": [20]}), 1.0)
+    s.update(plan, ModelOutput({"a": 30}, accepted_draft_ids={"a": [20]}), 1.0)
     assert r.output_token_ids == [7, 20, 30]
     assert r.num_computed_tokens == 7  # its last token and the accepted draft, not the rejected ones
     assert len(r.block_ids) == 4 and s.kv.num_free_blocks == 12
@@ -73,7 +73,7 @@ def test_drafts_stop_at_max_tokens_and_the_context():
     propose(s, [7, 7, 7, 7])
     plan = s.schedule(0.0)
     assert plan.draft_token_ids == {"a": [7], "b": [7, 7, 7]}
-    s.update(plan, ModelOutput({"a": 7, "b": 7}, {"a": [7], "b": [7, 7, 7]}), 1.0)
+    s.update(plan, ModelOutput({"a": 7, "b": 7}, accepted_draft_ids={"a": [7], "b": [7, 7, 7]}), 1.0)
     assert short.num_output_tokens == 3 and short.finish_reason is FinishReason.LENGTH
     assert long.num_tokens == 12 and long.finish_reason is FinishReason.LENGTH
 
@@ -85,7 +85,8 @@ def test_an_eos_among_the_accepted_drafts_ends_the_request_there():
     propose(s, [20, EOS, 22])
     other.spec_token_ids = [20, 21, 22]
     plan = s.schedule(0.0)
-    finished = s.update(plan, ModelOutput({"a": 30, "b": 30}, {"a": [20, EOS, 22], "b": [20, 21]}), 1.0)
+    output = ModelOutput({"a": 30, "b": 30}, accepted_draft_ids={"a": [20, EOS, 22], "b": [20, 21]})
+    finished = s.update(plan, output, 1.0)
     assert finished == [r, other]
     assert r.output_token_ids == [7, 20, EOS] and r.finish_reason is FinishReason.STOP
     assert other.output_token_ids == [7, 20, 21] and other.finish_reason is FinishReason.STOP
@@ -98,7 +99,7 @@ def test_only_verified_tokens_reach_the_prefix_cache():
     decoding(s, r)  # 4 tokens, 3 computed: one full block published
     propose(s, [50, 51, 52, 53])
     plan = s.schedule(0.0)
-    s.update(plan, ModelOutput({"a": 60}, {"a": [50]}), 1.0)  # 4 + 1 tokens, 5 computed: two full blocks
+    s.update(plan, ModelOutput({"a": 60}, accepted_draft_ids={"a": [50]}), 1.0)  # 5 computed: two full blocks
     assert r.num_cached_blocks == 2 and s.kv.pool.num_cached == 2
     s.finish("a")
     again = make_request("b", 3, max_tokens=10)
