@@ -25,6 +25,9 @@ class _Stream:
     num_sent_chars: int = 0
     num_sent_tokens: int = 0
     logprobs: list = field(default_factory=list)
+    # output tokens up to the one that completed a stop string, where tokens after it came in the same step
+    # (accepted drafts): they are not output
+    num_tokens_to_stop: int | None = None
 
 
 class Detokenizer:
@@ -106,17 +109,31 @@ class Detokenizer:
         full = self.tokenizer.decode(ids[stream.prefix_offset:], skip_special_tokens=skip)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return False  # an incomplete UTF-8 sequence: wait for the next token
-        old_len = len(stream.text)
+        old_len, old_offsets = len(stream.text), (stream.prefix_offset, stream.read_offset)
         stream.text += full[len(prefix):]
         stream.prefix_offset, stream.read_offset = stream.read_offset, len(ids)
         stops = request.sampling.stop
         if stops:
             start = max(0, old_len - max(map(len, stops)) + 1)
-            hits = [i for i in (stream.text.find(s, start) for s in stops) if i >= 0]
+            hits = [(i, i + len(s)) for i, s in ((stream.text.find(s, start), s) for s in stops) if i >= 0]
             if hits:
-                stream.text = stream.text[:min(hits)]
+                cut, end = min(hits)
+                stream.text = stream.text[:cut]
+                if len(ids) - old_offsets[1] > 1:
+                    stream.num_tokens_to_stop = self._tokens_to(request, old_offsets, len(prefix), end - old_len)
                 return True
         return False
+
+    def _tokens_to(self, request: Request, offsets: tuple[int, int], prefix_len: int, num_chars: int) -> int:
+        """Output tokens up to the first of this step's tokens whose text makes `num_chars` new characters: the one
+        that completed a stop string, when a step brought several (rare: only then is text decoded per token)."""
+        assert self.tokenizer is not None
+        ids, skip = request.token_ids, request.sampling.skip_special_tokens
+        end = offsets[1] + 1
+        while end < len(ids) and len(self.tokenizer.decode(ids[offsets[0]:end], skip_special_tokens=skip)) \
+                - prefix_len < num_chars:
+            end += 1
+        return end - request.num_prompt_tokens
 
     def _emit(self, request: Request, stream: _Stream, finished: bool) -> RequestOutput:
         # a stop string's possible start waits for the next tokens, here or, after a hand-over, on the decode engine
@@ -124,7 +141,7 @@ class Detokenizer:
         holdback = _holdback(request.sampling.stop) if goes_on else 0
         end = max(stream.num_sent_chars, len(stream.text) - holdback)
         output = _output(request, stream.num_sent_tokens, stream.text[stream.num_sent_chars:end], finished,
-                         stream.logprobs)
+                         stream.logprobs, stream.num_tokens_to_stop)
         # a fresh list: the output keeps the old one, which must not grow with the next token's logprobs
         stream.num_sent_chars, stream.num_sent_tokens, stream.logprobs = end, output.num_output_tokens, []
         if finished:
@@ -137,10 +154,12 @@ def _holdback(stops: list[str]) -> int:
     return max(map(len, stops)) - 1 if stops else 0
 
 
-def _output(request: Request, num_sent_tokens: int, new_text: str, finished: bool, logprobs: list) -> RequestOutput:
-    """The output of a request's tokens after the first `num_sent_tokens` outputs. Called for every request of
-    every iteration: one pass, no property chains."""
+def _output(request: Request, num_sent_tokens: int, new_text: str, finished: bool, logprobs: list,
+            num_output_tokens: int | None = None) -> RequestOutput:
+    """The output of a request's tokens after the first `num_sent_tokens` outputs, up to `num_output_tokens` (all
+    by default). Called for every request of every iteration: one pass, no property chains."""
     num_prompt = len(request.prompt_token_ids)
-    return RequestOutput(request.request_id, request.token_ids[num_prompt + num_sent_tokens:], new_text, finished,
-                         request.finish_reason if finished else None, logprobs, num_prompt,
-                         len(request.token_ids) - num_prompt, request.num_cached_tokens)
+    end = len(request.token_ids) if num_output_tokens is None else num_prompt + num_output_tokens
+    return RequestOutput(request.request_id, request.token_ids[num_prompt + num_sent_tokens:end], new_text, finished,
+                         request.finish_reason if finished else None, logprobs, num_prompt, end - num_prompt,
+                         request.num_cached_tokens)

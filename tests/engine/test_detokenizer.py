@@ -90,3 +90,40 @@ def test_stop_string_spanning_a_hand_over_is_found_and_never_partly_streamed(tok
     plan = SchedulerOutput(requests=[other], num_scheduled_tokens={"r2": 1})
     [out] = decode.outputs(plan, ModelOutput({"r2": ids[1]}), [])
     assert out.new_text == "one"  # "one two" less the 4 characters "four." could still begin with
+
+
+def step_several(tokenizer, text: str, per_step: int, **sampling) -> tuple[list[str], list[int], list[int]]:
+    """Feed `text`'s tokens `per_step` at a time (a verify row's accepted drafts and token): the deltas, the token
+    ids output, and all of text's ids."""
+    ids = tokenizer.encode(text)
+    detok = Detokenizer(tokenizer)
+    request = Request("r", tokenizer.encode("Hello"), SamplingParams(**sampling))
+    deltas, output_ids = [], []
+    for i in range(0, len(ids), per_step):
+        request.token_ids += ids[i:i + per_step]
+        plan = SchedulerOutput(requests=[request], num_scheduled_tokens={"r": 1})
+        [out] = detok.outputs(plan, ModelOutput({"r": request.token_ids[-1]}), [])
+        deltas.append(out.new_text)
+        output_ids += out.new_token_ids
+        assert out.num_output_tokens == len(output_ids)
+        if out.finished:
+            break
+    return deltas, output_ids, ids
+
+
+def test_several_tokens_a_step_reassemble_the_text(tokenizer):
+    text = " Größe: 42 °C — naïve café 日本語 🙂 done."
+    deltas, output_ids, ids = step_several(tokenizer, text, 3)
+    assert "".join(deltas) == text and output_ids == ids
+
+
+def test_a_stop_string_among_several_new_tokens_ends_the_tokens_there(tokenizer):
+    """The tokens after the one that completed the stop string (in the same step) are not output, as they would
+    never have been generated one token at a time."""
+    text = "The capital of France is Paris. It is big."
+    _, alone, ids = step_several(tokenizer, text, 1, stop=["Paris."])
+    assert len(alone) < len(ids)
+    for per_step in (2, 4, 16):
+        deltas, output_ids, _ = step_several(tokenizer, text, per_step, stop=["Paris."])
+        assert "".join(deltas) == "The capital of France is "
+        assert output_ids == alone  # the same tokens as one at a time
