@@ -20,6 +20,7 @@ from pacer.config import (
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
+    SpeculativeConfig,
     add_config_flags,
     config_from_args,
     engine_config_from_args,
@@ -48,6 +49,7 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, CacheConfig)
     add_config_flags(parser, SchedulerConfig, choices={"scheduler": sorted(SCHEDULERS)})
     add_config_flags(parser, LatencyConfig)
+    add_config_flags(parser, SpeculativeConfig)
 
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:

@@ -95,6 +95,27 @@ class SchedulerConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 
 
+SPECULATION_METHODS = ("off", "ngram")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    speculation: str = field(default="off", metadata=_help(
+        "speculative decoding: off, or ngram (each decode proposes the tokens that followed the latest earlier "
+        "occurrence of its last few tokens, in the prompt or the output so far, and verifies them with its own token "
+        "in the same iteration: greedy output unchanged, sampling's distribution too; requests with penalties, "
+        "logprobs or min_tokens still to go decode one token at a time)", choices=SPECULATION_METHODS))
+    num_speculative_tokens: int = field(default=4, metadata=_help(
+        "with --speculation: most drafts a decode verifies in one iteration (fewer when the token budget, its "
+        "max_tokens, the context or free KV is short)"))
+
+    def __post_init__(self) -> None:
+        if self.speculation not in SPECULATION_METHODS:
+            raise ValueError(f"speculation must be one of {', '.join(SPECULATION_METHODS)}, got {self.speculation!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
+
+
 @dataclass(frozen=True)
 class LatencyConfig:
     latency_profile: str = field(default="auto", metadata=_help(
@@ -225,6 +246,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -239,7 +261,7 @@ class EngineConfig:
 
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-                              "latency": LatencyConfig}
+                              "latency": LatencyConfig, "speculative": SpeculativeConfig}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, choices: dict[str, Any] | None = None,

@@ -18,6 +18,7 @@ from pacer.model.runner import ModelRunner, resolve_dtype
 from pacer.model.tokenizer import Tokenizer
 from pacer.model.weights import load_checkpoint, resolve_model_path
 from pacer.scheduling import scheduler_class
+from pacer.speculation.drafter import NgramDrafter
 
 logger = logging.getLogger(__name__)
 
@@ -61,4 +62,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
                        latency=latency)
     logger.info("scheduler %s, token budget %d, latency model %s", config.scheduler.scheduler,
                 scheduler.token_budget, "on" if latency else "off")
-    return Engine(scheduler, runner, Detokenizer(checkpoint.tokenizer)), checkpoint.tokenizer
+    speculative = config.speculative
+    drafter = NgramDrafter(speculative.num_speculative_tokens) if speculative.speculation == "ngram" else None
+    if drafter is not None:
+        logger.info("speculative decoding: n-gram drafts of up to %d tokens", speculative.num_speculative_tokens)
+    return Engine(scheduler, runner, Detokenizer(checkpoint.tokenizer), drafter=drafter), checkpoint.tokenizer

@@ -66,6 +66,12 @@ class Metrics:
                                    "skipped).").labels(model_name)
         self.preemptions = counter("pacer:num_preemptions",
                                    "Requests preempted (KV freed, recomputed later).").labels(model_name)
+        self.spec_drafts = counter("pacer:spec_decode_num_drafts",
+                                   "Speculative decoding: decodes that verified drafts.").labels(model_name)
+        self.spec_draft_tokens = counter("pacer:spec_decode_num_draft_tokens",
+                                         "Speculative decoding: draft tokens verified.").labels(model_name)
+        self.spec_accepted_tokens = counter("pacer:spec_decode_num_accepted_tokens",
+                                            "Speculative decoding: draft tokens accepted.").labels(model_name)
         self._success = counter("pacer:request_success", "Finished requests by finish reason.", "finished_reason")
         self._rejected = counter("pacer:request_rejected", "Requests refused before running, by reason.", "reason")
         self._model_name = model_name
@@ -115,6 +121,10 @@ class Metrics:
             self._errors.append(abs(stats.elapsed_s - stats.predicted_s) / stats.elapsed_s)
         if stats.num_preempted:
             self.preemptions.inc(stats.num_preempted)
+        if stats.num_drafts:
+            self.spec_drafts.inc(stats.num_drafts)
+            self.spec_draft_tokens.inc(stats.num_draft_tokens)
+            self.spec_accepted_tokens.inc(stats.num_accepted_tokens)
         for output in outputs:
             num_new = len(output.new_token_ids)
             if num_new and output.num_output_tokens == num_new:  # its first tokens: the prompt is done
