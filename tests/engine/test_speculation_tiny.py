@@ -121,3 +121,22 @@ def test_seeded_sampling_is_the_same_with_drafts(model):
                      stagger=2)
     assert on == off == batched
     assert 0 < num_accepted < num_draft_tokens
+
+
+def test_llm_takes_the_speculation_options(tiny_model_dir):
+    from pacer import LLM, EngineConfig
+    from pacer.config import SpeculativeConfig
+
+    config = EngineConfig.from_kwargs(speculation="ngram", num_speculative_tokens=3)
+    assert config.speculative == SpeculativeConfig("ngram", 3) and EngineConfig().speculative.speculation == "off"
+    for bad in ({"speculation": "eagle"}, {"num_speculative_tokens": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SpeculativeConfig(**bad)
+    prompts = [list(range(100, 108)) * 4, [7, 8, 9] * 6]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    outputs = {}
+    for speculation in ("off", "ngram"):
+        llm = LLM(str(tiny_model_dir), speculation=speculation, threads=1, num_blocks=64)
+        assert (llm.engine.drafter is not None) == (speculation == "ngram")
+        outputs[speculation] = [(o.token_ids, o.text) for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs["ngram"] == outputs["off"]
