@@ -106,6 +106,19 @@ class SloScheduler(Scheduler):
             chunk = min(cap, MIN_CHUNK)  # progress, when the decodes alone overrun a TBT that cannot be kept
         return chunk
 
+    def draft_tokens(self, request: Request, limit: int, plan: SchedulerOutput, context: SloPlanContext) -> int:
+        """The drafts that fit the token budget and keep the iteration within its time limit: the decode becomes a
+        chunk of 1 + k tokens after its context."""
+        k = super().draft_tokens(request, limit, plan, context)
+        if k <= 0 or math.isinf(context.time_limit_s):
+            return k
+        shape = plan.shape
+        start = request.num_computed_tokens
+        others = shape._replace(num_decodes=shape.num_decodes - 1, decode_context=shape.decode_context - start - 1)
+        while k > 0 and self.latency.predict(others.with_chunk(1 + k, start)) > context.time_limit_s:
+            k -= 1
+        return k
+
     def decodes_leave_room(self, request: Request, plan: SchedulerOutput, context: SloPlanContext) -> bool:
         """May `request` start? Once it and every started prefill decode beside this plan's decodes, an iteration
         with them and a `MIN_CHUNK` chunk must still fit the time limit, and the pace the decodes were promised

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pacer.request import FinishReason
+from pacer.request import SLO, FinishReason
 from pacer.scheduling import ModelOutput
-from tests.scheduling.helpers import EOS, check_invariants, make_request, make_scheduler, propose, step
+from tests.scheduling.helpers import EOS, check_invariants, curved, make_request, make_scheduler, propose, step
 
 
 def decoding(scheduler, *requests):
@@ -118,3 +118,15 @@ def test_a_preempted_verify_row_leaves_the_plan_with_its_drafts():
     assert plan.draft_token_ids == {"a": [1, 2]} and plan.num_scheduled_tokens == {"a": 3}
     assert plan.total_num_scheduled_tokens == 3 and plan.shape == plan.recount_shape()
     assert not b.block_ids and b in s.waiting
+
+
+def test_the_slo_policy_drafts_only_within_the_tightest_slack():
+    # curved(): a verify row of 1 + k tokens after 4 takes 11.0, 11.5, 12.0, 12.5 ms for k = 1..4 (a decode 10.7)
+    for limit_s, expected in ((1.0, [1, 2, 3, 4]), (0.0118, [1, 2]), (0.0108, [])):
+        s = make_scheduler("slo", latency=curved())
+        r = make_request("a", 4, max_tokens=10)
+        r.slo = SLO(tbt_s=limit_s * (1 + s.latency.margin(1)))  # the slack, less the model's error margin
+        decoding(s, r)
+        propose(s, [1, 2, 3, 4])
+        plan = s.schedule(r.last_token_s)
+        assert plan.draft_token_ids.get("a", []) == expected, limit_s
