@@ -148,8 +148,7 @@ class Scheduler:
     nor preempt for their KV, and `update` gives back the KV of those the model rejected.
 
     Policies override the hooks: `begin_plan`, `prefill_order`, `chunk_tokens`, `draft_tokens`, `victim`,
-    `prefill_first`; the
-    hooks of one iteration share its `PlanContext`, not attributes of the scheduler.
+    `prefill_first`; the hooks of one iteration share its `PlanContext`, not attributes of the scheduler.
     With a latency model, every plan carries its predicted time and `update` feeds the measured one
     back (the model corrects itself online).
     """
