@@ -95,14 +95,15 @@ def test_without_prefix_caching_nothing_is_found():
 
 
 @settings(max_examples=200, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["start", "grow", "free"]), st.integers(0, 5),
+@given(ops=st.lists(st.tuples(st.sampled_from(["start", "grow", "draft", "free"]), st.integers(0, 5),
                               st.lists(st.integers(0, 2), min_size=1, max_size=14)), max_size=40),
        block_size=st.sampled_from([1, 2, 3, 4]), num_blocks=st.integers(4, 16))
 def test_pool_invariants_under_random_requests_sharing_prefixes(ops, block_size, num_blocks):
     """Tokens from {0, 1, 2} make prefixes collide often. After every operation: a block is in the free list iff
     nobody references it; the unused, the cached-unused and the used blocks add up; every block a request holds
     has the tokens the request has at that place (so a hit never hands out a block that was reused, and a child is
-    never found without its parent); ref counts equal the holders."""
+    never found without its parent; past its tokens, only the KV of rejected drafts, never read); ref counts equal the
+    holders; a published block holds only verified tokens."""
     kv = KVCacheManager(num_blocks, block_size, prefix_caching=True)
     live: dict[int, Request] = {}
     written: dict[int, tuple[int, ...]] = {}  # block -> the tokens its KV was computed for
@@ -125,6 +126,18 @@ def test_pool_invariants_under_random_requests_sharing_prefixes(ops, block_size,
             kv.allocate(request, len(tokens))
             _write(written, request, start, block_size)
             kv.cache_computed(request)
+        elif op == "draft" and request is not None and kv.can_allocate(request, len(tokens)):
+            # a verify row: KV written for the drafts `tokens`, of which the model accepts the first few
+            start, num_accepted = request.num_computed_tokens, slot % (len(tokens) + 1)
+            kv.allocate(request, len(tokens))
+            for j, token in enumerate(tokens):
+                block, offset = request.block_ids[(start + j) // block_size], (start + j) % block_size
+                written[block] = written.get(block, ())[:offset] + (token,)
+            request.token_ids.extend(tokens[:num_accepted])
+            request.num_computed_tokens += num_accepted
+            kv.trim(request, request.num_computed_tokens)
+            kv.cache_computed(request)
+            assert len(request.block_ids) == kv.blocks_for(request.num_tokens)
         elif op == "free" and request is not None:
             kv.free(live.pop(slot))
         pool = kv.pool
@@ -136,7 +149,7 @@ def test_pool_invariants_under_random_requests_sharing_prefixes(ops, block_size,
         for r in live.values():
             for i, b in enumerate(r.block_ids):
                 mine = tuple(r.token_ids[i * block_size:(i + 1) * block_size])
-                assert mine[:len(written[b])] == written[b], f"block {b} of {r.request_id} holds other tokens"
+                assert written[b][:len(mine)] == mine[:len(written[b])], f"block {b} of {r.request_id} holds other tokens"
         for key, block in pool._cached.items():
             stored, parent, chunk = pool._contents[block]
             assert key == stored == chain_key(parent, chunk) and written[block] == chunk
