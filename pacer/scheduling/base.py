@@ -143,9 +143,10 @@ class Scheduler:
     `max_num_seqs` requests. When KV runs out the newest running request is preempted by
     recompute: it frees its blocks and goes back to the head of the queue, outputs kept.
 
-    Speculative decoding: once every running decode has its token, each with drafts (`Request.spec_token_ids`)
-    gets as many of them as `draft_tokens` says, verified in the same iteration; drafts never take a decode's place
-    nor preempt for their KV, and `update` gives back the KV of those the model rejected.
+    Speculative decoding: once every decode has its token and every prompt its chunk, each decode with drafts
+    (`Request.spec_token_ids`) gets as many of them as `draft_tokens` says, verified in the same iteration: drafts
+    take only the budget and free KV left, never a decode's or a prompt's place, and `update` gives back the KV of
+    those the model rejected.
 
     Policies override the hooks: `begin_plan`, `prefill_order`, `chunk_tokens`, `draft_tokens`, `victim`,
     `prefill_first`; the hooks of one iteration share its `PlanContext`, not attributes of the scheduler.
@@ -299,6 +300,7 @@ class Scheduler:
         else:
             self._schedule_decodes(plan, context)
             self._schedule_prompts(plan, context)
+        self._schedule_drafts(plan, context)
         if not plan.is_empty:  # an empty plan is not executed: keep the ids for the next one
             plan.finished_ids, self._finished_ids = self._finished_ids, []
             if self.latency is not None:
@@ -313,11 +315,10 @@ class Scheduler:
             n = self.chunk_tokens(request, plan, context)
             if n > 0 and self._reserve(request, n, plan):
                 plan.add(request, n)
-        self._schedule_drafts(plan, context)
 
     def _schedule_drafts(self, plan: SchedulerOutput, context: PlanContext) -> None:
-        """Give the plan's decodes their drafts, after every decode has its token. A request drafts no further than
-        its max_tokens and context allow, and only into KV that is free now."""
+        """Give the plan's decodes their drafts from what the decodes and prompts left. A request drafts no further
+        than its max_tokens and context allow, and only into KV that is free now."""
         for request in plan.requests:
             drafts = request.spec_token_ids
             if not drafts or plan.num_scheduled_tokens[request.request_id] != 1 or request.is_prefilling:

@@ -130,3 +130,13 @@ def test_the_slo_policy_drafts_only_within_the_tightest_slack():
         propose(s, [1, 2, 3, 4])
         plan = s.schedule(r.last_token_s)
         assert plan.draft_token_ids.get("a", []) == expected, limit_s
+
+
+def test_drafts_take_only_what_the_prompts_leave():
+    s = make_scheduler(budget=16)
+    a = make_request("a", 4, max_tokens=10)
+    decoding(s, a)
+    s.add(make_request("b", 13, max_tokens=4))
+    propose(s, [1, 2, 3, 4])
+    plan = s.schedule(0.0)
+    assert plan.num_scheduled_tokens == {"a": 3, "b": 13} and plan.draft_token_ids == {"a": [1, 2]}
