@@ -17,7 +17,7 @@ from pacer.model.cuda_graphs import DecodeGraphs
 from pacer.model.llama import LlamaModel, PackedLinear, block_formats, fuse_projections
 from pacer.model.quant import QuantizedLinear
 from pacer.model.sampler import apply_penalties, sample
-from pacer.model.verify import verify
+from pacer.model.verify import accept_greedy, verify_sampled
 from pacer.model.weights import Checkpoint
 from pacer.request import Request
 from pacer.scheduling import ModelOutput, SchedulerOutput
@@ -233,12 +233,16 @@ class ModelRunner:
                 sampled: dict[str, int]) -> dict[str, list[int]]:
         """Verify each row's drafts against its logits ([k + 1, V] each, in `verifying` order): the accepted drafts
         per request, and the token after them into `sampled`."""
+        greedy = [r.sampling.greedy for _, r, _ in verifying]
+        targets = logits.argmax(dim=-1).tolist() if any(greedy) else []  # one pass over the rows, one sync
         accepted = {}
         row = 0
-        for _, r, drafts in verifying:
-            accepted[r.request_id], sampled[r.request_id] = verify(logits[row:row + len(drafts) + 1], drafts,
-                                                                   r.sampling, self._generator(r))
-            row += len(drafts) + 1
+        for (_, r, drafts), is_greedy in zip(verifying, greedy):
+            rows = slice(row, row + len(drafts) + 1)
+            accepted[r.request_id], sampled[r.request_id] = (
+                accept_greedy(targets[rows], drafts) if is_greedy
+                else verify_sampled(logits[rows], drafts, r.sampling, self._generator(r)))
+            row = rows.stop
         return accepted
 
     @torch.inference_mode()

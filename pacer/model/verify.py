@@ -9,19 +9,10 @@ from pacer.model.sampler import filtered_probs, race
 from pacer.request import SamplingParams
 
 
-def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams,
-           generator: torch.Generator | None) -> tuple[list[int], int]:
-    """logits: [k + 1, V] fp32, row i after the row's last token and drafts[:i]. Returns the accepted drafts (a
-    prefix) and the token after them: the target's own at the first rejected position, or the bonus token from the
-    last row when all k are accepted."""
-    if params.greedy:
-        return verify_greedy(logits, drafts)
-    return verify_sampled(logits, drafts, params, generator)
-
-
-def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> tuple[list[int], int]:
-    """Accept drafts while each is the argmax at its position: the tokens greedy decoding would produce."""
-    targets = logits.argmax(dim=-1).tolist()
+def accept_greedy(targets: list[int], drafts: list[int]) -> tuple[list[int], int]:
+    """Greedy verification, from the argmax at each of the row's k + 1 positions (taken for the whole batch at
+    once): drafts are accepted while each is the argmax at its position, the tokens greedy decoding would produce,
+    and the token after them is the argmax at the first mismatch, or the bonus token when all k are accepted."""
     n = 0
     while n < len(drafts) and drafts[n] == targets[n]:
         n += 1
@@ -30,7 +21,10 @@ def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> tuple[list[int], i
 
 def verify_sampled(logits: torch.Tensor, drafts: list[int], params: SamplingParams,
                    generator: torch.Generator | None) -> tuple[list[int], int]:
-    """Speculative sampling (Leviathan et al., ICML'23, §2.3) for a deterministic draft, whose distribution q is a
+    """logits: [k + 1, V] fp32, row i after the row's last token and drafts[:i]. Returns the accepted drafts (a
+    prefix) and the token after them.
+
+    Speculative sampling (Leviathan et al., ICML'23, §2.3) for a deterministic draft, whose distribution q is a
     point mass on x: x must be accepted with probability min(1, p(x) / q(x)) = p(x), p being the filtered target
     distribution (temperature, top-k, top-p, min-p) at its position, and at the first rejection the token must come
     from the residual max(0, p - q) normalised, which is p without x. Drawing t ~ p with the sampler's own noise and

@@ -6,18 +6,16 @@ import pytest
 import torch
 
 from pacer.model.sampler import filtered_probs
-from pacer.model.verify import verify, verify_greedy
+from pacer.model.verify import accept_greedy, verify_sampled
 from pacer.request import SamplingParams
 
 
 def test_greedy_accepts_while_drafts_are_the_argmax_then_takes_the_targets_token():
-    logits = torch.full((4, 6), -1.0)
-    for row, best in enumerate([3, 1, 4, 5]):
-        logits[row, best] = 1.0
-    assert verify_greedy(logits, [3, 1, 4]) == ([3, 1, 4], 5)  # all accepted: the bonus token
-    assert verify_greedy(logits, [3, 2, 4]) == ([3], 1)  # the first mismatch takes the target's token
-    assert verify_greedy(logits, [0, 1, 4]) == ([], 3)
-    assert verify_greedy(logits[:1], []) == ([], 3)
+    targets = [3, 1, 4, 5]  # the argmax at each position
+    assert accept_greedy(targets, [3, 1, 4]) == ([3, 1, 4], 5)  # all accepted: the bonus token
+    assert accept_greedy(targets, [3, 2, 4]) == ([3], 1)  # the first mismatch takes the target's token
+    assert accept_greedy(targets, [0, 1, 4]) == ([], 3)
+    assert accept_greedy(targets[:1], []) == ([], 3)
 
 
 PARAMS = [
@@ -46,7 +44,7 @@ def test_rejection_sampling_keeps_the_target_distribution(params, draft):
     second = torch.zeros(5)
     accepted = 0
     for _ in range(trials):
-        drafts, token = verify(logits, [draft], params, generator)
+        drafts, token = verify_sampled(logits, [draft], params, generator)
         first[drafts[0] if drafts else token] += 1
         if drafts:
             accepted += 1
@@ -72,6 +70,6 @@ def chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
 def test_seeded_verification_is_reproducible():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=0.9, top_p=0.95)
-    runs = [[verify(logits, [1, 2, 3], params, g) for _ in range(20)]
+    runs = [[verify_sampled(logits, [1, 2, 3], params, g) for _ in range(20)]
             for g in (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))]
     assert runs[0] == runs[1]
