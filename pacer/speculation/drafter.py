@@ -35,7 +35,8 @@ class NgramDrafter:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min_n <= max_n, got {min_n} and {max_n}")
         self.num_speculative_tokens = num_speculative_tokens
         self.min_n, self.max_n = min_n, max_n
-        self._buffers: dict[str, TokenBuffer] = {}
+        # request id -> (the request, its buffer): an id used again by a new request gets a new buffer
+        self._buffers: dict[str, tuple[Request, TokenBuffer]] = {}
 
     def propose(self, running: Iterable[Request]) -> None:
         buffers = {}
@@ -43,7 +44,9 @@ class NgramDrafter:
             if request.is_prefilling or not can_speculate(request):
                 request.spec_token_ids = []
                 continue
-            buffer = buffers[request.request_id] = self._buffers.get(request.request_id) or TokenBuffer()
+            known = self._buffers.get(request.request_id)
+            buffer = known[1] if known is not None and known[0] is request else TokenBuffer()
+            buffers[request.request_id] = (request, buffer)
             buffer.sync(request.token_ids)
             request.spec_token_ids = propose_ngram(buffer, self.num_speculative_tokens, self.min_n, self.max_n)
         self._buffers = buffers  # those no longer running (finished, preempted) are dropped

@@ -97,3 +97,16 @@ def test_fast_at_two_thousand_tokens():
     r.num_computed_tokens += 2
     drafter.propose([r])
     assert r.spec_token_ids == ids[102:106]
+
+
+def test_a_request_id_used_again_starts_a_new_buffer():
+    def decoding(tokens: list[int]) -> Request:
+        r = Request("a", tokens)
+        r.num_computed_tokens = len(tokens) - 1
+        return r
+
+    drafter = NgramDrafter(2)
+    drafter.propose([old := decoding([1, 2, 3, 1, 2])])
+    assert old.spec_token_ids == [3, 1]
+    drafter.propose([new := decoding([5, 6, 7, 8, 5, 6, 9, 5, 6])])  # the same id, other tokens, more of them
+    assert new.spec_token_ids == [9, 5]
