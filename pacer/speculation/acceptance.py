@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Evidence fades by this factor per token the request generates (a memory of ~50 tokens): the text a request
-# writes changes (a quoted passage, then free prose), and a request whose drafts stopped being verified drifts
-# back to the prior, so it is probed again now and then rather than never.
-DECAY_PER_TOKEN = 0.98
-# Beta(1, 1) prior: mean 1/2, worth two drafts of evidence, so a request's first verify rows are short and its own
-# record takes over within a few iterations.
-PRIOR_ACCEPTED, PRIOR_REJECTED = 1.0, 1.0
+# Evidence fades by this factor per token the request generates (a memory of ~100 tokens): the text a request
+# writes changes (a preamble, then a quoted passage), and a request whose drafts were turned off drifts back toward
+# the prior until one is verified again. At an acceptance rate of 0 those probes cost about
+# (1 - DECAY_PER_TOKEN) x PRIOR_ACCEPTED of the decode time (0.5 %), whatever a draft costs: a dearer draft needs a
+# higher estimate to pay, which takes longer to return to.
+DECAY_PER_TOKEN = 0.99
+# Beta(1/2, 1/2) prior: mean 1/2, worth one draft of evidence, so a request's own record takes over at its first
+# verify row, and the estimate of a request whose drafts all fail falls to ~0.5 % (under what a draft costs).
+PRIOR_ACCEPTED, PRIOR_REJECTED = 0.5, 0.5
 
 
 @dataclass

@@ -14,7 +14,7 @@ def test_before_any_row_the_rate_is_the_prior():
 def test_drafts_after_the_first_rejected_one_count_for_nothing():
     rate = AcceptanceRate()
     rate.observe(num_drafts=4, num_accepted=1, num_tokens=0)  # one success, one failure, two never judged
-    assert rate.rate(0) == pytest.approx((1 + 1) / (1 + 1 + 2))
+    assert rate.rate(0) == pytest.approx((1 + 0.5) / (1 + 1 + 1))
 
 
 def test_rows_all_accepted_raise_it_and_rows_all_rejected_lower_it():
