@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pacer.latency.model import BatchShape
 
 # Without a latency model, a decode verifies its drafts only while its acceptance rate is at least this: the cost of
-# a draft is unknown, so a rate well under the prior's 1/2 (mostly wasted verify tokens) turns the request's drafts
-# off, and its estimate drifting back to the prior turns them on again now and then.
-MIN_ACCEPTANCE_WITHOUT_MODEL = 0.3
+# a draft is unknown, so only a request whose drafts have clearly stopped paying (about 5 rejected rows in a row)
+# is turned off, and its estimate drifting back toward the prior turns it on again now and then.
+MIN_ACCEPTANCE_WITHOUT_MODEL = 0.1
 
 
 @dataclass(frozen=True)

@@ -66,5 +66,5 @@ def test_the_budget_and_the_time_limit_bound_the_drafts():
 
 
 def test_without_a_latency_model_drafts_fill_the_budget_for_rows_whose_rate_is_not_low():
-    rows = [DraftRow(100, 4, 0.5), DraftRow(100, 4, 0.1), DraftRow(100, 4, 0.5)]
+    rows = [DraftRow(100, 4, 0.5), DraftRow(100, 4, 0.05), DraftRow(100, 4, 0.5)]
     assert draft_lengths(rows, decodes(3), 3, 6) == [3, 0, 3]
