@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from pacer.config import SchedulerConfig
@@ -13,8 +15,9 @@ from pacer.model.attention import allocate_kv_cache
 from pacer.model.config import LlamaConfig
 from pacer.model.llama import LlamaModel
 from pacer.model.runner import ModelRunner
-from pacer.scheduling import scheduler_class
+from pacer.scheduling import Scheduler, SchedulerOutput, scheduler_class
 from pacer.speculation.drafter import NgramDrafter
+from pacer.speculation.length import DraftRow, draft_lengths
 
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512,
@@ -50,4 +53,13 @@ def tiny_engine(policy: str = "sarathi", num_blocks: int = 64, block_size: int =
                                         TINY.max_position_embeddings, eos_token_id=TINY.eos_token_id,
                                         latency=latency)
     drafter = NgramDrafter(num_speculative_tokens) if num_speculative_tokens else None
+    if drafter is not None and latency is None:
+        scheduler.draft_lengths = lambda rows, plan, context: every_draft(scheduler, rows, plan)
     return Engine(scheduler, runner, Detokenizer(None), drafter=drafter)
+
+
+def every_draft(scheduler: Scheduler, rows: list[DraftRow], plan: SchedulerOutput) -> list[int]:
+    """Every draft that fits the budget, whatever the acceptance rate: these tests check that verification is exact,
+    so they want verify rows at every step (the length policy has its own tests, in tests/speculation)."""
+    budget = scheduler.token_budget - plan.total_num_scheduled_tokens
+    return draft_lengths([replace(row, rate=1.0) for row in rows], plan.shape, 0, budget)

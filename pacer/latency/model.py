@@ -41,6 +41,15 @@ class BatchShape(NamedTuple):
                           self.prefill_attention + num_tokens * (start + (num_tokens + 1) / 2),
                           self.prefill_context + start, self.num_decodes, self.decode_context)
 
+    def without_chunk(self, num_tokens: int, start: int) -> BatchShape:
+        """The shape without a request that `with_chunk(num_tokens, start)` added (a verify row growing by a draft
+        is taken out and put back longer)."""
+        if num_tokens == 1:
+            return self._replace(num_decodes=self.num_decodes - 1, decode_context=self.decode_context - start - 1)
+        return self._replace(num_prefill_tokens=self.num_prefill_tokens - num_tokens,
+                             prefill_attention=self.prefill_attention - num_tokens * (start + (num_tokens + 1) / 2),
+                             prefill_context=self.prefill_context - start)
+
     def with_decode(self, context: int) -> BatchShape:
         return BatchShape(self.num_prefill_tokens, self.prefill_attention, self.prefill_context,
                           self.num_decodes + 1, self.decode_context + context)

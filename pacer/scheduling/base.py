@@ -20,6 +20,8 @@ from pacer.kv import KVCacheManager
 from pacer.latency.model import BatchShape, LatencyModel
 from pacer.request import FinishReason, Request, RequestStatus
 from pacer.scheduling.admission import QueueSnapshot
+from pacer.speculation.acceptance import AcceptanceRate
+from pacer.speculation.length import DraftRow, draft_lengths
 
 
 @dataclass
@@ -99,6 +101,11 @@ class SchedulerOutput:
         self._decode_context -= request.num_computed_tokens + 1
         self._chunks = self._chunks.with_chunk(1 + k, request.num_computed_tokens)
 
+    @property
+    def num_sampling_rows(self) -> int:
+        """Requests that sample a token this iteration (decodes, and prompts whose last chunk this is)."""
+        return sum(map(self.samples, self.requests))
+
     def samples(self, request: Request) -> bool:
         """Does this iteration reach the request's last token, so that a new token is sampled?"""
         # len(token_ids), not the num_tokens property: executors ask this of every request of every plan
@@ -143,12 +150,13 @@ class Scheduler:
     `max_num_seqs` requests. When KV runs out the newest running request is preempted by
     recompute: it frees its blocks and goes back to the head of the queue, outputs kept.
 
-    Speculative decoding: once every decode has its token and every prompt its chunk, each decode with drafts
-    (`Request.spec_token_ids`) gets as many of them as `draft_tokens` says, verified in the same iteration: drafts
-    take only the budget and free KV left, never a decode's or a prompt's place, and `update` gives back the KV of
-    those the model rejected.
+    Speculative decoding: once every decode has its token and every prompt its chunk, the decodes with drafts
+    (`Request.spec_token_ids`) get as many of them as `draft_lengths` says, all decided together and verified in the
+    same iteration: drafts take only the budget and free KV left, never a decode's or a prompt's place. `update`
+    gives back the KV of those the model rejected and keeps each request's acceptance rate (`acceptance`), which
+    sizes its next rows.
 
-    Policies override the hooks: `begin_plan`, `prefill_order`, `chunk_tokens`, `draft_tokens`, `victim`,
+    Policies override the hooks: `begin_plan`, `prefill_order`, `chunk_tokens`, `draft_lengths`, `victim`,
     `prefill_first`; the hooks of one iteration share its `PlanContext`, not attributes of the scheduler.
     With a latency model, every plan carries its predicted time and `update` feeds the measured one
     back (the model corrects itself online).
@@ -181,6 +189,10 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_recomputed_tokens = 0  # KV thrown away by preemption, to be computed again
         self._finished_ids: list[str] = []
+        # speculative decoding: each request's acceptance rate (from its first verify row on), and the totals
+        self.acceptance: dict[str, AcceptanceRate] = {}
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     # ---- policy hooks -------------------------------------------------------------------------
 
@@ -206,10 +218,13 @@ class Scheduler:
             return min(remaining, budget)
         return remaining if remaining <= budget else 0
 
-    def draft_tokens(self, request: Request, limit: int, plan: SchedulerOutput, context: PlanContext) -> int:
-        """How many of the decode's drafts (at most `limit`) to verify now, joining `plan` as it stands: all that
-        fit the token budget. (The goodput-sized length of issue 37 will override this.)"""
-        return min(limit, self.token_budget - plan.total_num_scheduled_tokens)
+    def draft_lengths(self, rows: list[DraftRow], plan: SchedulerOutput, context: PlanContext) -> list[int]:
+        """How many drafts each decode of `rows` verifies, joining `plan` as it stands: with a latency model, the
+        lengths that maximise predicted goodput within the token budget (speculation/length.py); without one, the
+        drafts that fit the budget for decodes whose acceptance rate is not low."""
+        predict = self.latency.predict if self.latency is not None else None
+        return draft_lengths(rows, plan.shape, plan.num_sampling_rows,
+                             self.token_budget - plan.total_num_scheduled_tokens, predict)
 
     def snapshot(self) -> QueueSnapshot | None:
         """The queue as admission control sees it (admission.py); None: this policy admits everything."""
@@ -279,6 +294,7 @@ class Scheduler:
             self.kv.free(request)
         else:
             self.waiting.remove(request)
+        self.acceptance.pop(request_id, None)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self._finished_ids.append(request_id)
@@ -317,19 +333,33 @@ class Scheduler:
                 plan.add(request, n)
 
     def _schedule_drafts(self, plan: SchedulerOutput, context: PlanContext) -> None:
-        """Give the plan's decodes their drafts from what the decodes and prompts left. A request drafts no further
-        than its max_tokens and context allow, and only into KV that is free now."""
+        """Give the plan's decodes their drafts from what the decodes and prompts left, all lengths decided in one
+        pass (`draft_lengths`). A request drafts no further than its max_tokens and context allow, and only into KV
+        that is free now (checked again as each takes its blocks: they share the free ones)."""
+        decodes, rows = [], []
         for request in plan.requests:
             drafts = request.spec_token_ids
             if not drafts or plan.num_scheduled_tokens[request.request_id] != 1 or request.is_prefilling:
                 continue
             limit = min(len(drafts), self.max_request_tokens - request.num_tokens,
-                        (request.sampling.max_tokens or self.max_request_tokens) - request.num_output_tokens - 1)
-            k = min(self.draft_tokens(request, limit, plan, context) if limit > 0 else 0,
-                    self.kv.num_free_slots(request) - 1)  # its own token's slot is reserved already
+                        (request.sampling.max_tokens or self.max_request_tokens) - request.num_output_tokens - 1,
+                        self.kv.num_free_slots(request) - 1)  # its own token's slot is reserved already
+            if limit > 0:
+                decodes.append(request)
+                rows.append(DraftRow(request.num_computed_tokens, limit, self.acceptance_rate(request)))
+        if not rows:
+            return
+        for request, k in zip(decodes, self.draft_lengths(rows, plan, context)):
+            k = min(k, self.kv.num_free_slots(request) - 1)
             if k > 0:
                 self.kv.allocate(request, 1 + k)
-                plan.add_drafts(request, drafts[:k])
+                plan.add_drafts(request, request.spec_token_ids[:k])
+
+    def acceptance_rate(self, request: Request) -> float:
+        """The chance that the request's next draft is accepted: its running estimate, or the prior before its first
+        verify row."""
+        rate = self.acceptance.get(request.request_id)
+        return (rate or AcceptanceRate()).rate(request.num_tokens)
 
     def _schedule_prompts(self, plan: SchedulerOutput, context: PlanContext) -> None:
         """Prompt chunks in policy order, over started prompts and waiting ones.
@@ -428,7 +458,9 @@ class Scheduler:
             token = sampled.get(request.request_id)
             reason = None
             if drafted and request.request_id in drafted:
-                reason = self._fold_verified(request, accepted.get(request.request_id, []))
+                verified = accepted.get(request.request_id, [])
+                self._observe_drafts(request, len(drafted[request.request_id]), len(verified))
+                reason = self._fold_verified(request, verified)
             else:
                 request.num_computed_tokens += scheduled[request.request_id]
                 self.kv.cache_computed(request)
@@ -446,6 +478,12 @@ class Scheduler:
                 self.finish(request.request_id, reason)
                 finished.append(request)
         return finished
+
+    def _observe_drafts(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        rate = self.acceptance.setdefault(request.request_id, AcceptanceRate(at_token=request.num_tokens))
+        rate.observe(num_drafts, num_accepted, request.num_tokens)
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
 
     def _fold_verified(self, request: Request, accepted: list[int]) -> FinishReason | None:
         """A verify row's accepted drafts join the request's tokens, one by one up to the first stop, and the KV

@@ -27,6 +27,7 @@ from pacer.request import FinishReason, Request, RequestStatus
 from pacer.scheduling.admission import MIN_CHUNK, QueuedPrompt, QueueSnapshot, queue_key, tokens_to_go
 from pacer.scheduling.base import ModelOutput, PlanContext, Scheduler, SchedulerOutput
 from pacer.scheduling.registry import register
+from pacer.speculation.length import DraftRow, draft_lengths
 
 AGING_S = 10.0  # one priority level gained per 10 s of waiting
 MAX_PREEMPTIONS = 3
@@ -106,18 +107,11 @@ class SloScheduler(Scheduler):
             chunk = min(cap, MIN_CHUNK)  # progress, when the decodes alone overrun a TBT that cannot be kept
         return chunk
 
-    def draft_tokens(self, request: Request, limit: int, plan: SchedulerOutput, context: SloPlanContext) -> int:
-        """The drafts that fit the token budget and keep the iteration within its time limit: the decode becomes a
-        chunk of 1 + k tokens after its context."""
-        k = super().draft_tokens(request, limit, plan, context)
-        if k <= 0 or math.isinf(context.time_limit_s):
-            return k
-        shape = plan.shape
-        start = request.num_computed_tokens
-        others = shape._replace(num_decodes=shape.num_decodes - 1, decode_context=shape.decode_context - start - 1)
-        while k > 0 and self.latency.predict(others.with_chunk(1 + k, start)) > context.time_limit_s:
-            k -= 1
-        return k
+    def draft_lengths(self, rows: list[DraftRow], plan: SchedulerOutput, context: SloPlanContext) -> list[int]:
+        """The goodput-sized lengths, with the iteration kept within its time limit (the tightest slack)."""
+        return draft_lengths(rows, plan.shape, plan.num_sampling_rows,
+                             self.token_budget - plan.total_num_scheduled_tokens, self.latency.predict,
+                             context.time_limit_s)
 
     def decodes_leave_room(self, request: Request, plan: SchedulerOutput, context: SloPlanContext) -> bool:
         """May `request` start? Once it and every started prefill decode beside this plan's decodes, an iteration

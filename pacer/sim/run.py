@@ -21,7 +21,7 @@ from pacer.bench.report import (
     workload_title,
 )
 from pacer.bench.workload import WorkloadConfig, conversation_turns, request_timings, shared_prefixes
-from pacer.config import ReplicasConfig, SchedulerConfig, router_field
+from pacer.config import SPECULATION_METHODS, ReplicasConfig, SchedulerConfig, router_field
 from pacer.engine.detokenizer import Detokenizer
 from pacer.engine.engine import Engine
 from pacer.kv import KVCacheManager
@@ -29,7 +29,7 @@ from pacer.request import SLO
 from pacer.scheduling import scheduler_class
 from pacer.scheduling.router import ROUTERS, router_class
 from pacer.sim.disagg import DecodePool, KVTransfer
-from pacer.sim.executor import SimExecutor, load_residuals
+from pacer.sim.executor import SimDrafter, SimExecutor, load_residuals
 from pacer.sim.gpu import load_sim_profile, model_shape
 from pacer.sim.simulator import SimRequest, Simulator, VirtualClock
 
@@ -68,6 +68,14 @@ class SimConfig(ReplicasConfig):
     prefix_caching: bool = field(default=True, metadata=_help(
         "as `pacer serve`: a request that starts finds the KV of the prompt head it shares with earlier ones (the "
         "workload's system prompt, a trace's shared blocks) cached, and prefills only the rest"))
+    speculation: str = field(default="off", metadata=_help(
+        "speculative decoding as `pacer serve --speculation` has it, with synthetic drafts: every decode proposes "
+        "--num-speculative-tokens drafts, the scheduler sizes its verify row, and the drafts are accepted at "
+        "--spec-acceptance-rate", choices=SPECULATION_METHODS))
+    num_speculative_tokens: int = field(default=4, metadata=_help("with --speculation: drafts each decode proposes"))
+    spec_acceptance_rate: float = field(default=0.7, metadata=_help(
+        "with --speculation: the mean chance a draft is accepted, given the ones before it were (each request "
+        "draws its own around it)"))
     send_ttft_slo: bool = field(default=True, metadata=_help(
         "send each request's TTFT SLO with it, as `pacer bench` does: admission control and the router's fallback "
         "act on it; --no-send-ttft-slo sends only the TBT SLO, and the TTFT SLO only judges the run (what a "
@@ -83,6 +91,12 @@ class SimConfig(ReplicasConfig):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.noise < 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
+        if self.speculation not in SPECULATION_METHODS:
+            raise ValueError(f"speculation must be one of {', '.join(SPECULATION_METHODS)}, got {self.speculation!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
+        if not 0 <= self.spec_acceptance_rate <= 1:
+            raise ValueError(f"spec_acceptance_rate must be in [0, 1], got {self.spec_acceptance_rate}")
         if not self.kv_transfer_gbps > 0:
             raise ValueError(f"kv_transfer_gbps must be positive, got {self.kv_transfer_gbps}")
         router_class(self.router)
@@ -107,9 +121,12 @@ def build_simulator(sim: SimConfig, scheduler: SchedulerConfig, max_model_len: i
     for i in range(sim.replicas):
         kv = KVCacheManager(num_blocks, sim.block_size, sim.prefix_caching)
         limit = scheduler.max_model_len or max_model_len
-        executor = SimExecutor(latency.fresh(), noise=sim.noise, seed=seed + i, residuals=residuals)
+        speculating = sim.speculation != "off"
+        executor = SimExecutor(latency.fresh(), noise=sim.noise, seed=seed + i, residuals=residuals,
+                               acceptance_rate=sim.spec_acceptance_rate if speculating else 0.0)
+        drafter = SimDrafter(sim.num_speculative_tokens) if speculating else None
         engines.append(Engine(policy(scheduler, kv, limit, latency=latency.fresh()), executor, Detokenizer(None),
-                              clock=clock))
+                              clock=clock, drafter=drafter))
     if not sim.prefill_replicas:
         return Simulator(engines, clock, router_class(sim.router)())
     transfer = KVTransfer(model_shape(latency).kv_bytes_per_token, sim.kv_transfer_gbps * 1e9 / 8)
@@ -137,18 +154,26 @@ class SimRun:
     offered_rate: float | None
     wall_s: float
     num_iterations: int
+    # speculative decoding, over every replica: drafts verified and accepted
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def summary(self, slo: SLOTargets) -> Summary:
         return summarize(self.records, slo, self.duration_s, self.offered_rate)
 
     def info(self) -> dict[str, object]:
         """For the report: virtual-time facts only, so the same seed gives a byte-identical report."""
-        return {"num_iterations": self.num_iterations, "duration_s": self.duration_s}
+        info: dict[str, object] = {"num_iterations": self.num_iterations, "duration_s": self.duration_s}
+        if self.num_draft_tokens:
+            info |= {"num_draft_tokens": self.num_draft_tokens, "num_accepted_tokens": self.num_accepted_tokens}
+        return info
 
     def speed(self) -> str:
         speedup = self.duration_s / self.wall_s if self.wall_s else math.inf
+        drafts = (f", {self.num_accepted_tokens} of {self.num_draft_tokens} drafts accepted"
+                  if self.num_draft_tokens else "")
         return (f"simulated {self.duration_s:.1f} s in {self.wall_s:.2f} s ({speedup:.0f}x real time), "
-                f"{self.num_iterations} iterations")
+                f"{self.num_iterations} iterations{drafts}")
 
 
 def simulate(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLOTargets) -> SimRun:
@@ -160,7 +185,9 @@ def simulate(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfi
     wall = time.perf_counter() - start
     duration = max((r.finished_s for r in records if r.finished_s is not None), default=0.0)
     offered = None if closed_loop else offered_rate(requests)
-    return SimRun(records, duration, offered, wall, sum(r.num_iterations for r in simulator.all_replicas))
+    schedulers = [r.engine.scheduler for r in simulator.all_replicas]
+    return SimRun(records, duration, offered, wall, sum(r.num_iterations for r in simulator.all_replicas),
+                  sum(s.num_draft_tokens for s in schedulers), sum(s.num_accepted_tokens for s in schedulers))
 
 
 def run_sim(workload: WorkloadConfig, sim: SimConfig, scheduler: SchedulerConfig, slo: SLOTargets, out: Path | None,

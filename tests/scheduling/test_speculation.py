@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
+from pacer.latency.model import LinearLatencyModel
 from pacer.request import SLO, FinishReason
 from pacer.scheduling import ModelOutput
+from pacer.speculation.acceptance import AcceptanceRate
+from pacer.speculation.length import MIN_ACCEPTANCE_WITHOUT_MODEL
 from tests.scheduling.helpers import EOS, check_invariants, curved, make_request, make_scheduler, propose, step
 
 
@@ -127,6 +132,7 @@ def test_the_slo_policy_drafts_only_within_the_tightest_slack():
         r = make_request("a", 4, max_tokens=10)
         r.slo = SLO(tbt_s=limit_s * (1 + s.latency.margin(1)))  # the slack, less the model's error margin
         decoding(s, r)
+        s.acceptance["a"] = AcceptanceRate(num_accepted=100, at_token=r.num_tokens)  # drafts all but certain
         propose(s, [1, 2, 3, 4])
         plan = s.schedule(r.last_token_s)
         assert plan.draft_token_ids.get("a", []) == expected, limit_s
@@ -134,6 +140,60 @@ def test_the_slo_policy_drafts_only_within_the_tightest_slack():
 
 def test_drafts_take_only_what_the_prompts_leave():
     s = make_scheduler(budget=16)
+    a = make_request("a", 4, max_tokens=10)
+    decoding(s, a)
+    s.add(make_request("b", 13, max_tokens=4))
+    propose(s, [1, 2, 3, 4])
+    plan = s.schedule(0.0)
+    assert plan.num_scheduled_tokens == {"a": 3, "b": 13} and plan.draft_token_ids == {"a": [1, 2]}
+
+
+def memory_bound() -> LinearLatencyModel:
+    """10 ms of weight reads + 0.1 ms a token, 0.3 ms more a token past 32: drafts are nearly free at small batch."""
+    return LinearLatencyModel([0.010, 0.0001, 0.0003, 0.0, 0.0, 0.0, 0.0], (32,))
+
+
+def test_update_learns_each_requests_acceptance_rate_from_its_verify_rows():
+    s = make_scheduler(budget=64)
+    good, bad = make_request("good", 4, max_tokens=60), make_request("bad", 4, max_tokens=60)
+    decoding(s, good, bad)
+    plans = [step(s, drafts=[7, 7, 7], accept=lambda r, d: len(d) if r is good else 0)[0] for _ in range(8)]
+    assert s.acceptance_rate(good) > 0.8 and s.acceptance_rate(bad) < MIN_ACCEPTANCE_WITHOUT_MODEL
+    # without a latency model, bad's drafts stop once its rate is clearly low: after five rejected rows
+    assert [sorted(p.draft_token_ids) for p in plans] == [["bad", "good"]] * 5 + [["good"]] * 3
+    assert s.num_accepted_tokens == 8 * 3 and s.num_draft_tokens == 8 * 3 + 5 * 3
+    s.finish("good")
+    assert "good" not in s.acceptance
+
+
+@pytest.mark.parametrize("policy", ["sarathi", "slo"])
+def test_the_goodput_length_follows_the_acceptance_rate_at_small_batch(policy):
+    s = make_scheduler(policy, budget=64, latency=memory_bound())
+    good, bad = make_request("good", 4, max_tokens=200), make_request("bad", 4, max_tokens=60)
+    decoding(s, good, bad)
+    plans = [step(s, drafts=[7, 7, 7, 7], accept=lambda r, d: len(d) if r is good else 0)[0] for _ in range(30)]
+    good_k, bad_k = ([len(p.draft_token_ids.get(rid, [])) for p in plans] for rid in ("good", "bad"))
+    assert good_k == [4] * 30
+    # A draft costs 1 % of the iteration here: worth it while bad's rate is above ~5 %, which takes ~20 rows to
+    # learn; then its estimate, fading back toward the prior, only lets through a probe of one draft now and then.
+    assert bad_k[0] == 4 and max(bad_k[10:]) == 1 and sum(bad_k[-10:]) <= 4
+
+
+def test_at_high_load_the_goodput_length_turns_itself_off():
+    s = make_scheduler(budget=256, max_num_seqs=64, num_blocks=512, latency=memory_bound())
+    requests = [make_request(f"r{i}", 2, max_tokens=40) for i in range(48)]
+    for r in requests:
+        s.add(r)
+    step(s)
+    for r in requests:
+        s.acceptance[r.request_id] = AcceptanceRate(num_accepted=8, num_rejected=2, at_token=r.num_tokens)  # 3/4
+    # 48 decodes take 19.6 ms, and a draft adds 0.4 ms: more than a 3/4 chance of a token is worth (19.6 / 48 ms)
+    plan, _ = step(s, drafts=[7, 7, 7, 7], accept=lambda r, d: len(d))
+    assert plan.num_scheduled_tokens == {r.request_id: 1 for r in requests} and not plan.draft_token_ids
+
+
+def test_goodput_drafts_never_take_a_prompts_chunk():
+    s = make_scheduler(budget=16, latency=memory_bound())
     a = make_request("a", 4, max_tokens=10)
     decoding(s, a)
     s.add(make_request("b", 13, max_tokens=4))
