@@ -56,13 +56,15 @@ def build_engine(config: EngineConfig) -> tuple[Engine, Tokenizer]:
                 runner.quantization)
     warm_up(runner, kv, checkpoint.config.vocab_size)
     key = profile_key(path, runner, config.model.device)
+    speculative = config.speculative
+    # drafts are sized by predicted goodput, so speculation wants a latency model as the `slo` policy does
     latency = resolve_latency_model(config.latency.latency_profile, runner, kv, checkpoint.config.vocab_size,
-                                    max_model_len, key, required=policy.needs_latency_model)
+                                    max_model_len, key,
+                                    required=policy.needs_latency_model or speculative.speculation != "off")
     scheduler = policy(config.scheduler, kv, max_model_len, eos_token_id=checkpoint.tokenizer.eos_token_id,
                        latency=latency)
     logger.info("scheduler %s, token budget %d, latency model %s", config.scheduler.scheduler,
                 scheduler.token_budget, "on" if latency else "off")
-    speculative = config.speculative
     drafter = NgramDrafter(speculative.num_speculative_tokens) if speculative.speculation == "ngram" else None
     if drafter is not None:
         logger.info("speculative decoding: n-gram drafts of up to %d tokens", speculative.num_speculative_tokens)
