@@ -136,7 +136,8 @@ def resolve_latency_model(setting: str, executor: Executor, kv: KVCacheManager, 
     (also when the cached one was measured on another setup, e.g. before an engine upgrade)."""
     if setting == "none":
         if required:
-            raise ValueError("this scheduler plans with a latency model: --latency-profile none is not allowed")
+            raise ValueError("the slo scheduler and speculative decoding plan with a latency model: --latency-profile none is not "
+                             "allowed with them")
         return None
     if setting != "auto":
         model = LinearLatencyModel.load(Path(setting))
