@@ -52,5 +52,5 @@ def test_serve_picks_the_cached_profile_or_measures_one(tiny_model_dir, tmp_path
     engine, _ = build_engine(EngineConfig.from_kwargs(scheduler="slo", **options))
     assert engine.scheduler.latency.key["kernels"] == engine.executor.kernels
     assert LinearLatencyModel.load(default_profile_path(measured.key)).key["kernels"] == engine.executor.kernels
-    with pytest.raises(ValueError, match="plans with a latency model"):
+    with pytest.raises(ValueError, match="plan with a latency model"):
         build_engine(EngineConfig.from_kwargs(scheduler="slo", latency_profile="none", **options))
