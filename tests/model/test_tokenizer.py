@@ -63,6 +63,11 @@ def test_incremental_decode_of_slices_matches_full_decode(tokenizer: Tokenizer) 
     """vLLM-style prefix/read offsets: deltas concatenate to the full text, even when a character's
     bytes span several tokens (the emoji and accented letters below)."""
     ids = tokenizer.encode("Olá, café ☕ déjà vu 🤗 naïve — fin.")
+    assert incremental_text(tokenizer, ids) == tokenizer.decode(ids)
+
+
+def incremental_text(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """`ids` decoded one token at a time through prefix/read windows, the deltas concatenated."""
     text, prefix_offset, read_offset = "", 0, 0
     for end in range(1, len(ids) + 1):
         prefix = tokenizer.decode(ids[prefix_offset:read_offset])
@@ -70,7 +75,7 @@ def test_incremental_decode_of_slices_matches_full_decode(tokenizer: Tokenizer) 
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             text += full[len(prefix):]
             prefix_offset, read_offset = read_offset, end
-    assert text == tokenizer.decode(ids)
+    return text
 
 
 def test_save_and_reload_round_trip(tokenizer: Tokenizer, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 from pacer.model.gguf_file import GGUFFile
 from pacer.model.tokenizer import Tokenizer
 from pacer.model.weights import load_tokenizer
+from tests.model.test_tokenizer import incremental_text
 from tests.strict import import_or_skip
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -120,14 +121,7 @@ def test_incremental_decode_of_slices_matches_full_decode(ours: dict[str, Tokeni
     deltas only add up because both windows of a step start at the same token."""
     tokenizer = ours[name]
     ids = tokenizer.encode("Olá, café ☕ déjà vu 🤗  naïve — fin.\n  你好")
-    text, prefix_offset, read_offset = "", 0, 0
-    for end in range(1, len(ids) + 1):
-        prefix = tokenizer.decode(ids[prefix_offset:read_offset])
-        full = tokenizer.decode(ids[prefix_offset:end])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            text += full[len(prefix):]
-            prefix_offset, read_offset = read_offset, end
-    assert text == tokenizer.decode(ids)
+    assert incremental_text(tokenizer, ids) == tokenizer.decode(ids)
 
 
 @pytest.mark.parametrize(

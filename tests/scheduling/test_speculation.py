@@ -138,16 +138,6 @@ def test_the_slo_policy_drafts_only_within_the_tightest_slack():
         assert plan.draft_token_ids.get("a", []) == expected, limit_s
 
 
-def test_drafts_take_only_what_the_prompts_leave():
-    s = make_scheduler(budget=16)
-    a = make_request("a", 4, max_tokens=10)
-    decoding(s, a)
-    s.add(make_request("b", 13, max_tokens=4))
-    propose(s, [1, 2, 3, 4])
-    plan = s.schedule(0.0)
-    assert plan.num_scheduled_tokens == {"a": 3, "b": 13} and plan.draft_token_ids == {"a": [1, 2]}
-
-
 def memory_bound() -> LinearLatencyModel:
     """10 ms of weight reads + 0.1 ms a token, 0.3 ms more a token past 32: drafts are nearly free at small batch."""
     return LinearLatencyModel([0.010, 0.0001, 0.0003, 0.0, 0.0, 0.0, 0.0], (32,))
@@ -192,8 +182,9 @@ def test_at_high_load_the_goodput_length_turns_itself_off():
     assert plan.num_scheduled_tokens == {r.request_id: 1 for r in requests} and not plan.draft_token_ids
 
 
-def test_goodput_drafts_never_take_a_prompts_chunk():
-    s = make_scheduler(budget=16, latency=memory_bound())
+@pytest.mark.parametrize("with_model", [False, True], ids=["no-latency-model", "goodput"])
+def test_drafts_take_only_what_the_prompts_leave(with_model):
+    s = make_scheduler(budget=16, latency=memory_bound() if with_model else None)
     a = make_request("a", 4, max_tokens=10)
     decoding(s, a)
     s.add(make_request("b", 13, max_tokens=4))
